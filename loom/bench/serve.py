@@ -1,0 +1,110 @@
+"""One benchmark run end to end: prepared requests in, run file, plots and
+table out. Shared by ``loom bench serve`` and ``loom bench peers``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from loom.bench import client, metrics, plots, report, results
+from loom.bench.prompts import PreparedRequest
+
+log = logging.getLogger(__name__)
+
+
+def normalize_base_url(url: str) -> str:
+    """``http://h:p/v1/`` -> ``http://h:p``: endpoints are addressed from the root."""
+    url = url.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"base URL must start with http:// or https://, got {url!r}")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+def resolve_model(base_url: str, model: str | None, headers: dict[str, str] | None = None) -> str:
+    """The given model name, else the first one the server lists."""
+    if model:
+        return model
+    names = asyncio.run(client.list_models(base_url, headers))
+    if not names:
+        raise ValueError(f"{base_url}/v1/models lists no model; pass --model")
+    return names[0]
+
+
+@dataclass(frozen=True)
+class Outputs:
+    json_path: Path
+    plots_dir: Path | None  # None: no plots
+
+
+def plots_dir_for(json_path: Path) -> Path:
+    return json_path.with_name(json_path.stem + "-plots")
+
+
+def warm_up(prepared: Sequence[PreparedRequest], cfg: client.ClientConfig, n: int) -> None:
+    """Send ``n`` short requests one after another and discard them, so one-time
+    costs (compilation, first allocations) stay out of the measurement."""
+    if n <= 0:
+        return
+    reqs = [replace(r, arrival=0.0, max_tokens=min(r.max_tokens, 8)) for r in prepared[:n]]
+    one_at_a_time = replace(cfg, max_concurrency=1)
+    res = asyncio.run(client.run(reqs, one_at_a_time))
+    failed = [r.error for r in res.records if not r.ok]
+    if failed:
+        raise ValueError(f"warm-up request failed: {failed[0]}")
+
+
+def run_benchmark(
+    prepared: Sequence[PreparedRequest],
+    cfg: client.ClientConfig,
+    slo: metrics.SLO,
+    config: dict[str, Any],
+    outputs: Outputs,
+    label: str,
+    progress: bool = True,
+) -> results.RunFile:
+    """Replay, summarize, save the run file and plots, print the table."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(prepared), desc=label, unit="req", disable=not progress, file=sys.stderr)
+    failed = 0
+
+    def on_done(rec: client.RequestRecord) -> None:
+        nonlocal failed
+        failed += 0 if rec.ok else 1
+        bar.update(1)
+        if failed:
+            bar.set_postfix(failed=failed)
+
+    try:
+        res = asyncio.run(client.run(prepared, cfg, on_done))
+    finally:
+        bar.close()
+    summary = metrics.summarize(res, slo)
+    full_config = {**config, "label": label, "client": _client_json(cfg), "slo": slo.to_json()}
+    results.save(outputs.json_path, full_config, summary, res)
+    if outputs.plots_dir is not None:
+        outputs.plots_dir.mkdir(parents=True, exist_ok=True)
+        plots.plot_latency_cdfs([(label, res.records)], outputs.plots_dir / "latency_cdf.png")
+        plots.plot_timeline(label, res.records, res.duration, outputs.plots_dir / "timeline.png")
+    report.print_summary(label, summary)
+    first_error = next((r.error for r in res.records if not r.ok), None)
+    if first_error:
+        log.warning("%d request(s) failed; first error: %s", summary["failed"], first_error)
+    print(f"run file: {outputs.json_path}" + (f"; plots: {outputs.plots_dir}" if outputs.plots_dir else ""))
+    return results.RunFile(config=full_config, summary=summary, requests=res.records)
+
+
+def _client_json(cfg: client.ClientConfig) -> dict[str, Any]:
+    return {
+        "base_url": cfg.base_url,
+        "model": cfg.model,
+        "endpoint": cfg.endpoint,
+        "ignore_eos": cfg.ignore_eos,
+        "max_concurrency": cfg.max_concurrency,
+        "request_timeout": cfg.request_timeout,
+        "extra_body": cfg.extra_body,
+    }

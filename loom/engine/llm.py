@@ -1,0 +1,118 @@
+"""The offline batch API: ``LLM(model=...).generate(prompts, params)`` and ``.chat(conversations)``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from loom.config import CacheConfig, EngineConfig, SchedulerConfig
+from loom.engine.engine import Engine
+from loom.outputs import RequestOutput
+from loom.sampling import SamplingParams
+
+Prompt = str | list[int]
+Message = dict[str, Any]
+
+
+class LLM:
+    """Run many prompts through the engine at once, continuously batched.
+
+    Keyword arguments are engine options: ``dtype``, ``num_threads``, ``max_model_len``,
+    ``block_size``, ``num_blocks``, ``kv_cache_bytes``, ``enable_prefix_caching``,
+    ``max_num_batched_tokens``, ``max_num_seqs``, ``policy``."""
+
+    def __init__(self, model: str | None = None, **options: Any) -> None:
+        self.engine = Engine(engine_config(model, **options))
+        self.tokenizer = self.engine.tokenizer
+        self._counter = 0
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Outputs in the order of ``prompts``. A bad prompt or parameter raises ValueError
+        before anything runs."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        params = list(params)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                rid = f"offline-{self._counter}"
+                self._counter += 1
+                self.engine.add_request(rid, prompt, p)
+                ids.append(rid)
+        except ValueError:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        conversations: list[Message] | Sequence[list[Message]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation, then generate."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]  # type: ignore[list-item]
+        prompts = [
+            self.tokenizer.apply_chat_template(list(c), add_generation_prompt=add_generation_prompt)
+            for c in conversations
+        ]
+        ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        return self.generate(ids, params, use_tqdm)
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Generate one prompt, yielding its output after every step (deltas in ``delta_text``)."""
+        rid = f"offline-{self._counter}"
+        self._counter += 1
+        self.engine.add_request(rid, prompt, params)
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.engine.abort_request(rid)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        wanted = set(ids)
+        with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
+            while len(results) < len(ids):
+                for out in self.engine.step():
+                    if out.finished and out.request_id in wanted:
+                        results[out.request_id] = out
+                        bar.update(1)
+        return [results[i] for i in ids]
+
+
+def engine_config(model: str | None = None, **options: Any) -> EngineConfig:
+    """Build an EngineConfig from flat keyword options (as the CLI and LLM take them)."""
+    cache_keys = {"block_size", "num_blocks", "kv_cache_bytes", "enable_prefix_caching"}
+    sched_keys = {"max_num_batched_tokens", "max_num_seqs", "policy", "max_waiting"}
+    top_keys = {"dtype", "num_threads", "max_model_len", "seed"}
+    unknown = set(options) - cache_keys - sched_keys - top_keys
+    if unknown:
+        raise ValueError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
+    pick = lambda keys: {k: v for k, v in options.items() if k in keys and v is not None}  # noqa: E731
+    return EngineConfig(
+        model=model,
+        cache=CacheConfig(**pick(cache_keys)),
+        scheduler=SchedulerConfig(**pick(sched_keys)),
+        **pick(top_keys),
+    )

@@ -1,0 +1,6 @@
+"""KV cache bookkeeping: the block pool with its prefix index, and per-request block tables."""
+
+from loom.kvcache.block_pool import BlockKey, BlockPool
+from loom.kvcache.manager import KVCacheManager
+
+__all__ = ["BlockKey", "BlockPool", "KVCacheManager"]

@@ -1,0 +1,90 @@
+"""What every architecture module provides, and the weight-loading helpers they share."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+import re
+
+import torch
+from torch import nn
+
+from loom.config import ModelConfig
+from loom.model.attention import AttentionMetadata
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class CausalLM(nn.Module, ABC):
+    """A decoder-only LM over the paged KV cache.
+
+    ``forward`` takes the flat batch of this step's tokens and returns their final hidden states;
+    ``compute_logits`` turns the selected rows into fp32 logits (only the rows that sample)."""
+
+    embed_tokens: nn.Module
+    lm_head: nn.Module | None
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    @abstractmethod
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches: list[KVCache]
+    ) -> torch.Tensor: ...
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of the given hidden rows (the head is the embedding when tied)."""
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, w).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Take (Hugging Face name, tensor) pairs; every parameter must be covered."""
+        load_hf_weights(self, weights)
+
+
+# HF projection -> (our fused projection, index of its slice). Fusing q/k/v and gate/up turns
+# three (two) small matmuls into one, which matters at decode batch sizes.
+_FUSED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def load_hf_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Load Hugging Face-named weights into ``model``, fusing q/k/v and gate/up.
+
+    Raises ValueError naming any unexpected, mis-shaped or missing weight."""
+    c = model.config
+    sizes = {"qkv_proj": [c.q_size, c.kv_size, c.kv_size], "gate_up_proj": [c.intermediate_size] * 2}
+    params = dict(model.named_parameters())
+    expected: set[tuple[str, int | None]] = set()
+    for pname in params:
+        kind = pname.rsplit(".", 2)[-2]
+        expected |= {(pname, i) for i in range(len(sizes[kind]))} if kind in sizes else {(pname, None)}
+    loaded: set[tuple[str, int | None]] = set()
+    for name, tensor in weights:
+        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and c.tie_word_embeddings):
+            continue  # derived buffers; tied heads that some checkpoints store anyway
+        target, index = name.removeprefix("model."), None
+        m = _LAYER.match(name)
+        if m and m.group(2) in _FUSED:
+            fused, index = _FUSED[m.group(2)]
+            target = f"layers.{m.group(1)}.{fused}.{m.group(3)}"
+        if target not in params:
+            raise ValueError(f"unexpected weight {name!r} in checkpoint")
+        dst = params[target]
+        if index is not None:
+            part = sizes[target.rsplit(".", 2)[-2]]
+            dst = dst[sum(part[:index]) : sum(part[: index + 1])]
+        if dst.shape != tensor.shape:
+            raise ValueError(f"weight {name!r}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(dst.shape)}")
+        dst.copy_(tensor)
+        loaded.add((target, index))
+    missing = sorted(f"{n}" if i is None else f"{n}[{i}]" for n, i in expected - loaded)
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {', '.join(missing[:3])}")

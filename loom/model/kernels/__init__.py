@@ -1,0 +1,55 @@
+"""Native CPU kernels, compiled on first use with torch's C++ extension builder.
+
+Each kernel has a pure-PyTorch equivalent in the caller, used when no compiler is available or
+the tensors live on another device; ``LOOM_DISABLE_KERNELS=1`` forces that path."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+_SRC = Path(__file__).with_name("paged_attention.cpp")
+
+
+def _cpu_fingerprint() -> str:
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return flags
+
+
+@functools.cache
+def paged_attention_ops() -> ModuleType | None:
+    """The compiled module with ``decode_attention``, or None when it cannot be built."""
+    if os.environ.get("LOOM_DISABLE_KERNELS") == "1":
+        return None
+    from torch.utils.cpp_extension import load
+
+    # -march=native code must never be loaded on another CPU: key the build on the CPU's flags.
+    key = hashlib.sha256(
+        _SRC.read_bytes() + torch.__version__.encode() + platform.machine().encode() + _cpu_fingerprint().encode()
+    ).hexdigest()[:16]
+    cache = Path(os.environ.get("LOOM_CACHE_DIR", Path.home() / ".cache" / "loom"))
+    build_dir = cache / "kernels" / key
+    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return load(
+            name="loom_paged_attention",
+            sources=[str(_SRC)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            verbose=False,
+        )
+    except Exception as e:  # no compiler, no ninja, ...: fall back to the PyTorch path
+        log.warning("native paged attention unavailable (%s); using the PyTorch fallback", e)
+        return None

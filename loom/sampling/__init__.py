@@ -1,0 +1,17 @@
+"""Sampling: validated request parameters, the batched sampler, logprobs, stop strings."""
+
+from loom.sampling.params import MAX_LOGPROBS, SamplingParams
+from loom.sampling.sampler import SampleResult, Sampler, SamplingRow, compute_logprobs, make_generator
+from loom.sampling.stop import StopMatch, StopStringMatcher
+
+__all__ = [
+    "MAX_LOGPROBS",
+    "SampleResult",
+    "Sampler",
+    "SamplingParams",
+    "SamplingRow",
+    "StopMatch",
+    "StopStringMatcher",
+    "compute_logprobs",
+    "make_generator",
+]

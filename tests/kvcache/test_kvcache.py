@@ -1,0 +1,111 @@
+import pytest
+
+from loom.kvcache import BlockKey, BlockPool, KVCacheManager
+from loom.request import Request
+from loom.sampling import SamplingParams
+
+
+def req(rid: str, tokens: list[int]) -> Request:
+    return Request(rid, list(tokens), SamplingParams(max_tokens=8))
+
+
+def test_pool_allocate_free_and_refcounts():
+    pool = BlockPool(4)
+    a = pool.allocate(3)
+    assert pool.num_free_blocks == 1
+    pool.touch(a[0])
+    pool.free(a)
+    assert pool.num_free_blocks == 3 and pool.ref_counts[a[0]] == 1
+    with pytest.raises(MemoryError):
+        pool.allocate(4)
+
+
+def test_pool_lru_evicts_least_recently_freed_cached_block():
+    pool = BlockPool(2)
+    a, b = pool.allocate(2)
+    pool.register(a, BlockKey(None, (1,)))
+    pool.register(b, BlockKey(None, (2,)))
+    pool.free([a])
+    pool.free([b])
+    (c,) = pool.allocate(1)  # evicts a (freed first)
+    assert c == a
+    assert pool.lookup(BlockKey(None, (1,))) is None
+    assert pool.lookup(BlockKey(None, (2,))) == b
+
+
+def test_prefix_match_reuses_full_blocks_and_counts_hits():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    r1 = req("a", list(range(10)))
+    assert kv.allocate(r1, 10)
+    r1.num_computed_tokens = 10
+    kv.cache_full_blocks(r1)
+    assert len(r1.block_hashes) == 2
+    r2 = req("b", list(range(8)) + [99, 98, 97])
+    hits = kv.match_prefix(r2)
+    assert hits == r1.block_ids[:2]
+    r2.num_computed_tokens = 8
+    assert kv.allocate(r2, 3, hits)
+    assert r2.block_ids[:2] == r1.block_ids[:2] and r2.block_ids[2] != r1.block_ids[2]
+    assert kv.pool.ref_counts[r1.block_ids[0]] == 2
+    assert kv.hit_tokens == 8
+
+
+def test_prefix_match_leaves_last_token_to_compute():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    r1 = req("a", list(range(8)))
+    kv.allocate(r1, 8)
+    r1.num_computed_tokens = 8
+    kv.cache_full_blocks(r1)
+    r2 = req("b", list(range(8)))
+    assert len(kv.match_prefix(r2)) == 1  # 8 tokens: the second block must be recomputed
+
+
+def test_chained_hash_distinguishes_same_block_after_different_prefix():
+    kv = KVCacheManager(num_blocks=8, block_size=2)
+    r1 = req("a", [1, 2, 3, 4, 5])
+    kv.allocate(r1, 5)
+    r1.num_computed_tokens = 5
+    kv.cache_full_blocks(r1)
+    r2 = req("b", [9, 9, 3, 4, 5])
+    assert kv.match_prefix(r2) == []
+
+
+def test_disabled_prefix_cache_never_hits():
+    kv = KVCacheManager(num_blocks=8, block_size=2, enable_prefix_caching=False)
+    r1 = req("a", [1, 2, 3, 4, 5])
+    kv.allocate(r1, 5)
+    r1.num_computed_tokens = 5
+    kv.cache_full_blocks(r1)
+    assert kv.match_prefix(req("b", [1, 2, 3, 4, 5])) == []
+
+
+def test_can_allocate_counts_free_cached_hits():
+    kv = KVCacheManager(num_blocks=2, block_size=2)
+    r1 = req("a", [1, 2, 3])
+    kv.allocate(r1, 3)
+    r1.num_computed_tokens = 3
+    kv.cache_full_blocks(r1)
+    kv.free(r1)
+    r2 = req("b", [1, 2, 7, 8, 9])
+    hits = kv.match_prefix(r2)
+    assert len(hits) == 1
+    r2.num_computed_tokens = 2
+    # needs 2 more blocks + the hit itself, only 2 blocks exist
+    assert not kv.can_allocate(r2, 3, hits)
+    assert kv.can_allocate(r2, 2, hits)
+
+
+def test_fork_shares_full_blocks_and_copies_partial():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    parent = req("p", list(range(6)))
+    kv.allocate(parent, 6)
+    parent.num_computed_tokens = 6
+    kv.cache_full_blocks(parent)
+    child = req("c", list(range(6)))
+    src_dst = kv.fork(parent, child)
+    assert child.block_ids[0] == parent.block_ids[0]
+    assert src_dst == (parent.block_ids[1], child.block_ids[1])
+    assert kv.pool.ref_counts[parent.block_ids[0]] == 2
+    kv.free(child)
+    kv.free(parent)
+    assert kv.num_free_blocks == 8

@@ -1,0 +1,154 @@
+"""GGUF -> HF directory conversion: tiny models round-trip through every quantizable GGUF type."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFReader, GGUFWriter
+from gguf.quants import dequantize
+
+from loom.config import ModelConfig
+from loom.model.files import resolve_model
+from loom.model.gguf_convert import gguf_tensor_to_torch
+from loom.model.weights import iter_weights
+from tests.tiny_models import gguf_tensor, write_gguf_from_hf
+
+ARCHS = ["llama", "qwen2", "gemma3_text"]
+# Worst element error allowed, relative to the tensor's largest magnitude, per stored type.
+REL_ERROR = {Q.F32: 1e-6, Q.F16: 1e-3, Q.BF16: 1e-2, Q.Q8_0: 1e-2, Q.Q4_1: 0.1, Q.Q4_0: 0.15}
+
+
+def expected_after_round_trip(name: str, w: torch.Tensor, arch: str, qtype: Q) -> torch.Tensor:
+    """What the converter must return for original weight ``w``: the value llama.cpp's encoding stores,
+    decoded by gguf.quants (q/k permutation is per row, so it commutes with row-wise quantization)."""
+    data = w.float().numpy()
+    shift = arch == "gemma3_text" and name.endswith("norm.weight")
+    encoded, used = gguf_tensor(data + 1.0 if shift else data, qtype)
+    if used == Q.F16:
+        return torch.from_numpy(encoded)
+    if used == Q.BF16:
+        return torch.from_numpy(dequantize(encoded, used)).to(torch.bfloat16)
+    decoded = torch.from_numpy(dequantize(encoded, used).reshape(data.shape))
+    return decoded - 1.0 if shift else decoded
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
+def test_round_trip_weights(arch: str, qtype: Q, tiny_model, tmp_path: Path) -> None:
+    hf_dir = tiny_model(arch)
+    gguf_path = write_gguf_from_hf(hf_dir, tmp_path / f"tiny-{qtype.name}.gguf", qtype)
+    out = resolve_model(gguf_path, cache_dir=tmp_path / "cache")
+
+    original = dict(iter_weights(hf_dir))
+    converted = dict(iter_weights(out))
+    assert converted.keys() == original.keys()
+    for name, w in original.items():
+        got = converted[name]
+        assert got.shape == w.shape, name
+        expected = expected_after_round_trip(name, w, arch, qtype)
+        assert got.dtype == expected.dtype, name
+        assert torch.equal(got, expected), name
+        err = (got.float() - w).abs().max() / w.abs().max()
+        assert err <= REL_ERROR[qtype], (name, float(err))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_converted_config_matches_original(arch: str, tiny_model, tmp_path: Path) -> None:
+    """Both loom.config and transformers read the converted config.json as the original model's."""
+    transformers = pytest.importorskip("transformers")
+    hf_dir = tiny_model(arch)
+    out = resolve_model(write_gguf_from_hf(hf_dir, tmp_path / "m.gguf"), cache_dir=tmp_path / "cache")
+    ref = transformers.AutoConfig.from_pretrained(hf_dir)
+    ours = transformers.AutoConfig.from_pretrained(out)
+    for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "tie_word_embeddings",
+                "rope_parameters", "bos_token_id", "pad_token_id"):
+        assert getattr(ours, key) == getattr(ref, key), key
+    assert ours.rms_norm_eps == pytest.approx(ref.rms_norm_eps)
+    if arch == "gemma3_text":
+        for key in ("layer_types", "sliding_window", "query_pre_attn_scalar", "hidden_activation"):
+            assert getattr(ours, key) == getattr(ref, key), key
+
+    cfg = ModelConfig.from_hf_dir(out)
+    rope = ref.rope_parameters.get("full_attention", ref.rope_parameters)
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
+        ref.hidden_size, ref.num_hidden_layers, ref.num_attention_heads, ref.num_key_value_heads, ref.head_dim)
+    assert (cfg.vocab_size, cfg.intermediate_size, cfg.tie_word_embeddings) == (
+        ref.vocab_size, ref.intermediate_size, ref.tie_word_embeddings)
+    assert cfg.rope_theta == rope["rope_theta"]
+    assert cfg.eos_token_ids[0] == ref.eos_token_id
+    if arch == "gemma3_text":
+        assert cfg.layer_is_sliding == tuple(t == "sliding_attention" for t in ref.layer_types)
+        assert cfg.rope_local_theta == ref.rope_parameters["sliding_attention"]["rope_theta"]
+        assert (cfg.sliding_window, cfg.query_pre_attn_scalar) == (ref.sliding_window, ref.query_pre_attn_scalar)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_transformers_runs_converted_model(arch: str, tiny_model, tmp_path: Path) -> None:
+    """transformers loads the converted F32 directory and computes the original model's logits,
+    over a prompt longer than gemma3's sliding window."""
+    transformers = pytest.importorskip("transformers")
+    hf_dir = tiny_model(arch)
+    out = resolve_model(write_gguf_from_hf(hf_dir, tmp_path / "m.gguf"), cache_dir=tmp_path / "cache")
+    ids = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for path in (hf_dir, out):
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits.append(model(ids).logits)
+    # gemma3 norms come back as (w + 1) - 1 in float32, a rounding away from w.
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+
+
+def test_tokenizer_files_are_written(tiny_model, tmp_path: Path) -> None:
+    out = resolve_model(write_gguf_from_hf(tiny_model("llama"), tmp_path / "m.gguf"), cache_dir=tmp_path)
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert (tok_cfg["bos_token"], tok_cfg["eos_token"], tok_cfg["add_bos_token"]) == ("<|im_start|>", "<|im_end|>", False)
+    assert "<|im_start|>" in tok_cfg["chat_template"]
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [2, 0]  # <|im_end|>, plus <|endoftext|> as llama.cpp also stops there
+
+
+def _k_quant_block(qtype: Q, d: float, level: int) -> bytes:
+    """One 256-value super-block of ``qtype`` whose every value is known: all sub-block scales 1, all
+    mins 0, all quants ``level``. Layouts from ggml-common.h (block_q4_K / block_q5_K / block_q6_K)."""
+    half = np.float16(d).tobytes()
+    scales_k = bytes([1] * 4 + [0] * 4 + [1] * 4)  # 6-bit scale/min pairs: scale 1, min 0 for all 8
+    if qtype == Q.Q4_K:  # d, dmin, scales[12], qs[128] (4-bit)
+        return half + np.float16(0).tobytes() + scales_k + bytes([level | level << 4] * 128)
+    if qtype == Q.Q5_K:  # d, dmin, scales[12], qh[32] (5th bits), qs[128]
+        high = 0xFF if level & 16 else 0
+        low = level & 15
+        return half + np.float16(0).tobytes() + scales_k + bytes([high] * 32) + bytes([low | low << 4] * 128)
+    # Q6_K: ql[128] (low 4 bits), qh[64] (high 2 bits), scales[16] (int8), d; value = d * scale * (q - 32)
+    low, high = level & 15, level >> 4
+    return bytes([low | low << 4] * 128) + bytes([high * 0b01010101] * 64) + bytes([1] * 16) + half
+
+
+@pytest.mark.parametrize(("qtype", "offset"), [(Q.Q4_K, 0), (Q.Q5_K, 0), (Q.Q6_K, -32)])
+def test_k_quant_tensors_decode_to_known_values(qtype: Q, offset: int, tmp_path: Path) -> None:
+    """K-quants (which gguf cannot encode) decode to hand-computed values, in the right row/column order:
+    row r, super-block b holds level r + 3b with scale d = b + 1."""
+    rows, blocks = 3, 2
+    raw = np.frombuffer(
+        b"".join(_k_quant_block(qtype, b + 1.0, r + 3 * b) for r in range(rows) for b in range(blocks)), np.uint8
+    ).reshape(rows, -1)
+    path = tmp_path / "k.gguf"
+    writer = GGUFWriter(path, "llama")
+    writer.add_tensor("t", raw, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    got = gguf_tensor_to_torch(GGUFReader(path).tensors[0])
+    expected = torch.tensor(
+        [[(b + 1.0) * (r + 3 * b + offset) for b in range(blocks) for _ in range(256)] for r in range(rows)]
+    )
+    assert got.dtype == torch.float32
+    assert torch.equal(got, expected)
