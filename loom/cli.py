@@ -122,6 +122,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": reply})
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from loom.engine import engine_config
+    from loom.server import ServerConfig, serve
+    from loom.server.config import DEFAULT_MODEL_NAME
+
+    names = tuple(args.served_model_name or [args.model or DEFAULT_MODEL_NAME])
+    config = ServerConfig(
+        served_model_names=names,
+        api_key=args.api_key or os.environ.get("LOOM_API_KEY") or None,
+        host=args.host,
+        port=args.port,
+        graceful_timeout=args.graceful_timeout,
+        log_level=args.uvicorn_log_level,
+    )
+    serve(engine_config(args.model, max_waiting=args.max_waiting, **engine_options(args)), config)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loom", description="LLM inference and serving engine")
     parser.add_argument("--log-level", default="WARNING")
@@ -140,6 +160,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     add_sampling_args(p, max_tokens=512)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics)")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $LOOM_API_KEY, else no auth)")
+    g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="model name(s) clients send (default: the --model argument, or SmolLM2-135M-Instruct)")
+    g.add_argument("--max-waiting", type=int, default=None,
+                   help="reject requests with 429 when this many are already waiting (default: unbounded)")
+    g.add_argument("--graceful-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM, time in-flight requests get to finish before they are cancelled")
+    g.add_argument("--uvicorn-log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="log level of the HTTP server (access log at info)")
+    add_engine_args(p)
+    p.set_defaults(func=cmd_serve)
 
     from loom.bench.cli import register as register_bench
 

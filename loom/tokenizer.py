@@ -4,6 +4,8 @@ Reads ``tokenizer.json`` with the ``tokenizers`` library (transformers is not a 
 dependency) plus the bits of ``tokenizer_config.json`` / ``chat_template.jinja`` /
 ``generation_config.json`` / ``config.json`` that transformers would apply: special tokens,
 ``add_bos_token``/``add_eos_token``, the chat template, and the ids that end generation.
+``clean_up_tokenization_spaces`` is not applied (the models loom serves turn it off, and it
+would make decoding non-incremental).
 """
 
 from __future__ import annotations
@@ -110,6 +112,9 @@ class Tokenizer:
     ) -> None:
         """``add_bos_token``/``add_eos_token``: None keeps what tokenizer.json's post-processor
         does; a bool overrides it (as transformers does when the config sets them)."""
+        # Some tokenizer.json files carry training-time truncation/padding; a prompt must never be cut.
+        backend.no_truncation()
+        backend.no_padding()
         self.backend = backend
         self.special_tokens = dict(special_tokens or {})
         self.chat_template = chat_template
@@ -226,10 +231,6 @@ class IncrementalDetokenizer:
     def text(self) -> str:
         """Everything returned so far."""
         return self._text
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self._ids
 
     def add(self, token_ids: Sequence[int]) -> str:
         """Append tokens; return the newly completed text (possibly empty)."""

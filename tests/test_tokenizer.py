@@ -177,6 +177,16 @@ def test_bos_from_post_processor_is_not_doubled(tmp_path: Path) -> None:
         assert ids.count(bos) == 1 and ids[0] == bos
 
 
+def test_truncation_and_padding_in_tokenizer_json_are_ignored(smollm_dir: Path, tmp_path: Path) -> None:
+    path = _copy_dir(smollm_dir, tmp_path / "trunc")
+    backend = BackendTokenizer.from_file(str(path / "tokenizer.json"))
+    backend.enable_truncation(max_length=4)
+    backend.enable_padding(length=64, pad_id=2)
+    backend.save(str(path / "tokenizer.json"))
+    text = "a prompt that is longer than four tokens"
+    assert Tokenizer.from_dir(path).encode(text) == Tokenizer.from_dir(smollm_dir).encode(text)
+
+
 def test_eos_ids_include_generation_config(smollm_dir: Path, tmp_path: Path) -> None:
     path = _copy_dir(smollm_dir, tmp_path / "gen")
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))

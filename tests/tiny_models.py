@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import quantize
 
@@ -106,6 +106,17 @@ def make_tiny_hf_model(arch: str, path: Path, seed: int = 0, **overrides: Any) -
     return path
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenizer_fields(path: Path) -> list[tuple[str, Any, GGUFValueType, GGUFValueType | None]]:
+    """The ``tokenizer.*`` metadata of a GGUF file as ``(key, value, type, array element type)``."""
+    fields = []
+    for key, field in open_gguf(path).fields.items():
+        if key.startswith("tokenizer."):
+            sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+            fields.append((key, field.contents(), field.types[0], sub))
+    return fields
+
+
 def _rope_thetas(cfg: dict[str, Any]) -> tuple[float, float | None]:
     """(global, local) rope bases from a config.json in either transformers' old or new spelling."""
     rp = cfg.get("rope_parameters") or {}
@@ -172,11 +183,8 @@ def write_gguf_from_hf(
         writer.add_sliding_window(cfg["sliding_window"])
         writer.add_sliding_window_pattern([t == "sliding_attention" for t in cfg["layer_types"]])
         writer.add_rope_freq_base_swa(local_theta)
-    tok_reader = GGUFReader(tokenizer_gguf or default_model_path())
-    for key, field in tok_reader.fields.items():
-        if key.startswith("tokenizer."):
-            sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
-            writer.add_key_value(key, field.contents(), field.types[0], sub)
+    for key, value, vtype, sub in _tokenizer_fields(Path(tokenizer_gguf or default_model_path())):
+        writer.add_key_value(key, value, vtype, sub)
     for name, tensor in iter_weights(Path(hf_dir)):
         if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
             continue

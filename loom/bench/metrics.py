@@ -147,7 +147,7 @@ def time_series(records: Sequence[RequestRecord], duration: float, bin_s: float 
     if duration <= 0:
         raise ValueError(f"run duration must be > 0, got {duration}")
     if bin_s is None:
-        bin_s = max(duration / 200.0, 0.1)
+        bin_s = max(duration / 60.0, 0.1)
     n_bins = max(1, math.ceil(duration / bin_s))
     edges = np.arange(n_bins + 1) * bin_s
     times: list[float] = []

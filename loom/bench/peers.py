@@ -93,7 +93,11 @@ def hf_dir_for(gguf: Path, python: str) -> Path:
 
 def loom_command(gguf: Path, port: int, s: PeerSettings, extra: list[str]) -> ServerCommand:
     exe = Path(sys.executable).with_name("loom")
-    argv = [str(exe), "serve", "--model", str(gguf), "--host", s.host, "--port", str(port), *extra]
+    argv = [
+        str(exe), "serve", "--model", str(gguf), "--host", s.host, "--port", str(port),
+        "--threads", str(s.threads), "--max-num-seqs", str(s.slots), "--max-model-len", str(s.context),
+        "--dtype", s.dtype, *extra,
+    ]  # fmt: skip
     return ServerCommand("loom", argv, startup_timeout=300.0, settings=f"loom serve {shlex.join(argv[2:])}")
 
 

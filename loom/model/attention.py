@@ -38,10 +38,15 @@ class AttentionMetadata:
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
-    kc = k_cache.view(-1, *k_cache.shape[2:])
-    vc = v_cache.view(-1, *v_cache.shape[2:])
-    kc.index_copy_(0, meta.slot_mapping, k)
-    vc.index_copy_(0, meta.slot_mapping, v)
+    blocks, offsets = meta.slot_mapping // meta.block_size, meta.slot_mapping % meta.block_size
+    k_cache[blocks, :, offsets] = k
+    v_cache[blocks, :, offsets] = v
+
+
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
+    """One sequence's first ``length`` keys (or values) as [Hkv, length, D]."""
+    blocks = cache[block_ids]  # [nb, Hkv, bs, D]
+    return blocks.transpose(0, 1).flatten(1, 2)[:, :length]
 
 
 def _decode_fallback(
@@ -52,8 +57,8 @@ def _decode_fallback(
     lens = meta.decode_context_lens.long()
     n, nb = bt.shape
     bs = meta.block_size
-    k = k_cache[bt].view(n, nb * bs, *k_cache.shape[2:]).transpose(1, 2)  # [n, Hkv, L, D]
-    v = v_cache[bt].view(n, nb * bs, *v_cache.shape[2:]).transpose(1, 2)
+    k = k_cache[bt].transpose(1, 2).flatten(2, 3)  # [n, Hkv, nb * bs, D]
+    v = v_cache[bt].transpose(1, 2).flatten(2, 3)
     pos = torch.arange(nb * bs)
     mask = pos[None, :] < lens[:, None]
     if window > 0:
@@ -77,12 +82,11 @@ def _prefill(
     """Causal attention of one chunk's queries over its context plus itself."""
     n = q.shape[0]
     total = chunk.start_pos + n
+    qh = q.transpose(0, 1)
     if chunk.start_pos == 0:
-        keys, values = k, v
+        kh, vh = k.transpose(0, 1), v.transpose(0, 1)
     else:
-        keys = k_cache[chunk.block_ids].flatten(0, 1)[:total]
-        values = v_cache[chunk.block_ids].flatten(0, 1)[:total]
-    qh, kh, vh = q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)
+        kh, vh = _gather(k_cache, chunk.block_ids, total), _gather(v_cache, chunk.block_ids, total)
     if chunk.start_pos == 0 and (window <= 0 or total <= window):
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
     else:
@@ -106,7 +110,7 @@ def paged_attention(
     window: int = 0,
 ) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, Hkv, D] (this step's keys, already rotated); caches:
-    [num_blocks, block_size, Hkv, D]. Writes k, v into the cache and returns [T, H, D]."""
+    [num_blocks, Hkv, block_size, D]. Writes k, v into the cache and returns [T, H, D]."""
     write_kv(k_cache, v_cache, k, v, meta)
     nd = meta.num_decodes
     if not meta.prefills:

@@ -55,7 +55,7 @@ class ModelRunner:
         self.model = load_model(model_config, model_dir, self.dtype)
         self.num_blocks = self._num_blocks(config)
         c = model_config
-        shape = (self.num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
+        shape = (self.num_blocks, c.num_kv_heads, self.block_size, c.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)) for _ in range(c.num_layers)]
         self.use_kernel = paged_attention_ops() is not None
 

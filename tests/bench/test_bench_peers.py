@@ -47,8 +47,11 @@ def test_transformers_does_not_get_ignore_eos():
 
 
 def test_loom_command_passes_extra_args():
-    cmd = loom_command(Path("/m.gguf"), 9003, PeerSettings(), ["--max-num-seqs", "8"])
-    assert cmd.argv[1:4] == ["serve", "--model", "/m.gguf"] and cmd.argv[-2:] == ["--max-num-seqs", "8"]
+    cmd = loom_command(Path("/m.gguf"), 9003, PeerSettings(threads=1, slots=4, context=512), ["--policy", "fcfs"])
+    argv = cmd.argv
+    assert argv[1:4] == ["serve", "--model", "/m.gguf"] and argv[-2:] == ["--policy", "fcfs"]
+    assert argv[argv.index("--threads") + 1] == "1" and argv[argv.index("--max-num-seqs") + 1] == "4"
+    assert argv[argv.index("--max-model-len") + 1] == "512" and argv[argv.index("--dtype") + 1] == "bfloat16"
 
 
 def test_settings_validation():

@@ -8,12 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from gguf import GGUFWriter
+from safetensors import safe_open
 
 from loom.config import ModelConfig
 from loom.model import files
 from loom.model.files import converted_gguf_dir, default_cache_dir, resolve_model
-from loom.model.weights import iter_weights
 from tests.tiny_models import write_gguf_from_hf
 
 
@@ -24,6 +25,12 @@ def default_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("loom-cache")
     resolve_model(None, cache_dir=cache)
     return cache
+
+
+@pytest.fixture(scope="module")
+def llama_gguf(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny llama model as an F32 GGUF file (read-only)."""
+    return write_gguf_from_hf(tiny_model("llama"), tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf")
 
 
 def _refuse_conversion(*args: object) -> None:
@@ -44,11 +51,14 @@ def test_default_model_converts_and_is_cached(default_model_cache: Path, monkeyp
 
 
 def test_default_model_weights(default_model_cache: Path) -> None:
-    weights = dict(iter_weights(resolve_model(None, cache_dir=default_model_cache)))
-    assert len(weights) == 1 + 30 * 9 + 1  # embeddings, 9 per layer, final norm; output tied
-    assert weights["model.embed_tokens.weight"].shape == (49152, 576)
-    assert weights["model.layers.0.self_attn.k_proj.weight"].shape == (192, 576)
-    assert all(w.isfinite().all() for w in weights.values())
+    out = resolve_model(None, cache_dir=default_model_cache)
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        embed = f.get_tensor("model.embed_tokens.weight")
+    assert len(shapes) == 1 + 30 * 9 + 1  # embeddings, 9 per layer, final norm; output tied
+    assert shapes["model.embed_tokens.weight"] == (49152, 576)
+    assert shapes["model.layers.0.self_attn.k_proj.weight"] == (192, 576)
+    assert embed.dtype == torch.float32 and embed.isfinite().all() and embed.abs().max() > 0
 
 
 def test_hf_directory_is_returned_as_is(tiny_model) -> None:
@@ -56,10 +66,9 @@ def test_hf_directory_is_returned_as_is(tiny_model) -> None:
     assert resolve_model(str(tiny_model("llama"))) == tiny_model("llama")
 
 
-def test_cache_key_is_content_not_path(tiny_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    first = write_gguf_from_hf(tiny_model("llama"), tmp_path / "a.gguf")
-    out = resolve_model(first, cache_dir=tmp_path / "cache")
-    copy = shutil.copy(first, tmp_path / "b.gguf")
+def test_cache_key_is_content_not_path(llama_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = resolve_model(llama_gguf, cache_dir=tmp_path / "cache")
+    copy = shutil.copy(llama_gguf, tmp_path / "b.gguf")
     monkeypatch.setattr(files, "convert_gguf", _refuse_conversion)
     assert resolve_model(copy, cache_dir=tmp_path / "cache") == out
 
@@ -71,8 +80,8 @@ def test_cache_dir_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     assert default_cache_dir() == Path.home() / ".cache" / "loom"
 
 
-def test_killed_conversion_leaves_no_cache_entry(tiny_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    gguf_path = write_gguf_from_hf(tiny_model("llama"), tmp_path / "m.gguf")
+def test_killed_conversion_leaves_no_cache_entry(llama_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gguf_path = llama_gguf
     real = files.convert_gguf
 
     def dies_half_way(path: Path, out_dir: Path) -> None:
@@ -131,19 +140,17 @@ def _bad_input(case: str, where: Path, good_gguf: Path) -> Path:
         ("arch", "unsupported GGUF architecture 'bert'"),
     ],
 )
-def test_bad_inputs_raise_value_error_naming_the_file(case: str, problem: str, tiny_model, tmp_path: Path) -> None:
-    good = write_gguf_from_hf(tiny_model("llama"), tmp_path / "good.gguf")
+def test_bad_inputs_raise_value_error_naming_the_file(case: str, problem: str, llama_gguf: Path, tmp_path: Path) -> None:
     (tmp_path / "bad").mkdir()
-    bad = _bad_input(case, tmp_path / "bad", good)
+    bad = _bad_input(case, tmp_path / "bad", llama_gguf)
     with pytest.raises(ValueError, match=problem) as info:
         resolve_model(bad, cache_dir=tmp_path / "cache")
     assert str(bad) in str(info.value)
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.suffix != ".lock" and p.name != "gguf"]
 
 
-def test_unknown_tensor_is_rejected(tiny_model, tmp_path: Path) -> None:
-    path = write_gguf_from_hf(tiny_model("llama"), tmp_path / "m.gguf")
-    data = path.read_bytes().replace(b"blk.1.ffn_up.weight", b"blk.1.ffn_xx.weight")
+def test_unknown_tensor_is_rejected(llama_gguf: Path, tmp_path: Path) -> None:
+    data = llama_gguf.read_bytes().replace(b"blk.1.ffn_up.weight", b"blk.1.ffn_xx.weight")
     (tmp_path / "odd.gguf").write_bytes(data)
     with pytest.raises(ValueError, match="unsupported tensor 'blk.1.ffn_xx.weight'"):
         resolve_model(tmp_path / "odd.gguf", cache_dir=tmp_path / "cache")

@@ -23,6 +23,21 @@ ARCHS = ["llama", "qwen2", "gemma3_text"]
 REL_ERROR = {Q.F32: 1e-6, Q.F16: 1e-3, Q.BF16: 1e-2, Q.Q8_0: 1e-2, Q.Q4_1: 0.1, Q.Q4_0: 0.15}
 
 
+@pytest.fixture(scope="module")
+def converted(tiny_model, tmp_path_factory: pytest.TempPathFactory):
+    """``converted(arch, qtype)``: the tiny ``arch`` model written as a ``qtype`` GGUF, then resolved."""
+    cache = tmp_path_factory.mktemp("cache")
+    done: dict[tuple[str, Q], Path] = {}
+
+    def get(arch: str, qtype: Q = Q.F32) -> Path:
+        if (arch, qtype) not in done:
+            gguf_path = tmp_path_factory.mktemp("gguf") / f"{arch}-{qtype.name}.gguf"
+            done[arch, qtype] = resolve_model(write_gguf_from_hf(tiny_model(arch), gguf_path, qtype), cache_dir=cache)
+        return done[arch, qtype]
+
+    return get
+
+
 def expected_after_round_trip(name: str, w: torch.Tensor, arch: str, qtype: Q) -> torch.Tensor:
     """What the converter must return for original weight ``w``: the value llama.cpp's encoding stores,
     decoded by gguf.quants (q/k permutation is per row, so it commutes with row-wise quantization)."""
@@ -37,18 +52,19 @@ def expected_after_round_trip(name: str, w: torch.Tensor, arch: str, qtype: Q) -
     return decoded - 1.0 if shift else decoded
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
-def test_round_trip_weights(arch: str, qtype: Q, tiny_model, tmp_path: Path) -> None:
-    hf_dir = tiny_model(arch)
-    gguf_path = write_gguf_from_hf(hf_dir, tmp_path / f"tiny-{qtype.name}.gguf", qtype)
-    out = resolve_model(gguf_path, cache_dir=tmp_path / "cache")
+# Every encodable type on llama (whose q/k rows are permuted); the others take one of each storage kind.
+ROUND_TRIPS = [("llama", q) for q in (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1)] + [
+    (arch, q) for arch in ("qwen2", "gemma3_text") for q in (Q.F32, Q.F16, Q.Q8_0)
+]
 
-    original = dict(iter_weights(hf_dir))
-    converted = dict(iter_weights(out))
-    assert converted.keys() == original.keys()
+
+@pytest.mark.parametrize(("arch", "qtype"), ROUND_TRIPS, ids=[f"{a}-{q.name}" for a, q in ROUND_TRIPS])
+def test_round_trip_weights(arch: str, qtype: Q, tiny_model, converted) -> None:
+    original = dict(iter_weights(tiny_model(arch)))
+    result = dict(iter_weights(converted(arch, qtype)))
+    assert result.keys() == original.keys()
     for name, w in original.items():
-        got = converted[name]
+        got = result[name]
         assert got.shape == w.shape, name
         expected = expected_after_round_trip(name, w, arch, qtype)
         assert got.dtype == expected.dtype, name
@@ -58,11 +74,10 @@ def test_round_trip_weights(arch: str, qtype: Q, tiny_model, tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_converted_config_matches_original(arch: str, tiny_model, tmp_path: Path) -> None:
+def test_converted_config_matches_original(arch: str, tiny_model, converted) -> None:
     """Both loom.config and transformers read the converted config.json as the original model's."""
     transformers = pytest.importorskip("transformers")
-    hf_dir = tiny_model(arch)
-    out = resolve_model(write_gguf_from_hf(hf_dir, tmp_path / "m.gguf"), cache_dir=tmp_path / "cache")
+    hf_dir, out = tiny_model(arch), converted(arch)
     ref = transformers.AutoConfig.from_pretrained(hf_dir)
     ours = transformers.AutoConfig.from_pretrained(out)
     for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -89,12 +104,11 @@ def test_converted_config_matches_original(arch: str, tiny_model, tmp_path: Path
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_transformers_runs_converted_model(arch: str, tiny_model, tmp_path: Path) -> None:
+def test_transformers_runs_converted_model(arch: str, tiny_model, converted) -> None:
     """transformers loads the converted F32 directory and computes the original model's logits,
     over a prompt longer than gemma3's sliding window."""
     transformers = pytest.importorskip("transformers")
-    hf_dir = tiny_model(arch)
-    out = resolve_model(write_gguf_from_hf(hf_dir, tmp_path / "m.gguf"), cache_dir=tmp_path / "cache")
+    hf_dir, out = tiny_model(arch), converted(arch)
     ids = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(0))
     logits = []
     for path in (hf_dir, out):
@@ -105,8 +119,8 @@ def test_transformers_runs_converted_model(arch: str, tiny_model, tmp_path: Path
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
 
 
-def test_tokenizer_files_are_written(tiny_model, tmp_path: Path) -> None:
-    out = resolve_model(write_gguf_from_hf(tiny_model("llama"), tmp_path / "m.gguf"), cache_dir=tmp_path)
+def test_tokenizer_files_are_written(converted) -> None:
+    out = converted("llama")
     tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
     assert (tok_cfg["bos_token"], tok_cfg["eos_token"], tok_cfg["add_bos_token"]) == ("<|im_start|>", "<|im_end|>", False)
     assert "<|im_start|>" in tok_cfg["chat_template"]

@@ -1,0 +1,296 @@
+"""The engine behind asyncio: a background thread runs the step loop; each request gets a stream.
+
+The ``Engine`` is not thread-safe and a step is a blocking forward pass, so exactly one thread
+(the engine thread) ever touches it. Callers on any event loop hand it adds and aborts through a
+thread-safe queue and receive outputs through a per-request ``asyncio.Queue``, fed with
+``call_soon_threadsafe`` once per step. All requests in flight share every step (continuous
+batching); when nothing is in flight the thread blocks on its command queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from loom.engine.engine import Engine, EngineStats
+from loom.outputs import RequestOutput
+from loom.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+OutputListener = Callable[[list[RequestOutput]], None]
+
+
+class EngineOverloadedError(RuntimeError):
+    """The waiting queue is full (``SchedulerConfig.max_waiting``): retry later."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine was shut down or its step loop failed; it serves nothing any more."""
+
+
+@dataclass(eq=False)
+class _Stream:
+    """Where one request's outputs go: a queue owned by the caller's event loop."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException] = field(default_factory=asyncio.Queue)
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+@dataclass(frozen=True, eq=False)
+class _Add:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    priority: int
+    tenant: str | None
+    arrival_time: float
+    stream: _Stream
+    accepted: asyncio.Future[None]
+
+
+@dataclass(frozen=True, eq=False)
+class _Abort:
+    request_id: str
+    done: asyncio.Future[None] | None = None
+
+
+_STOP = object()
+
+
+def _resolve(future: asyncio.Future[None] | None, error: BaseException | None = None) -> None:
+    """Complete ``future`` from the engine thread (a caller that gave up may have cancelled it)."""
+    if future is None:
+        return
+
+    def set_() -> None:
+        if future.done():
+            return
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+    future.get_loop().call_soon_threadsafe(set_)
+
+
+class AsyncEngine:
+    """Serve one ``Engine`` to many concurrent asyncio callers. Takes ownership of ``engine``:
+    after this, only the engine thread may call it."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_config = engine.model_config
+        self.max_model_len = engine.max_model_len
+        self.max_waiting = engine.config.scheduler.max_waiting
+        if self.max_waiting is not None and self.max_waiting < 1:
+            raise ValueError(f"max_waiting must be >= 1 or None, got {self.max_waiting}")
+        self._listeners: tuple[OutputListener, ...] = ()
+        self._commands: queue.SimpleQueue[_Add | _Abort | object] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._stats = engine.stats()
+        self._lock = threading.Lock()  # orders "closed?" checks against the final drain
+        self._closed: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="loom-engine", daemon=True)
+        self._thread.start()
+
+    # -- caller side (any event loop) --------------------------------------------------------
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        *,
+        priority: int = 0,
+        tenant: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs, one per step it progressed in, the last with ``finished``.
+
+        Raises ValueError (bad prompt or parameters) or EngineOverloadedError before yielding
+        anything. Leaving the loop early (``break``, cancellation, a closed client) aborts the
+        request and frees its KV blocks."""
+        _check_prompt(prompt)
+        if params is not None and not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        loop = asyncio.get_running_loop()
+        request_id = request_id or uuid.uuid4().hex
+        stream = _Stream(loop)
+        accepted: asyncio.Future[None] = loop.create_future()
+        self._submit(_Add(request_id, prompt, params or SamplingParams(), priority, tenant, time.monotonic(), stream, accepted))
+        finished = False
+        try:
+            await accepted
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self._commands.put(_Abort(request_id))
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request and free its blocks; its stream ends with finish_reason "abort".
+        Returns once the engine thread has done it (a no-op for unknown or finished ids)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._submit(_Abort(request_id, done))
+        await done
+
+    def add_listener(self, listener: OutputListener) -> None:
+        """Call ``listener`` on the engine thread with every batch of outputs (each step's, and the
+        final outputs of aborted requests). Keep it cheap and thread-safe (e.g. Prometheus metrics)."""
+        self._listeners = (*self._listeners, listener)
+
+    def stats(self) -> EngineStats:
+        """The engine's stats as of the end of its latest step (a snapshot; never blocks)."""
+        return self._stats
+
+    @property
+    def is_running(self) -> bool:
+        return self._closed is None
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        """Abort everything in flight (streams end with finish_reason "abort") and stop the thread."""
+        with self._lock:
+            if self._closed is None:
+                self._closed = EngineDeadError("the engine is shut down")
+                self._commands.put(_STOP)
+        self._thread.join(timeout)
+
+    def _submit(self, command: _Add | _Abort) -> None:
+        with self._lock:
+            if self._closed is not None:
+                raise EngineDeadError(str(self._closed))
+            self._commands.put(command)
+
+    # -- engine thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                # Block while idle; otherwise take whatever arrived during the last step.
+                commands = [] if engine.has_unfinished_requests() else [self._commands.get()]
+                commands += _drain(self._commands)
+                if any(c is _STOP for c in commands):
+                    self._stop(commands)
+                    return
+                for c in commands:
+                    self._handle(c)
+                if engine.has_unfinished_requests():
+                    steps = engine.steps
+                    self._deliver(engine.step())
+                    if engine.steps == steps and engine.has_unfinished_requests():
+                        time.sleep(0.001)  # nothing schedulable this instant: do not spin hot
+                self._stats = engine.stats()
+        except Exception as e:  # a bug in the step loop: fail loudly, do not hang the callers
+            log.exception("engine loop failed; the engine is no longer serving")
+            error = EngineDeadError(f"the engine failed: {type(e).__name__}: {e}")
+            with self._lock:
+                self._closed = error
+            for stream in self._streams.values():
+                stream.put(error)
+            self._streams.clear()
+            self._reject_pending(_drain(self._commands), error)
+
+    def _handle(self, command: _Add | _Abort | object) -> None:
+        if isinstance(command, _Abort):
+            final = self.engine.abort_request(command.request_id)
+            if final is not None:
+                self._deliver([final])
+            _resolve(command.done)
+            return
+        assert isinstance(command, _Add)
+        if command.accepted.cancelled():
+            return  # the caller went away before its request reached the engine
+        try:
+            self._check_capacity()
+            self.engine.add_request(
+                command.request_id, command.prompt, command.params,
+                arrival_time=command.arrival_time, priority=command.priority, tenant=command.tenant,
+            )
+        except (ValueError, EngineOverloadedError) as e:
+            _resolve(command.accepted, e)
+            return
+        except Exception as e:  # a bug in add_request must not take the whole engine down
+            log.exception("add_request(%r) failed", command.request_id)
+            _resolve(command.accepted, e)
+            return
+        self._streams[command.request_id] = command.stream
+        _resolve(command.accepted)
+
+    def _check_capacity(self) -> None:
+        if self.max_waiting is not None and len(self.engine.scheduler.waiting) >= self.max_waiting:
+            raise EngineOverloadedError(
+                f"the server is at capacity ({len(self.engine.scheduler.waiting)} requests waiting, "
+                f"max_waiting={self.max_waiting}); retry later"
+            )
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        if not outputs:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = defaultdict(list)
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if out.finished:
+                del self._streams[out.request_id]
+            by_loop[stream.loop].append((stream, out))
+        for loop, items in by_loop.items():  # one wake-up per loop per step
+            loop.call_soon_threadsafe(_put_all, items)
+        for listener in self._listeners:
+            try:
+                listener(outputs)
+            except Exception:  # metrics must never stop the serving
+                log.exception("output listener %r failed", listener)
+
+    def _stop(self, commands: list[_Add | _Abort | object]) -> None:
+        error = EngineDeadError("the engine is shut down")
+        self._reject_pending([c for c in commands if c is not _STOP] + _drain(self._commands), error)
+        for request_id in list(self._streams):
+            final = self.engine.abort_request(request_id)
+            if final is not None:
+                self._deliver([final])
+        self._stats = self.engine.stats()
+
+    @staticmethod
+    def _reject_pending(commands: list[_Add | _Abort | object], error: BaseException) -> None:
+        for c in commands:
+            if isinstance(c, _Add):
+                _resolve(c.accepted, error)
+            elif isinstance(c, _Abort):
+                _resolve(c.done)
+
+
+def _check_prompt(prompt: object) -> None:
+    if isinstance(prompt, str):
+        return
+    if not isinstance(prompt, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+
+def _drain(q: queue.SimpleQueue) -> list:
+    items = []
+    while True:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            return items
+
+
+def _put_all(items: list[tuple[_Stream, RequestOutput]]) -> None:
+    for stream, out in items:
+        stream.queue.put_nowait(out)

@@ -1,0 +1,115 @@
+"""The FastAPI app: OpenAI routes, vLLM's tokenizer routes, health, version and Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+import loom
+from loom.engine import AsyncEngine
+from loom.server.chat import chat_prompt, create_chat_completion
+from loom.server.completions import create_completion
+from loom.server.config import ServerConfig
+from loom.server.errors import APIError, install_error_handlers
+from loom.server.metrics import ServerMetrics
+from loom.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from loom.server.serving import Serving
+
+
+def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAPI:
+    """The app serving ``engine``. The app owns the engine from here on: its lifespan shutdown
+    (uvicorn's, after in-flight requests had their grace period) shuts the engine down."""
+    config = config or ServerConfig()
+    serving = Serving(engine, config)
+    metrics = ServerMetrics(engine.stats)
+    engine.add_listener(metrics.observe)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await asyncio.to_thread(engine.shutdown)
+
+    app = FastAPI(title="loom", version=loom.__version__, lifespan=lifespan)
+    install_error_handlers(app)
+    app.state.serving = serving
+    app.state.metrics = metrics
+
+    async def check_api_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), config.api_key.encode()):
+            message = "Incorrect API key provided." if token else "Missing API key: send 'Authorization: Bearer <key>'."
+            raise APIError(401, message, code="invalid_api_key")
+
+    api = APIRouter(dependencies=[Depends(check_api_key)])
+
+    @api.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(name, serving) for name in config.served_model_names]}
+
+    @api.get("/v1/models/{model:path}")
+    async def retrieve_model(model: str) -> dict[str, Any]:
+        return _model_card(serving.model_name(model), serving)
+
+    @api.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        return await create_completion(body, request, serving)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        return await create_chat_completion(body, request, serving)
+
+    @api.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        serving.model_name(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "send exactly one of 'prompt' and 'messages'", param="prompt")
+        if body.messages is not None:
+            chat = ChatCompletionRequest(messages=body.messages, add_generation_prompt=body.add_generation_prompt)
+            ids = chat_prompt(serving, chat)
+        else:
+            add_special = True if body.add_special_tokens is None else body.add_special_tokens
+            ids = serving.tokenizer.encode(body.prompt or "", add_special_tokens=add_special)
+        strs = serving.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids, "token_strs": strs}
+
+    @api.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        serving.model_name(body.model)
+        vocab = engine.model_config.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens")
+        return {"prompt": serving.tokenizer.decode(body.tokens)}
+
+    app.include_router(api)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.is_running:
+            raise APIError(503, "the engine is not running", code="engine_unavailable")
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": loom.__version__}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _model_card(name: str, serving: Serving) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": serving.created, "owned_by": "loom",
+            "max_model_len": serving.engine.max_model_len}
+

@@ -1,0 +1,107 @@
+"""``POST /v1/chat/completions``: the conversation through the model's chat template, logprobs in
+the chat shape, streaming as ``chat.completion.chunk`` deltas."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from loom.outputs import TokenLogprob
+from loom.server.errors import APIError
+from loom.server.protocol import ChatCompletionRequest
+from loom.server.serving import (
+    SSE_DONE,
+    Serving,
+    Started,
+    UsageCounter,
+    cancel_on_disconnect,
+    finals_usage,
+    new_id,
+    shutting_down,
+    sse,
+)
+
+
+def chat_prompt(serving: Serving, req: ChatCompletionRequest) -> list[int]:
+    messages = [m.to_template() for m in req.messages]
+    try:
+        text = serving.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages") from None
+    return serving.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _logprobs(serving: Serving, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    return None if entries is None else {"content": serving.logprobs.chat(entries), "refusal": None}
+
+
+async def create_chat_completion(req: ChatCompletionRequest, raw: Request, serving: Serving) -> Any:
+    model = serving.model_name(req.model)
+    params = req.to_sampling_params()
+    prompt = chat_prompt(serving, req)
+    request_id = new_id("chatcmpl")
+    created = int(time.time())
+
+    async def run() -> Any:
+        started = await serving.start(request_id, [prompt], params, priority=req.priority, tenant=req.user,
+                                      prompt_param="messages")
+        header = {"id": request_id, "object": "chat.completion", "created": created, "model": model,
+                  "system_fingerprint": serving.system_fingerprint}
+        if req.stream:
+            chunk_header = {**header, "object": "chat.completion.chunk"}
+            return StreamingResponse(_stream(serving, req, params.n, started[0], chunk_header),
+                                     media_type="text/event-stream")
+        finals = await serving.collect(started)
+        choices = [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text, "refusal": None},
+                "logprobs": _logprobs(serving, c.logprobs),
+                "finish_reason": c.finish_reason,
+            }
+            for c in finals[0].outputs
+        ]
+        return JSONResponse({**header, "choices": choices, "usage": finals_usage(finals)})
+
+    return await cancel_on_disconnect(raw, run())
+
+
+async def _stream(serving: Serving, req: ChatCompletionRequest, n: int, started: Started,
+                  header: dict[str, Any]) -> AsyncIterator[str]:
+    usage = UsageCounter()
+    extra = {"usage": None} if req.include_usage else {}
+
+    def chunk(index: int, delta: dict[str, Any], logprobs: dict[str, Any] | None, finish_reason: str | None) -> str:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        return sse({**header, "choices": [choice], **extra})
+
+    want_logprobs = req.logprobs is True
+    done: set[int] = set()
+    merged = serving.merge([started])
+    try:
+        for i in range(n):
+            yield chunk(i, {"role": "assistant", "content": ""}, None, None)
+        async for _, out in merged:
+            usage.update(0, out)
+            for c in out.outputs:
+                if c.index in done:
+                    continue
+                if c.finish_reason == "abort":
+                    yield sse(shutting_down().body())
+                    yield SSE_DONE
+                    return
+                if not (c.delta_text or (want_logprobs and c.delta_token_ids) or c.finished):
+                    continue
+                if c.finished:
+                    done.add(c.index)
+                delta = {"content": c.delta_text} if c.delta_text or not c.finished else {}
+                yield chunk(c.index, delta, _logprobs(serving, c.delta_logprobs), c.finish_reason)
+        if req.include_usage:
+            yield sse({**header, "choices": [], "usage": usage.usage()})
+        yield SSE_DONE
+    finally:
+        await merged.aclose()

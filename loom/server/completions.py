@@ -1,0 +1,139 @@
+"""``POST /v1/completions``: prompts as text or token ids (one or many), echo, legacy logprobs
+(including ``max_tokens=0`` + ``echo`` + ``logprobs`` for loglikelihood scoring), streaming."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from loom.outputs import CompletionOutput, RequestOutput
+from loom.server.errors import APIError
+from loom.server.protocol import CompletionRequest
+from loom.server.serving import (
+    SSE_DONE,
+    Serving,
+    Started,
+    UsageCounter,
+    cancel_on_disconnect,
+    finals_usage,
+    new_id,
+    shutting_down,
+    sse,
+)
+
+
+def _prompts(req: CompletionRequest, serving: Serving) -> list[str | list[int]]:
+    prompt = req.prompt
+    if prompt is None or prompt == "":
+        return [_empty_prompt(serving)]
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "prompt must not be an empty list", param="prompt")
+    if isinstance(prompt[0], int):
+        return [prompt]  # type: ignore[list-item]
+    return [p if p != "" else _empty_prompt(serving) for p in prompt]  # type: ignore[misc]
+
+
+def _empty_prompt(serving: Serving) -> list[int]:
+    """OpenAI reads a missing or empty prompt as <|endoftext|>: generate as from a document start."""
+    tok = serving.tokenizer
+    token = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if token is None:
+        raise APIError(400, "prompt is empty and the model has no BOS/EOS token to start from", param="prompt")
+    return [token]
+
+
+class _Choice:
+    """Builds one choice's text and legacy logprobs, in one piece or chunk by chunk."""
+
+    def __init__(self, serving: Serving, req: CompletionRequest, first: RequestOutput) -> None:
+        self.serving = serving
+        self.echo = bool(req.echo)
+        self.want_logprobs = req.logprobs is not None
+        self.offset = 0  # characters of this choice's text sent so far
+        self.echoed = False
+        self.prompt_text = ""
+        if self.echo:
+            self.prompt_text = first.prompt if first.prompt is not None else serving.tokenizer.decode(
+                first.prompt_token_ids, skip_special_tokens=False)
+
+    def piece(self, out: RequestOutput, c: CompletionOutput, text: str, token_ids: list[int], entries: list | None) -> dict[str, Any]:
+        """Text and logprobs of new output tokens, preceded by the prompt the first time if echoing."""
+        lp_ids: list[int] = []
+        lp_entries: list = []
+        if self.echo and not self.echoed:
+            self.echoed = True
+            text = self.prompt_text + text
+            if self.want_logprobs:
+                lp_ids += out.prompt_token_ids
+                lp_entries += out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+        logprobs = None
+        if self.want_logprobs:
+            lp_ids += token_ids
+            lp_entries += entries or []
+            logprobs = self.serving.logprobs.legacy(lp_ids, lp_entries, self.offset)
+        self.offset += len(text)
+        return {"text": text, "logprobs": logprobs}
+
+
+async def create_completion(req: CompletionRequest, raw: Request, serving: Serving) -> Any:
+    model = serving.model_name(req.model)
+    params = req.to_sampling_params()
+    prompts = _prompts(req, serving)
+    request_id = new_id("cmpl")
+    created = int(time.time())
+    header = {"id": request_id, "object": "text_completion", "created": created, "model": model,
+              "system_fingerprint": serving.system_fingerprint}
+
+    async def run() -> Any:
+        started = await serving.start(request_id, prompts, params, priority=req.priority, tenant=req.user,
+                                      prompt_param="prompt")
+        if req.stream:
+            return StreamingResponse(_stream(serving, req, params.n, started, header), media_type="text/event-stream")
+        finals = await serving.collect(started)
+        choices = []
+        for i, out in enumerate(finals):
+            for c in out.outputs:
+                builder = _Choice(serving, req, out)
+                part = builder.piece(out, c, c.text, c.token_ids, c.logprobs)
+                choices.append({"index": i * params.n + c.index, **part, "finish_reason": c.finish_reason})
+        return JSONResponse({**header, "choices": choices, "usage": finals_usage(finals)})
+
+    return await cancel_on_disconnect(raw, run())
+
+
+async def _stream(serving: Serving, req: CompletionRequest, n: int, started: list[Started],
+                  header: dict[str, Any]) -> AsyncIterator[str]:
+    builders = {(s.index, k): _Choice(serving, req, s.first) for s in started for k in range(n)}
+    done: set[tuple[int, int]] = set()
+    usage = UsageCounter()
+    merged = serving.merge(started)
+    try:
+        async for i, out in merged:
+            usage.update(i, out)
+            for c in out.outputs:
+                key = (i, c.index)
+                if key in done:
+                    continue
+                if c.finish_reason == "abort":
+                    yield sse(shutting_down().body())
+                    yield SSE_DONE
+                    return
+                b = builders[key]
+                has_news = c.delta_text or (b.want_logprobs and c.delta_token_ids) or (b.echo and not b.echoed)
+                if not has_news and not c.finished:
+                    continue
+                part = b.piece(out, c, c.delta_text, c.delta_token_ids, c.delta_logprobs)
+                if c.finished:
+                    done.add(key)
+                yield sse({**header, "choices": [{"index": i * n + c.index, **part, "finish_reason": c.finish_reason}]})
+        if req.include_usage:
+            yield sse({**header, "choices": [], "usage": usage.usage()})
+        yield SSE_DONE
+    finally:
+        await merged.aclose()

@@ -1,0 +1,205 @@
+"""What completions and chat share: the model check, starting engine requests (and turning their
+errors into HTTP errors before any byte is sent), merging the streams of several prompts, usage,
+SSE framing, and aborting work whose client went away."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+import loom
+from loom.engine import AsyncEngine, EngineDeadError, EngineOverloadedError
+from loom.outputs import RequestOutput
+from loom.sampling import SamplingParams
+from loom.server.config import ServerConfig
+from loom.server.errors import APIError
+from loom.server.logprobs import LogprobFormatter
+
+T = TypeVar("T")
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def shutting_down() -> APIError:
+    return APIError(503, "the request was aborted: the server is shutting down", code="engine_unavailable")
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its response was ready."""
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run ``work`` unless the client disconnects first, in which case it is cancelled (which
+    aborts its engine requests and frees their KV blocks). Starlette only watches streaming
+    responses for disconnects; this covers the time before a response exists."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        watcher.cancel()
+    if task.cancelled():
+        raise ClientDisconnected()
+    return task.result()
+
+
+@dataclass
+class Started:
+    """A request the engine accepted: its first output, then the rest of its stream."""
+
+    index: int
+    first: RequestOutput
+    rest: AsyncIterator[RequestOutput]
+
+
+class Serving:
+    """State shared by the endpoint handlers of one app."""
+
+    def __init__(self, engine: AsyncEngine, config: ServerConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self.tokenizer = engine.tokenizer
+        self.logprobs = LogprobFormatter(engine.tokenizer)
+        self.created = int(time.time())
+        source = f"loom-{loom.__version__}:{engine.engine.model_dir}:{engine.engine.runner.dtype}"
+        self.system_fingerprint = "fp_" + hashlib.blake2b(source.encode(), digest_size=5).hexdigest()
+
+    def model_name(self, requested: str | None) -> str:
+        """The name to report for a request's ``model``; 404 for a model this server does not serve."""
+        if requested is None:
+            return self.config.served_model_names[0]
+        if requested not in self.config.served_model_names:
+            raise APIError(404, f"The model `{requested}` does not exist (this server serves "
+                                f"{', '.join(map(repr, self.config.served_model_names))}).",
+                           param="model", code="model_not_found")
+        return requested
+
+    async def start(
+        self,
+        request_id: str,
+        prompts: Sequence[str | list[int]],
+        params: SamplingParams,
+        *,
+        priority: int,
+        tenant: str | None,
+        prompt_param: str,
+    ) -> list[Started]:
+        """Submit every prompt and wait for each one's first output, so that a bad prompt (or a
+        full queue) becomes an HTTP error before a response starts; on any error, nothing runs."""
+        gens = [
+            self.engine.generate(p, params, f"{request_id}-{i}", priority=priority, tenant=tenant)
+            for i, p in enumerate(prompts)
+        ]
+        firsts = await asyncio.gather(*(anext(g) for g in gens), return_exceptions=True)
+        error = next((f for f in firsts if isinstance(f, BaseException)), None)
+        if error is None:
+            return [Started(i, f, g) for i, (f, g) in enumerate(zip(firsts, gens))]  # type: ignore[arg-type]
+        for g in gens:
+            await g.aclose()
+        if isinstance(error, ValueError):
+            where = f"{prompt_param}[{firsts.index(error)}]: " if len(prompts) > 1 else ""
+            raise APIError(400, f"{where}{error}", param=prompt_param)
+        if isinstance(error, EngineOverloadedError):
+            raise APIError(429, str(error), code="queue_full", headers={"Retry-After": "1"})
+        if isinstance(error, EngineDeadError):
+            raise APIError(503, str(error), code="engine_unavailable")
+        raise error
+
+    @staticmethod
+    async def merge(started: list[Started]) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Outputs of all requests as they come, tagged with the prompt index. Closing this
+        iterator (or cancelling its consumer) aborts whatever is still running."""
+        queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+        async def pump(s: Started) -> None:
+            try:
+                queue.put_nowait((s.index, s.first))
+                async for out in s.rest:
+                    queue.put_nowait((s.index, out))
+            except Exception as e:
+                queue.put_nowait((s.index, e))
+            finally:
+                queue.put_nowait((s.index, None))
+
+        tasks = [asyncio.create_task(pump(s)) for s in started]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                index, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def collect(self, started: list[Started]) -> list[RequestOutput]:
+        """The final output of each request (non-streaming responses)."""
+        finals: list[RequestOutput | None] = [None] * len(started)
+        async for index, out in self.merge(started):
+            if out.finished:
+                finals[index] = out
+        done = [f for f in finals if f is not None]
+        if len(done) != len(started) or any(c.finish_reason == "abort" for f in done for c in f.outputs):
+            raise shutting_down()
+        return done
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+class UsageCounter:
+    """Token counts of a streamed response, from the latest output of each request."""
+
+    def __init__(self) -> None:
+        self._latest: dict[int, RequestOutput] = {}
+
+    def update(self, index: int, out: RequestOutput) -> None:
+        self._latest[index] = out
+
+    def usage(self) -> dict[str, Any]:
+        outs = self._latest.values()
+        return usage(
+            sum(len(o.prompt_token_ids) for o in outs),
+            sum(len(c.token_ids) for o in outs for c in o.outputs),
+            sum(o.num_cached_tokens for o in outs),
+        )
+
+
+def finals_usage(finals: list[RequestOutput]) -> dict[str, Any]:
+    counter = UsageCounter()
+    for i, f in enumerate(finals):
+        counter.update(i, f)
+    return counter.usage()
