@@ -81,29 +81,33 @@ def hf_shape(t: ReaderTensor) -> tuple[int, ...]:
     return tuple(int(d) for d in reversed(t.shape.tolist()))
 
 
-def _require(reader: GGUFReader, key: str, path: Path) -> Any:
+_REQUIRED = object()
+
+
+def _scalar(reader: GGUFReader, key: str, path: Path, default: Any = _REQUIRED) -> Any:
+    """Metadata ``key`` as a single value, ``default`` when absent; GGUFError if a required key is absent."""
     value = field_value(reader, key)
-    if value is None:
-        raise GGUFError(f"{path}: missing GGUF metadata {key!r}")
     if isinstance(value, list):
         raise GGUFError(f"{path}: per-layer metadata {key!r} is not supported")
-    return value
+    if value is None and default is _REQUIRED:
+        raise GGUFError(f"{path}: missing GGUF metadata {key!r}")
+    return default if value is None else value
 
 
 def hf_config(reader: GGUFReader, arch: str, path: Path, tok_meta: dict[str, Any]) -> dict[str, Any]:
     """``config.json`` for the model in ``reader``: HF keys read by transformers and loom.config alike."""
     spec = ARCHS[arch]
-    key = lambda k: field_value(reader, f"{arch}.{k}")  # noqa: E731
-    req = lambda k: _require(reader, f"{arch}.{k}", path)  # noqa: E731
+    key = lambda k, default=_REQUIRED: _scalar(reader, f"{arch}.{k}", path, default)  # noqa: E731
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise GGUFError(f"{path}: no token_embd.weight tensor")
-    hidden = int(req("embedding_length"))
-    heads = int(req("attention.head_count"))
-    kv_heads = int(key("attention.head_count_kv") or heads)
-    layers = int(req("block_count"))
-    head_dim = int(key("attention.key_length") or key("rope.dimension_count") or hidden // heads)
-    if key("rope.dimension_count") not in (None, head_dim):
+    hidden = int(key("embedding_length"))
+    heads = int(key("attention.head_count"))
+    kv_heads = int(key("attention.head_count_kv", heads))
+    layers = int(key("block_count"))
+    rotary = key("rope.dimension_count", None)
+    head_dim = int(key("attention.key_length", rotary or hidden // heads))
+    if rotary and rotary != head_dim:
         raise GGUFError(f"{path}: partial rotary (rope.dimension_count != head dim) is not supported")
     eos = eos_token_ids(tok_meta)
     cfg: dict[str, Any] = {
@@ -111,51 +115,54 @@ def hf_config(reader: GGUFReader, arch: str, path: Path, tok_meta: dict[str, Any
         "model_type": spec.model_type,
         "vocab_size": hf_shape(tensors["token_embd.weight"])[0],
         "hidden_size": hidden,
-        "intermediate_size": int(req("feed_forward_length")),
+        "intermediate_size": int(key("feed_forward_length")),
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
-        "rms_norm_eps": float(req("attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(key("rope.freq_base") or 10000.0),
-        "max_position_embeddings": int(key("context_length") or 2048),
+        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(key("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(key("context_length", 2048)),
         "tie_word_embeddings": "output.weight" not in tensors,
         "bos_token_id": tok_meta.get("bos_id"),
         "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
         "pad_token_id": tok_meta.get("pad_id"),
-        "torch_dtype": "float32",
     }
-    scaling = key("rope.scaling.type")
-    if scaling not in (None, "none"):
+    scaling = key("rope.scaling.type", "none")
+    if scaling != "none":
         if scaling != "linear":
             raise GGUFError(f"{path}: rope scaling {scaling!r} is not supported (only linear)")
-        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(req("rope.scaling.factor"))}
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
     if arch == "llama":
         cfg |= {"hidden_act": "silu", "attention_bias": "blk.0.attn_q.bias" in tensors, "mlp_bias": False}
     elif arch == "qwen2":
         cfg |= {"hidden_act": "silu", "use_sliding_window": False}
     elif arch == "gemma3":
-        cfg |= _gemma3_config(key, layers, hidden, heads, head_dim)
+        cfg |= _gemma3_config(reader, path, layers, hidden, heads, head_dim)
     return cfg
 
 
-def _gemma3_config(key: Any, layers: int, hidden: int, heads: int, head_dim: int) -> dict[str, Any]:
-    """Gemma3 settings that llama.cpp hard-codes instead of storing (pattern 6, local rope base 1e4)."""
-    pattern = key("attention.sliding_window_pattern")
+def _gemma3_config(reader: GGUFReader, path: Path, layers: int, hidden: int, heads: int, head_dim: int) -> dict[str, Any]:
+    """Gemma3 settings, with the defaults llama.cpp hard-codes when a file does not store them
+    (sliding pattern 6, local rope base 1e4)."""
+    key = lambda k, default=_REQUIRED: _scalar(reader, f"gemma3.{k}", path, default)  # noqa: E731
+    pattern = field_value(reader, "gemma3.attention.sliding_window_pattern")
     if isinstance(pattern, list):  # newer files: one flag per layer, true = sliding
+        if len(pattern) != layers:
+            raise GGUFError(f"{path}: sliding_window_pattern has {len(pattern)} flags for {layers} layers")
         layer_types = ["sliding_attention" if p else "full_attention" for p in pattern]
     else:
-        every = int(pattern or 6)
+        every = int(pattern or 6)  # llama.cpp's default
         layer_types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(layers)]
     return {
         "hidden_activation": "gelu_pytorch_tanh",
-        "sliding_window": int(key("attention.sliding_window") or 4096),
+        "sliding_window": int(key("attention.sliding_window")),
         "layer_types": layer_types,
-        "rope_local_base_freq": float(key("rope.freq_base_swa") or 10000.0),
+        "rope_local_base_freq": float(key("rope.freq_base_swa", 10000.0)),
         # llama.cpp scales queries by 1/sqrt(head_dim), except Gemma3-27B (62 layers): hidden/heads.
         "query_pre_attn_scalar": hidden // heads if layers == 62 else head_dim,
-        "final_logit_softcapping": key("final_logit_softcapping"),
-        "attn_logit_softcapping": key("attn_logit_softcapping"),
+        "final_logit_softcapping": key("final_logit_softcapping", None),
+        "attn_logit_softcapping": key("attn_logit_softcapping", None),
     }
 
 

@@ -112,8 +112,6 @@ def _byte_level(meta: dict[str, Any], path: Path) -> tuple[Tokenizer, list[str]]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges, fuse_unk=False))
     tok.pre_tokenizer = pre
     tok.decoder = decoders.ByteLevel()
-    # A control token spelled outside the byte alphabet is a llama.cpp mislabel: adding it as an added
-    # token would grow the vocabulary past the model's, so it stays a plain (respelled) token.
     return tok, spelled
 
 
@@ -205,7 +203,8 @@ def build_tokenizer(meta: dict[str, Any], arch: str, path: Path) -> Tokenizer:
     original = meta["tokens"]
     vocab = set(spelled)
     # Whole-token matching for control tokens (special) and user-defined ones (not special), as llama.cpp
-    # does; only tokens whose spelling the model vocabulary kept, so no new ids are created.
+    # does; only tokens whose spelling the model vocabulary kept, so no new ids are created. (A byte-level
+    # control token spelled outside the byte alphabet is a llama.cpp mislabel and stays a plain token.)
     special = [
         AddedToken(t, special=True, normalized=False)
         for t, s, ty in zip(original, spelled, types)
@@ -232,8 +231,9 @@ def build_tokenizer(meta: dict[str, Any], arch: str, path: Path) -> Tokenizer:
 
 
 def default_add_bos(meta: dict[str, Any]) -> bool:
-    """llama.cpp adds BOS to SentencePiece vocabularies unless the file says otherwise."""
-    return bool(meta.get("add_bos", meta["model"] == "llama"))
+    """Whether to prepend BOS: the file's flag, else llama.cpp's default (on for SentencePiece
+    vocabularies and llama3-style byte-level ones)."""
+    return bool(meta.get("add_bos", meta["model"] == "llama" or meta.get("pre") in _LLAMA3))
 
 
 def tokenizer_config(meta: dict[str, Any]) -> dict[str, Any]:
