@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from loom.bench import client, metrics, plots, report, results
-from loom.bench.loader import KINDS, TRACE_KINDS, WorkloadSpec, load_workload, read_length_pairs, SHAREGPT_FILE
+from loom.bench.loader import KINDS, SHAREGPT_FILE, TRACE_KINDS, WorkloadSpec, load_workload, read_length_pairs
 from loom.bench.prompts import BUNDLED_SONNET, PreparedRequest, PromptBuilder, read_corpus
 from loom.bench.serve import Outputs, normalize_base_url, plots_dir_for, resolve_model, run_benchmark, warm_up
 from loom.bench.synthetic import LengthSpec
@@ -82,13 +82,26 @@ def _json_object(text: str) -> dict[str, Any]:
 def add_workload_args(p: argparse.ArgumentParser) -> None:
     """Workload, shaping, prompt, client and output options shared by serve and peers."""
     w = p.add_argument_group("workload")
-    w.add_argument("--workload", default="synthetic", metavar="KIND[:PATH]", help=f"one of {', '.join(KINDS)} (default synthetic)")
-    w.add_argument("--num-requests", type=_positive_int, help="synthetic/sharegpt: how many (default 100); traces: keep the first N")
+    w.add_argument(
+        "--workload", default="synthetic", metavar="KIND[:PATH]", help=f"one of {', '.join(KINDS)} (default synthetic)"
+    )
+    w.add_argument(
+        "--num-requests", type=_positive_int, help="synthetic/sharegpt: how many (default 100); traces: keep the first N"
+    )
     w.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson", help="synthetic/sharegpt arrival process")
-    w.add_argument("--rate", type=_positive_float, help="req/s: synthetic/sharegpt arrival rate (default: all at once); traces: rescale to this mean rate")
+    w.add_argument(
+        "--rate",
+        type=_positive_float,
+        help="req/s: synthetic/sharegpt arrival rate (default: all at once); traces: rescale to this mean rate",
+    )
     w.add_argument("--burstiness", type=_positive_float, default=1.0, help="gamma shape k; gap CV = 1/sqrt(k); 1 = Poisson")
     w.add_argument("--input-len", type=_positive_int, default=128, help="synthetic input tokens (default 128)")
-    w.add_argument("--output-len", type=_positive_int, default=128, help="synthetic output tokens; sharegpt prompts without an answer (default 128)")
+    w.add_argument(
+        "--output-len",
+        type=_positive_int,
+        default=128,
+        help="synthetic output tokens; sharegpt prompts without an answer (default 128)",
+    )
     w.add_argument("--length-dist", choices=("fixed", "uniform", "trace"), default="fixed", help="synthetic lengths")
     w.add_argument("--range-ratio", type=float, default=0.0, help="uniform lengths: +/- this fraction")
     w.add_argument("--length-trace", metavar="KIND:PATH", help="trace to sample lengths from with --length-dist trace")
@@ -102,14 +115,19 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--max-input-len", type=_positive_int, help="cap input tokens")
     s.add_argument("--max-output-len", type=_positive_int, help="cap output tokens")
     t = p.add_argument_group("prompts")
-    t.add_argument("--corpus", help=f"text for prompts: ShareGPT .json or a text file (default {SHAREGPT_FILE.name} if present, else sonnets)")
+    t.add_argument(
+        "--corpus",
+        help=f"text for prompts: ShareGPT .json or a text file (default {SHAREGPT_FILE.name} if present, else sonnets)",
+    )
     t.add_argument("--tokenizer", help="tokenizer.json (or its directory); default: the server's /tokenize")
     t.add_argument("--seed", type=int, default=0)
     c = p.add_argument_group("client")
     c.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
     c.add_argument("--max-concurrency", type=_positive_int, help="cap on requests in flight (default: none, pure open loop)")
     c.add_argument("--request-timeout", type=_positive_float, default=600.0, help="seconds per request (default 600)")
-    c.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false", help="do not send ignore_eos (for servers that reject it)")
+    c.add_argument(
+        "--no-ignore-eos", dest="ignore_eos", action="store_false", help="do not send ignore_eos (for servers that reject it)"
+    )
     c.add_argument("--extra-body", type=_json_object, default={}, help="JSON object merged into every request body")
     c.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token (default $OPENAI_API_KEY)")
     c.add_argument("--warmup", type=int, default=1, help="short requests sent before the run, not measured (default 1)")
@@ -186,14 +204,24 @@ def prepare_requests(args: argparse.Namespace, tokenizer: Tokenizer) -> tuple[li
             "arrival": spec.arrival if spec.kind in ("synthetic", "sharegpt") else "trace",
             "rate": None if math.isinf(spec.rate) else spec.rate,
             "burstiness": spec.burstiness,
-            "lengths": {"dist": spec.lengths.kind, "input_len": spec.lengths.input_len, "output_len": spec.lengths.output_len,
-                        "range_ratio": spec.lengths.range_ratio, "trace": args.length_trace},
+            "lengths": {
+                "dist": spec.lengths.kind,
+                "input_len": spec.lengths.input_len,
+                "output_len": spec.lengths.output_len,
+                "range_ratio": spec.lengths.range_ratio,
+                "trace": args.length_trace,
+            },
             "shaping": asdict(shape_cfg),
             "num_requests": len(prepared),
             "span_s": prepared[-1].arrival if prepared else 0.0,
         },
-        "prompts": {"corpus": str(corpus), "tokenizer": tokenizer.name, "corpus_tokens": builder.corpus_tokens,
-                    "length_mismatches": mismatched, "seed": args.seed},
+        "prompts": {
+            "corpus": str(corpus),
+            "tokenizer": tokenizer.name,
+            "corpus_tokens": builder.corpus_tokens,
+            "length_mismatches": mismatched,
+            "seed": args.seed,
+        },
     }
     return prepared, config
 
@@ -250,7 +278,9 @@ def cmd_peers(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``serve``, ``compare`` and ``peers`` to the ``loom bench`` subparsers."""
     fmt = argparse.RawDescriptionHelpFormatter
-    p = subparsers.add_parser("serve", help="replay a workload against an OpenAI-compatible server", epilog=EPILOG, formatter_class=fmt)
+    p = subparsers.add_parser(
+        "serve", help="replay a workload against an OpenAI-compatible server", epilog=EPILOG, formatter_class=fmt
+    )
     p.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000 (a trailing /v1 is accepted)")
     p.add_argument("--model", help="model name to send (default: the first in /v1/models)")
     p.add_argument("--label", help="name of this run in tables (default: the model name)")
@@ -265,8 +295,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     from loom.bench import peers
 
-    q = subparsers.add_parser("peers", help="start loom and peer servers in turn and run the same workload on each",
-                              epilog=EPILOG, formatter_class=fmt)
+    q = subparsers.add_parser(
+        "peers", help="start loom and peer servers in turn and run the same workload on each", epilog=EPILOG, formatter_class=fmt
+    )
     peers.add_args(q)
     add_workload_args(q)
     q.set_defaults(func=cmd_peers)

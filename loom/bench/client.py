@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import httpx
 
@@ -112,7 +113,7 @@ class RequestRecord:
         }
 
     @staticmethod
-    def from_json(d: dict[str, Any]) -> "RequestRecord":
+    def from_json(d: dict[str, Any]) -> RequestRecord:
         return RequestRecord(
             index=d["index"],
             scheduled=d["scheduled"],
@@ -200,7 +201,9 @@ class _Stream:
         return True
 
 
-async def send_one(client: httpx.AsyncClient, cfg: ClientConfig, req: PreparedRequest, clock: Callable[[], float]) -> RequestRecord:
+async def send_one(
+    client: httpx.AsyncClient, cfg: ClientConfig, req: PreparedRequest, clock: Callable[[], float]
+) -> RequestRecord:
     """Send one request, read its stream, and return its record (never raises
     for request failures: they become the record's ``error``)."""
     sent = clock()

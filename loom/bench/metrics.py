@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +40,7 @@ class SLO:
     e2e: float | None = None
 
     @staticmethod
-    def parse(text: str | None) -> "SLO":
+    def parse(text: str | None) -> SLO:
         """``"ttft=2s,tpot=200ms,e2e=30s"``; empty or None gives no targets."""
         if not text or not text.strip():
             return SLO()

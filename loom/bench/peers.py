@@ -233,7 +233,9 @@ def main(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in PEERS]
     if unknown or not names:
         raise ValueError(f"unknown peer(s) {unknown}; expected a comma-separated list from {', '.join(PEERS)}")
-    settings = PeerSettings(threads=args.threads, slots=args.slots, context=args.context, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib)
+    settings = PeerSettings(
+        threads=args.threads, slots=args.slots, context=args.context, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib
+    )
     gguf = Path(args.gguf) if args.gguf else default_gguf()
     if not gguf.is_file():
         raise ValueError(f"no GGUF file at {gguf}")

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence, TextIO
+from typing import Any, TextIO
 
 LATENCIES = (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2e", "E2E latency"))
 STATS = ("mean", "p50", "p90", "p99")
@@ -35,9 +36,7 @@ OVERVIEW = (
     Metric("Goodput (req/s)", ("goodput",), fmt="{:.3f}"),
     Metric("SLO attainment (%)", ("slo_attainment",), scale=100.0, fmt="{:.1f}"),
 )
-LATENCY_METRICS = tuple(
-    Metric(f"{label} {stat} (ms)", (key, stat), scale=1000.0) for key, label in LATENCIES for stat in STATS
-)
+LATENCY_METRICS = tuple(Metric(f"{label} {stat} (ms)", (key, stat), scale=1000.0) for key, label in LATENCIES for stat in STATS)
 
 
 def lookup(summary: dict[str, Any], path: Sequence[str]) -> float | None:

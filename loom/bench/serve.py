@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from loom.bench import client, metrics, plots, report, results
 from loom.bench.prompts import PreparedRequest

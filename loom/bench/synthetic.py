@@ -9,8 +9,8 @@ mean gap ``1 / rate``, the coefficient of variation of the gaps is
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import numpy as np
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import Callable, Iterator
 
 from loom.bench.workload import MOONCAKE_BLOCK_TOKENS, TraceRequest, Workload, sort_and_rebase
 
@@ -56,9 +56,7 @@ def load_azure(path: PathLike) -> Workload:
         if context < 1 or generated < 1:
             continue  # nothing to replay: an empty prompt or no output
         out.append((ts, context, generated))
-    return sort_and_rebase(
-        [TraceRequest(arrival=(ts - t0).total_seconds(), input_len=c, output_len=g) for ts, c, g in out]
-    )
+    return sort_and_rebase([TraceRequest(arrival=(ts - t0).total_seconds(), input_len=c, output_len=g) for ts, c, g in out])
 
 
 def load_mooncake(path: PathLike) -> Workload:
@@ -148,7 +146,9 @@ def load_sharegpt(
             output_len = default_output_len
         else:
             raise ValueError(f"{path}: entry {i} has no answer turn; give an output length")
-        out.append(TraceRequest(arrival=0.0, input_len=max(1, count_tokens(prompt)), output_len=max(1, output_len), prompt=prompt))
+        out.append(
+            TraceRequest(arrival=0.0, input_len=max(1, count_tokens(prompt)), output_len=max(1, output_len), prompt=prompt)
+        )
     if not out:
         raise ValueError(f"{path}: no usable conversations")
     return out

@@ -8,8 +8,8 @@ and are tested on hand-made inputs.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 # Mooncake traces name one block of 512 tokens per hash id.
 MOONCAKE_BLOCK_TOKENS = 512

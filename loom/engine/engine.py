@@ -14,9 +14,9 @@ from loom.engine.group import RequestGroup, SampleState, finish
 from loom.kvcache import KVCacheManager
 from loom.model.files import resolve_model
 from loom.model.runner import ModelRunner
-from loom.outputs import RequestOutput, TokenLogprob
+from loom.outputs import RequestOutput
 from loom.request import Request
-from loom.sampling import Sampler, SamplingParams, SamplingRow, make_generator
+from loom.sampling import Sampler, SamplingParams, SamplingRow, compute_logprobs, make_generator
 from loom.scheduler import ScheduledRequest, Scheduler
 from loom.tokenizer import Tokenizer
 
@@ -50,7 +50,7 @@ class Engine:
         self.runner = ModelRunner(config, self.model_config, self.model_dir)
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
-        self.sampler = Sampler()
+        self.sampler = Sampler(seed=config.seed)
         self.max_model_len = min(config.max_model_len or self.model_config.max_position, self.model_config.max_position)
         self.eos_token_ids = tuple(self.model_config.eos_token_ids) or tuple(self.tokenizer.eos_token_ids)
         self.groups: dict[str, RequestGroup] = {}
@@ -223,9 +223,9 @@ class Engine:
             end = min(s.start + s.num_new_tokens, r.num_prompt_tokens - 1)
             if end <= s.start:
                 continue
-            lp = torch.log_softmax(self.runner.logits(hidden, list(range(off, off + end - s.start))), dim=-1)
+            logits = self.runner.logits(hidden, list(range(off, off + end - s.start)))
             targets = torch.tensor(r.prompt_token_ids[s.start + 1 : end + 1])
-            r.prompt_logprobs.extend(_token_logprobs(lp, targets, k))
+            r.prompt_logprobs.extend(compute_logprobs(logits, targets, [k] * len(targets)))
 
     def _sample(self, completing: list[tuple[ScheduledRequest, int]], logits: torch.Tensor | None) -> list[SampleState]:
         if logits is None:
@@ -289,6 +289,8 @@ class Engine:
                 st.text += delta
                 self._check_stop(st, len(delta))
             if r.is_finished:
+                if not isinstance(r.stop_reason, str):  # a stop string cut the text; else emit held-back bytes
+                    st.text += st.detok.flush()
                 r.metrics.finished_time = time.monotonic()
                 self.scheduler.remove(r)
                 self._sample_of.pop(id(r), None)
@@ -330,13 +332,3 @@ class Engine:
             phase_seconds=dict(self.phase_seconds),
         )
 
-
-def _token_logprobs(lp: torch.Tensor, targets: torch.Tensor, k: int) -> list[TokenLogprob]:
-    chosen = lp.gather(1, targets[:, None]).squeeze(1)
-    ranks = (lp > chosen[:, None]).sum(1) + 1
-    top_v, top_i = lp.topk(k, dim=-1) if k > 0 else (None, None)
-    out = []
-    for j in range(len(targets)):
-        top = tuple(zip(top_i[j].tolist(), top_v[j].tolist())) if k > 0 else ()
-        out.append(TokenLogprob(int(targets[j]), float(chosen[j]), int(ranks[j]), top))
-    return out

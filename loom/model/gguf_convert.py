@@ -142,7 +142,9 @@ def hf_config(reader: GGUFReader, arch: str, path: Path, tok_meta: dict[str, Any
     return cfg
 
 
-def _gemma3_config(reader: GGUFReader, path: Path, layers: int, hidden: int, heads: int, head_dim: int) -> dict[str, Any]:
+def _gemma3_config(
+    reader: GGUFReader, path: Path, layers: int, hidden: int, heads: int, head_dim: int
+) -> dict[str, Any]:
     """Gemma3 settings, with the defaults llama.cpp hard-codes when a file does not store them
     (sliding pattern 6, local rope base 1e4)."""
     key = lambda k, default=_REQUIRED: _scalar(reader, f"gemma3.{k}", path, default)  # noqa: E731
@@ -217,7 +219,9 @@ def _unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def converted_tensors(reader: GGUFReader, arch: str, cfg: dict[str, Any], path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def converted_tensors(
+    reader: GGUFReader, arch: str, cfg: dict[str, Any], path: Path
+) -> Iterator[tuple[str, torch.Tensor]]:
     """``(hf_name, tensor)`` for every tensor of the file, with llama.cpp's storage conventions undone."""
     spec = ARCHS[arch]
     for t in reader.tensors:
@@ -248,9 +252,11 @@ def _plan_shards(reader: GGUFReader) -> list[list[ReaderTensor]]:
 
 def _write_weights(reader: GGUFReader, arch: str, cfg: dict[str, Any], path: Path, out_dir: Path) -> None:
     shards = _plan_shards(reader)
-    names = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
-    ]
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     weight_map: dict[str, str] = {}
     total = 0
     tensors = converted_tensors(reader, arch, cfg, path)

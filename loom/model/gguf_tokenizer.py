@@ -131,7 +131,9 @@ def _sentencepiece(meta: dict[str, Any], arch: str, path: Path) -> tuple[Tokeniz
     unk_id = meta.get("unk_id")
     unk = tokens[unk_id] if unk_id is not None else None
     tok = Tokenizer(
-        models.BPE(vocab=vocab, merges=_merges_from_vocab(vocab, rank), unk_token=unk, fuse_unk=True, byte_fallback=True)
+        models.BPE(
+            vocab=vocab, merges=_merges_from_vocab(vocab, rank), unk_token=unk, fuse_unk=True, byte_fallback=True
+        )
     )
     if gemma:
         tok.normalizer = normalizers.Replace(" ", "\u2581")
@@ -139,7 +141,9 @@ def _sentencepiece(meta: dict[str, Any], arch: str, path: Path) -> tuple[Tokeniz
         tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
     else:
         prefix = bool(meta.get("add_space_prefix", True))
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False)
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False
+        )
         steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
         tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix else []))
     return tok, tokens
@@ -184,6 +188,9 @@ def read_tokenizer_meta(reader: GGUFReader, path: Path) -> dict[str, Any]:
     if "tokens" not in meta or "model" not in meta:
         raise GGUFTokenizerError(f"{path}: no tokenizer in the GGUF metadata (tokenizer.ggml.model/tokens)")
     n = len(meta["tokens"])
+    for key in ("scores", "token_type"):
+        if key in meta and len(meta[key]) != n:
+            raise GGUFTokenizerError(f"{path}: tokenizer.ggml.{key} has {len(meta[key])} entries for {n} tokens")
     for key in ("bos_id", "eos_id", "unk_id", "pad_id", "eot_id", "eom_id"):
         if key in meta and not 0 <= meta[key] < n:
             del meta[key]  # llama.cpp writes out-of-range ids (e.g. -1) to mean "none"
@@ -246,7 +253,12 @@ def tokenizer_config(meta: dict[str, Any]) -> dict[str, Any]:
         "clean_up_tokenization_spaces": False,
         "model_max_length": None,
     }
-    for name, key in (("bos_token", "bos_id"), ("eos_token", "eos_id"), ("unk_token", "unk_id"), ("pad_token", "pad_id")):
+    for name, key in (
+        ("bos_token", "bos_id"),
+        ("eos_token", "eos_id"),
+        ("unk_token", "unk_id"),
+        ("pad_token", "pad_id"),
+    ):
         if key in meta:
             cfg[name] = tokens[meta[key]]
     if "chat_template" in meta:

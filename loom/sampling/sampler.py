@@ -134,15 +134,16 @@ class Sampler:
         if bool((temperatures != 1.0).any()):
             x.div_(temperatures.unsqueeze(1))
         probs = _filter(torch.softmax(x, dim=-1), [row.params for row in rows])
-        uniforms = torch.empty(len(rows), dtype=torch.float64, device=device)
+        out = torch.empty(len(rows), dtype=torch.long, device=device)
         unseeded = [i for i, row in enumerate(rows) if row.generator is None]
         if unseeded:
             shared = self._shared_generator(device)
-            uniforms[unseeded] = torch.rand(len(unseeded), dtype=torch.float64, generator=shared, device=device)
+            uniforms = torch.rand(len(unseeded), dtype=torch.float64, generator=shared, device=device)
+            out[unseeded] = _draw(probs[unseeded] if len(unseeded) < len(rows) else probs, uniforms)
         for i, row in enumerate(rows):
             if row.generator is not None:
-                uniforms[i] = torch.rand(1, dtype=torch.float64, generator=row.generator, device=device)[0]
-        return _draw(probs, uniforms)
+                out[i] = _race(probs[i], row.generator)
+        return out
 
 
 def _apply_min_tokens(x: torch.Tensor, rows: list[SamplingRow], indices: list[int]) -> None:
@@ -275,6 +276,17 @@ def _draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     before = torch.where(block > 0, block_cum[rows, (block - 1).clamp(min=0)], 0.0)
     token = _search(blocks[rows, block].double().cumsum(dim=-1), targets - before)
     return block * _DRAW_BLOCK + token
+
+
+def _race(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Exponential race: argmax of p_i / E_i with E_i ~ Exp(1) draws token i with probability p_i.
+
+    Used for seeded rows because, unlike an inverse-CDF draw (where a rounding change in any
+    earlier token's probability can move the boundary), the winner only changes when two
+    candidates nearly tie, so the same seed gives the same tokens whatever batch the row sits in
+    (batch size changes matmul blocking and so the last bits of the logits)."""
+    u = torch.rand(probs.shape, generator=generator, device=probs.device)
+    return (probs / -torch.log(u)).argmax()
 
 
 def _search(cumulative: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

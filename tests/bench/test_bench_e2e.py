@@ -51,7 +51,10 @@ def test_serve_synthetic(tmp_path, capsys):
 def test_open_loop_does_not_wait_for_responses(tmp_path):
     out = tmp_path / "run.json"
     with FakeServer(FakeConfig(ttft=0.4, itl=0.01)) as srv:
-        assert serve(srv.base_url, out, "--num-requests", "8", "--rate", "20", "--output-len", "2", "--warmup", "0", "--no-plots") == 0
+        assert (
+            serve(srv.base_url, out, "--num-requests", "8", "--rate", "20", "--output-len", "2", "--warmup", "0", "--no-plots")
+            == 0
+        )
     run = load(out)
     # arrivals are ~50 ms apart and each response takes >= 400 ms: sends must not queue behind responses
     assert max(r.sent - r.scheduled for r in run.requests) < 0.1
@@ -79,7 +82,9 @@ def test_rejected_field_fails_every_request_then_opt_out_works(tmp_path):
         bad = load(tmp_path / "bad.json")
         assert (bad.summary["completed"], bad.summary["failed"], bad.summary["goodput"]) == (0, 3, 0.0)
         assert all(r.error.startswith("HTTP 400") for r in bad.requests)
-        ok = serve(srv.base_url, tmp_path / "ok.json", "--num-requests", "3", "--output-len", "2", "--no-ignore-eos", "--no-plots")
+        ok = serve(
+            srv.base_url, tmp_path / "ok.json", "--num-requests", "3", "--output-len", "2", "--no-ignore-eos", "--no-plots"
+        )
         assert ok == 0 and load(tmp_path / "ok.json").summary["completed"] == 3
 
 

@@ -50,8 +50,10 @@ def test_resolve_tokenizer_falls_back_with_warning(caplog, bpe_path):
 
 
 def test_read_corpus_sharegpt_and_text(tmp_path):
-    data = [{"conversations": [{"from": "human", "value": "first prompt"}, {"from": "gpt", "value": "an answer"}]},
-            {"conversations": [{"from": "human", "value": "second prompt"}]}]
+    data = [
+        {"conversations": [{"from": "human", "value": "first prompt"}, {"from": "gpt", "value": "an answer"}]},
+        {"conversations": [{"from": "human", "value": "second prompt"}]},
+    ]
     p = tmp_path / "c.json"
     p.write_text(json.dumps(data))
     assert read_corpus(p) == "first prompt\n\nsecond prompt"

@@ -43,10 +43,21 @@ def test_default_model_converts_and_is_cached(default_model_cache: Path, monkeyp
     out = resolve_model(None, cache_dir=default_model_cache)
     assert time.perf_counter() - start < 3.0
     cfg = ModelConfig.from_hf_dir(out)
-    assert (cfg.architecture, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads) == ("llama", 30, 576, 9, 3)
+    assert (cfg.architecture, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads) == (
+        "llama",
+        30,
+        576,
+        9,
+        3,
+    )
     assert (cfg.vocab_size, cfg.rope_theta, cfg.tie_word_embeddings) == (49152, 100000.0, True)
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert not [p for p in (default_model_cache / "gguf").iterdir() if p.name.endswith(".partial")]
 
 
@@ -80,7 +91,9 @@ def test_cache_dir_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     assert default_cache_dir() == Path.home() / ".cache" / "loom"
 
 
-def test_killed_conversion_leaves_no_cache_entry(llama_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_killed_conversion_leaves_no_cache_entry(
+    llama_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     gguf_path = llama_gguf
     real = files.convert_gguf
 
@@ -140,7 +153,9 @@ def _bad_input(case: str, where: Path, good_gguf: Path) -> Path:
         ("arch", "unsupported GGUF architecture 'bert'"),
     ],
 )
-def test_bad_inputs_raise_value_error_naming_the_file(case: str, problem: str, llama_gguf: Path, tmp_path: Path) -> None:
+def test_bad_inputs_raise_value_error_naming_the_file(
+    case: str, problem: str, llama_gguf: Path, tmp_path: Path
+) -> None:
     (tmp_path / "bad").mkdir()
     bad = _bad_input(case, tmp_path / "bad", llama_gguf)
     with pytest.raises(ValueError, match=problem) as info:

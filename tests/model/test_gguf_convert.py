@@ -80,9 +80,21 @@ def test_converted_config_matches_original(arch: str, tiny_model, converted) -> 
     hf_dir, out = tiny_model(arch), converted(arch)
     ref = transformers.AutoConfig.from_pretrained(hf_dir)
     ours = transformers.AutoConfig.from_pretrained(out)
-    for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "tie_word_embeddings",
-                "rope_parameters", "bos_token_id", "pad_token_id"):
+    for key in (
+        "model_type",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "rope_parameters",
+        "bos_token_id",
+        "pad_token_id",
+    ):
         assert getattr(ours, key) == getattr(ref, key), key
     assert ours.rms_norm_eps == pytest.approx(ref.rms_norm_eps)
     if arch == "gemma3_text":
@@ -92,9 +104,17 @@ def test_converted_config_matches_original(arch: str, tiny_model, converted) -> 
     cfg = ModelConfig.from_hf_dir(out)
     rope = ref.rope_parameters.get("full_attention", ref.rope_parameters)
     assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
-        ref.hidden_size, ref.num_hidden_layers, ref.num_attention_heads, ref.num_key_value_heads, ref.head_dim)
+        ref.hidden_size,
+        ref.num_hidden_layers,
+        ref.num_attention_heads,
+        ref.num_key_value_heads,
+        ref.head_dim,
+    )
     assert (cfg.vocab_size, cfg.intermediate_size, cfg.tie_word_embeddings) == (
-        ref.vocab_size, ref.intermediate_size, ref.tie_word_embeddings)
+        ref.vocab_size,
+        ref.intermediate_size,
+        ref.tie_word_embeddings,
+    )
     assert cfg.rope_theta == rope["rope_theta"]
     assert cfg.eos_token_ids[0] == ref.eos_token_id
     if arch == "gemma3_text":
@@ -122,7 +142,11 @@ def test_transformers_runs_converted_model(arch: str, tiny_model, converted) -> 
 def test_tokenizer_files_are_written(converted) -> None:
     out = converted("llama")
     tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
-    assert (tok_cfg["bos_token"], tok_cfg["eos_token"], tok_cfg["add_bos_token"]) == ("<|im_start|>", "<|im_end|>", False)
+    assert (tok_cfg["bos_token"], tok_cfg["eos_token"], tok_cfg["add_bos_token"]) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        False,
+    )
     assert "<|im_start|>" in tok_cfg["chat_template"]
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [2, 0]  # <|im_end|>, plus <|endoftext|> as llama.cpp also stops there

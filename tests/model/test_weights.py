@@ -37,8 +37,11 @@ def test_sharded_checkpoint(tmp_path: Path) -> None:
     tensors = _tensors()
     save_file({"a.weight": tensors["a.weight"]}, str(tmp_path / "model-00001-of-00002.safetensors"))
     save_file({k: tensors[k] for k in ("b.weight", "c.weight")}, str(tmp_path / "model-00002-of-00002.safetensors"))
-    weight_map = {"a.weight": "model-00001-of-00002.safetensors", "b.weight": "model-00002-of-00002.safetensors",
-                  "c.weight": "model-00002-of-00002.safetensors"}
+    weight_map = {
+        "a.weight": "model-00001-of-00002.safetensors",
+        "b.weight": "model-00002-of-00002.safetensors",
+        "c.weight": "model-00002-of-00002.safetensors",
+    }
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     got = dict(iter_weights(tmp_path))
     assert got.keys() == tensors.keys()
@@ -50,8 +53,10 @@ def test_sharded_checkpoint(tmp_path: Path) -> None:
     [
         (lambda d: None, "no model.safetensors"),
         (lambda d: (d / "model.safetensors.index.json").write_text("{"), "malformed safetensors index"),
-        (lambda d: (d / "model.safetensors.index.json").write_text('{"weight_map": {"a": "gone.safetensors"}}'),
-         "shards listed but missing"),
+        (
+            lambda d: (d / "model.safetensors.index.json").write_text('{"weight_map": {"a": "gone.safetensors"}}'),
+            "shards listed but missing",
+        ),
         (lambda d: (d / "model.safetensors").write_bytes(b"\xff" * 64), "unreadable safetensors file"),
     ],
     ids=["empty", "bad-index", "missing-shard", "garbage"],
