@@ -18,8 +18,8 @@ TRACE_KINDS = ("azure", "mooncake", "burstgpt")
 KINDS = (*TRACE_KINDS, "sharegpt", "synthetic")
 ARRIVALS = ("poisson", "gamma")
 
-# Where the project's shared data lives; override with LOOM_DATA_DIR.
-DATA_DIR = Path(os.environ.get("LOOM_DATA_DIR", "/work/shared/data"))
+# The project's shared data sits beside the repository (shared/data); LOOM_DATA_DIR overrides.
+DATA_DIR = Path(os.environ.get("LOOM_DATA_DIR", Path(__file__).resolve().parents[3] / "shared" / "data"))
 SHAREGPT_FILE = DATA_DIR / "sharegpt" / "ShareGPT_V3_filtered_500.json"
 
 

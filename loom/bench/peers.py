@@ -32,6 +32,8 @@ PEERS = ("loom", "llama.cpp", "vllm", "transformers")
 PEERS_DIR = Path(os.environ.get("LOOM_PEERS_DIR", Path.home() / ".cache" / "loom" / "peers"))
 SCRIPTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "peers"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TRANSFORMERS_BLOCK_TOKENS = 256  # transformers' continuous-batching page size
+TRANSFORMERS_BATCH_TOKENS = 512  # tokens per step, as loom's default budget and llama.cpp's ubatch
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class ServerCommand:
     startup_timeout: float = 300.0
     ignore_eos: bool = True  # False: the server rejects the field
     settings: str = ""  # the exact settings, for the report
+    ready_path: str = "/v1/models"  # answers 200 once the model is loaded
+    model: str | None = None  # the name to send; None: the first one /v1/models lists
 
 
 def default_gguf() -> Path:
@@ -132,9 +136,13 @@ def vllm_command(python: str, hf_dir: Path, port: int, s: PeerSettings) -> Serve
 
 def transformers_command(python: str, hf_dir: Path, port: int, s: PeerSettings) -> ServerCommand:
     exe = str(Path(python).with_name("transformers"))
+    # Without an explicit size its paged KV cache takes 90% of free RAM; size it
+    # for `slots` sequences of `context` tokens in its 256-token blocks.
+    num_blocks = -(-s.slots * s.context // TRANSFORMERS_BLOCK_TOKENS)
     argv = [
         exe, "serve", str(hf_dir), "--continuous-batching", "--host", s.host, "--port", str(port),
         "--device", "cpu", "--dtype", s.dtype,
+        "--cb-num-blocks", str(num_blocks), "--cb-max-batch-tokens", str(TRANSFORMERS_BATCH_TOKENS),
     ]  # fmt: skip
     env = {"OMP_NUM_THREADS": str(s.threads)}
     return ServerCommand(
@@ -144,6 +152,10 @@ def transformers_command(python: str, hf_dir: Path, port: int, s: PeerSettings) 
         startup_timeout=600.0,
         ignore_eos=False,  # transformers serve rejects unknown request fields
         settings=f"OMP_NUM_THREADS={s.threads} transformers {shlex.join(argv[1:])}",
+        # Its /v1/models scans the Hugging Face hub cache (and fails without one);
+        # the preloaded model answers to its path.
+        ready_path="/health",
+        model=str(hf_dir),
     )
 
 
@@ -181,13 +193,13 @@ class Server:
         )
 
     def wait_ready(self, base_url: str) -> None:
-        """Poll ``/v1/models`` until it answers 200 (llama.cpp answers 503 while loading)."""
+        """Poll the readiness path until it answers 200 (llama.cpp answers 503 while loading)."""
         deadline = time.monotonic() + self.cmd.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise ValueError(f"{self.cmd.name} exited with code {self.proc.returncode} while starting; see {self.log_path}")
             try:
-                if httpx.get(f"{base_url}/v1/models", timeout=5.0).status_code == 200:
+                if httpx.get(f"{base_url}{self.cmd.ready_path}", timeout=5.0).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -258,7 +270,7 @@ def main(args: argparse.Namespace) -> int:
         server = Server(cmd, out_dir / f"{name}.log")
         try:
             server.wait_ready(base_url)
-            model = resolve_model(base_url, None)
+            model = resolve_model(base_url, cmd.model)
             if prepared is None:  # the first server's tokenizer builds the prompts every peer gets
                 tokenizer = resolve_tokenizer(args.tokenizer, base_url, model)
                 prepared, workload_config = prepare_requests(args, tokenizer)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 
 import torch
 
@@ -34,3 +36,24 @@ def set_threads(num_threads: int | None) -> None:
     if n < 1:
         raise ValueError(f"num_threads must be >= 1, got {n}")
     torch.set_num_threads(n)
+
+
+_MADV_HUGEPAGE = 14
+
+
+def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed CPU tensor whose pages are backed by transparent huge pages where the kernel
+    allows it (THP in ``madvise`` mode). The paged KV cache is read in scattered 2 KiB pieces, and
+    with 4 KiB pages nearly every piece costs a TLB miss (~15% of decode attention time)."""
+    t = torch.empty(shape, dtype=dtype)
+    if sys.platform == "linux" and t.numel():
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            huge = 1 << 21
+            ptr, n = t.data_ptr(), t.numel() * t.element_size()
+            start, end = (ptr + huge - 1) & ~(huge - 1), (ptr + n) & ~(huge - 1)
+            if end > start:
+                libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
+        except (OSError, AttributeError):
+            pass  # an optimisation only
+    return t.zero_()

@@ -251,7 +251,6 @@ def tokenizer_config(meta: dict[str, Any]) -> dict[str, Any]:
         "add_bos_token": default_add_bos(meta),
         "add_eos_token": bool(meta.get("add_eos", False)),
         "clean_up_tokenization_spaces": False,
-        "model_max_length": None,
     }
     for name, key in (
         ("bos_token", "bos_id"),
@@ -263,7 +262,7 @@ def tokenizer_config(meta: dict[str, Any]) -> dict[str, Any]:
             cfg[name] = tokens[meta[key]]
     if "chat_template" in meta:
         cfg["chat_template"] = meta["chat_template"]
-    return {k: v for k, v in cfg.items() if v is not None}
+    return cfg
 
 
 def eos_token_ids(meta: dict[str, Any]) -> list[int]:

@@ -13,7 +13,7 @@ from loom.config import EngineConfig, ModelConfig
 from loom.model.arch import model_class
 from loom.model.arch.base import CausalLM
 from loom.model.attention import AttentionMetadata, PrefillChunk
-from loom.model.device import resolve_dtype, set_threads
+from loom.model.device import resolve_dtype, set_threads, zeros_on_huge_pages
 from loom.model.weights import iter_weights
 from loom.model.kernels import paged_attention_ops
 from loom.scheduler import ScheduledRequest
@@ -56,7 +56,7 @@ class ModelRunner:
         self.num_blocks = self._num_blocks(config)
         c = model_config
         shape = (self.num_blocks, c.num_kv_heads, self.block_size, c.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)) for _ in range(c.num_layers)]
+        self.kv_caches = [(zeros_on_huge_pages(shape, self.dtype), zeros_on_huge_pages(shape, self.dtype)) for _ in range(c.num_layers)]
         self.use_kernel = paged_attention_ops() is not None
 
     @property

@@ -44,6 +44,8 @@ def test_transformers_does_not_get_ignore_eos():
     cmd = transformers_command("/t/bin/python", Path("/hf"), 9002, PeerSettings())
     assert cmd.argv[0] == "/t/bin/transformers" and "--continuous-batching" in cmd.argv
     assert not cmd.ignore_eos and cmd.env == {"OMP_NUM_THREADS": "2"}
+    assert (cmd.ready_path, cmd.model) == ("/health", "/hf")
+    assert cmd.argv[cmd.argv.index("--cb-num-blocks") + 1] == "64"  # 8 slots x 2048 tokens / 256
 
 
 def test_loom_command_passes_extra_args():

@@ -17,60 +17,129 @@
 
 namespace {
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
 // 16 bf16 values -> 16 fp32 (bf16 is the top half of an fp32).
 inline __m512 load_bf16(const c10::BFloat16* p) {
   __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-// The bf16 fast path for head_dim a multiple of 16 (up to 256): q rows and the accumulators
-// stay in registers/L1, each K and V row is converted once and used by every head of the group.
+inline __m512bh load_bh(const c10::BFloat16* p) {
+  return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(p));
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the max): 2^n * p(r), |relative error| < 2e-7.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Horizontal sums of 16 vectors at once: lane i of the result is the sum of v[i]'s lanes.
+// A transpose-and-add tree costs ~3 instructions a vector instead of ~8 for 16 separate reductions.
+inline __m512 reduce16(__m512 v[16]) {
+  __m512 w[8], x[4];
+  for (int i = 0; i < 8; ++i)  // halves: w[i] = [v[2i] partial (8 lanes) | v[2i+1] partial]
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // quarters: x[i] = [v[4i] | v[4i+1] | v[4i+2] | v[4i+3]], 4 lanes each
+    x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
+  const __m512 y01 = _mm512_add_ps(_mm512_unpacklo_ps(x[0], x[1]), _mm512_unpackhi_ps(x[0], x[1]));
+  const __m512 y23 = _mm512_add_ps(_mm512_unpacklo_ps(x[2], x[3]), _mm512_unpackhi_ps(x[2], x[3]));
+  const __m512 z = _mm512_add_ps(
+      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(y01), _mm512_castps_pd(y23))),
+      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(y01), _mm512_castps_pd(y23))));
+  // lane 4k+i now holds sum(v[4i+k]); put it back at lane 4i+k.
+  const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  return _mm512_permutexvar_ps(order, z);
+}
+
+// The bf16 fast path (head_dim a multiple of 32, up to 256). Scores: VDPBF16PS dot products of
+// up to 16 keys of a block at once, reduced together; softmax with a vectorised exp; values
+// accumulate in fp32. Keys of one head are contiguous within a block (head-major layout).
 void decode_attention_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* k_cache,
                                   const c10::BFloat16* v_cache, const int32_t* block_tables,
                                   const int32_t* context_lens, c10::BFloat16* out, int64_t num_seqs,
                                   int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
                                   int64_t max_blocks, float scale, int64_t window) {
   const int64_t group = num_heads / num_kv_heads;
-  const int64_t nv = head_dim / 16;
+  const int64_t nq = head_dim / 32, nv = head_dim / 16;
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<__m512> qv(group * nv), acc(group * nv);
-    std::vector<float> scores;
+    std::vector<__m512bh> qv(group * nq);
+    std::vector<__m512> acc(group * nv);
+    std::vector<float> scores;  // [group][n padded to 16]
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = task / num_kv_heads, h = task % num_kv_heads;
       const int64_t len = context_lens[s];
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      const int64_t n = len - first;
+      const int64_t n = len - first, stride = (n + 15) / 16 * 16;
       c10::BFloat16* o = out + (s * num_heads + h * group) * head_dim;
       if (n <= 0) {
         std::fill(o, o + group * head_dim, c10::BFloat16(0.f));
         continue;
       }
       const c10::BFloat16* qs = q + (s * num_heads + h * group) * head_dim;
-      const __m512 vscale = _mm512_set1_ps(scale);
-      for (int64_t i = 0; i < group * nv; ++i) qv[i] = _mm512_mul_ps(load_bf16(qs + i * 16), vscale);
-      scores.resize(n * group);
+      for (int64_t i = 0; i < group * nq; ++i) qv[i] = load_bh(qs + i * 32);
+      scores.assign(group * stride, -INFINITY);
       const int32_t* table = block_tables + s * max_blocks;
-      std::vector<float> mx(group, -INFINITY), sum(group, 0.f);
-      for (int64_t t = first; t < len; ++t) {
-        const c10::BFloat16* kr =
-            k_cache + (((int64_t)table[t / block_size] * num_kv_heads + h) * block_size + t % block_size) * head_dim;
-        __m512 kv[16];
-        for (int64_t j = 0; j < nv; ++j) kv[j] = load_bf16(kr + j * 16);
-        for (int64_t g = 0; g < group; ++g) {
-          __m512 d = _mm512_mul_ps(qv[g * nv], kv[0]);
-          for (int64_t j = 1; j < nv; ++j) d = _mm512_fmadd_ps(qv[g * nv + j], kv[j], d);
-          const float dot = _mm512_reduce_add_ps(d);
-          scores[(t - first) * group + g] = dot;
-          mx[g] = std::max(mx[g], dot);
+      const __m512 vscale = _mm512_set1_ps(scale);
+      // Pass 1: scores, a block (or part of one) at a time, at most 16 keys per reduction.
+      for (int64_t t = first; t < len;) {
+        const int64_t off = t % block_size;
+        const int64_t cnt = std::min<int64_t>({16, block_size - off, len - t});
+        const c10::BFloat16* kb =
+            k_cache + (((int64_t)table[t / block_size] * num_kv_heads + h) * block_size + off) * head_dim;
+        const __mmask16 valid = (__mmask16)((1u << cnt) - 1);
+        // The loads are what bounds this kernel: prefetch the next keys, and this chunk's values
+        // into L2 for pass 2, while the dot products of this chunk run.
+        const int64_t next = t + cnt;
+        if (next < len) {
+          const char* nk = reinterpret_cast<const char*>(
+              k_cache + (((int64_t)table[next / block_size] * num_kv_heads + h) * block_size + next % block_size) * head_dim);
+          const int64_t ncnt = std::min<int64_t>({16, block_size - next % block_size, len - next});
+          for (int64_t b = 0; b < ncnt * head_dim * 2; b += 64) _mm_prefetch(nk + b, _MM_HINT_T0);
         }
+        const char* vb = reinterpret_cast<const char*>(v_cache + (kb - k_cache));
+        for (int64_t b = 0; b < cnt * head_dim * 2; b += 64) _mm_prefetch(vb + b, _MM_HINT_T1);
+        for (int64_t g = 0; g < group; ++g) {
+          __m512 dots[16];
+          for (int64_t j = 0; j < 16; ++j) {
+            __m512 d = _mm512_setzero_ps();
+            if (j < cnt)
+              for (int64_t c = 0; c < nq; ++c) d = _mm512_dpbf16_ps(d, load_bh(kb + j * head_dim + c * 32), qv[g * nq + c]);
+            dots[j] = d;
+          }
+          float* dst = scores.data() + g * stride + (t - first);
+          _mm512_mask_storeu_ps(dst, valid, _mm512_mul_ps(reduce16(dots), vscale));
+        }
+        t += cnt;
       }
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t g = 0; g < group; ++g) {
-          const float e = std::exp(scores[i * group + g] - mx[g]);
-          scores[i * group + g] = e;
-          sum[g] += e;
+      // Softmax per head (the -inf padding contributes exp(-inf) = 0).
+      std::vector<float> inv(group);
+      for (int64_t g = 0; g < group; ++g) {
+        float* sc = scores.data() + g * stride;
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int64_t i = 0; i < stride; i += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sc + i));
+        const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t i = 0; i < stride; i += 16) {
+          const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sc + i), vmax));
+          _mm512_storeu_ps(sc + i, e);
+          sum = _mm512_add_ps(sum, e);
         }
+        inv[g] = 1.f / _mm512_reduce_add_ps(sum);
+      }
+      // Pass 2: weighted sum of values in fp32.
       for (auto& a : acc) a = _mm512_setzero_ps();
       for (int64_t t = first; t < len; ++t) {
         const c10::BFloat16* vr =
@@ -78,16 +147,16 @@ void decode_attention_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* k
         __m512 vv[16];
         for (int64_t j = 0; j < nv; ++j) vv[j] = load_bf16(vr + j * 16);
         for (int64_t g = 0; g < group; ++g) {
-          const __m512 p = _mm512_set1_ps(scores[(t - first) * group + g]);
+          const __m512 p = _mm512_set1_ps(scores[g * stride + (t - first)]);
           for (int64_t j = 0; j < nv; ++j) acc[g * nv + j] = _mm512_fmadd_ps(p, vv[j], acc[g * nv + j]);
         }
       }
       for (int64_t g = 0; g < group; ++g) {
-        const __m512 inv = _mm512_set1_ps(1.f / sum[g]);
-        alignas(64) float tmp[16];
+        const __m512 vinv = _mm512_set1_ps(inv[g]);
         for (int64_t j = 0; j < nv; ++j) {
-          _mm512_store_ps(tmp, _mm512_mul_ps(acc[g * nv + j], inv));
-          for (int i = 0; i < 16; ++i) o[g * head_dim + j * 16 + i] = c10::BFloat16(tmp[i]);
+          // fp32 -> bf16 with round-to-nearest-even.
+          const __m256bh packed = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[g * nv + j], vinv));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + g * head_dim + j * 16), (__m256i)packed);
         }
       }
     }
@@ -180,8 +249,8 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   const int64_t num_kv_heads = k_cache.size(1), block_size = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == head_dim && num_heads % num_kv_heads == 0, "head mismatch");
   auto out = torch::empty_like(q);
-#if defined(__AVX512F__)
-  if (q.scalar_type() == at::kBFloat16 && head_dim % 16 == 0 && head_dim <= 256) {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  if (q.scalar_type() == at::kBFloat16 && head_dim % 32 == 0 && head_dim <= 256) {
     decode_attention_bf16_avx512(q.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(),
                                  v_cache.data_ptr<c10::BFloat16>(), block_tables.data_ptr<int32_t>(),
                                  context_lens.data_ptr<int32_t>(), out.data_ptr<c10::BFloat16>(), num_seqs, num_heads,
