@@ -1,12 +1,15 @@
 # `make serve`: set up (first time) and serve the default model on http://127.0.0.1:8000/v1
 # `make test`:  set up (first time) and run the test suite
-.PHONY: setup serve generate test test-all bench
+.PHONY: setup setup-models serve generate test test-all
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PROMPT ?= Write a haiku about looms.
 
 setup:
 	@bash scripts/setup.sh
+
+setup-models:
+	@LOOM_EXTRA_MODELS=1 bash scripts/setup.sh
 
 serve: setup
 	.venv/bin/loom serve --host $(HOST) --port $(PORT)
@@ -17,5 +20,5 @@ generate: setup
 test: setup
 	.venv/bin/python -m pytest -q
 
-test-all: setup
+test-all: setup-models
 	.venv/bin/python -m pytest -q -m ''

