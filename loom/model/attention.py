@@ -28,7 +28,7 @@ class PrefillChunk:
 class AttentionMetadata:
     """Per-step tensors shared by every layer (built once by the model runner)."""
 
-    slot_mapping: torch.Tensor  # int64 [T]: cache slot of each new token
+    slot_mapping: torch.Tensor  # int64 [T]: cache slot of each new token (block * block_size + offset)
     num_decodes: int
     decode_block_tables: torch.Tensor  # int32 [num_decodes, max_blocks]
     decode_context_lens: torch.Tensor  # int32 [num_decodes], including the new token
@@ -36,11 +36,15 @@ class AttentionMetadata:
     block_size: int
     use_kernel: bool
 
+    def __post_init__(self) -> None:
+        # Split once per step; every layer writes its new keys at these (block, offset) pairs.
+        self.slot_blocks = self.slot_mapping // self.block_size
+        self.slot_offsets = self.slot_mapping % self.block_size
+
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
-    blocks, offsets = meta.slot_mapping // meta.block_size, meta.slot_mapping % meta.block_size
-    k_cache[blocks, :, offsets] = k
-    v_cache[blocks, :, offsets] = v
+    k_cache[meta.slot_blocks, :, meta.slot_offsets] = k
+    v_cache[meta.slot_blocks, :, meta.slot_offsets] = v
 
 
 def _gather(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:

@@ -49,14 +49,14 @@ def test_decode_matches_reference(dtype, d, window, use_kernel):
     q, kc, vc, tables = setup(dtype, lens, d=d)
     width = max(len(t) for t in tables)
     bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-    meta = AttentionMetadata(
-        slot_mapping=torch.empty(0, dtype=torch.int64), num_decodes=len(lens), decode_block_tables=bt,
-        decode_context_lens=torch.tensor(lens, dtype=torch.int32), prefills=[], block_size=BS, use_kernel=use_kernel,
-    )
     # The new token's k/v are written at the last slot of each sequence by paged_attention itself.
     new_k = torch.stack([seq_kv(kc, t, n)[-1] for t, n in zip(tables, lens)])
     new_v = torch.stack([seq_kv(vc, t, n)[-1] for t, n in zip(tables, lens)])
-    meta.slot_mapping = torch.tensor([t[(n - 1) // BS] * BS + (n - 1) % BS for t, n in zip(tables, lens)])
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor([t[(n - 1) // BS] * BS + (n - 1) % BS for t, n in zip(tables, lens)]),
+        num_decodes=len(lens), decode_block_tables=bt, decode_context_lens=torch.tensor(lens, dtype=torch.int32),
+        prefills=[], block_size=BS, use_kernel=use_kernel,
+    )
     out = paged_attention(q, new_k, new_v, kc, vc, meta, scale=0.25, window=window)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     for i, (t, n) in enumerate(zip(tables, lens)):

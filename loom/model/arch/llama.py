@@ -22,10 +22,11 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
         c = self.cfg
-        q, k, v = self.qkv_proj(x).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
-        q = apply_rotary(q.view(-1, c.num_heads, c.head_dim), *cos_sin)
-        k = apply_rotary(k.view(-1, c.num_kv_heads, c.head_dim), *cos_sin)
-        v = v.view(-1, c.num_kv_heads, c.head_dim)
+        qkv = self.qkv_proj(x)
+        # q and k rotate together (one set of elementwise ops instead of two).
+        qk = apply_rotary(qkv[:, : c.q_size + c.kv_size].view(-1, c.num_heads + c.num_kv_heads, c.head_dim), *cos_sin)
+        q, k = qk[:, : c.num_heads], qk[:, c.num_heads :]
+        v = qkv[:, c.q_size + c.kv_size :].view(-1, c.num_kv_heads, c.head_dim)
         out = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale)
         return self.o_proj(out.reshape(-1, c.q_size))
 
