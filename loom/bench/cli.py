@@ -18,7 +18,7 @@ from typing import Any
 
 from loom.bench import client, metrics, plots, report, results
 from loom.bench.loader import KINDS, SHAREGPT_FILE, TRACE_KINDS, WorkloadSpec, load_workload, read_length_pairs
-from loom.bench.prompts import BUNDLED_SONNET, PreparedRequest, PromptBuilder, read_corpus
+from loom.bench.prompts import PreparedRequest, PromptBuilder, read_corpus
 from loom.bench.serve import Outputs, normalize_base_url, plots_dir_for, resolve_model, run_benchmark, warm_up
 from loom.bench.synthetic import LengthSpec
 from loom.bench.tokenizer import Tokenizer, resolve_tokenizer
@@ -178,7 +178,10 @@ def shaping(args: argparse.Namespace, spec: WorkloadSpec) -> Shaping:
 
 
 def default_corpus() -> Path:
-    return SHAREGPT_FILE if SHAREGPT_FILE.is_file() else BUNDLED_SONNET
+    for path in (SHAREGPT_FILE, SONNET_FILE):
+        if path.is_file():
+            return path
+    raise ValueError(f"no prompt text found under {SHAREGPT_FILE.parents[1]} (set LOOM_DATA_DIR or pass --corpus)")
 
 
 def prepare_requests(args: argparse.Namespace, tokenizer: Tokenizer) -> tuple[list[PreparedRequest], dict[str, Any]]:

@@ -21,6 +21,7 @@ ARRIVALS = ("poisson", "gamma")
 # The project's shared data sits beside the repository (shared/data); LOOM_DATA_DIR overrides.
 DATA_DIR = Path(os.environ.get("LOOM_DATA_DIR", Path(__file__).resolve().parents[3] / "shared" / "data"))
 SHAREGPT_FILE = DATA_DIR / "sharegpt" / "ShareGPT_V3_filtered_500.json"
+SONNET_FILE = DATA_DIR / "prompts" / "sonnet.txt"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ import numpy as np
 from loom.bench.tokenizer import Tokenizer
 from loom.bench.workload import TraceRequest
 
-BUNDLED_SONNET = Path(__file__).with_name("data") / "sonnet.txt"
 # Spreads block ids that wrap around a short corpus onto new offsets.
 _WRAP_STRIDE = 7919
 

@@ -43,9 +43,6 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[RequestOutput | BaseException] = field(default_factory=asyncio.Queue)
 
-    def put(self, item: RequestOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
 
 @dataclass(frozen=True, eq=False)
 class _Add:
@@ -68,20 +65,14 @@ class _Abort:
 _STOP = object()
 
 
-def _resolve(future: asyncio.Future[None] | None, error: BaseException | None = None) -> None:
-    """Complete ``future`` from the engine thread (a caller that gave up may have cancelled it)."""
-    if future is None:
-        return
-
-    def set_() -> None:
-        if future.done():
-            return
-        if error is None:
-            future.set_result(None)
-        else:
-            future.set_exception(error)
-
-    future.get_loop().call_soon_threadsafe(set_)
+def _call(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: object) -> bool:
+    """Run ``fn(*args)`` on ``loop`` from the engine thread; False if that loop is closed (its
+    caller is gone for good)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        return False
+    return True
 
 
 class AsyncEngine:
@@ -128,9 +119,9 @@ class AsyncEngine:
         stream = _Stream(loop)
         accepted: asyncio.Future[None] = loop.create_future()
         self._submit(_Add(request_id, prompt, params or SamplingParams(), priority, tenant, time.monotonic(), stream, accepted))
+        await accepted  # a cancelled wait cancels the add (see _handle); an error means nothing runs
         finished = False
         try:
-            await accepted
             while not finished:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
@@ -171,6 +162,7 @@ class AsyncEngine:
         self._thread.join(timeout)
 
     def _submit(self, command: _Add | _Abort) -> None:
+        """Queue a command for the engine thread (EngineDeadError once it has stopped)."""
         with self._lock:
             if self._closed is not None:
                 raise EngineDeadError(str(self._closed))
@@ -201,7 +193,7 @@ class AsyncEngine:
             with self._lock:
                 self._closed = error
             for stream in self._streams.values():
-                stream.put(error)
+                _call(stream.loop, stream.queue.put_nowait, error)
             self._streams.clear()
             self._reject_pending(_drain(self._commands), error)
 
@@ -210,7 +202,8 @@ class AsyncEngine:
             final = self.engine.abort_request(command.request_id)
             if final is not None:
                 self._deliver([final])
-            _resolve(command.done)
+            if command.done is not None:
+                _call(command.done.get_loop(), _set_result, command.done)
             return
         assert isinstance(command, _Add)
         if command.accepted.cancelled():
@@ -221,15 +214,28 @@ class AsyncEngine:
                 command.request_id, command.prompt, command.params,
                 arrival_time=command.arrival_time, priority=command.priority, tenant=command.tenant,
             )
-        except (ValueError, EngineOverloadedError) as e:
-            _resolve(command.accepted, e)
-            return
-        except Exception as e:  # a bug in add_request must not take the whole engine down
-            log.exception("add_request(%r) failed", command.request_id)
-            _resolve(command.accepted, e)
+        except Exception as e:
+            if not isinstance(e, (ValueError, EngineOverloadedError)):  # a bug: keep serving the others
+                log.exception("add_request(%r) failed", command.request_id)
+            _call(command.stream.loop, _set_exception, command.accepted, e)
             return
         self._streams[command.request_id] = command.stream
-        _resolve(command.accepted)
+        if not _call(command.stream.loop, self._accepted, command):
+            self._abort_unheard([command.request_id])
+
+    def _accepted(self, command: _Add) -> None:
+        """On the caller's loop: tell it the request runs, unless it stopped waiting meanwhile,
+        in which case nobody will read the stream and the request is aborted."""
+        if command.accepted.cancelled():
+            self._commands.put(_Abort(command.request_id))
+        else:
+            command.accepted.set_result(None)
+
+    def _abort_unheard(self, request_ids: list[str]) -> None:
+        """Abort requests whose caller's event loop is closed (engine thread)."""
+        for request_id in request_ids:
+            self._streams.pop(request_id, None)
+            self.engine.abort_request(request_id)
 
     def _check_capacity(self) -> None:
         if self.max_waiting is not None and len(self.engine.scheduler.waiting) >= self.max_waiting:
@@ -250,7 +256,8 @@ class AsyncEngine:
                 del self._streams[out.request_id]
             by_loop[stream.loop].append((stream, out))
         for loop, items in by_loop.items():  # one wake-up per loop per step
-            loop.call_soon_threadsafe(_put_all, items)
+            if not _call(loop, _put_all, items):
+                self._abort_unheard([out.request_id for _, out in items if not out.finished])
         for listener in self._listeners:
             try:
                 listener(outputs)
@@ -270,9 +277,9 @@ class AsyncEngine:
     def _reject_pending(commands: list[_Add | _Abort | object], error: BaseException) -> None:
         for c in commands:
             if isinstance(c, _Add):
-                _resolve(c.accepted, error)
-            elif isinstance(c, _Abort):
-                _resolve(c.done)
+                _call(c.stream.loop, _set_exception, c.accepted, error)
+            elif isinstance(c, _Abort) and c.done is not None:
+                _call(c.done.get_loop(), _set_result, c.done)
 
 
 def _check_prompt(prompt: object) -> None:
@@ -289,6 +296,16 @@ def _drain(q: queue.SimpleQueue) -> list:
             items.append(q.get_nowait())
         except queue.Empty:
             return items
+
+
+def _set_result(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _set_exception(future: asyncio.Future[None], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
 
 
 def _put_all(items: list[tuple[_Stream, RequestOutput]]) -> None:

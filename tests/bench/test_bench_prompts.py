@@ -3,14 +3,15 @@ import json
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from loom.bench.prompts import BUNDLED_SONNET, PromptBuilder, read_corpus
+from loom.bench.loader import SONNET_FILE
+from loom.bench.prompts import PromptBuilder, read_corpus
 from loom.bench.tokenizer import ApproxTokenizer, LocalTokenizer, resolve_tokenizer
 from loom.bench.workload import TraceRequest
 
 
 @pytest.fixture(scope="module")
 def sonnet() -> str:
-    return BUNDLED_SONNET.read_text()
+    return SONNET_FILE.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_read_corpus_sharegpt_and_text(tmp_path):
     p = tmp_path / "c.json"
     p.write_text(json.dumps(data))
     assert read_corpus(p) == "first prompt\n\nsecond prompt"
-    assert read_corpus(BUNDLED_SONNET).startswith("Shall I compare thee")
+    assert read_corpus(SONNET_FILE).startswith("Shall I compare thee")
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(ValueError, match="no text"):
         read_corpus(tmp_path / "empty.txt")
