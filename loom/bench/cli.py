@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from loom.bench import client, metrics, plots, report, results
-from loom.bench.loader import KINDS, SHAREGPT_FILE, TRACE_KINDS, WorkloadSpec, load_workload, read_length_pairs
+from loom.bench.loader import KINDS, SHAREGPT_FILE, SONNET_FILE, TRACE_KINDS, WorkloadSpec, load_workload, read_length_pairs
 from loom.bench.prompts import PreparedRequest, PromptBuilder, read_corpus
 from loom.bench.serve import Outputs, normalize_base_url, plots_dir_for, resolve_model, run_benchmark, warm_up
 from loom.bench.synthetic import LengthSpec

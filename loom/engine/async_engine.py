@@ -247,6 +247,7 @@ class AsyncEngine:
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         if not outputs:
             return
+        self._stats = self.engine.stats()  # callers who see an output also see its effects in stats()
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = defaultdict(list)
         for out in outputs:
             stream = self._streams.get(out.request_id)
