@@ -245,9 +245,16 @@ class AsyncEngine:
             )
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand outputs to their streams. Stats and listeners (metrics) are updated first, so a
+        caller who sees an output also sees its effects there."""
         if not outputs:
             return
-        self._stats = self.engine.stats()  # callers who see an output also see its effects in stats()
+        self._stats = self.engine.stats()
+        for listener in self._listeners:
+            try:
+                listener(outputs)
+            except Exception:  # metrics must never stop the serving
+                log.exception("output listener %r failed", listener)
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = defaultdict(list)
         for out in outputs:
             stream = self._streams.get(out.request_id)
@@ -259,11 +266,6 @@ class AsyncEngine:
         for loop, items in by_loop.items():  # one wake-up per loop per step
             if not _call(loop, _put_all, items):
                 self._abort_unheard([out.request_id for _, out in items if not out.finished])
-        for listener in self._listeners:
-            try:
-                listener(outputs)
-            except Exception:  # metrics must never stop the serving
-                log.exception("output listener %r failed", listener)
 
     def _stop(self, commands: list[_Add | _Abort | object]) -> None:
         error = EngineDeadError("the engine is shut down")
