@@ -72,8 +72,8 @@ def run_loom(args: argparse.Namespace, model: str | None, engine_opts: dict[str,
 
     llm = LLM(model, **engine_opts)
     requests = make_prompts(args, llm.tokenizer, llm.engine.model_config.vocab_size)
-    params = [SamplingParams(max_tokens=n, temperature=1.0, top_p=1.0, ignore_eos=True, seed=i)
-              for i, (_, n) in enumerate(requests)]
+    # As vllm bench throughput: random sampling at temperature 1, fixed output lengths.
+    params = [SamplingParams(max_tokens=n, temperature=1.0, top_p=1.0, ignore_eos=True) for _, n in requests]
     warm = SamplingParams(max_tokens=4, ignore_eos=True)
     llm.generate([requests[0][0]], warm, use_tqdm=False)  # builds kernels, touches the weights
     llm.engine.phase_seconds.clear()

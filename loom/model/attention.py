@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from loom.model.kernels import paged_attention_ops
+from loom.model.kernels import native_ops
 
 
 @dataclass
@@ -132,7 +132,7 @@ def _decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, window: int
 ) -> torch.Tensor:
     if meta.use_kernel:
-        ops = paged_attention_ops()
+        ops = native_ops()
         assert ops is not None
         return ops.decode_attention(
             q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale, window

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from loom.model.kernels import native_ops
+
+
+def _native(x: torch.Tensor) -> ModuleType | None:
+    """The fused CPU kernels when ``x`` is on the CPU and they could be built."""
+    return native_ops() if x.is_cpu else None
 
 
 class RMSNorm(nn.Module):
@@ -17,6 +26,18 @@ class RMSNorm(nn.Module):
         self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (ops := _native(x)) is not None and x.dim() == 2 and x.stride(-1) == 1:
+            return ops.rms_norm(x, self.weight, self.eps, self.offset)
+        return self._reference(x)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x); the native path updates ``residual`` in place."""
+        if (ops := _native(x)) is not None and x.is_contiguous() and residual.is_contiguous():
+            return ops.add_rms_norm(x, residual, self.weight, self.eps, self.offset), residual
+        residual = residual + x
+        return self._reference(residual), residual
+
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -42,9 +63,31 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D]; cos/sin: [T, 1, D/2]."""
+    """x: [T, heads, D]; cos/sin: [T, 1, D/2]. Rotates ``x`` in place when the native kernel
+    applies (and returns it), else returns a new tensor."""
+    if (ops := _native(x)) is not None and x.stride(-1) == 1 and x.stride(1) == x.shape[2]:
+        ops.rotary_(x, cos.squeeze(1), sin.squeeze(1))
+        return x
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+SMALL_BATCH_ROWS = 8  # up to this many rows, the native bf16 kernel beats oneDNN's GEMM
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T (+ b). Decode at small batch is a weight-bandwidth-bound matrix-vector product,
+    where the native kernel streams bf16 weights ~3x faster than oneDNN's GEMM."""
+    if (
+        x.dtype == torch.bfloat16
+        and x.dim() == 2
+        and x.shape[0] <= SMALL_BATCH_ROWS
+        and x.shape[1] % 32 == 0
+        and (ops := _native(x)) is not None
+        and ops.has_linear_small_batch()
+    ):
+        return ops.linear_small_batch(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 class Linear(nn.Module):
@@ -56,7 +99,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class Embedding(nn.Module):
@@ -70,11 +113,21 @@ class Embedding(nn.Module):
         return F.embedding(ids, self.weight)
 
 
-def act_fn(name: str):
-    if name == "silu":
-        return F.silu
-    if name in ("gelu_pytorch_tanh", "gelu_tanh"):
-        return lambda x: F.gelu(x, approximate="tanh")
-    if name == "gelu":
-        return F.gelu
-    raise ValueError(f"unsupported activation {name!r}")
+_ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_tanh": 1}
+
+
+class GatedActivation(nn.Module):
+    """act(gate) * up over a fused [T, 2I] gate|up projection."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        if name not in _ACTIVATIONS:
+            raise ValueError(f"unsupported activation {name!r} (supported: {', '.join(_ACTIVATIONS)})")
+        self.code = _ACTIVATIONS[name]
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if (ops := _native(gate_up)) is not None and gate_up.is_contiguous():
+            return ops.act_and_mul(gate_up, self.code)
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate) if self.code == 0 else F.gelu(gate, approximate="tanh")
+        return act * up

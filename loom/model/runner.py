@@ -15,7 +15,7 @@ from loom.model.arch.base import CausalLM
 from loom.model.attention import AttentionMetadata, PrefillChunk
 from loom.model.device import resolve_dtype, set_threads, zeros_on_huge_pages
 from loom.model.weights import iter_weights
-from loom.model.kernels import paged_attention_ops
+from loom.model.kernels import native_ops
 from loom.scheduler import ScheduledRequest
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class ModelRunner:
         c = model_config
         shape = (self.num_blocks, c.num_kv_heads, self.block_size, c.head_dim)
         self.kv_caches = [(zeros_on_huge_pages(shape, self.dtype), zeros_on_huge_pages(shape, self.dtype)) for _ in range(c.num_layers)]
-        self.use_kernel = paged_attention_ops() is not None
+        self.use_kernel = native_ops() is not None
 
     @property
     def bytes_per_block(self) -> int:

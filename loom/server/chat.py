@@ -21,7 +21,6 @@ from loom.server.serving import (
     cancel_on_disconnect,
     finals_usage,
     new_id,
-    shutting_down,
     sse,
 )
 
@@ -90,10 +89,6 @@ async def _stream(serving: Serving, req: ChatCompletionRequest, n: int, started:
             for c in out.outputs:
                 if c.index in done:
                     continue
-                if c.finish_reason == "abort":
-                    yield sse(shutting_down().body())
-                    yield SSE_DONE
-                    return
                 if not (c.delta_text or (want_logprobs and c.delta_token_ids) or c.finished):
                     continue
                 if c.finished:
@@ -102,6 +97,8 @@ async def _stream(serving: Serving, req: ChatCompletionRequest, n: int, started:
                 yield chunk(c.index, delta, _logprobs(serving, c.delta_logprobs), c.finish_reason)
         if req.include_usage:
             yield sse({**header, "choices": [], "usage": usage.usage()})
-        yield SSE_DONE
+    except APIError as e:  # the engine cut the request short: say so in the stream
+        yield sse(e.body())
     finally:
         await merged.aclose()
+    yield SSE_DONE

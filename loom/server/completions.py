@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from loom.outputs import CompletionOutput, RequestOutput
+from loom.outputs import RequestOutput, TokenLogprob
 from loom.server.errors import APIError
 from loom.server.protocol import CompletionRequest
 from loom.server.serving import (
@@ -21,7 +21,6 @@ from loom.server.serving import (
     cancel_on_disconnect,
     finals_usage,
     new_id,
-    shutting_down,
     sse,
 )
 
@@ -62,10 +61,10 @@ class _Choice:
             self.prompt_text = first.prompt if first.prompt is not None else serving.tokenizer.decode(
                 first.prompt_token_ids, skip_special_tokens=False)
 
-    def piece(self, out: RequestOutput, c: CompletionOutput, text: str, token_ids: list[int], entries: list | None) -> dict[str, Any]:
+    def piece(self, out: RequestOutput, text: str, token_ids: list[int], entries: list[TokenLogprob] | None) -> dict[str, Any]:
         """Text and logprobs of new output tokens, preceded by the prompt the first time if echoing."""
         lp_ids: list[int] = []
-        lp_entries: list = []
+        lp_entries: list[TokenLogprob | None] = []
         if self.echo and not self.echoed:
             self.echoed = True
             text = self.prompt_text + text
@@ -100,7 +99,7 @@ async def create_completion(req: CompletionRequest, raw: Request, serving: Servi
         for i, out in enumerate(finals):
             for c in out.outputs:
                 builder = _Choice(serving, req, out)
-                part = builder.piece(out, c, c.text, c.token_ids, c.logprobs)
+                part = builder.piece(out, c.text, c.token_ids, c.logprobs)
                 choices.append({"index": i * params.n + c.index, **part, "finish_reason": c.finish_reason})
         return JSONResponse({**header, "choices": choices, "usage": finals_usage(finals)})
 
@@ -120,20 +119,18 @@ async def _stream(serving: Serving, req: CompletionRequest, n: int, started: lis
                 key = (i, c.index)
                 if key in done:
                     continue
-                if c.finish_reason == "abort":
-                    yield sse(shutting_down().body())
-                    yield SSE_DONE
-                    return
                 b = builders[key]
-                has_news = c.delta_text or (b.want_logprobs and c.delta_token_ids) or (b.echo and not b.echoed)
+                has_news = bool(c.delta_text) or (b.want_logprobs and bool(c.delta_token_ids)) or (b.echo and not b.echoed)
                 if not has_news and not c.finished:
                     continue
-                part = b.piece(out, c, c.delta_text, c.delta_token_ids, c.delta_logprobs)
+                part = b.piece(out, c.delta_text, c.delta_token_ids, c.delta_logprobs)
                 if c.finished:
                     done.add(key)
                 yield sse({**header, "choices": [{"index": i * n + c.index, **part, "finish_reason": c.finish_reason}]})
         if req.include_usage:
             yield sse({**header, "choices": [], "usage": usage.usage()})
-        yield SSE_DONE
+    except APIError as e:  # the engine cut the request short: say so in the stream
+        yield sse(e.body())
     finally:
         await merged.aclose()
+    yield SSE_DONE

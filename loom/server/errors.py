@@ -10,11 +10,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"
 _DEFAULT_TYPE = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
                  405: "invalid_request_error", 429: "rate_limit_exceeded"}
 
@@ -47,6 +48,10 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+class ClientDisconnected(Exception):
+    """The client closed the connection before its response was ready (its work was aborted)."""
+
+
 def validation_error(exc: RequestValidationError) -> APIError:
     """One readable message for all problems, e.g. ``temperature: Input should be a valid number``."""
     problems = []
@@ -72,6 +77,9 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
         return APIError(exc.status_code, message, headers=exc.headers).response()
 
+    async def on_disconnected(request: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody will read it; for the access log
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error in %s %s", request.method, request.url.path)
         return APIError(500, f"internal server error: {type(exc).__name__}").response()
@@ -79,4 +87,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, on_api_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, on_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, on_http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(ClientDisconnected, on_disconnected)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, on_unexpected)

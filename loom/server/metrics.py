@@ -18,7 +18,8 @@ from loom.outputs import RequestOutput
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
-REQUEST_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0)
+REQUEST_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                   480.0, 960.0)
 
 
 class _EngineCollector(Collector):
@@ -33,7 +34,8 @@ class _EngineCollector(Collector):
             ("loom_kv_cache_blocks_used", "KV cache blocks in use.", s.num_blocks - s.num_free_blocks),
             ("loom_kv_cache_blocks_free", "KV cache blocks free (including evictable prefix-cache blocks).", s.num_free_blocks),
             ("loom_kv_cache_usage_ratio", "Fraction of KV cache blocks in use.", 1 - s.num_free_blocks / max(s.num_blocks, 1)),
-            ("loom_prefix_cache_hit_rate", "Fraction of looked-up prompt blocks found in the prefix cache.", s.prefix_cache_hit_rate),
+            ("loom_prefix_cache_hit_rate", "Fraction of looked-up prompt blocks found in the prefix cache.",
+             s.prefix_cache_hit_rate),
         )
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)

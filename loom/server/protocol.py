@@ -8,14 +8,23 @@ request into ``SamplingParams`` (whose own validation names bad values) lives he
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from loom.sampling import SamplingParams
 from loom.server.errors import APIError
 
 COMPLETION_MAX_TOKENS_DEFAULT = 16  # OpenAI's default for /v1/completions
+MAX_N = 128  # OpenAI's limit on choices per request; bounds the work one request can ask for
+
+
+def _integral(value: object) -> object:
+    """JSON Schema's "integer" includes 1.0: take it as 1 (but not 1.5, "1" or true)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
 
 
 class _Body(BaseModel):
@@ -30,27 +39,27 @@ class _SamplingFields(_Body):
     """What completions and chat share: the model, sampling, stopping, streaming and the extras."""
 
     model: str | None = None
-    n: int | None = None
+    n: Int | None = None
     temperature: float | None = None
     top_p: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    seed: int | None = None
+    seed: Int | None = None
     stop: str | list[str] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
     # vLLM extras
-    top_k: int | None = None
+    top_k: Int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
+    min_tokens: Int = 0
+    stop_token_ids: list[Int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    priority: int = 0
+    priority: Int = 0
 
     @property
     def include_usage(self) -> bool:
@@ -59,6 +68,8 @@ class _SamplingFields(_Body):
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
         if self.logit_bias:
             raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        if self.n is not None and self.n > MAX_N:
+            raise APIError(400, f"n must be <= {MAX_N}, got {self.n}", param="n")
         top_p, top_k = self.top_p, self.top_k
         if top_p == 0:  # OpenAI accepts 0: keep only the most likely token
             top_p, top_k = 1.0, 1
@@ -89,12 +100,12 @@ class _SamplingFields(_Body):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]] | None = None
-    max_tokens: int | None = None
+    prompt: str | list[str] | list[Int] | list[list[Int]] | None = None
+    max_tokens: Int | None = None
     echo: bool | None = None
-    logprobs: int | None = None
+    logprobs: Int | None = None
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Int | None = None
 
     def to_sampling_params(self) -> SamplingParams:
         if self.suffix:
@@ -121,9 +132,11 @@ class ChatMessage(_Body):
         """The message as chat templates take it: text content; "developer" is the new "system"."""
         if isinstance(self.content, list):
             for part in self.content:
-                if part.type != "text" or part.text is None:
+                if part.type != "text":
                     raise APIError(400, f"message content parts of type {part.type!r} are not supported (text only)",
                                    param="messages")
+                if part.text is None:
+                    raise APIError(400, "a text content part needs a 'text' field", param="messages")
             text = "".join(part.text or "" for part in self.content)
         else:
             text = self.content or ""
@@ -139,10 +152,10 @@ class ResponseFormat(_Body):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Int | None = None
+    max_completion_tokens: Int | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Int | None = None
     tools: list[dict[str, Any]] | None = None
     functions: list[dict[str, Any]] | None = None
     response_format: ResponseFormat | None = None
@@ -177,7 +190,7 @@ class TokenizeRequest(_Body):
 
 class DetokenizeRequest(_Body):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[Int]
 
 
 def _param_of(message: str, names: tuple[str, ...]) -> str | None:

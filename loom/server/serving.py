@@ -20,7 +20,7 @@ from loom.engine import AsyncEngine, EngineDeadError, EngineOverloadedError
 from loom.outputs import RequestOutput
 from loom.sampling import SamplingParams
 from loom.server.config import ServerConfig
-from loom.server.errors import APIError
+from loom.server.errors import APIError, ClientDisconnected
 from loom.server.logprobs import LogprobFormatter
 
 T = TypeVar("T")
@@ -30,14 +30,6 @@ SSE_DONE = "data: [DONE]\n\n"
 
 def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
-def shutting_down() -> APIError:
-    return APIError(503, "the request was aborted: the server is shutting down", code="engine_unavailable")
-
-
-class ClientDisconnected(Exception):
-    """The client closed the connection before its response was ready."""
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -127,7 +119,8 @@ class Serving:
     @staticmethod
     async def merge(started: list[Started]) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Outputs of all requests as they come, tagged with the prompt index. Closing this
-        iterator (or cancelling its consumer) aborts whatever is still running."""
+        iterator (or cancelling its consumer) aborts whatever is still running. A request cut
+        short by the engine (shutdown, failure) raises a 503 APIError."""
         queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
 
         async def pump(s: Started) -> None:
@@ -147,8 +140,12 @@ class Serving:
                 index, item = await queue.get()
                 if item is None:
                     remaining -= 1
+                elif isinstance(item, EngineDeadError):
+                    raise APIError(503, str(item), code="engine_unavailable")
                 elif isinstance(item, BaseException):
                     raise item
+                elif any(c.finish_reason == "abort" for c in item.outputs):
+                    raise APIError(503, "the request was aborted: the server is shutting down", code="engine_unavailable")
                 else:
                     yield index, item
         finally:
@@ -157,14 +154,11 @@ class Serving:
 
     async def collect(self, started: list[Started]) -> list[RequestOutput]:
         """The final output of each request (non-streaming responses)."""
-        finals: list[RequestOutput | None] = [None] * len(started)
+        finals: dict[int, RequestOutput] = {}
         async for index, out in self.merge(started):
             if out.finished:
                 finals[index] = out
-        done = [f for f in finals if f is not None]
-        if len(done) != len(started) or any(c.finish_reason == "abort" for f in done for c in f.outputs):
-            raise shutting_down()
-        return done
+        return [finals[i] for i in range(len(started))]
 
 
 def new_id(prefix: str) -> str:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from loom.model.attention import AttentionMetadata, PrefillChunk, paged_attention
-from loom.model.kernels import paged_attention_ops
+from loom.model.kernels import native_ops
 
 BS = 4
 
@@ -43,7 +43,7 @@ def seq_kv(cache, table, n):
                                              (torch.float32, 16, 3)])
 @pytest.mark.parametrize("use_kernel", [True, False])
 def test_decode_matches_reference(dtype, d, window, use_kernel):
-    if use_kernel and paged_attention_ops() is None:
+    if use_kernel and native_ops() is None:
         pytest.fail("the native kernel failed to build")
     lens = [1, 5, 8, 13, 30]
     q, kc, vc, tables = setup(dtype, lens, d=d)

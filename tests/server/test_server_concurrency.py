@@ -12,13 +12,16 @@ from live_server import TINY
 from loom.sampling import SamplingParams
 
 
+def greedy(method, prompt, max_tokens: int) -> str:
+    """The offline reference: ``LLM.generate`` or ``LLM.chat`` on one prompt."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    return method([prompt], params, use_tqdm=False)[0].outputs[0].text
+
+
 def test_32_concurrent_streaming_clients_get_complete_correct_answers(tiny_server, tiny_offline):
     prompts = [f"Request number {i} says" + " hello" * (i % 5) for i in range(32)]
     max_tokens = [8 + i % 9 for i in range(32)]
-    expected = [
-        tiny_offline.generate([p], SamplingParams(temperature=0, max_tokens=m, ignore_eos=True), use_tqdm=False)[0].outputs[0].text
-        for p, m in zip(prompts, max_tokens)
-    ]
+    expected = [greedy(tiny_offline.generate, p, m) for p, m in zip(prompts, max_tokens)]
     steps_before = tiny_server.engine.stats().steps
 
     async def one(client, i: int) -> tuple[str, str | None, int]:
@@ -43,9 +46,7 @@ def test_32_concurrent_streaming_clients_get_complete_correct_answers(tiny_serve
 
     results = asyncio.run(run())
     chat_expected = {
-        i: tiny_offline.chat([{"role": "user", "content": prompts[i]}],
-                             SamplingParams(temperature=0, max_tokens=max_tokens[i], ignore_eos=True), use_tqdm=False)[0].outputs[0].text
-        for i in range(1, 32, 2)
+        i: greedy(tiny_offline.chat, [{"role": "user", "content": prompts[i]}], max_tokens[i]) for i in range(1, 32, 2)
     }
     for i, (text, finish, usage) in enumerate(results):
         assert text == (chat_expected[i] if i % 2 else expected[i]), i

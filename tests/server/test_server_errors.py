@@ -15,6 +15,7 @@ from loom.server import ServerConfig
 
 CHAT = {"model": TINY, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 COMPLETION = {"model": TINY, "prompt": "hi", "max_tokens": 2}
+IMAGE_PART = {"type": "image_url", "image_url": {"url": "http://127.0.0.1/cat.png"}}
 
 
 def assert_error(resp: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:
@@ -52,7 +53,7 @@ def assert_error(resp: httpx.Response, status: int, param: str | None = None, co
         ("/v1/chat/completions", {"model": TINY}, "messages"),
         ("/v1/chat/completions", {**CHAT, "messages": []}, "messages"),
         ("/v1/chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": "x"}]}, "messages"),
-        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [IMAGE_PART]}]}, "messages"),
         ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs"),
         ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 30}, "logprobs"),
         ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
@@ -113,49 +114,67 @@ def test_api_key(tiny_path):
         srv.stop()
 
 
+async def _until(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
 def test_full_waiting_queue_answers_429(tiny_path):
     """One request runs (max_num_seqs=1), two wait (max_waiting=2): the next is turned away at
     once with 429 and a Retry-After, and the queued ones still complete."""
     options = {**TINY_ENGINE, "max_num_seqs": 1, "max_waiting": 2}
     srv = start_server(tiny_path, ServerConfig(served_model_names=(TINY,)), **options)
-    long = {**COMPLETION, "max_tokens": 150, "ignore_eos": True}
+    stats = srv.engine.stats
+    hold = {**COMPLETION, "max_tokens": 400, "ignore_eos": True}  # keeps the only running slot busy
+    short = {**COMPLETION, "max_tokens": 8, "ignore_eos": True}
 
     async def scenario() -> list[int]:
         async with httpx.AsyncClient(base_url=srv.base_url, timeout=60) as http:
-            first = asyncio.create_task(http.post("/v1/completions", json=long))
-            queued = []
-            while srv.engine.stats().num_running < 1:
-                await asyncio.sleep(0.005)
-            for _ in range(2):
-                queued.append(asyncio.create_task(http.post("/v1/completions", json=long)))
-            deadline = time.monotonic() + 10
-            while srv.engine.stats().num_waiting < 2 and time.monotonic() < deadline:
-                await asyncio.sleep(0.005)
-            t0 = time.monotonic()
+            first = asyncio.create_task(http.post("/v1/completions", json=hold))
+            await _until(lambda: stats().num_running == 1)
+            queued = [asyncio.create_task(http.post("/v1/completions", json=short)) for _ in range(2)]
+            await _until(lambda: stats().num_waiting == 2)
             rejected = await http.post("/v1/completions", json=COMPLETION)
-            assert time.monotonic() - t0 < 5
             err = assert_error(rejected, 429, code="queue_full")
             assert "max_waiting=2" in err["message"] and rejected.headers["retry-after"] == "1"
             return [r.status_code for r in await asyncio.gather(first, *queued)]
 
+    async def sdk_view() -> None:
+        client = srv.async_client()
+        first = asyncio.create_task(client.completions.create(prompt="x", model=TINY, max_tokens=400,
+                                                              extra_body={"ignore_eos": True}))
+        await _until(lambda: stats().num_running == 1)
+        queued = [asyncio.create_task(client.completions.create(model=TINY, prompt="x", max_tokens=8)) for _ in range(2)]
+        await _until(lambda: stats().num_waiting == 2)
+        try:
+            with pytest.raises(openai.RateLimitError):
+                await client.completions.create(model=TINY, prompt="x", max_tokens=1)
+        finally:
+            for t in (first, *queued):  # hang up: the server aborts them
+                t.cancel()
+            await asyncio.gather(first, *queued, return_exceptions=True)
+
     try:
         assert asyncio.run(scenario()) == [200, 200, 200]
-        with pytest.raises(openai.RateLimitError):  # the SDK's view of it, once the queue is full again
-            asyncio.run(_sdk_overload(srv))
+        asyncio.run(sdk_view())
+        srv.wait_idle()
     finally:
         srv.stop()
 
 
-async def _sdk_overload(srv) -> None:
-    client = srv.async_client()
-    extra = {"ignore_eos": True}
-    tasks = [asyncio.create_task(client.completions.create(model=TINY, prompt="x", max_tokens=150, extra_body=extra))
-             for _ in range(3)]
+def test_a_failed_engine_answers_503_not_500(tiny_path):
+    srv = start_server(tiny_path, ServerConfig(served_model_names=(TINY,)), **TINY_ENGINE)
+
+    def broken_step():
+        raise RuntimeError("simulated engine bug")
+
+    srv.engine.engine.step = broken_step  # the engine thread is idle: it reads this on the next request
     try:
-        while srv.engine.stats().num_waiting < 2:
-            await asyncio.sleep(0.005)
-        await client.completions.create(model=TINY, prompt="x", max_tokens=1)
+        with srv.http() as http:
+            assert_error(http.post("/v1/completions", json=COMPLETION), 503, code="engine_unavailable")
+            assert_error(http.post("/v1/chat/completions", json={**CHAT, "stream": True}), 503)
+            assert_error(http.get("/health"), 503)
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        srv.stop()

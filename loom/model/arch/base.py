@@ -11,6 +11,7 @@ from torch import nn
 
 from loom.config import ModelConfig
 from loom.model.attention import AttentionMetadata
+from loom.model.layers import linear
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -36,7 +37,7 @@ class CausalLM(nn.Module, ABC):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits of the given hidden rows (the head is the embedding when tied)."""
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, w).float()
+        return linear(hidden, w).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Take (Hugging Face name, tensor) pairs; every parameter must be covered."""

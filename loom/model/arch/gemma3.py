@@ -29,8 +29,8 @@ class Gemma3Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos_sin: CosSin, meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
         c = self.cfg
         q, k, v = self.qkv_proj(x).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
-        q = apply_rotary(self.q_norm(q.view(-1, c.num_heads, c.head_dim)), *cos_sin)
-        k = apply_rotary(self.k_norm(k.view(-1, c.num_kv_heads, c.head_dim)), *cos_sin)
+        q = apply_rotary(self.q_norm(q.reshape(-1, c.head_dim)).view(-1, c.num_heads, c.head_dim), *cos_sin)
+        k = apply_rotary(self.k_norm(k.reshape(-1, c.head_dim)).view(-1, c.num_kv_heads, c.head_dim), *cos_sin)
         v = v.view(-1, c.num_kv_heads, c.head_dim)
         out = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale, self.window)
         return self.o_proj(out.reshape(-1, c.q_size))
@@ -48,9 +48,18 @@ class Gemma3DecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg)
         self.post_feedforward_layernorm = norm()
 
-    def forward(self, x: torch.Tensor, cos_sin: CosSin, meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos_sin, meta, kv))
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, cos_sin: CosSin, meta: AttentionMetadata, kv: KVCache
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sublayer output, residual before adding it), as in the Llama layer; Gemma normalises
+        each sublayer's output before the add."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        h = self.post_attention_layernorm(self.self_attn(h, cos_sin, meta, kv))
+        h, residual = self.pre_feedforward_layernorm.add_forward(h, residual)
+        return self.post_feedforward_layernorm(self.mlp(h)), residual
 
 
 class Gemma3ForCausalLM(CausalLM):
@@ -69,6 +78,7 @@ class Gemma3ForCausalLM(CausalLM):
         x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
         rope_global = self.rotary_global.cos_sin(positions, x.dtype)
         rope_local = self.rotary_local.cos_sin(positions, x.dtype)
+        residual = None
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, rope_local if layer.sliding else rope_global, meta, kv)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope_local if layer.sliding else rope_global, meta, kv)
+        return self.norm.add_forward(x, residual)[0]

@@ -9,7 +9,7 @@ from torch import nn
 from loom.config import ModelConfig
 from loom.model.arch.base import CausalLM, KVCache
 from loom.model.attention import AttentionMetadata, paged_attention
-from loom.model.layers import Embedding, Linear, RMSNorm, RotaryEmbedding, act_fn, apply_rotary
+from loom.model.layers import Embedding, GatedActivation, Linear, RMSNorm, RotaryEmbedding, apply_rotary
 
 
 class LlamaAttention(nn.Module):
@@ -36,11 +36,10 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.act = act_fn(cfg.hidden_act)
+        self.act = GatedActivation(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -51,9 +50,19 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, cos_sin: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata, kv: KVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Takes and returns (this sublayer's output, the residual stream before adding it), so
+        each residual add fuses with the norm that follows it."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        h = self.self_attn(h, cos_sin, meta, kv)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(CausalLM):
@@ -68,9 +77,10 @@ class LlamaForCausalLM(CausalLM):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches: list[KVCache]) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos_sin = self.rotary.cos_sin(positions, x.dtype)
+        residual = None
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, cos_sin, meta, kv)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos_sin, meta, kv)
+        return self.norm.add_forward(x, residual)[0]
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

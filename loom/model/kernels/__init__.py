@@ -1,4 +1,5 @@
-"""Native CPU kernels, compiled on first use with torch's C++ extension builder.
+"""Native CPU kernels (paged decode attention, fused norms, rotary, activations), compiled on
+first use with torch's C++ extension builder.
 
 Each kernel has a pure-PyTorch equivalent in the caller, used when no compiler is available or
 the tensors live on another device; ``LOOM_DISABLE_KERNELS=1`` forces that path."""
@@ -16,7 +17,7 @@ from types import ModuleType
 import torch
 
 log = logging.getLogger(__name__)
-_SRC = Path(__file__).with_name("paged_attention.cpp")
+_SOURCES = [Path(__file__).with_name(n) for n in ("paged_attention.cpp", "fused_ops.cpp", "gemv.cpp")]
 
 
 def _cpu_fingerprint() -> str:
@@ -28,28 +29,29 @@ def _cpu_fingerprint() -> str:
 
 
 @functools.cache
-def paged_attention_ops() -> ModuleType | None:
-    """The compiled module with ``decode_attention``, or None when it cannot be built."""
+def native_ops() -> ModuleType | None:
+    """The compiled module (``decode_attention``, ``rms_norm``, ``add_rms_norm``, ``rotary_``,
+    ``act_and_mul``), or None when it cannot be built."""
     if os.environ.get("LOOM_DISABLE_KERNELS") == "1":
         return None
     from torch.utils.cpp_extension import load
 
     # -march=native code must never be loaded on another CPU: key the build on the CPU's flags.
     key = hashlib.sha256(
-        _SRC.read_bytes() + torch.__version__.encode() + platform.machine().encode() + _cpu_fingerprint().encode()
+        b"".join(p.read_bytes() for p in _SOURCES) + torch.__version__.encode() + platform.machine().encode() + _cpu_fingerprint().encode()
     ).hexdigest()[:16]
     cache = Path(os.environ.get("LOOM_CACHE_DIR", Path.home() / ".cache" / "loom"))
     build_dir = cache / "kernels" / key
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
         return load(
-            name="loom_paged_attention",
-            sources=[str(_SRC)],
+            name="loom_cpu_ops",
+            sources=[str(p) for p in _SOURCES],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
             verbose=False,
         )
     except Exception as e:  # no compiler, no ninja, ...: fall back to the PyTorch path
-        log.warning("native paged attention unavailable (%s); using the PyTorch fallback", e)
+        log.warning("native CPU kernels unavailable (%s); using the PyTorch fallback", e)
         return None

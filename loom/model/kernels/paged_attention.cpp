@@ -268,6 +268,20 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   return out;
 }
 
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, double offset);
+torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, double eps, double offset);
+void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor act_and_mul(torch::Tensor gate_up, int64_t act);
+torch::Tensor linear_small_batch(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
+bool has_linear_small_batch();
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "decode attention over a paged KV cache");
+  m.def("rms_norm", &rms_norm, "RMSNorm");
+  m.def("add_rms_norm", &add_rms_norm, "residual += x, then RMSNorm of the residual");
+  m.def("rotary_", &rotary_, "rotate-half rotary embedding, in place");
+  m.def("act_and_mul", &act_and_mul, "act(gate) * up");
+  m.def("linear_small_batch", &linear_small_batch, "bf16 x W^T (+ b) for 1..8 rows", py::arg("x"), py::arg("w"),
+        py::arg("bias") = py::none());
+  m.def("has_linear_small_batch", &has_linear_small_batch);
 }

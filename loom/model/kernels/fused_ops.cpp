@@ -1,0 +1,135 @@
+// Fused elementwise kernels for the CPU: each replaces 3-10 PyTorch ops (and their dispatch and
+// memory round trips) in every layer. Rounding follows the PyTorch reference ops step by step
+// (fp32 compute, a cast back to the tensor dtype wherever the reference casts), so bf16 results
+// match the unfused path.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+
+namespace {
+
+// Rows per parallel chunk: small batches (decode at batch 1) stay on one thread.
+int64_t grain(int64_t row_elems) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(row_elems, 1)); }
+
+template <typename T>
+inline float round_to(float x) {
+  return float(T(x));
+}
+
+// out = norm(x) * w; llama: w * T(x * inv) (the cast before the weight, as HF does);
+// gemma (offset 1): T(x * inv * (1 + w)).
+template <typename T>
+void rms_norm_row(const T* x, const T* w, T* out, int64_t n, float eps, float offset) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = float(x[i]);
+    ss += v * v;
+  }
+  const float inv = 1.f / std::sqrt(ss / float(n) + eps);
+  if (offset != 0.f) {
+    for (int64_t i = 0; i < n; ++i) out[i] = T(float(x[i]) * inv * (offset + float(w[i])));
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = T(float(w[i]) * round_to<T>(float(x[i]) * inv));
+  }
+}
+
+}  // namespace
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, double offset) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && w.is_contiguous() && w.size(0) == x.size(1), "bad shapes");
+  auto out = torch::empty({x.size(0), x.size(1)}, x.options());
+  const int64_t n = x.size(1), xs = x.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, x.size(0), grain(n), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) rms_norm_row(xp + r * xs, wp, op + r * n, n, (float)eps, (float)offset);
+    });
+  });
+  return out;
+}
+
+// residual += x (rounded to the dtype, like `residual + x`), then return norm(residual).
+torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, double eps, double offset) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && residual.is_contiguous() && x.sizes() == residual.sizes(),
+              "bad shapes");
+  auto out = torch::empty_like(x);
+  const int64_t n = x.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rms_norm", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* rp = residual.data_ptr<scalar_t>();
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, x.size(0), grain(n), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        scalar_t* res = rp + r * n;
+        for (int64_t i = 0; i < n; ++i) res[i] = scalar_t(float(res[i]) + float(xp[r * n + i]));
+        rms_norm_row(res, wp, op + r * n, n, (float)eps, (float)offset);
+      }
+    });
+  });
+  return out;
+}
+
+// In place on x [T, heads, D] (rows may be strided, e.g. the q|k part of a fused qkv output):
+// x1, x2 = halves; x1' = x1*cos - x2*sin; x2' = x2*cos + x1*sin, each product rounded to the
+// dtype as the reference does. cos/sin: [T, D/2] in the dtype.
+void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2), "x must be [T, heads, D] with contiguous heads");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(1) * 2 == x.size(2), "bad cos/sin");
+  const int64_t heads = x.size(1), half = x.size(2) / 2, xs = x.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rotary_", [&] {
+    using T = scalar_t;
+    T* xp = x.data_ptr<T>();
+    const T* cp = cos.data_ptr<T>();
+    const T* sp = sin.data_ptr<T>();
+    at::parallel_for(0, x.size(0), grain(heads * half * 2), [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const T* c = cp + t * half;
+        const T* s = sp + t * half;
+        for (int64_t h = 0; h < heads; ++h) {
+          T* r = xp + t * xs + h * 2 * half;
+          for (int64_t i = 0; i < half; ++i) {
+            const float x1 = float(r[i]), x2 = float(r[i + half]), ci = float(c[i]), si = float(s[i]);
+            r[i] = T(round_to<T>(x1 * ci) - round_to<T>(x2 * si));
+            r[i + half] = T(round_to<T>(x2 * ci) + round_to<T>(x1 * si));
+          }
+        }
+      }
+    });
+  });
+}
+
+// [T, 2I] -> [T, I]: act(gate) * up with act = silu (0) or tanh-approximated gelu (1).
+torch::Tensor act_and_mul(torch::Tensor gate_up, int64_t act) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0, "bad shapes");
+  const int64_t inter = gate_up.size(1) / 2;
+  auto out = torch::empty({gate_up.size(0), inter}, gate_up.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "act_and_mul", [&] {
+    using T = scalar_t;
+    const T* gp = gate_up.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    at::parallel_for(0, gate_up.size(0), grain(inter * 2), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const T* g = gp + r * 2 * inter;
+        const T* u = g + inter;
+        T* o = op + r * inter;
+        if (act == 0) {
+          for (int64_t i = 0; i < inter; ++i) {
+            const float x = float(g[i]);
+            o[i] = T(round_to<T>(x / (1.f + std::exp(-x))) * float(u[i]));
+          }
+        } else {
+          for (int64_t i = 0; i < inter; ++i) {
+            const float x = float(g[i]);
+            const float y = 0.5f * x * (1.f + std::tanh(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+            o[i] = T(round_to<T>(y) * float(u[i]));
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
