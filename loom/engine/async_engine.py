@@ -108,9 +108,10 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs, one per step it progressed in, the last with ``finished``.
 
-        Raises ValueError (bad prompt or parameters) or EngineOverloadedError before yielding
-        anything. Leaving the loop early (``break``, cancellation, a closed client) aborts the
-        request and frees its KV blocks."""
+        Raises ValueError (bad prompt or parameters), EngineOverloadedError (waiting queue full)
+        or EngineDeadError (shut down) before yielding anything; EngineDeadError later if the
+        step loop fails. Leaving the loop early (``break``, cancellation, a closed client) aborts
+        the request and frees its KV blocks."""
         _check_prompt(prompt)
         if params is not None and not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
