@@ -91,6 +91,8 @@ def _prefill(
         kh, vh = k.transpose(0, 1), v.transpose(0, 1)
     else:
         kh, vh = _gather(k_cache, chunk.block_ids, total), _gather(v_cache, chunk.block_ids, total)
+    # 4-D inputs: with 3-D ones SDPA takes its slow math path on the CPU instead of flash attention.
+    qh, kh, vh = qh.unsqueeze(0), kh.unsqueeze(0), vh.unsqueeze(0)
     if chunk.start_pos == 0 and (window <= 0 or total <= window):
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
     else:
@@ -100,7 +102,7 @@ def _prefill(
         if window > 0:
             mask &= kpos > qpos - window
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 def paged_attention(

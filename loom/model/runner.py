@@ -13,7 +13,7 @@ from loom.config import EngineConfig, ModelConfig
 from loom.model.arch import model_class
 from loom.model.arch.base import CausalLM
 from loom.model.attention import AttentionMetadata, PrefillChunk
-from loom.model.device import resolve_dtype, set_threads, zeros_on_huge_pages
+from loom.model.device import keep_freed_memory, resolve_dtype, set_threads, zeros_on_huge_pages
 from loom.model.weights import iter_weights
 from loom.model.kernels import native_ops
 from loom.scheduler import ScheduledRequest
@@ -49,6 +49,7 @@ def load_model(config: ModelConfig, model_dir: Path, dtype: torch.dtype) -> Caus
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, model_dir: Path) -> None:
         set_threads(config.num_threads)
+        keep_freed_memory()
         self.dtype = resolve_dtype(config.dtype)
         self.model_config = model_config
         self.block_size = config.cache.block_size
