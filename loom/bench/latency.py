@@ -1,9 +1,9 @@
 """``loom bench latency``: decode step time per batch size and prefill time per prompt length,
 each beside its roofline (the time the hardware needs at best, measured on this machine).
 
-Decode is bound by the bytes read per step (weights plus the KV of every sequence) over memory
-bandwidth; prefill by its FLOPs over bf16/fp32 matmul throughput. Both limits are measured here,
-not taken from a datasheet."""
+A step cannot beat either limit: the bytes it reads (weights plus the KV of every sequence) over
+memory bandwidth, or its FLOPs over matmul throughput. Small decode batches hit the first,
+large ones and prefill the second. Both limits are measured here, not taken from a datasheet."""
 
 from __future__ import annotations
 
@@ -82,7 +82,10 @@ def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
     def prompt(n: int) -> list[int]:
         return torch.randint(100, vocab, (n,), generator=rng).tolist()
 
-    print(f"\n{'decode batch':>12} {'context':>8} {'ms/step':>9} {'tok/s':>9} {'roofline ms':>12} {'of roofline':>12}")
+    layer_params = n_params - n_embed * (1 if mc.tie_word_embeddings else 2)
+    head_params = n_embed  # the output projection (tied or not) runs for every sampled row
+    print(f"\n{'decode batch':>12} {'context':>8} {'ms/step':>9} {'tok/s':>9} {'bytes ms':>9} {'flops ms':>9} "
+          f"{'of roofline':>12}")
     rid = 0
     for b in batch_sizes:
         params = SamplingParams(max_tokens=args.decode_steps + 8, ignore_eos=True, temperature=0)
@@ -96,12 +99,16 @@ def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
             engine.abort_request(r)
         med = statistics.median(times)
         ctx = args.context + args.decode_steps / 2
-        roof = (weight_bytes + b * ctx * kv_bytes_per_token) / bw
-        report["decode"].append({"batch": b, "ms_per_step": med * 1e3, "tokens_per_s": b / med, "roofline_ms": roof * 1e3})
-        print(f"{b:>12} {args.context:>8} {med * 1e3:>9.2f} {b / med:>9.1f} {roof * 1e3:>12.2f} {roof / med:>12.1%}")
+        mem = (weight_bytes + b * ctx * kv_bytes_per_token) / bw
+        attn_flops = 2 * 2 * mc.num_layers * mc.num_heads * mc.head_dim * ctx * b
+        compute = (2 * b * (layer_params + head_params) + attn_flops) / flops
+        roof = max(mem, compute)
+        report["decode"].append({"batch": b, "ms_per_step": med * 1e3, "tokens_per_s": b / med,
+                                 "memory_roofline_ms": mem * 1e3, "compute_roofline_ms": compute * 1e3})
+        print(f"{b:>12} {args.context:>8} {med * 1e3:>9.2f} {b / med:>9.1f} {mem * 1e3:>9.2f} {compute * 1e3:>9.2f} "
+              f"{roof / med:>12.1%}")
 
     print(f"\n{'prefill len':>12} {'ms':>9} {'tok/s':>9} {'roofline ms':>12} {'of roofline':>12}")
-    layer_params = n_params - n_embed * (1 if mc.tie_word_embeddings else 2)
     for n in prompt_lens:
         times = []
         for _ in range(args.prefill_repeats):

@@ -1,0 +1,33 @@
+"""`loom bench throughput` and `loom bench latency` run end to end on a tiny model and report
+consistent numbers (the numbers themselves are measured by hand, never asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from loom.cli import main
+
+
+def test_throughput_reports_all_tokens(tiny_model, tmp_path):
+    out = tmp_path / "t.json"
+    rc = main(["bench", "throughput", "--model", str(tiny_model("llama")), "--dtype", "float32", "--num-prompts", "5",
+               "--input-len", "12", "--output-len", "7", "--no-progress", "--output-json", str(out)])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert r["loom"]["num_requests"] == 5
+    assert r["loom"]["output_tokens"] == 5 * 7 and r["loom"]["prompt_tokens"] == 5 * 12
+    assert r["loom"]["output_tokens_per_s"] > 0 and r["steps"] >= 7
+    assert set(r["step_split"]) == {"schedule", "prepare", "forward", "sample", "update"}
+
+
+def test_latency_reports_every_batch_and_length(tiny_model, tmp_path):
+    out = tmp_path / "l.json"
+    rc = main(["bench", "latency", "--model", str(tiny_model("llama")), "--dtype", "float32", "--batch-sizes", "1,3",
+               "--context", "8", "--decode-steps", "3", "--prompt-lens", "16,40", "--prefill-repeats", "1",
+               "--output-json", str(out)])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert [d["batch"] for d in r["decode"]] == [1, 3]
+    assert [p["tokens"] for p in r["prefill"]] == [16, 40]
+    assert all(d["ms_per_step"] > 0 and d["memory_roofline_ms"] > 0 and d["compute_roofline_ms"] > 0 for d in r["decode"])
+    assert r["bandwidth_gbs"] > 0 and r["matmul_gflops"] > 0
