@@ -91,7 +91,7 @@ def run_hf(model_dir: Path, requests: list[tuple[list[int], int]], dtype: str, b
     from transformers import AutoModelForCausalLM
 
     torch_dtype = torch.bfloat16 if dtype in ("auto", "bfloat16") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch_dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
     pad = 0
     t0 = time.perf_counter()
     out_tokens = 0
