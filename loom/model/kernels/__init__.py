@@ -17,7 +17,8 @@ from types import ModuleType
 import torch
 
 log = logging.getLogger(__name__)
-_SOURCES = [Path(__file__).with_name(n) for n in ("paged_attention.cpp", "fused_ops.cpp", "gemv.cpp")]
+_DIR = Path(__file__).parent
+_SOURCES = [_DIR / n for n in ("paged_attention.cpp", "fused_ops.cpp", "gemv.cpp")]
 
 
 def _cpu_fingerprint() -> str:
@@ -38,7 +39,7 @@ def native_ops() -> ModuleType | None:
 
     # -march=native code must never be loaded on another CPU: key the build on the CPU's flags.
     key = hashlib.sha256(
-        b"".join(p.read_bytes() for p in _SOURCES) + torch.__version__.encode() + platform.machine().encode() + _cpu_fingerprint().encode()
+        b"".join(p.read_bytes() for p in sorted(_DIR.glob("*.[ch]*"))) + torch.__version__.encode() + platform.machine().encode() + _cpu_fingerprint().encode()
     ).hexdigest()[:16]
     cache = Path(os.environ.get("LOOM_CACHE_DIR", Path.home() / ".cache" / "loom"))
     build_dir = cache / "kernels" / key

@@ -5,33 +5,14 @@
 #include <ATen/Parallel.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
+#include "avx512_bf16.h"
 
 namespace {
 
 constexpr int64_t kMaxM = 8;
 
-inline __m512bh load_bh(const c10::BFloat16* p) {
-  return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(p));
-}
-
-// Lane i of the result = sum of the lanes of v[i] (same tree as the attention kernel).
-inline __m512 reduce16(const __m512 v[16]) {
-  __m512 w[8], x[4];
-  for (int i = 0; i < 8; ++i)
-    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
-                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
-  for (int i = 0; i < 4; ++i)
-    x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
-  const __m512 y01 = _mm512_add_ps(_mm512_unpacklo_ps(x[0], x[1]), _mm512_unpackhi_ps(x[0], x[1]));
-  const __m512 y23 = _mm512_add_ps(_mm512_unpacklo_ps(x[2], x[3]), _mm512_unpackhi_ps(x[2], x[3]));
-  const __m512 z = _mm512_add_ps(
-      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(y01), _mm512_castps_pd(y23))),
-      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(y01), _mm512_castps_pd(y23))));
-  const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
-  return _mm512_permutexvar_ps(order, z);
-}
+using loom_simd::load_bh;
+using loom_simd::reduce16;
 
 template <int M>
 void gemv_rows(const c10::BFloat16* x, const c10::BFloat16* w, const c10::BFloat16* bias, c10::BFloat16* out,
