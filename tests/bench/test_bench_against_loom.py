@@ -1,0 +1,42 @@
+"""`loom bench serve` replaying a short workload against a real `loom serve` app on loopback:
+the report's counts add up and every request's timings are consistent."""
+
+from __future__ import annotations
+
+import json
+
+from loom.cli import main
+from loom.server import ServerConfig
+from tests.server.live_server import TINY, TINY_ENGINE, start_server
+
+
+def test_replay_against_real_loom_server(tiny_model, tmp_path):
+    server = start_server(tiny_model("llama"), ServerConfig(served_model_names=(TINY,)), **TINY_ENGINE)
+    try:
+        out = tmp_path / "run.json"
+        rc = main(["bench", "serve", "--base-url", server.base_url, "--workload", "synthetic", "--arrival", "poisson",
+                   "--rate", "20", "--num-requests", "12", "--input-len", "24", "--output-len", "9", "--seed", "3",
+                   "--slo", "ttft=30s,tpot=10s", "--no-plots", "--no-progress", "-o", str(out)])
+        assert rc == 0
+        server.wait_idle()
+        assert server.engine.stats().num_free_blocks == server.engine.stats().num_blocks
+    finally:
+        server.stop()
+    run = json.loads(out.read_text())
+    s, reqs = run["summary"], run["requests"]
+    assert s["num_requests"] == s["completed"] == len(reqs) == 12 and s["failed"] == 0
+    assert s["total_output_tokens"] == sum(r["output_tokens"] for r in reqs) == 12 * 9
+    assert s["total_input_tokens"] == sum(r["prompt_tokens"] for r in reqs)
+    # Prompts are cut to 24 tokens with the server's /tokenize; a window whose text re-tokenizes
+    # differently at its edge is recorded with its true length and counted as a mismatch.
+    off = [r for r in reqs if r["prompt_len"] != 24]
+    assert run["config"]["prompts"]["length_mismatches"] == len(off) <= 2
+    for r in reqs:
+        assert r["ok"] and r["usage_reported"] and r["finish_reason"] == "length"
+        assert r["prompt_tokens"] == r["prompt_len"] and abs(r["prompt_len"] - 24) <= 1
+        assert r["output_tokens"] == r["max_tokens"] == 9
+        assert 0 <= r["scheduled"] <= r["sent"] <= r["finished"]
+        assert 0 < r["ttft"] <= r["e2e"]
+        assert r["chunk_times"] == sorted(r["chunk_times"]) and r["chunk_times"][-1] <= r["e2e"]
+        assert abs(r["tpot"] - (r["e2e"] - r["ttft"]) / (r["output_tokens"] - 1)) < 1e-6
+    assert s["slo_attainment"] == 100.0 and abs(s["goodput"] - s["request_throughput"]) < 1e-9
