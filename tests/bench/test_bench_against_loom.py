@@ -37,6 +37,8 @@ def test_replay_against_real_loom_server(tiny_model, tmp_path):
         assert r["output_tokens"] == r["max_tokens"] == 9
         assert 0 <= r["scheduled"] <= r["sent"] <= r["finished"]
         assert 0 < r["ttft"] <= r["e2e"]
-        assert r["chunk_times"] == sorted(r["chunk_times"]) and r["chunk_times"][-1] <= r["e2e"]
+        times = r["chunk_times"]  # on the run's clock, like sent/finished
+        assert times == sorted(times) and r["sent"] <= times[0] and times[-1] <= r["finished"]
+        assert abs(r["e2e"] - (r["finished"] - r["sent"])) < 1e-3
         assert abs(r["tpot"] - (r["e2e"] - r["ttft"]) / (r["output_tokens"] - 1)) < 1e-6
-    assert s["slo_attainment"] == 100.0 and abs(s["goodput"] - s["request_throughput"]) < 1e-9
+    assert s["slo_attainment"] == 1.0 and abs(s["goodput"] - s["request_throughput"]) < 1e-9
