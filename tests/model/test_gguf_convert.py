@@ -76,7 +76,7 @@ def test_round_trip_weights(arch: str, qtype: Q, tiny_model, converted) -> None:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_converted_config_matches_original(arch: str, tiny_model, converted) -> None:
     """Both loom.config and transformers read the converted config.json as the original model's."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     hf_dir, out = tiny_model(arch), converted(arch)
     ref = transformers.AutoConfig.from_pretrained(hf_dir)
     ours = transformers.AutoConfig.from_pretrained(out)
@@ -127,7 +127,7 @@ def test_converted_config_matches_original(arch: str, tiny_model, converted) -> 
 def test_transformers_runs_converted_model(arch: str, tiny_model, converted) -> None:
     """transformers loads the converted F32 directory and computes the original model's logits,
     over a prompt longer than gemma3's sliding window."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     hf_dir, out = tiny_model(arch), converted(arch)
     ids = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(0))
     logits = []
