@@ -6,6 +6,12 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <type_traits>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include "avx512_bf16.h"
+#define LOOM_AVX512_BF16 1
+#endif
 
 namespace {
 
@@ -116,8 +122,25 @@ torch::Tensor act_and_mul(torch::Tensor gate_up, int64_t act) {
         const T* g = gp + r * 2 * inter;
         const T* u = g + inter;
         T* o = op + r * inter;
+        int64_t start = 0;
+#ifdef LOOM_AVX512_BF16
+        if (std::is_same_v<T, c10::BFloat16> && act == 0) {
+          // silu, 16 lanes at a time, with the same two roundings as the scalar loop. (The casts
+          // only ever run for bf16; the dispatch lambda is not a template, so no if constexpr.)
+          const auto* gb = reinterpret_cast<const c10::BFloat16*>(g);
+          const auto* ub = reinterpret_cast<const c10::BFloat16*>(u);
+          auto* ob = reinterpret_cast<c10::BFloat16*>(o);
+          for (; start + 16 <= inter; start += 16) {
+            const __m512 x = loom_simd::load_bf16(gb + start);
+            const __m512 e = loom_simd::exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x));
+            const __m512 s = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+            const __m512 s_rounded = loom_simd::load_bf16_from(_mm512_cvtneps_pbh(s));
+            loom_simd::store_bf16(ob + start, _mm512_mul_ps(s_rounded, loom_simd::load_bf16(ub + start)));
+          }
+        }
+#endif
         if (act == 0) {
-          for (int64_t i = 0; i < inter; ++i) {
+          for (int64_t i = start; i < inter; ++i) {
             const float x = float(g[i]);
             o[i] = T(round_to<T>(x / (1.f + std::exp(-x))) * float(u[i]));
           }
