@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-SHAREGPT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "sharegpt" / "ShareGPT_V3_filtered_500.json"
+from loom.bench.loader import SHAREGPT_FILE
+
 
 
 @dataclass
@@ -49,7 +50,7 @@ def make_prompts(args: argparse.Namespace, tokenizer: Any, vocab_size: int) -> l
         # Random ids below the model's vocabulary, away from the special tokens at the start.
         return [([rng.randrange(100, vocab_size) for _ in range(args.input_len)], args.output_len)
                 for _ in range(args.num_prompts)]
-    path = Path(args.dataset_path or SHAREGPT)
+    path = Path(args.dataset_path or SHAREGPT_FILE)
     if not path.is_file():
         raise ValueError(f"ShareGPT file not found: {path} (pass --dataset-path)")
     rows = json.loads(path.read_text())

@@ -6,11 +6,11 @@ and prefix-cache hits all happen (small token budget, few KV blocks, shared pref
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 import torch
 
+from loom.bench.loader import SONNET_FILE
 from loom.engine import LLM
 from loom.sampling import SamplingParams
 
@@ -37,6 +37,16 @@ def hf_prompt_logprobs(model, prompt: list[int]) -> torch.Tensor:
         logits = model(torch.tensor([prompt])).logits[0].float()
     lp = torch.log_softmax(logits, dim=-1)
     return lp[:-1].gather(1, torch.tensor(prompt[1:])[:, None]).squeeze(1)
+
+
+def assert_matches_hf(llm: LLM, ref, prompts: list[list[int]], n_out: int, atol: float) -> None:
+    """Greedy tokens identical to transformers, prompt logprobs within ``atol``."""
+    outs = llm.generate(prompts, SamplingParams(max_tokens=n_out, temperature=0, ignore_eos=True, prompt_logprobs=0),
+                        use_tqdm=False)
+    for p, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == hf_greedy(ref, p, n_out)
+        got = torch.tensor([lp.logprob for lp in out.prompt_logprobs[1:]])
+        assert torch.allclose(got, hf_prompt_logprobs(ref, p), atol=atol)
 
 
 def mixed_prompts(vocab: int, seed: int = 0) -> list[list[int]]:
@@ -108,13 +118,7 @@ def test_default_model_matches_transformers():
     llm = LLM(None, dtype="float32", max_num_batched_tokens=32)
     tok = llm.tokenizer
     texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away, there lived"]
-    prompts = [tok.encode(t) for t in texts]
-    outs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, prompt_logprobs=0),
-                        use_tqdm=False)
-    for p, out in zip(prompts, outs):
-        assert out.outputs[0].token_ids == hf_greedy(ref, p, 16)
-        got = torch.tensor([lp.logprob for lp in out.prompt_logprobs[1:]])
-        assert torch.allclose(got, hf_prompt_logprobs(ref, p), atol=1e-3)
+    assert_matches_hf(llm, ref, [tok.encode(t) for t in texts], n_out=16, atol=1e-3)
 
 
 @pytest.mark.slow
@@ -127,12 +131,5 @@ def test_real_models_match_transformers(real_gguf, name):
     path = resolve_model(real_gguf(name))
     ref = hf_model(path)
     llm = LLM(str(path), dtype="float32", max_num_batched_tokens=256)
-    text = (Path(__file__).resolve().parents[2].parent / "shared" / "data" / "prompts" / "sonnet.txt").read_text()
-    ids = llm.tokenizer.encode(text)
-    prompts = [ids[:700], ids[100:140]]
-    outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, prompt_logprobs=0),
-                        use_tqdm=False)
-    for p, out in zip(prompts, outs):
-        assert out.outputs[0].token_ids == hf_greedy(ref, p, 8)
-        got = torch.tensor([lp.logprob for lp in out.prompt_logprobs[1:]])
-        assert torch.allclose(got, hf_prompt_logprobs(ref, p), atol=2e-3)
+    ids = llm.tokenizer.encode(SONNET_FILE.read_text())
+    assert_matches_hf(llm, ref, [ids[:700], ids[100:140]], n_out=8, atol=2e-3)
