@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -72,7 +74,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-SMALL_BATCH_ROWS = 8  # up to this many rows, the native bf16 kernel beats oneDNN's GEMM
+SMALL_BATCH_ROWS = 8  # up to this many rows, the native bf16 kernel beats oneDNN's GEMM (kMaxM in gemv.cpp)
+
+
+@functools.cache
+def _small_batch_linear() -> Callable[..., torch.Tensor] | None:
+    """The native small-batch bf16 linear, if the kernels were built with AVX512-BF16."""
+    ops = native_ops()
+    return ops.linear_small_batch if ops is not None and ops.has_linear_small_batch() else None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -83,10 +92,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         and x.dim() == 2
         and x.shape[0] <= SMALL_BATCH_ROWS
         and x.shape[1] % 32 == 0
-        and (ops := _native(x)) is not None
-        and ops.has_linear_small_batch()
+        and x.is_cpu
+        and (kernel := _small_batch_linear()) is not None
     ):
-        return ops.linear_small_batch(x, weight, bias)
+        return kernel(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
