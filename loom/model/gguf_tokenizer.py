@@ -3,8 +3,9 @@
 A GGUF stores the vocabulary (``tokenizer.ggml.tokens``), merges or scores, token types and special
 ids under llama.cpp's key names. Two families are supported:
 
-* ``gpt2``: byte-level BPE with explicit merges; the pre-tokenizer regex is named by
-  ``tokenizer.ggml.pre`` and follows llama.cpp's choice for that name.
+* ``gpt2``: byte-level BPE with explicit merges; ``tokenizer.ggml.pre`` names how text is split
+  before BPE, and the split is the one transformers' GGUF tokenizer uses for that name (see
+  ``_byte_level_pre_tokenizer`` for where, and why, it departs from llama.cpp).
 * ``llama``: SentencePiece-style BPE with byte fallback. The file lists no merges, so they are
   rebuilt from the vocabulary, ranked by score (Gemma: by position in the file, since its scores do
   not follow merge order).
@@ -37,12 +38,24 @@ _QWEN2_SPLIT = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# tokenizer.ggml.pre -> how text is split before byte-level BPE (llama.cpp's llama-vocab.cpp groups).
-_DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva")
+# tokenizer.ggml.pre -> how text is split before byte-level BPE. The reference is the tokenizer transformers
+# builds from the same file (transformers/integrations/gguf/gguf_tokenizer_mapping.py): GPT-2's
+# ByteLevel regex unless its GGUF_PRE_TOKENIZER_SPLITS names a Split regex for the name.
+#
+# llama.cpp (llama-vocab.cpp) and these models' own tokenizer.json split off every digit (\p{N}, or
+# Digits(individual_digits=True)) *before* the GPT-2 regex, so the regex runs on each piece alone and
+# `\s+(?!\S)` cannot see the digit after a whitespace run: "follows:\n\n1." gives "\n\n" as one token
+# there. transformers runs the GPT-2 regex on the whole text, where `\s+(?!\S)` leaves the last
+# whitespace character to the next piece: "\n", "\n", "1". We follow transformers. Digits themselves
+# come out the same either way: a vocabulary trained on one-digit pieces holds no merge that joins a
+# digit to anything (SmolLM2's has none; tests/model/test_gguf_tokenizer.py checks it).
+_DIGIT_SPLIT_GPT2 = ("smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva")
 _PLAIN_GPT2 = ("gpt2", "default", "mpt", "olmo", "jais")
 _LLAMA3 = ("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx", "pixtral")
+# Deliberately not transformers': it has no entry for "stablelm2" and falls back to GPT-2's regex, while
+# StableLM 2's own tokenizer and llama.cpp use Qwen2's split (digits one by one, cl100k-style words).
 _QWEN2 = ("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez")
-SUPPORTED_PRE = _DIGITS_THEN_GPT2 + _PLAIN_GPT2 + _LLAMA3 + _QWEN2
+SUPPORTED_PRE = _DIGIT_SPLIT_GPT2 + _PLAIN_GPT2 + _LLAMA3 + _QWEN2
 
 # Control tokens that end a turn whatever the file's eos id says (as in llama.cpp's llama-vocab.cpp).
 _EOG_TEXTS = frozenset(
@@ -72,13 +85,14 @@ class GGUFTokenizerError(GGUFError):
 
 
 def _byte_level_pre_tokenizer(pre: str, path: Path) -> tuple[pre_tokenizers.PreTokenizer, bool]:
-    """The pre-tokenizer for ``tokenizer.ggml.pre`` and whether BPE should ignore merges (llama3)."""
-    if pre in _DIGITS_THEN_GPT2:
-        return pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-        ), False
-    if pre in _PLAIN_GPT2:
-        return pre_tokenizers.ByteLevel(add_prefix_space=False), False
+    """The pre-tokenizer for ``tokenizer.ggml.pre`` and whether BPE should ignore merges (llama3).
+
+    ``ignore_merges`` (a word that is itself a token stays whole) is a deliberate difference from
+    transformers, which never sets it: Llama 3's own tokenizer.json and llama.cpp do, and without it a
+    token that no chain of merges reaches would come out in pieces the model never saw."""
+    if pre in _DIGIT_SPLIT_GPT2 or pre in _PLAIN_GPT2:
+        # GPT-2's regex over the whole text, no digit split first (see the note above _DIGIT_SPLIT_GPT2).
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True), False
     split = _LLAMA3_SPLIT if pre in _LLAMA3 else _QWEN2_SPLIT if pre in _QWEN2 else None
     if split is None:
         raise GGUFTokenizerError(
