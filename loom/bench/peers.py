@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from loom.bench import plots, report, results
+from loom.bench.prepare import client_config, prepare_requests
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from loom.bench.cli import client_config, prepare_requests
     from loom.bench.serve import Outputs, resolve_model, run_benchmark, warm_up
     from loom.bench.tokenizer import resolve_tokenizer
 

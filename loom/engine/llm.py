@@ -7,7 +7,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from loom.config import CacheConfig, EngineConfig, SchedulerConfig
+from loom.config import EngineConfig
 from loom.engine.engine import Engine
 from loom.outputs import RequestOutput
 from loom.sampling import SamplingParams
@@ -102,17 +102,11 @@ class LLM:
 
 
 def engine_config(model: str | None = None, **options: Any) -> EngineConfig:
-    """Build an EngineConfig from flat keyword options (as the CLI and LLM take them)."""
-    cache_keys = {"block_size", "num_blocks", "kv_cache_bytes", "enable_prefix_caching"}
-    sched_keys = {"max_num_batched_tokens", "max_num_seqs", "policy", "max_waiting"}
-    top_keys = {"dtype", "num_threads", "max_model_len", "seed"}
-    unknown = set(options) - cache_keys - sched_keys - top_keys
-    if unknown:
-        raise ValueError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
-    pick = lambda keys: {k: v for k, v in options.items() if k in keys and v is not None}  # noqa: E731
-    return EngineConfig(
-        model=model,
-        cache=CacheConfig(**pick(cache_keys)),
-        scheduler=SchedulerConfig(**pick(sched_keys)),
-        **pick(top_keys),
-    )
+    """An EngineConfig from flat keyword options (as ``LLM(...)`` and the CLI take them: the names
+    ``loom.config.engine_options()`` lists), checked before anything loads: ValueError names an
+    unknown option, a bad value, or a scheduling policy not in ``loom.scheduler.policy.POLICIES``."""
+    from loom.scheduler.policy import POLICIES
+
+    config = EngineConfig.from_options(model, **options)
+    config.scheduler.check_policy(tuple(POLICIES))
+    return config

@@ -9,6 +9,14 @@ Two llama.cpp storage conventions are undone on the way:
 
 * ``llama``: the rows of ``attn_q``/``attn_k`` are permuted for llama.cpp's interleaved rotary layout.
 * ``gemma3``: RMSNorm weights are stored as ``w + 1``; HF Gemma stores ``w`` and scales by ``1 + w``.
+
+A ``rope_freqs.weight`` tensor (llama.cpp's per-dimension divisors of the rotary frequencies, which it
+writes for Llama 3.1-style rope scaling) is not a weight: it becomes ``rope_scaling`` in config.json, as
+transformers' ``longrope`` with one static set of factors (inverse frequency ``i`` divided by factor
+``i``, exactly as llama.cpp applies them), which transformers and loom both read.
+
+Architectures are named as in loom's registry (``loom.model.arch``), which are llama.cpp's names too;
+``ARCHS`` holds only what is particular to GGUF files.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from gguf.gguf_reader import ReaderTensor
 from gguf.quants import dequantize
 from safetensors.torch import save_file
 
+from loom.model.arch import ARCHITECTURES
 from loom.model.gguf_meta import GGUFError, field_value, open_gguf
 from loom.model.gguf_tokenizer import eos_token_ids, write_tokenizer
 
@@ -58,21 +67,25 @@ _GEMMA3_LAYER = _LAYER_NAMES | {
 _TENSOR_NAME = re.compile(r"^(?:blk\.(?P<layer>\d+)\.)?(?P<part>[a-z_0-9]+)\.(?P<kind>weight|bias)$")
 
 
+ROPE_FREQS = "rope_freqs.weight"
+
+
 @dataclass(frozen=True)
 class ArchSpec:
-    """How one GGUF architecture maps onto its Hugging Face counterpart."""
+    """How the GGUF files of one registry architecture store it (its HF names come from the registry)."""
 
-    model_type: str
-    hf_class: str
     layer_names: dict[str, str]
     permute_qk: bool = False  # llama.cpp's rotary row permutation of attn_q / attn_k (llama only)
     norm_offset: float = 0.0  # subtracted from every "*_norm" weight (Gemma stores w + 1)
+    rope_freqs: bool = False  # may carry a rope_freqs tensor (frequency divisors of every layer)
 
 
+# Keyed by loom.model.arch registry names (which are llama.cpp's general.architecture names); an
+# architecture missing here has no GGUF support.
 ARCHS: dict[str, ArchSpec] = {
-    "llama": ArchSpec("llama", "LlamaForCausalLM", _LLAMA_LAYER, permute_qk=True),
-    "qwen2": ArchSpec("qwen2", "Qwen2ForCausalLM", _LLAMA_LAYER),
-    "gemma3": ArchSpec("gemma3_text", "Gemma3ForCausalLM", _GEMMA3_LAYER, norm_offset=1.0),
+    "llama": ArchSpec(_LLAMA_LAYER, permute_qk=True, rope_freqs=True),
+    "qwen2": ArchSpec(_LLAMA_LAYER, rope_freqs=True),
+    "gemma3": ArchSpec(_GEMMA3_LAYER, norm_offset=1.0),
 }
 
 
@@ -96,7 +109,7 @@ def _scalar(reader: GGUFReader, key: str, path: Path, default: Any = _REQUIRED) 
 
 def hf_config(reader: GGUFReader, arch: str, path: Path, tok_meta: dict[str, Any]) -> dict[str, Any]:
     """``config.json`` for the model in ``reader``: HF keys read by transformers and loom.config alike."""
-    spec = ARCHS[arch]
+    registry = ARCHITECTURES[arch]
     key = lambda k, default=_REQUIRED: _scalar(reader, f"{arch}.{k}", path, default)  # noqa: E731
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
@@ -111,8 +124,8 @@ def hf_config(reader: GGUFReader, arch: str, path: Path, tok_meta: dict[str, Any
         raise GGUFError(f"{path}: partial rotary (rope.dimension_count != head dim) is not supported")
     eos = eos_token_ids(tok_meta)
     cfg: dict[str, Any] = {
-        "architectures": [spec.hf_class],
-        "model_type": spec.model_type,
+        "architectures": [registry.hf_class],
+        "model_type": registry.hf_model_types[0],
         "vocab_size": hf_shape(tensors["token_embd.weight"])[0],
         "hidden_size": hidden,
         "intermediate_size": int(key("feed_forward_length")),
@@ -133,6 +146,12 @@ def hf_config(reader: GGUFReader, arch: str, path: Path, tok_meta: dict[str, Any
         if scaling != "linear":
             raise GGUFError(f"{path}: rope scaling {scaling!r} is not supported (only linear)")
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
+    if ROPE_FREQS in tensors:
+        if not ARCHS[arch].rope_freqs:
+            raise GGUFError(f"{path}: a {ROPE_FREQS} tensor is not supported for architecture {arch!r}")
+        if "rope_scaling" in cfg:
+            raise GGUFError(f"{path}: a {ROPE_FREQS} tensor together with rope scaling {scaling!r} is not supported")
+        cfg["rope_scaling"] = _rope_freqs_scaling(tensors[ROPE_FREQS], head_dim, cfg["max_position_embeddings"], path)
     if arch == "llama":
         cfg |= {"hidden_act": "silu", "attention_bias": "blk.0.attn_q.bias" in tensors, "mlp_bias": False}
     elif arch == "qwen2":
@@ -140,6 +159,23 @@ def hf_config(reader: GGUFReader, arch: str, path: Path, tok_meta: dict[str, Any
     elif arch == "gemma3":
         cfg |= _gemma3_config(reader, path, layers, hidden, heads, head_dim)
     return cfg
+
+
+def _rope_freqs_scaling(t: ReaderTensor, head_dim: int, context: int, path: Path) -> dict[str, Any]:
+    """config.json ``rope_scaling`` for llama.cpp's ``rope_freqs``: transformers' longrope with the same
+    factors for short and long sequences and no attention scaling, i.e. ``inv_freq[i] / factors[i]``."""
+    factors = gguf_tensor_to_torch(t).float().flatten()
+    if factors.numel() != head_dim // 2 or not bool((factors > 0).all()):
+        raise GGUFError(f"{path}: {ROPE_FREQS} must hold {head_dim // 2} positive factors, got {factors.tolist()}")
+    values = factors.tolist()
+    return {
+        "rope_type": "longrope",
+        "short_factor": values,
+        "long_factor": values,
+        "factor": 1.0,
+        "attention_factor": 1.0,
+        "original_max_position_embeddings": context,
+    }
 
 
 def _gemma3_config(
@@ -168,20 +204,26 @@ def _gemma3_config(
     }
 
 
-def hf_tensor_name(name: str, spec: ArchSpec, path: Path) -> str:
+def hf_tensor_name(name: str, arch: str, path: Path) -> str:
+    spec = ARCHS[arch]
     m = _TENSOR_NAME.match(name)
     part = m and m["part"]
     if m is None or (m["layer"] is None and part not in _GLOBAL_NAMES) or (m["layer"] and part not in spec.layer_names):
-        raise GGUFError(f"{path}: unsupported tensor {name!r} for architecture {spec.model_type!r}")
+        raise GGUFError(f"{path}: unsupported tensor {name!r} for architecture {arch!r}")
     if m["layer"] is None:
         return f"{_GLOBAL_NAMES[part]}.{m['kind']}"
     return f"model.layers.{int(m['layer'])}.{spec.layer_names[part]}.{m['kind']}"
 
 
-def _check_complete(reader: GGUFReader, spec: ArchSpec, layers: int, path: Path) -> None:
+def weight_tensors(reader: GGUFReader) -> list[ReaderTensor]:
+    """The tensors that become weights (all but ``rope_freqs``, which goes to config.json)."""
+    return [t for t in reader.tensors if t.name != ROPE_FREQS]
+
+
+def _check_complete(reader: GGUFReader, arch: str, layers: int, path: Path) -> None:
     names = {t.name for t in reader.tensors}
     required = ["token_embd.weight", "output_norm.weight"] + [
-        f"blk.{i}.{part}.weight" for i in range(layers) for part in spec.layer_names
+        f"blk.{i}.{part}.weight" for i in range(layers) for part in ARCHS[arch].layer_names
     ]
     missing = [n for n in required if n not in names]
     if missing:
@@ -224,8 +266,8 @@ def converted_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """``(hf_name, tensor)`` for every tensor of the file, with llama.cpp's storage conventions undone."""
     spec = ARCHS[arch]
-    for t in reader.tensors:
-        name = hf_tensor_name(t.name, spec, path)
+    for t in weight_tensors(reader):
+        name = hf_tensor_name(t.name, arch, path)
         w = gguf_tensor_to_torch(t)
         if spec.permute_qk and t.name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = cfg["num_attention_heads"] if "attn_q" in t.name else cfg["num_key_value_heads"]
@@ -239,7 +281,7 @@ def _plan_shards(reader: GGUFReader) -> list[list[ReaderTensor]]:
     """Group tensors into shards of at most SHARD_BYTES (converted size), in file order."""
     shards: list[list[ReaderTensor]] = [[]]
     size = 0
-    for t in reader.tensors:
+    for t in weight_tensors(reader):
         dtype = _STORED_AS_IS.get(t.tensor_type, torch.float32)
         n = int(t.n_elements) * dtype.itemsize
         if shards[-1] and size + n > SHARD_BYTES:
@@ -282,9 +324,9 @@ def convert_gguf(path: Path, out_dir: Path) -> None:
         raise GGUFError(f"{path}: unsupported GGUF architecture {arch!r} (supported: {', '.join(ARCHS)})")
     tok_meta = write_tokenizer(reader, arch, path, out_dir)
     cfg = hf_config(reader, arch, path, tok_meta)
-    for t in reader.tensors:
-        hf_tensor_name(t.name, ARCHS[arch], path)  # reject unknown tensors before the slow part
-    _check_complete(reader, ARCHS[arch], cfg["num_hidden_layers"], path)
+    for t in weight_tensors(reader):
+        hf_tensor_name(t.name, arch, path)  # reject unknown tensors before the slow part
+    _check_complete(reader, arch, cfg["num_hidden_layers"], path)
     _check_types(reader, path)
     _write_weights(reader, arch, cfg, path, out_dir)
     gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg[k] is not None}

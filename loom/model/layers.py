@@ -1,4 +1,5 @@
-"""Building blocks shared by the architectures: norms, rotary embeddings, fused projections."""
+"""Building blocks shared by the architectures: norms, rotary application, fused projections
+(the rotary tables are in :mod:`loom.model.rope`)."""
 
 from __future__ import annotations
 
@@ -46,22 +47,6 @@ class RMSNorm(nn.Module):
         if self.offset:  # Gemma multiplies in fp32 before casting back
             return (xf * (self.offset + self.weight.float())).to(dtype)
         return self.weight * xf.to(dtype)
-
-
-class RotaryEmbedding(nn.Module):
-    """Rotate-half (GPT-NeoX / HF) rotary embedding with a precomputed cos/sin table."""
-
-    def __init__(self, head_dim: int, max_position: int, theta: float, scaling_factor: float = 1.0) -> None:
-        super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        t = torch.arange(max_position, dtype=torch.float32) / scaling_factor
-        freqs = torch.outer(t, inv_freq)
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
-
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token tables [T, 1, D/2], computed once per step and shared by all layers."""
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from bench_fake_server import free_port
 
-from loom.bench.cli import register, shaping, workload_spec
+from loom.bench.cli import register
 from loom.bench.peers import (
     PeerSettings,
     Server,
@@ -15,6 +15,7 @@ from loom.bench.peers import (
     transformers_command,
     vllm_command,
 )
+from loom.bench.prepare import shaping, workload_spec
 
 HERE = Path(__file__).parent
 
@@ -112,3 +113,13 @@ def test_cli_trace_lengths_need_a_trace(tmp_path):
 def test_peers_parser_has_workload_and_peer_options():
     args = parse("peers", "--peers", "llama.cpp,vllm", "--slots", "4", "--workload", "sharegpt", "--rate", "1")
     assert (args.peers, args.slots, args.workload, args.rate) == ("llama.cpp,vllm", 4, "sharegpt", 1.0)
+
+
+def test_peers_does_not_import_the_bench_cli():
+    """peers and the bench CLI share their run setup through loom.bench.prepare, not each other
+    (the CLI imports peers for its options, so the other way round would be a cycle)."""
+    import inspect
+
+    import loom.bench.peers as peers_module
+
+    assert "loom.bench.cli" not in inspect.getsource(peers_module)

@@ -133,3 +133,24 @@ def test_real_models_match_transformers(real_gguf, name):
     llm = LLM(str(path), dtype="float32", max_num_batched_tokens=256)
     ids = llm.tokenizer.encode(SONNET_FILE.read_text())
     assert_matches_hf(llm, ref, [ids[:700], ids[100:140]], n_out=8, atol=2e-3)
+
+
+def test_llama3_rope_scaling_matches_transformers(tiny_model):
+    """Llama 3.1 rope scaling (``rope_type: llama3``, original context 64 of 2048): greedy tokens and
+    logprobs match transformers over prompts reaching position ~700, and they would not without
+    the scaling (the same weights with plain rope give other logprobs)."""
+    from transformers import LlamaForCausalLM
+
+    path = tiny_model("llama-rope-llama3")
+    ref = hf_model(path)
+    rng = random.Random(3)
+    vocab = ref.config.vocab_size
+    prompts = [[rng.randrange(100, vocab) for _ in range(n)] for n in (700, 260, 90)]
+    llm = LLM(str(path), dtype="float32", block_size=16, max_num_batched_tokens=128)
+    assert_matches_hf(llm, ref, prompts, n_out=8, atol=LOGPROB_ATOL)
+
+    plain_config = ref.config.to_dict() | {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+    plain = LlamaForCausalLM(type(ref.config).from_dict(plain_config)).eval()
+    plain.load_state_dict(ref.state_dict())
+    diff = (hf_prompt_logprobs(plain, prompts[1]) - hf_prompt_logprobs(ref, prompts[1])).abs().max()
+    assert diff > 100 * LOGPROB_ATOL, "the scaling must matter in this test"

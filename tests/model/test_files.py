@@ -11,7 +11,7 @@ import torch
 from gguf import GGUFWriter
 from safetensors import safe_open
 
-from loom.config import ModelConfig
+from loom.model.arch import load_model_config
 from loom.model import files
 from loom.model.files import converted_gguf_dir, default_cache_dir, resolve_model
 from tests.tiny_models import write_gguf_from_hf
@@ -39,7 +39,7 @@ def test_default_model_converts_and_is_cached(default_model_cache: Path, monkeyp
     start = time.perf_counter()
     out = resolve_model(None, cache_dir=default_model_cache)
     assert time.perf_counter() - start < 3.0
-    cfg = ModelConfig.from_hf_dir(out)
+    cfg = load_model_config(out)
     assert (cfg.architecture, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads) == (
         "llama",
         30,

@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, GGUFWriter
 from gguf.quants import dequantize
 
-from loom.config import ModelConfig
+from loom.model.arch import load_model_config
 from loom.model.files import resolve_model
 from loom.model.gguf_convert import gguf_tensor_to_torch
 from loom.model.weights import iter_weights
@@ -101,7 +101,7 @@ def test_converted_config_matches_original(arch: str, tiny_model, converted) -> 
         for key in ("layer_types", "sliding_window", "query_pre_attn_scalar", "hidden_activation"):
             assert getattr(ours, key) == getattr(ref, key), key
 
-    cfg = ModelConfig.from_hf_dir(out)
+    cfg = load_model_config(out)
     rope = ref.rope_parameters.get("full_attention", ref.rope_parameters)
     assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
         ref.hidden_size,
@@ -190,3 +190,57 @@ def test_k_quant_tensors_decode_to_known_values(qtype: Q, offset: int, tmp_path:
     )
     assert got.dtype == torch.float32
     assert torch.equal(got, expected)
+
+
+def test_rope_freqs_become_the_same_llama3_rotary(tiny_model, converted) -> None:
+    """A GGUF with llama.cpp's ``rope_freqs`` (Llama 3.1 scaling) converts to a directory whose rotary
+    frequencies equal the original llama3 model's, in loom and in transformers alike, and loom
+    generates the same tokens from it as from the original directory."""
+    import transformers
+
+    from loom.engine import LLM
+    from loom.model.rope import RotaryEmbedding
+    from loom.sampling import SamplingParams
+    from tests.tiny_models import llamacpp_rope_freqs
+
+    hf_dir, out = tiny_model("llama-rope-llama3"), converted("llama-rope-llama3")
+    assert "rope_freqs.weight" not in dict(iter_weights(out))
+    ref_cfg, cfg = load_model_config(hf_dir), load_model_config(out)
+    factors = llamacpp_rope_freqs(json.loads((hf_dir / "config.json").read_text()))
+    assert cfg.rope_scaling.rope_type == "longrope" and cfg.rope_scaling.freq_factors == tuple(factors.tolist())
+    ref_rot = RotaryEmbedding(ref_cfg.head_dim, ref_cfg.max_position, ref_cfg.rope_theta, ref_cfg.rope_scaling)
+    rot = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling)
+    assert not torch.allclose(rot.inv_freq, RotaryEmbedding(cfg.head_dim, 1, cfg.rope_theta).inv_freq)
+    torch.testing.assert_close(rot.inv_freq, ref_rot.inv_freq, rtol=1e-6, atol=0)
+    # A float32 rounding apart in frequency: at position ~2000 that is ~1e-5 radians.
+    torch.testing.assert_close(rot.cos, ref_rot.cos, rtol=0, atol=1e-4)
+    torch.testing.assert_close(rot.sin, ref_rot.sin, rtol=0, atol=1e-4)
+
+    ids = torch.randint(100, 1000, (1, 300), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for path in (hf_dir, out):
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits.append(model(ids).logits)
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, prompt_logprobs=0)
+    results = []
+    for path in (hf_dir, out):
+        (o,) = LLM(str(path), dtype="float32").generate([ids[0].tolist()], params, use_tqdm=False)
+        results.append((o.outputs[0].token_ids, torch.tensor([lp.logprob for lp in o.prompt_logprobs[1:]])))
+    assert results[1][0] == results[0][0]
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-4, rtol=0)
+
+
+def test_bad_rope_freqs_are_rejected(tiny_model, tmp_path: Path) -> None:
+    from loom.model.gguf_meta import GGUFError
+
+    gguf_path = write_gguf_from_hf(tiny_model("llama-rope-llama3"), tmp_path / "m.gguf")
+    reader = GGUFReader(gguf_path, "r+")
+    freqs = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+    freqs.data[:] = -1.0  # the reader maps the file: this patches the factors in place
+    reader.data.flush()
+    del reader, freqs
+    with pytest.raises(GGUFError, match="rope_freqs.weight must hold 8 positive factors"):
+        resolve_model(gguf_path, cache_dir=tmp_path / "cache")

@@ -8,9 +8,11 @@ from torch import nn
 
 from loom.config import ModelConfig
 from loom.model.arch.base import CausalLM, KVCache
+from loom.model.arch.hf_config import HFConfig, common_fields, rope_parameters, rope_scaling
 from loom.model.arch.llama import LlamaMLP
 from loom.model.attention import AttentionMetadata, paged_attention
-from loom.model.layers import Embedding, Linear, RMSNorm, RotaryEmbedding, apply_rotary
+from loom.model.layers import Embedding, Linear, RMSNorm, apply_rotary
+from loom.model.rope import RotaryEmbedding
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
 
@@ -70,7 +72,7 @@ class Gemma3ForCausalLM(CausalLM):
         self.layers = nn.ModuleList(Gemma3DecoderLayer(cfg, s) for s in sliding)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=1.0)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
-        self.rotary_global = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling_factor)
+        self.rotary_global = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling)
         self.rotary_local = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_local_theta or 10000.0)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches: list[KVCache]) -> torch.Tensor:
@@ -82,3 +84,33 @@ class Gemma3ForCausalLM(CausalLM):
         for layer, kv in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, rope_local if layer.sliding else rope_global, meta, kv)
         return self.norm.add_forward(x, residual)[0]
+
+
+def parse_gemma3_config(cfg: HFConfig, architecture: str) -> ModelConfig:
+    """``config.json`` of Gemma 3 (text): the sliding-window layer pattern, the local rope base of the
+    sliding layers (unscaled), the global layers' rope (linear scaling on the larger models)."""
+    common = common_fields(cfg)
+    num_layers = common["num_layers"]
+    if cfg.get("layer_types"):
+        sliding = tuple(t == "sliding_attention" for t in cfg["layer_types"])
+    else:
+        pattern = int(cfg.get("sliding_window_pattern", 6))
+        sliding = tuple((i + 1) % pattern != 0 for i in range(num_layers))
+    if len(sliding) != num_layers:
+        raise ValueError(f"gemma3 config lists {len(sliding)} layer types for {num_layers} layers")
+    global_params, local_params = rope_parameters(cfg)
+    local_params = local_params or {}
+    if rope_scaling(local_params, common["max_position"]).rope_type != "default":
+        raise ValueError("gemma3: rope scaling of the sliding-window layers is not supported")
+    return ModelConfig(
+        architecture=architecture,
+        **common,
+        rope_theta=float(global_params.get("rope_theta", 10000.0)),
+        rope_scaling=rope_scaling(global_params, common["max_position"]),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        attention_bias=bool(cfg.get("attention_bias", False)),
+        sliding_window=int(cfg.get("sliding_window") or 4096),
+        layer_is_sliding=sliding,
+        rope_local_theta=float(local_params.get("rope_theta", 10000.0)),
+        query_pre_attn_scalar=cfg.get("query_pre_attn_scalar"),
+    )

@@ -3,13 +3,17 @@ details (Qwen2: QKV bias, untied head)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
 from loom.config import ModelConfig
 from loom.model.arch.base import CausalLM, KVCache
+from loom.model.arch.hf_config import HFConfig, common_fields, global_rope
 from loom.model.attention import AttentionMetadata, paged_attention
-from loom.model.layers import Embedding, GatedActivation, Linear, RMSNorm, RotaryEmbedding, apply_rotary
+from loom.model.layers import Embedding, GatedActivation, Linear, RMSNorm, apply_rotary
+from loom.model.rope import RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
@@ -72,7 +76,7 @@ class LlamaForCausalLM(CausalLM):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches: list[KVCache]) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
@@ -85,3 +89,20 @@ class LlamaForCausalLM(CausalLM):
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     """Qwen2/2.5: Llama with biases on q/k/v (``attention_bias`` in the config) and its own head."""
+
+
+def parse_llama_config(cfg: HFConfig, architecture: str) -> ModelConfig:
+    """``config.json`` of a Llama-family model (rope scaling: linear, llama3)."""
+    common = common_fields(cfg)
+    return ModelConfig(
+        architecture=architecture,
+        **common,
+        **global_rope(cfg, common["max_position"]),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attention_bias=bool(cfg.get("attention_bias", False)),
+    )
+
+
+def parse_qwen2_config(cfg: HFConfig, architecture: str) -> ModelConfig:
+    """``config.json`` of Qwen2/2.5: Llama's, but q/k/v always carry a bias (transformers' Qwen2 has no switch)."""
+    return replace(parse_llama_config(cfg, architecture), attention_bias=True)

@@ -1,0 +1,86 @@
+"""The ``loom`` command line: ``python -m loom``, engine flags built from the config dataclasses, and
+bad engine options reported as ``loom: error`` before any model loads."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from loom import cli
+from loom.config import GIB, CacheConfig, EngineConfig, SchedulerConfig, engine_options
+
+
+def parse(*argv: str):
+    return cli.build_parser().parse_args(list(argv))
+
+
+def test_python_dash_m_loom_runs_the_cli() -> None:
+    out = subprocess.run([sys.executable, "-m", "loom", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: loom ") and "generate" in out.stdout and "serve" in out.stdout
+
+
+def test_engine_flags_keep_their_names_and_take_the_dataclass_defaults() -> None:
+    parser = argparse.ArgumentParser()
+    cli.add_engine_args(parser)
+    flags = {s for a in parser._actions for s in a.option_strings}
+    assert flags >= {
+        "--model", "--dtype", "--device", "--threads", "--max-model-len", "--block-size", "--kv-cache-memory",
+        "--num-blocks", "--no-prefix-caching", "--max-num-batched-tokens", "--max-num-seqs", "--policy",
+    }  # fmt: skip
+    assert "--max-waiting" not in flags  # a server option
+    args = parse("generate", "hi")
+    options = cli.engine_options(args)
+    assert EngineConfig.from_options(args.model, **options) == EngineConfig()
+    assert set(options) == {o.name for o in engine_options() if o.flag} - {"model", "max_waiting"}
+
+
+def test_engine_flags_map_onto_the_config() -> None:
+    args = parse(
+        "serve", "--model", "m.gguf", "--dtype", "float32", "--device", "cpu", "--threads", "3", "--max-model-len", "99",
+        "--block-size", "8", "--kv-cache-memory", "0.5", "--num-blocks", "7", "--no-prefix-caching",
+        "--max-num-batched-tokens", "64", "--max-num-seqs", "5", "--policy", "fcfs", "--max-waiting", "4",
+    )  # fmt: skip
+    assert EngineConfig.from_options(args.model, **cli.engine_options(args)) == EngineConfig(
+        model="m.gguf", dtype="float32", device="cpu", num_threads=3, max_model_len=99,
+        cache=CacheConfig(block_size=8, kv_cache_bytes=GIB // 2, num_blocks=7, enable_prefix_caching=False),
+        scheduler=SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=5, policy="fcfs", max_waiting=4),
+    )  # fmt: skip
+
+
+def test_help_shows_each_default_from_the_config(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse("generate", "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    for part in ("tokens per KV block (default: 16)", "token budget of one step (default: 512)",
+                 "cap on running requests (default: 64)", "(default: measured from free memory)",
+                 "--device {auto,cpu,cuda}", "--dtype {auto,bfloat16,float32}", "--policy {fcfs"):  # fmt: skip
+        assert part in text, part
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--policy", "lifo"], "loom: error: policy (--policy) must be one of fcfs"),
+        (["--block-size", "0"], "loom: error: block_size (--block-size) must be >= 1, got 0"),
+        (["--dtype", "fp16"], "loom: error: dtype (--dtype) must be one of auto, bfloat16, float32; got 'fp16'"),
+        (["--device", "tpu"], "loom: error: device (--device) must be one of auto, cpu, cuda; got 'tpu'"),
+        (["--kv-cache-memory", "0"], "loom: error: kv_cache_bytes (--kv-cache-memory) must be > 0"),
+        (["--max-num-seqs", "-1"], "loom: error: max_num_seqs (--max-num-seqs) must be >= 1"),
+    ],
+)
+@pytest.mark.parametrize("command", [["generate", "hi"], ["chat"], ["serve"], ["bench", "latency"]])
+def test_bad_engine_options_fail_before_loading(command, argv, message, monkeypatch, capsys) -> None:
+    import loom.engine.llm
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the engine was started despite a bad option")
+
+    monkeypatch.setattr(loom.engine.llm, "Engine", no_loading)
+    monkeypatch.setattr(cli, "cmd_serve", no_loading)
+    assert cli.main([*command, "--model", "/no/such/model.gguf", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "no such model" not in err
