@@ -137,6 +137,8 @@ class SchedulerConfig:
 class EngineConfig:
     model: str | None = None  # GGUF file or HF directory; None = default model (SmolLM2-135M-Instruct)
     dtype: str = "auto"  # auto | bfloat16 | float32
+    device: str = "auto"  # auto | cpu | cuda
+    attention_backend: str = "auto"  # auto | cpu | torch | cuda
     num_threads: int | None = None
     max_model_len: int | None = None  # cap on prompt + output tokens; defaults to the model's context
     seed: int = 0

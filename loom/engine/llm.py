@@ -8,7 +8,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from loom.config import CacheConfig, EngineConfig, SchedulerConfig
-from loom.engine.engine import Engine
+from loom.engine.engine import Engine, EngineStats, ModelInfo
 from loom.outputs import RequestOutput
 from loom.sampling import SamplingParams
 
@@ -89,6 +89,12 @@ class LLM:
         finally:
             self.engine.abort_request(rid)
 
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def model_info(self) -> ModelInfo:
+        return self.engine.model_info()
+
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
         wanted = set(ids)
@@ -105,7 +111,7 @@ def engine_config(model: str | None = None, **options: Any) -> EngineConfig:
     """Build an EngineConfig from flat keyword options (as the CLI and LLM take them)."""
     cache_keys = {"block_size", "num_blocks", "kv_cache_bytes", "enable_prefix_caching"}
     sched_keys = {"max_num_batched_tokens", "max_num_seqs", "policy", "max_waiting"}
-    top_keys = {"dtype", "num_threads", "max_model_len", "seed"}
+    top_keys = {"dtype", "device", "attention_backend", "num_threads", "max_model_len", "seed"}
     unknown = set(options) - cache_keys - sched_keys - top_keys
     if unknown:
         raise ValueError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
