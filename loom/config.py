@@ -154,6 +154,7 @@ def _type_hints(cls: type) -> dict[str, Any]:
 GIB = 1 << 30
 DTYPES = ("auto", "bfloat16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
+ATTENTION_BACKENDS = ("auto", "cpu", "torch", "cuda")
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,11 @@ class EngineConfig:
     )
     device: str = field(
         default="auto", metadata=option("where the model runs (auto: cuda if available)", flag="--device", choices=DEVICES)
+    )
+    attention_backend: str = field(
+        default="auto",
+        metadata=option("attention over the paged KV cache (auto: cuda on a GPU, else the native cpu kernels where "
+                        "they build, else torch)", flag="--attention-backend", choices=ATTENTION_BACKENDS),
     )
     num_threads: int | None = field(
         default=None, metadata=option("compute threads", flag="--threads", minimum=1, default_help="one per core")

@@ -19,6 +19,7 @@ class TokenLogprob:
 class RequestMetrics:
     arrival_time: float
     first_scheduled_time: float | None = None
+    prefill_end_time: float | None = None  # the step that computed the prompt's last chunk ended its forward
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
@@ -32,6 +33,20 @@ class RequestMetrics:
     @property
     def queue_time(self) -> float | None:
         return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+
+    @property
+    def prefill_time(self) -> float | None:
+        """First scheduled -> prompt computed (all its chunks, interleaved with other work)."""
+        if self.prefill_end_time is None or self.first_scheduled_time is None:
+            return None
+        return self.prefill_end_time - self.first_scheduled_time
+
+    @property
+    def first_token_latency(self) -> float | None:
+        """Prompt computed -> first token appended (logits, sampling, bookkeeping)."""
+        if self.first_token_time is None or self.prefill_end_time is None:
+            return None
+        return self.first_token_time - self.prefill_end_time
 
     @property
     def e2e(self) -> float | None:

@@ -40,10 +40,15 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
-    num_computed_tokens: int = 0
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache on first admission
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # hashes of this request's full blocks
+    # Speculative tokens a proposer guessed to follow this request's tokens; the next step
+    # verifies them (then they are cleared).
+    draft_token_ids: list[int] = field(default_factory=list)
+    # Samples 1..n-1 of an ``n > 1`` request, waiting to fork from this one when its prompt is done.
+    forks: list["Request"] = field(default_factory=list)
     generator: "torch.Generator | None" = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -62,10 +67,6 @@ class Request:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
     def token_ids_slice(self, start: int, end: int) -> list[int]:
         p = len(self.prompt_token_ids)
         if end <= p:
@@ -77,7 +78,3 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
-
-    @property
-    def wants_prompt_logprobs(self) -> bool:
-        return self.params.prompt_logprobs is not None

@@ -216,11 +216,11 @@ class IncrementalDetokenizer:
     complete) and concatenate to ``tokenizer.decode(output_ids)``, leading-space handling
     included; ``flush()`` releases what is still held when the sample ends. Each step decodes
     only a short window of recent tokens (``tokenizers``' DecodeStream: vLLM's prefix/read
-    offsets). The text depends on the output alone; ``prompt_token_ids`` is accepted so callers
-    can construct it like vLLM's, but a continuation's leading space follows ``decode(output)``.
+    offsets). The text depends on the output alone: a continuation's leading space follows
+    ``decode(output)``.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int] = (), skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)

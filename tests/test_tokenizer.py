@@ -272,7 +272,7 @@ def test_chat_template_from_tokenizer_config(smollm_dir: Path, tmp_path: Path) -
 
 
 def _stream(tokenizer: Tokenizer, ids: list[int], chunks: list[int], skip_special_tokens: bool = True) -> list[str]:
-    detok = IncrementalDetokenizer(tokenizer, [1, 2, 3], skip_special_tokens)
+    detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
     deltas, pos = [], 0
     for size in chunks:
         deltas.append(detok.add(ids[pos : pos + size]))
@@ -312,7 +312,7 @@ def test_detokenizer_holds_back_split_characters(tok: Tokenizer) -> None:
 
 def test_detokenizer_flush_releases_incomplete_tail(tok: Tokenizer) -> None:
     ids = tok.encode("ok 😀", add_special_tokens=False)[:-1]  # end inside the emoji
-    detok = IncrementalDetokenizer(tok, [])
+    detok = IncrementalDetokenizer(tok)
     streamed = "".join(detok.add([i]) for i in ids)
     assert "\ufffd" not in streamed
     assert streamed + detok.flush() == tok.decode(ids)
@@ -341,6 +341,6 @@ def test_detokenizer_recovers_from_unstable_decoder(smollm_dir: Path) -> None:
     tokenizer = Tokenizer.from_dir(smollm_dir)
     tokenizer.backend.decoder = decoders.Decoder.custom(Rewriting())
     ids = tokenizer.encode("xa", add_special_tokens=False) + tokenizer.encode("bcd", add_special_tokens=False)
-    detok = IncrementalDetokenizer(tokenizer, [])
+    detok = IncrementalDetokenizer(tokenizer)
     deltas = [detok.add([i]) for i in ids] + [detok.add(tokenizer.encode("!", add_special_tokens=False))]
     assert deltas == ["xa", "", "cd", "!"]

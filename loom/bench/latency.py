@@ -63,17 +63,18 @@ def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
     opts["max_num_batched_tokens"] = max(prompt_lens + [opts.get("max_num_batched_tokens") or 0])
     opts["enable_prefix_caching"] = False  # every prompt must really be computed
     engine = Engine(engine_config(model, **opts))
+    info = engine.model_info()
     mc = engine.model_config
-    dtype = engine.runner.dtype
+    dtype = getattr(torch, info.dtype)
     elem = torch.finfo(dtype).bits // 8
-    n_params = sum(p.numel() for p in engine.runner.model.parameters())
+    n_params = info.num_parameters
     n_embed = mc.vocab_size * mc.hidden_size
     weight_bytes = (n_params - n_embed * (0 if mc.tie_word_embeddings else 1)) * elem  # the input embedding is only gathered
     kv_bytes_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * elem
     bw = measure_bandwidth()
     flops = measure_matmul_flops(dtype)
-    print(f"model: {model or 'default (SmolLM2-135M-Instruct)'}, {n_params / 1e6:.1f}M params, {dtype}, "
-          f"threads {torch.get_num_threads()}")
+    print(f"model: {model or 'default (SmolLM2-135M-Instruct)'}, {n_params / 1e6:.1f}M params, {info.dtype} on "
+          f"{info.device} ({info.attention_backend} attention), threads {torch.get_num_threads()}")
     print(f"measured: memory bandwidth {bw / 1e9:.1f} GB/s, {dtype} matmul {flops / 1e9:.0f} GFLOP/s")
     report: dict[str, Any] = {"bandwidth_gbs": bw / 1e9, "matmul_gflops": flops / 1e9, "decode": [], "prefill": []}
     rng = torch.Generator().manual_seed(0)
@@ -89,14 +90,16 @@ def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
     rid = 0
     for b in batch_sizes:
         params = SamplingParams(max_tokens=args.decode_steps + 8, ignore_eos=True, temperature=0)
-        for _ in range(b):
-            engine.add_request(f"d{rid}", prompt(args.context), params)
-            rid += 1
-        while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running + engine.scheduler.waiting):
-            engine.step()  # prefill everyone first
+        ids = [f"d{rid + i}" for i in range(b)]
+        rid += b
+        for i in ids:
+            engine.add_request(i, prompt(args.context), params)
+        started: set[str] = set()
+        while len(started) < b:  # prefill everyone first: each has its first token
+            started |= {o.request_id for o in engine.step() if o.outputs[0].token_ids}
         times = _timed_steps(engine, args.decode_steps)
-        for r in list(engine.groups):
-            engine.abort_request(r)
+        for i in ids:
+            engine.abort_request(i)
         med = statistics.median(times)
         ctx = args.context + args.decode_steps / 2
         mem = (weight_bytes + b * ctx * kv_bytes_per_token) / bw

@@ -18,14 +18,14 @@ import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from loom.engine.engine import Engine, EngineStats
+from loom.engine.client import OutputListener, StepListener
+from loom.engine.engine import Engine, EngineStats, ModelInfo
 from loom.outputs import RequestOutput
 from loom.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
-
-OutputListener = Callable[[list[RequestOutput]], None]
 
 
 class EngineOverloadedError(RuntimeError):
@@ -76,18 +76,18 @@ def _call(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: obj
 
 
 class AsyncEngine:
-    """Serve one ``Engine`` to many concurrent asyncio callers. Takes ownership of ``engine``:
-    after this, only the engine thread may call it."""
+    """Serve one ``Engine`` to many concurrent asyncio callers (an ``EngineClient``). Takes
+    ownership of ``engine``: after this, only the engine thread may call it."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
-        self.model_config = engine.model_config
-        self.max_model_len = engine.max_model_len
+        self._model_info = engine.model_info()
         self.max_waiting = engine.config.scheduler.max_waiting
         if self.max_waiting is not None and self.max_waiting < 1:
             raise ValueError(f"max_waiting must be >= 1 or None, got {self.max_waiting}")
         self._listeners: tuple[OutputListener, ...] = ()
+        self._step_listeners: tuple[StepListener, ...] = ()
         self._commands: queue.SimpleQueue[_Add | _Abort | object] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._stats = engine.stats()
@@ -146,9 +146,16 @@ class AsyncEngine:
         final outputs of aborted requests). Keep it cheap and thread-safe (e.g. Prometheus metrics)."""
         self._listeners = (*self._listeners, listener)
 
+    def add_step_listener(self, listener: StepListener) -> None:
+        """Call ``listener`` on the engine thread with each step's phase timings."""
+        self._step_listeners = (*self._step_listeners, listener)
+
     def stats(self) -> EngineStats:
         """The engine's stats as of the end of its latest step (a snapshot; never blocks)."""
         return self._stats
+
+    def model_info(self) -> ModelInfo:
+        return self._model_info
 
     @property
     def is_running(self) -> bool:
@@ -185,8 +192,11 @@ class AsyncEngine:
                 if engine.has_unfinished_requests():
                     steps = engine.steps
                     self._deliver(engine.step())
-                    if engine.steps == steps and engine.has_unfinished_requests():
-                        time.sleep(0.001)  # nothing schedulable this instant: do not spin hot
+                    if engine.steps == steps:
+                        if engine.has_unfinished_requests():
+                            time.sleep(0.001)  # nothing schedulable this instant: do not spin hot
+                    else:
+                        self._notify(self._step_listeners, engine.last_step)
                 self._stats = engine.stats()
         except Exception as e:  # a bug in the step loop: fail loudly, do not hang the callers
             log.exception("engine loop failed; the engine is no longer serving")
@@ -238,10 +248,18 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             self.engine.abort_request(request_id)
 
+    @staticmethod
+    def _notify(listeners: tuple[Callable[[Any], None], ...], payload: Any) -> None:
+        for listener in listeners:
+            try:
+                listener(payload)
+            except Exception:  # metrics must never stop the serving
+                log.exception("listener %r failed", listener)
+
     def _check_capacity(self) -> None:
-        if self.max_waiting is not None and len(self.engine.scheduler.waiting) >= self.max_waiting:
+        if self.max_waiting is not None and self.engine.num_waiting >= self.max_waiting:
             raise EngineOverloadedError(
-                f"the server is at capacity ({len(self.engine.scheduler.waiting)} requests waiting, "
+                f"the server is at capacity ({self.engine.num_waiting} requests waiting, "
                 f"max_waiting={self.max_waiting}); retry later"
             )
 
@@ -251,11 +269,7 @@ class AsyncEngine:
         if not outputs:
             return
         self._stats = self.engine.stats()
-        for listener in self._listeners:
-            try:
-                listener(outputs)
-            except Exception:  # metrics must never stop the serving
-                log.exception("output listener %r failed", listener)
+        self._notify(self._listeners, outputs)
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = defaultdict(list)
         for out in outputs:
             stream = self._streams.get(out.request_id)

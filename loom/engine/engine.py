@@ -1,28 +1,31 @@
-"""The engine: one ``step()`` = schedule -> execute -> sample -> update."""
+"""The engine: one ``step()`` = schedule -> execute -> update -> outputs.
+
+The scheduler plans the step and owns every change to request progress; the worker turns the
+plan into token ids and logprobs (no tensor reaches the engine); the engine keeps what the user
+sees: detokenized text, stop strings and the ``n`` samples of a request."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-import torch
-
-from loom.config import EngineConfig, ModelConfig
-from loom.engine.group import RequestGroup, SampleState, finish
+from loom.config import EngineConfig
+from loom.engine.group import RequestGroup, SampleState
 from loom.kvcache import KVCacheManager
+from loom.model.arch import load_model_config
 from loom.model.files import resolve_model
-from loom.model.runner import ModelRunner
+from loom.model.worker import Worker
 from loom.outputs import RequestOutput
 from loom.request import Request
-from loom.sampling import Sampler, SamplingParams, SamplingRow, compute_logprobs, make_generator
-from loom.scheduler import ScheduledRequest, Scheduler
+from loom.sampling import SamplingParams, make_generator
+from loom.scheduler import POLICIES, Scheduler
 from loom.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-STEP_PHASES = ("schedule", "prepare", "forward", "sample", "update")
 
 
 @dataclass
@@ -31,36 +34,74 @@ class EngineStats:
     num_waiting: int
     num_blocks: int
     num_free_blocks: int
-    prefix_cache_hit_rate: float
+    kv_cache_tokens: int  # tokens the KV cache holds
+    prefix_cache_hit_rate: float  # cached / prompt tokens of admitted requests (each counted once)
     prefix_cache_hit_tokens: int
     num_preemptions: int
     prompt_tokens: int
     generation_tokens: int
     steps: int
+    # Cumulative seconds per phase: schedule / execute / update of the step, and inside execute
+    # the worker's prepare / forward / sample.
     phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class StepTiming:
+    """Seconds of one step's phases (``update`` includes detokenizing and building outputs)."""
+
+    schedule: float
+    execute: float
+    update: float
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a server or router needs to know about the model an engine serves."""
+
+    model_path: str
+    architecture: str
+    dtype: str
+    device: str
+    attention_backend: str
+    max_model_len: int
+    vocab_size: int
+    num_parameters: int
+    weight_bytes: int
+
+
+class Proposer(Protocol):
+    """Guesses the tokens that follow running requests (speculative decoding): sets
+    ``draft_token_ids`` on the requests it has a guess for. The next step verifies them."""
+
+    def propose(self, requests: Iterable[Request]) -> None: ...
+
+
 class Engine:
-    def __init__(self, config: EngineConfig | None = None) -> None:
+    def __init__(self, config: EngineConfig | None = None, proposer: Proposer | None = None) -> None:
         self.config = config = config or EngineConfig()
+        config.scheduler.check_policy(tuple(POLICIES))  # before anything loads
         t0 = time.perf_counter()
         self.model_dir = resolve_model(config.model)
-        self.model_config = ModelConfig.from_hf_dir(self.model_dir)
+        self.model_config = load_model_config(self.model_dir)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
-        self.runner = ModelRunner(config, self.model_config, self.model_dir)
-        self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv)
-        self.sampler = Sampler(seed=config.seed)
         self.max_model_len = min(config.max_model_len or self.model_config.max_position, self.model_config.max_position)
         self.eos_token_ids = tuple(self.model_config.eos_token_ids) or tuple(self.tokenizer.eos_token_ids)
+        self.worker = Worker(config, self.model_config, self.model_dir, self.max_model_len, self.eos_token_ids)
+        self.kv = KVCacheManager(self.worker.kv.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.eos_token_ids)
+        self.proposer = proposer
         self.groups: dict[str, RequestGroup] = {}
-        self._sample_of: dict[int, tuple[RequestGroup, SampleState]] = {}
+        self._sample_of: dict[str, tuple[RequestGroup, SampleState]] = {}
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.steps = 0
         self.phase_seconds: dict[str, float] = defaultdict(float)
-        log.info("engine ready in %.1fs: %s, %d KV blocks of %d tokens", time.perf_counter() - t0,
-                 self.model_config.architecture, self.runner.num_blocks, config.cache.block_size)
+        self.last_step = StepTiming(0.0, 0.0, 0.0)
+        log.info("engine ready in %.1fs: %s on %s (%s attention), KV cache of %d blocks x %d tokens = %d tokens",
+                 time.perf_counter() - t0, self.model_config.architecture, self.worker.device,
+                 self.worker.attention.name, self.kv.num_blocks, config.cache.block_size,
+                 self.kv.num_blocks * config.cache.block_size)
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(
@@ -79,6 +120,46 @@ class Engine:
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self._tokenize(prompt)
+        capacity = self.kv.num_blocks * self.kv.block_size
+        if len(ids) >= capacity:
+            raise ValueError(f"prompt is {len(ids)} tokens long but the KV cache holds only {capacity} tokens")
+        limit = min(self.max_model_len, capacity)
+        if params.max_tokens is not None:
+            limit = min(limit, len(ids) + params.max_tokens)
+        group = RequestGroup(request_id, text, ids, params, self.tokenizer)
+        now = time.monotonic() if arrival_time is None else arrival_time
+        samples = [
+            Request(
+                request_id=f"{request_id}#{i}" if params.n > 1 else request_id,
+                prompt_token_ids=ids,
+                params=params,
+                arrival_time=now,
+                priority=priority,
+                tenant=tenant,
+                group_id=request_id,
+                sample_index=i,
+                max_total_tokens=limit,
+                generator=make_generator(params, i, self.worker.device),
+            )
+            for i in range(params.n)
+        ]
+        self.groups[request_id] = group
+        self.prompt_tokens += len(ids)
+        for req in samples:
+            self._sample_of[req.request_id] = (group, group.new_sample(req))
+        first, forks = samples[0], samples[1:]
+        if params.max_tokens == 0:  # echo / loglikelihood: only the prompt (and its logprobs)
+            for req in forks:
+                self.scheduler.finish(req, "length")
+            if params.prompt_logprobs is None:
+                self.scheduler.finish(first, "length")
+                return
+        else:
+            first.forks = list(forks)  # they fork from sample 0 once the prompt is in the cache
+        self.scheduler.add(first)
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
@@ -95,57 +176,7 @@ class Engine:
                 f"prompt is {len(ids)} tokens long but the context holds {self.max_model_len} tokens "
                 f"(max_model_len); shorten the prompt"
             )
-        capacity = self.kv.num_blocks * self.kv.block_size
-        if len(ids) >= capacity:
-            raise ValueError(f"prompt is {len(ids)} tokens long but the KV cache holds only {capacity} tokens")
-        limit = min(self.max_model_len, capacity)
-        if params.max_tokens is not None:
-            limit = min(limit, len(ids) + params.max_tokens)
-        group = RequestGroup(request_id, text, ids, params, self.tokenizer)
-        now = time.monotonic() if arrival_time is None else arrival_time
-        # Sample 0 prefills alone; the others fork from it once the prompt is in the cache.
-        first = Request(
-            request_id=f"{request_id}#0" if params.n > 1 else request_id,
-            prompt_token_ids=ids,
-            params=params,
-            arrival_time=now,
-            priority=priority,
-            tenant=tenant,
-            group_id=request_id,
-            max_total_tokens=limit,
-            generator=make_generator(params, 0),
-        )
-        self.groups[request_id] = group
-        self.prompt_tokens += len(ids)
-        self._register(group, first)
-        if params.max_tokens == 0:  # echo / loglikelihood: only the prompt (and its logprobs)
-            for i in range(1, params.n):
-                finish(self._register(group, self._child(group, i)).request, "length")
-            group.forked = True
-            if params.prompt_logprobs is None:
-                finish(first, "length")
-                return
-        self.scheduler.add(first)
-
-    def _register(self, group: RequestGroup, req: Request) -> SampleState:
-        state = group.new_sample(req)
-        self._sample_of[id(req)] = (group, state)
-        return state
-
-    def _child(self, group: RequestGroup, index: int) -> Request:
-        first = group.samples[0].request
-        return Request(
-            request_id=f"{group.request_id}#{index}",
-            prompt_token_ids=group.prompt_token_ids,
-            params=group.params,
-            arrival_time=first.arrival_time,
-            priority=first.priority,
-            tenant=first.tenant,
-            group_id=group.request_id,
-            sample_index=index,
-            max_total_tokens=first.max_total_tokens,
-            generator=make_generator(group.params, index),
-        )
+        return text, ids
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its blocks. Returns its final output (finish_reason "abort")."""
@@ -154,181 +185,102 @@ class Engine:
             return None
         for s in group.samples:
             if not s.request.is_finished:
-                self.scheduler.remove(s.request)
-                finish(s.request, "abort")
-            self._sample_of.pop(id(s.request), None)
-        while len(group.samples) < group.params.n:
-            child = self._child(group, len(group.samples))
-            finish(child, "abort")
-            group.new_sample(child)
+                self.scheduler.finish(s.request, "abort")
+            self._sample_of.pop(s.request.request_id, None)
         return group.output()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups)
 
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        t = time.perf_counter()
+        t0 = time.perf_counter()
+        if self.proposer is not None:
+            self.proposer.propose(self.scheduler.running)
         plan = self.scheduler.schedule()
-        t = self._tick("schedule", t)
         if not plan:
-            return self._collect_finished_without_step()
-        batch = self.runner.prepare(plan.scheduled)
-        t = self._tick("prepare", t)
-        hidden = self.runner.forward(batch)
-        self._prompt_logprobs(batch.order, batch.token_offsets, hidden)
-        completing: list[tuple[ScheduledRequest, int]] = []
-        prompt_only: list[SampleState] = []
-        for s, off in zip(batch.order, batch.token_offsets):
-            r = s.request
-            r.num_computed_tokens += s.num_new_tokens
-            self.kv.cache_full_blocks(r)
-            if r.num_computed_tokens < r.num_tokens:
-                continue
-            if r.params.max_tokens == 0:
-                finish(r, "length")
-                prompt_only.append(self._sample_of[id(r)][1])
-            else:
-                completing.append((s, off))
-        rows = [off + s.num_new_tokens - 1 for s, off in completing]
-        logits = self.runner.logits(hidden, rows) if rows else None
-        t = self._tick("forward", t)
-        touched = self._sample(completing, logits)
-        t = self._tick("sample", t)
-        outputs = self._update(prompt_only + touched)
-        self._tick("update", t)
-        self.steps += 1
+            return self._collect_finished()
+        t1 = time.perf_counter()
+        result = self.worker.execute(plan)
+        t2 = time.perf_counter()
+        outputs = self._outputs(self.scheduler.update(plan, result))
+        t3 = time.perf_counter()
+        self._record(StepTiming(t1 - t0, t2 - t1, t3 - t2))
         return outputs
 
-    def _tick(self, phase: str, t: float) -> float:
-        now = time.perf_counter()
-        self.phase_seconds[phase] += now - t
-        return now
+    def _record(self, timing: StepTiming) -> None:
+        self.last_step = timing
+        self.steps += 1
+        for phase in ("schedule", "execute", "update"):
+            self.phase_seconds[phase] += getattr(timing, phase)
 
-    def _collect_finished_without_step(self) -> list[RequestOutput]:
-        done = [g for g in self.groups.values() if g.finished]
-        for g in done:
-            del self.groups[g.request_id]
-        return [g.output() for g in done]
-
-    def _prompt_logprobs(self, order: list[ScheduledRequest], offsets: list[int], hidden: torch.Tensor) -> None:
-        """Logprobs of prompt tokens (for echo / loglikelihood): row i predicts token i+1."""
-        for s, off in zip(order, offsets):
-            r = s.request
-            k = r.params.prompt_logprobs
-            if k is None or r.sample_index != 0 or s.start >= r.num_prompt_tokens:
-                continue
-            if s.start == 0:
-                r.prompt_logprobs = [None]  # the first token has no context
-            end = min(s.start + s.num_new_tokens, r.num_prompt_tokens - 1)
-            if end <= s.start:
-                continue
-            logits = self.runner.logits(hidden, list(range(off, off + end - s.start)))
-            targets = torch.tensor(r.prompt_token_ids[s.start + 1 : end + 1])
-            r.prompt_logprobs.extend(compute_logprobs(logits, targets, [k] * len(targets)))
-
-    def _sample(self, completing: list[tuple[ScheduledRequest, int]], logits: torch.Tensor | None) -> list[SampleState]:
-        if logits is None:
-            return []
-        rows: list[SamplingRow] = []
-        row_logits: list[int] = []
-        states: list[SampleState] = []
-        for i, (s, _) in enumerate(completing):
-            group, state = self._sample_of[id(s.request)]
-            targets = [state]
-            if group.params.n > 1 and not group.forked and s.request.sample_index == 0:
-                targets += self._fork(group, s.request)
-            for st in targets:
-                r = st.request
-                rows.append(SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, self.eos_token_ids))
-                row_logits.append(i)
-                states.append(st)
-        if len(row_logits) != logits.shape[0]:
-            logits = logits[torch.tensor(row_logits)]
-        results = self.sampler(logits, rows)
-        now = time.monotonic()
-        for st, res in zip(states, results):
-            r = st.request
-            r.output_token_ids.append(res.token_id)
-            if res.logprob is not None:
-                r.output_logprobs.append(res.logprob)
-            if r.metrics.first_token_time is None:
-                r.metrics.first_token_time = now
-            r.metrics.last_token_time = now
-        self.generation_tokens += len(states)
-        return states
-
-    def _fork(self, group: RequestGroup, parent: Request) -> list[SampleState]:
-        """Create samples 1..n-1 sharing the parent's prompt blocks (the partial last block is copied)."""
-        group.forked = True
-        children = []
-        for i in range(1, group.params.n):
-            child = self._child(group, i)
-            try:
-                copy = self.kv.fork(parent, child)
-            except MemoryError:  # no block for the copy: the child prefills on its own (prefix cache helps)
-                self._register(group, child)
-                self.scheduler.add(child)
-                continue
-            if copy is not None:
-                self.runner.copy_block(*copy)
-            child.num_computed_tokens = parent.num_computed_tokens
-            child.metrics.first_scheduled_time = parent.metrics.first_scheduled_time
-            children.append(self._register(group, child))
-            self.scheduler.add_running(child)
-        return children
-
-    def _update(self, states: list[SampleState]) -> list[RequestOutput]:
+    def _outputs(self, changed: list[Request]) -> list[RequestOutput]:
+        """Detokenize new tokens, apply stop strings, and build the outputs of touched groups."""
         touched: dict[str, RequestGroup] = {}
-        for st in states:
-            r = st.request
-            group, _ = self._sample_of[id(r)]
+        for req in changed:
+            group, st = self._sample_of[req.request_id]
             touched[group.request_id] = group
-            if not r.is_finished:  # finished already: a prompt-only (max_tokens=0) request
-                delta = st.detok.add([r.output_token_ids[-1]])
-                st.text += delta
-                self._check_stop(st, len(delta))
-            if r.is_finished:
-                if not isinstance(r.stop_reason, str):  # a stop string cut the text; else emit held-back bytes
-                    st.text += st.detok.flush()
-                r.metrics.finished_time = time.monotonic()
-                self.scheduler.remove(r)
-                self._sample_of.pop(id(r), None)
+            new = req.output_token_ids[st.num_detokenized :]
+            st.num_detokenized = len(req.output_token_ids)
+            self.generation_tokens += len(new)
+            delta = st.detok.add(new)
+            st.text += delta
+            p = req.params
+            if (delta and p.stop and req.finish_reason in (None, "length")
+                    and len(req.output_token_ids) >= p.min_tokens
+                    and (m := st.stop.check(st.text, len(delta))) is not None):
+                st.text = st.text[: m.end]
+                self.scheduler.finish(req, "stop", m.stop)
+            elif req.is_finished:
+                st.text += st.detok.flush()  # held-back bytes of an incomplete character
+            if req.is_finished:
+                del self._sample_of[req.request_id]
         outputs = []
         for group in touched.values():
             outputs.append(group.output())
             if group.finished:
                 del self.groups[group.request_id]
-        outputs += self._collect_finished_without_step()
-        return outputs
+        return outputs + self._collect_finished()
 
-    def _check_stop(self, st: SampleState, new_chars: int) -> None:
-        r, p = st.request, st.request.params
-        token = r.output_token_ids[-1]
-        past_min = len(r.output_token_ids) >= p.min_tokens
-        if past_min and not p.ignore_eos and token in self.eos_token_ids:
-            finish(r, "stop")
-        elif past_min and p.stop_token_ids and token in p.stop_token_ids:
-            finish(r, "stop", token)
-        elif past_min and p.stop and (m := st.stop.check(st.text, new_chars)) is not None:
-            st.text = st.text[: m.end]
-            finish(r, "stop", m.stop)
-        elif r.num_tokens >= r.max_total_tokens:
-            finish(r, "length")
+    def _collect_finished(self) -> list[RequestOutput]:
+        """Groups that finished without a step (e.g. ``max_tokens=0`` without prompt logprobs)."""
+        done = [g for g in self.groups.values() if g.finished]
+        for g in done:
+            del self.groups[g.request_id]
+        return [g.output() for g in done]
 
     # -- introspection ----------------------------------------------------------------------
     def stats(self) -> EngineStats:
+        s = self.scheduler
         return EngineStats(
-            num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_running=len(s.running),
+            num_waiting=len(s.waiting),
             num_blocks=self.kv.num_blocks,
             num_free_blocks=self.kv.num_free_blocks,
-            prefix_cache_hit_rate=self.kv.prefix_cache_hit_rate,
-            prefix_cache_hit_tokens=self.kv.hit_tokens,
-            num_preemptions=self.scheduler.num_preemptions,
+            kv_cache_tokens=self.kv.num_blocks * self.kv.block_size,
+            prefix_cache_hit_rate=s.prompt_tokens_cached / s.prompt_tokens_admitted if s.prompt_tokens_admitted else 0.0,
+            prefix_cache_hit_tokens=s.prompt_tokens_cached,
+            num_preemptions=s.num_preemptions,
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens,
             steps=self.steps,
-            phase_seconds=dict(self.phase_seconds),
+            phase_seconds={**self.phase_seconds, **self.worker.phase_seconds},
         )
 
+    def model_info(self) -> ModelInfo:
+        w = self.worker
+        return ModelInfo(
+            model_path=str(self.model_dir),
+            architecture=self.model_config.architecture,
+            dtype=str(w.dtype).removeprefix("torch."),
+            device=str(w.device),
+            attention_backend=w.attention.name,
+            max_model_len=self.max_model_len,
+            vocab_size=self.model_config.vocab_size,
+            num_parameters=w.num_parameters,
+            weight_bytes=w.weight_bytes,
+        )

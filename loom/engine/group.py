@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from loom.outputs import CompletionOutput, RequestOutput, TokenLogprob
-from loom.request import Request, RequestStatus
+from loom.request import Request
 from loom.sampling import SamplingParams
 from loom.sampling.stop import StopStringMatcher
 from loom.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -18,6 +18,7 @@ class SampleState:
     detok: IncrementalDetokenizer
     stop: StopStringMatcher
     text: str = ""
+    num_detokenized: int = 0  # output tokens already fed to ``detok``
     sent_chars: int = 0  # characters already handed out as deltas
     sent_tokens: int = 0
     sent_logprobs: int = 0
@@ -31,12 +32,11 @@ class RequestGroup:
     params: SamplingParams
     tokenizer: Tokenizer
     samples: list[SampleState] = field(default_factory=list)
-    forked: bool = False  # samples 1..n-1 exist
 
     def new_sample(self, request: Request) -> SampleState:
         s = SampleState(
             request=request,
-            detok=IncrementalDetokenizer(self.tokenizer, self.prompt_token_ids, self.params.skip_special_tokens),
+            detok=IncrementalDetokenizer(self.tokenizer, self.params.skip_special_tokens),
             stop=StopStringMatcher(self.params.stop, self.params.include_stop_str_in_output),
         )
         self.samples.append(s)
@@ -84,8 +84,3 @@ class RequestGroup:
             num_cached_tokens=first.num_cached_tokens,
         )
 
-
-def finish(request: Request, reason: str, stop_reason: str | int | None = None) -> None:
-    request.status = RequestStatus.FINISHED
-    request.finish_reason = reason
-    request.stop_reason = stop_reason

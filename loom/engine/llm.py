@@ -8,7 +8,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from loom.config import EngineConfig
-from loom.engine.engine import Engine
+from loom.engine.engine import Engine, EngineStats, ModelInfo
 from loom.outputs import RequestOutput
 from loom.sampling import SamplingParams
 
@@ -19,9 +19,10 @@ Message = dict[str, Any]
 class LLM:
     """Run many prompts through the engine at once, continuously batched.
 
-    Keyword arguments are engine options: ``dtype``, ``num_threads``, ``max_model_len``,
-    ``block_size``, ``num_blocks``, ``kv_cache_bytes``, ``enable_prefix_caching``,
-    ``max_num_batched_tokens``, ``max_num_seqs``, ``policy``."""
+    Keyword arguments are engine options (``loom.config.engine_options()`` lists them): ``dtype``,
+    ``device``, ``attention_backend``, ``num_threads``, ``max_model_len``, ``seed``, ``block_size``,
+    ``num_blocks``, ``kv_cache_bytes``, ``enable_prefix_caching``, ``max_num_batched_tokens``,
+    ``max_num_seqs``, ``policy``, ``max_waiting``."""
 
     def __init__(self, model: str | None = None, **options: Any) -> None:
         self.engine = Engine(engine_config(model, **options))
@@ -88,6 +89,12 @@ class LLM:
                             return
         finally:
             self.engine.abort_request(rid)
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def model_info(self) -> ModelInfo:
+        return self.engine.model_info()
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}

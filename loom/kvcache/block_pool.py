@@ -37,17 +37,11 @@ class BlockPool:
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self._key_of_block: dict[int, BlockKey] = {}
         self._block_of_key: dict[BlockKey, int] = {}
-        self.hits = 0  # blocks served from the prefix cache
-        self.queries = 0  # blocks looked up in the prefix cache
 
     @property
     def num_free_blocks(self) -> int:
         """Blocks that can be allocated now (free, including evictable cached ones)."""
         return len(self._free)
-
-    @property
-    def num_cached_blocks(self) -> int:
-        return len(self._block_of_key)
 
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
@@ -91,7 +85,3 @@ class BlockPool:
             return
         self._key_of_block[block] = key
         self._block_of_key[key] = block
-
-    def reset_prefix_cache(self) -> None:
-        self._key_of_block.clear()
-        self._block_of_key.clear()

@@ -1,4 +1,5 @@
-"""Per-request block tables on top of the block pool: prefix matching, growth, caching, forks."""
+"""Per-request block tables on top of the block pool: prefix matching, growth, caching, forks,
+and rolling back the tail (rejected speculative tokens)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,6 @@ class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
-        self.hit_tokens = 0
-        self.query_tokens = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -24,10 +23,6 @@ class KVCacheManager:
     @property
     def num_blocks(self) -> int:
         return self.pool.num_blocks
-
-    @property
-    def usage(self) -> float:
-        return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
 
     def _key(self, req: Request, index: int) -> BlockKey:
         parent = req.block_hashes[index - 1] if index > 0 else None
@@ -38,9 +33,11 @@ class KVCacheManager:
         """Blocks of the prefix cache that hold the start of ``req``'s tokens.
 
         At most ``num_tokens - 1`` tokens match: the last token must be computed to produce logits.
-        Fills ``req.block_hashes`` for the matched blocks; takes no references yet."""
+        A request that wants prompt logprobs matches nothing (every prompt position must be
+        computed to score it). Fills ``req.block_hashes`` for the matched blocks; takes no
+        references yet."""
         req.block_hashes.clear()
-        if not self.pool.enable_prefix_caching:
+        if not self.pool.enable_prefix_caching or req.params.prompt_logprobs is not None:
             return []
         hits: list[int] = []
         max_blocks = (req.num_tokens - 1) // self.block_size
@@ -51,42 +48,45 @@ class KVCacheManager:
                 break
             req.block_hashes.append(key.hash)
             hits.append(block)
-        self.query_tokens += req.num_tokens
-        self.hit_tokens += len(hits) * self.block_size
         return hits
 
-    def blocks_needed(self, req: Request, num_new_tokens: int, num_hits: int = 0) -> int:
-        total = cdiv(req.num_computed_tokens + num_new_tokens, self.block_size)
-        have = len(req.block_ids) + num_hits
-        return max(0, total - have)
+    def blocks_needed(self, req: Request, num_tokens: int, num_hits: int = 0) -> int:
+        """Blocks to add so that ``req`` holds ``num_tokens`` tokens after taking ``num_hits`` hits."""
+        return max(0, cdiv(num_tokens, self.block_size) - len(req.block_ids) - num_hits)
 
-    def can_allocate(self, req: Request, num_new_tokens: int, hits: list[int] | None = None) -> bool:
-        """Whether the blocks exist, counting that taking a free cached hit uses up a free block."""
+    def allocate(self, req: Request, num_tokens: int, hits: list[int] | None = None) -> bool:
+        """Grow ``req``'s block table (after taking the prefix-cache ``hits``) to hold
+        ``num_tokens`` tokens. False, with nothing taken, when the blocks do not exist; a free
+        cached hit uses up a free block too."""
         hits = hits or []
-        needed = self.blocks_needed(req, num_new_tokens, len(hits))
+        needed = self.blocks_needed(req, num_tokens, len(hits))
         hits_now_free = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
-        return needed + hits_now_free <= self.pool.num_free_blocks
-
-    def allocate(self, req: Request, num_new_tokens: int, hits: list[int] | None = None) -> bool:
-        """Give ``req`` the blocks for ``num_new_tokens`` more tokens (after taking ``hits``)."""
-        hits = hits or []
-        if not self.can_allocate(req, num_new_tokens, hits):
+        if needed + hits_now_free > self.pool.num_free_blocks:
             return False
         for b in hits:
             self.pool.touch(b)
         req.block_ids.extend(hits)
-        needed = self.blocks_needed(req, num_new_tokens)
         if needed:
             req.block_ids.extend(self.pool.allocate(needed))
         return True
 
     def cache_full_blocks(self, req: Request) -> None:
-        """Register the blocks that became full of computed tokens with the prefix index."""
+        """Register the blocks full of computed (accepted) tokens with the prefix index."""
         num_full = req.num_computed_tokens // self.block_size
         for i in range(len(req.block_hashes), num_full):
             key = self._key(req, i)
             req.block_hashes.append(key.hash)
             self.pool.register(req.block_ids[i], key)
+
+    def truncate(self, req: Request, num_tokens: int) -> None:
+        """Keep only the blocks that hold the first ``num_tokens`` tokens (roll back the KV of
+        rejected draft tokens). Slots past ``num_tokens`` in the last kept block are overwritten
+        by the next tokens."""
+        keep = cdiv(num_tokens, self.block_size)
+        if len(req.block_ids) > keep:
+            self.pool.free(list(reversed(req.block_ids[keep:])))
+            del req.block_ids[keep:]
+        del req.block_hashes[num_tokens // self.block_size :]
 
     def free(self, req: Request) -> None:
         self.pool.free(list(reversed(req.block_ids)))
@@ -95,7 +95,7 @@ class KVCacheManager:
 
     def fork(self, parent: Request, child: Request) -> tuple[int, int] | None:
         """Share ``parent``'s full blocks with ``child``. Returns (src, dst) of the partial last
-        block that the caller must copy, or None when the sequence ends on a block boundary.
+        block that must be copied, or None when the sequence ends on a block boundary.
         Raises MemoryError when no block is free for the copy."""
         full = parent.num_computed_tokens // self.block_size
         shared = parent.block_ids[:full]
@@ -112,7 +112,3 @@ class KVCacheManager:
             raise
         child.block_ids.append(dst)
         return parent.block_ids[full], dst
-
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0

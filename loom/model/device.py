@@ -1,12 +1,55 @@
-"""The one place that knows about devices, dtypes and threads."""
+"""The one place that knows about devices, dtypes, threads and memory: nothing else in loom
+calls ``torch.cuda`` or reads ``/proc``."""
 
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import sys
 
 import torch
+
+from loom.config import DEVICES
+
+# Free memory the KV cache leaves alone when its size is measured (activations, logits, the
+# sampler, other processes).
+MEMORY_HEADROOM_FRACTION = 0.25
+MIN_MEMORY_HEADROOM = 1 << 30
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when a GPU is visible, else the CPU."""
+    if name not in DEVICES:
+        raise ValueError(f"unknown device {name!r} (choose {', '.join(DEVICES)})")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch sees no GPU "
+                         f"(torch {torch.__version__} was built {'with' if torch.version.cuda else 'without'} CUDA)")
+    return torch.device(name)
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory that can be allocated now: MemAvailable on the CPU, free GPU memory on CUDA."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def kv_cache_budget(device: torch.device) -> int:
+    """Bytes for the KV cache when none is configured: free memory less the headroom
+    (``MEMORY_HEADROOM_FRACTION`` of it, at least ``MIN_MEMORY_HEADROOM``)."""
+    free = free_memory_bytes(device)
+    return max(0, free - max(int(free * MEMORY_HEADROOM_FRACTION), MIN_MEMORY_HEADROOM))
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
            "float16": torch.float16, "fp16": torch.float16}
@@ -21,13 +64,22 @@ def cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def resolve_dtype(name: str) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on GPUs that support it and on CPUs with AVX512-BF16/AMX, else fp32."""
     if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     try:
         return _DTYPES[name]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r} (choose auto, bfloat16 or float32)") from None
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timing the forward pass on an asynchronous device)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def set_threads(num_threads: int | None) -> None:
@@ -59,21 +111,32 @@ def keep_freed_memory() -> None:
 
 
 _MADV_HUGEPAGE = 14
+_HUGE_PAGE = 1 << 21
 
 
-def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zeroed CPU tensor whose pages are backed by transparent huge pages where the kernel
-    allows it (THP in ``madvise`` mode). The paged KV cache is read in scattered 2 KiB pieces, and
-    with 4 KiB pages nearly every piece costs a TLB miss (~15% of decode attention time)."""
-    t = torch.empty(shape, dtype=dtype)
-    if sys.platform.startswith("linux") and t.numel():
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            huge = 1 << 21
-            ptr, n = t.data_ptr(), t.numel() * t.element_size()
-            start, end = (ptr + huge - 1) & ~(huge - 1), (ptr + n) & ~(huge - 1)
-            if end > start:
-                libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
-        except (OSError, AttributeError):
-            pass  # an optimisation only
-    return t.zero_()
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed tensor for a large long-lived buffer (the KV cache).
+
+    On Linux CPUs it is an anonymous mapping: the kernel hands out zero pages as they are first
+    touched, so a large cache costs no start-up time and no resident memory until it is used,
+    and the mapping is backed by transparent huge pages where the kernel allows it. The paged
+    cache is read in scattered 2 KiB pieces, and with 4 KiB pages nearly every piece costs a
+    TLB miss (~15% of decode attention time)."""
+    if device.type != "cpu" or not sys.platform.startswith("linux"):
+        return torch.zeros(shape, dtype=dtype, device=device)
+    count = 1
+    for n in shape:
+        count *= n
+    nbytes = count * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    buf = mmap.mmap(-1, nbytes + _HUGE_PAGE)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    offset = -addr % _HUGE_PAGE
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(addr + offset), ctypes.c_size_t(nbytes - nbytes % _HUGE_PAGE), _MADV_HUGEPAGE)
+    except (OSError, AttributeError):
+        pass  # an optimisation only
+    # The tensor keeps ``buf`` alive (torch.frombuffer holds a reference to it).
+    return torch.frombuffer(buf, dtype=dtype, count=count, offset=offset).view(shape)

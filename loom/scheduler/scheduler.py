@@ -1,89 +1,76 @@
-"""Plans one step: a token budget shared by running decodes first, then prefill chunks (SARATHI).
+"""Plans each step and owns every change to a request's progress.
 
+``schedule()`` spends a token budget on running decodes first, then on prefill chunks (SARATHI).
 There is no separate prefill phase: every request has ``num_computed_tokens`` that catches up
-with its length, a chunk at a time. When KV blocks run out, the lowest-priority running request
-is preempted by recompute: its blocks are freed (they stay in the prefix cache) and it goes back
-to the waiting queue with its generated tokens, which are recomputed as part of its prompt.
+with its length, a chunk at a time. A decode may carry draft tokens to verify. When KV blocks
+run out, the policy's victim is preempted by recompute: its blocks are freed (full ones stay in
+the prefix cache) and it goes back to the waiting queue with its generated tokens.
+
+``update(plan, result)`` applies what the worker computed: it advances computed tokens, rolls
+back the KV of rejected drafts, caches full blocks of accepted tokens, appends tokens with their
+token-level stop checks, forks the samples of ``n > 1`` requests, and frees finished requests.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 from loom.config import SchedulerConfig
 from loom.kvcache import KVCacheManager
 from loom.request import Request, RequestStatus
 from loom.scheduler.policy import SchedulingPolicy, make_policy
+from loom.scheduler.stopping import token_stop
+from loom.step import RequestResult, ScheduledRequest, StepPlan, StepResult
 
-
-@dataclass(frozen=True)
-class ScheduledRequest:
-    request: Request
-    num_new_tokens: int
-
-    @property
-    def start(self) -> int:
-        return self.request.num_computed_tokens
-
-    @property
-    def completes(self) -> bool:
-        """Whether this chunk reaches the end of the sequence, so a token is sampled after it."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    def __bool__(self) -> bool:
-        return bool(self.scheduled)
+_NOTHING = RequestResult()
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, policy: SchedulingPolicy | None = None) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv: KVCacheManager,
+        eos_token_ids: tuple[int, ...] = (),
+        policy: SchedulingPolicy | None = None,
+    ) -> None:
         if config.max_num_batched_tokens < 1 or config.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
         self.config = config
         self.kv = kv
+        self.eos_token_ids = eos_token_ids
         self.policy = policy or make_policy(config.policy)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # Prefix-cache effect, counted once per request at its first admission.
+        self.prompt_tokens_admitted = 0
+        self.prompt_tokens_cached = 0
+        self._block_copies: list[tuple[int, int]] = []  # for the next plan (forks)
 
     # -- queue management -------------------------------------------------------------------
     def add(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
         self.waiting.append(req)
 
-    def add_running(self, req: Request) -> None:
-        """Adopt a request that already holds its blocks (a forked sample of ``n > 1``)."""
-        req.status = RequestStatus.RUNNING
-        self.running.append(req)
-
-    def remove(self, req: Request) -> None:
-        """Take a request out of the queues and free its blocks (finish or abort)."""
-        if req in self.running:
+    def finish(self, req: Request, reason: str, stop_reason: str | int | None = None) -> None:
+        """End a request (stop, length or abort): out of the queues, blocks freed."""
+        if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
         self.kv.free(req)
-
-    @property
-    def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.stop_reason = stop_reason
+        req.metrics.finished_time = time.monotonic()
 
     # -- planning ---------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+    def schedule(self) -> StepPlan:
+        plan = StepPlan(block_copies=self._block_copies)
+        self._block_copies = []
         budget = self.config.max_num_batched_tokens
         key = self.policy.sort_key
-        # Decodes first (one token each), then requests still in their prefill.
+        # Decodes first, then requests still in their prefill.
         order = sorted(self.running, key=lambda r: (r.num_tokens - r.num_computed_tokens > 1, key(r)))
         unscheduled = list(order)
         for req in order:
@@ -93,24 +80,29 @@ class Scheduler:
             if budget == 0:
                 continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self.kv.allocate(req, num_new):
+            drafts = tuple(req.draft_token_ids[: budget - 1]) if num_new == 1 else ()
+            while not self.kv.allocate(req, req.num_computed_tokens + num_new + len(drafts)):
                 victim = self.policy.select_victim(unscheduled + [req])
                 self._preempt(victim)
-                out.preempted.append(victim)
+                plan.preempted.append(victim)
                 if victim is req:
                     break
                 unscheduled.remove(victim)
             if req.status is not RequestStatus.RUNNING:
                 continue
-            out.scheduled.append(ScheduledRequest(req, num_new))
-            self.policy.on_scheduled(req, num_new)
-            budget -= num_new
+            plan.scheduled.append(self._scheduled(req, num_new, drafts))
+            budget -= num_new + len(drafts)
+        if not plan.preempted:
+            self._admit(plan, budget)
+        return plan
 
-        if not out.preempted:
-            self._admit(out, budget)
-        return out
+    def _scheduled(self, req: Request, num_new: int, drafts: tuple[int, ...] = ()) -> ScheduledRequest:
+        start = req.num_computed_tokens
+        sample = start + num_new == req.num_tokens and req.params.max_tokens != 0
+        self.policy.on_scheduled(req, num_new + len(drafts))
+        return ScheduledRequest(req, start, num_new, sample, drafts, tuple(req.forks) if sample else ())
 
-    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+    def _admit(self, plan: StepPlan, budget: int) -> None:
         self.waiting.sort(key=self.policy.sort_key)
         now = time.monotonic()
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -118,27 +110,91 @@ class Scheduler:
             hits = self.kv.match_prefix(req)
             num_computed = len(hits) * self.kv.block_size
             num_new = min(req.num_tokens - num_computed, budget)
-            req.num_computed_tokens = num_computed
-            if not self.kv.allocate(req, num_new, hits):
-                req.num_computed_tokens = 0
+            if not self.kv.allocate(req, num_computed + num_new, hits):
                 req.block_hashes.clear()
                 break
             self.waiting.pop(0)
+            req.num_computed_tokens = num_computed
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
-                req.num_cached_tokens = num_computed
-                req.metrics.num_cached_prompt_tokens = num_computed
+                req.num_cached_tokens = req.metrics.num_cached_prompt_tokens = num_computed
+                self.prompt_tokens_admitted += req.num_prompt_tokens
+                self.prompt_tokens_cached += num_computed
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.scheduled.append(ScheduledRequest(req, num_new))
-            self.policy.on_scheduled(req, num_new)
+            plan.scheduled.append(self._scheduled(req, num_new))
             budget -= num_new
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.kv.free(req)
         req.num_computed_tokens = 0
+        req.draft_token_ids.clear()
         req.status = RequestStatus.PREEMPTED
         req.metrics.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.append(req)
+
+    # -- applying a step's results ------------------------------------------------------------
+    def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
+        """Apply ``result`` to the requests of ``plan``. Returns the requests that got tokens or
+        finished (forked samples included), in plan order."""
+        changed: list[Request] = []
+        for s in plan.scheduled:
+            req = s.request
+            res = result.results.get(req.request_id, _NOTHING)
+            if res.prompt_logprobs:
+                if s.start == 0:
+                    req.prompt_logprobs = [None]  # the first token has no context
+                req.prompt_logprobs.extend(res.prompt_logprobs)
+            accepted_drafts = max(len(res.token_ids) - 1, 0) if s.draft_token_ids else 0
+            req.num_computed_tokens = s.end + accepted_drafts
+            if s.draft_token_ids:
+                req.draft_token_ids.clear()
+                self.kv.truncate(req, req.num_computed_tokens)
+            self.kv.cache_full_blocks(req)
+            if req.metrics.prefill_end_time is None and req.num_computed_tokens >= req.num_prompt_tokens:
+                req.metrics.prefill_end_time = result.forward_end_time
+            if s.sample:
+                for child in s.forks:  # before the parent's token, which may finish it
+                    self._fork(req, child, result.results.get(child.request_id, _NOTHING))
+                req.forks.clear()
+                self._append(req, res)
+                changed += [req, *s.forks]
+            elif req.num_computed_tokens == req.num_tokens and req.params.max_tokens == 0:
+                self.finish(req, "length")  # prompt logprobs only
+                changed.append(req)
+        return changed
+
+    def _append(self, req: Request, res: RequestResult) -> None:
+        """Append accepted tokens one by one; a token-level stop drops the ones after it."""
+        for i, token in enumerate(res.token_ids):
+            req.output_token_ids.append(token)
+            if res.logprobs:
+                req.output_logprobs.append(res.logprobs[i])
+            stop = token_stop(req, self.eos_token_ids)
+            if stop is not None:
+                self.finish(req, *stop)
+                break
+        now = time.monotonic()
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+        req.metrics.last_token_time = now
+
+    def _fork(self, parent: Request, child: Request, res: RequestResult) -> None:
+        """Give ``child`` the parent's prompt blocks (copying the partial last one) and its own
+        first token. Without a free block for the copy it recomputes the prompt on its own."""
+        child.metrics.first_scheduled_time = parent.metrics.first_scheduled_time
+        child.metrics.prefill_end_time = parent.metrics.prefill_end_time
+        child.num_cached_tokens = parent.num_cached_tokens
+        try:
+            copy = self.kv.fork(parent, child)
+        except MemoryError:
+            self.add(child)
+        else:
+            if copy is not None:
+                self._block_copies.append(copy)
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.status = RequestStatus.RUNNING
+            self.running.append(child)
+        self._append(child, res)

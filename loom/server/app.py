@@ -13,7 +13,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import loom
-from loom.engine import AsyncEngine
+from loom.engine import EngineClient
 from loom.server.chat import chat_prompt, create_chat_completion
 from loom.server.completions import create_completion
 from loom.server.config import ServerConfig
@@ -23,13 +23,14 @@ from loom.server.protocol import ChatCompletionRequest, CompletionRequest, Detok
 from loom.server.serving import Serving
 
 
-def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAPI:
+def build_app(engine: EngineClient, config: ServerConfig | None = None) -> FastAPI:
     """The app serving ``engine``. The app owns the engine from here on: its lifespan shutdown
     (uvicorn's, after in-flight requests had their grace period) shuts the engine down."""
     config = config or ServerConfig()
     serving = Serving(engine, config)
     metrics = ServerMetrics(engine.stats)
     engine.add_listener(metrics.observe)
+    engine.add_step_listener(metrics.observe_step)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -79,12 +80,12 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAP
             add_special = True if body.add_special_tokens is None else body.add_special_tokens
             ids = serving.tokenizer.encode(body.prompt or "", add_special_tokens=add_special)
         strs = serving.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
-        return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids, "token_strs": strs}
+        return {"count": len(ids), "max_model_len": serving.model_info.max_model_len, "tokens": ids, "token_strs": strs}
 
     @api.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         serving.model_name(body.model)
-        vocab = engine.model_config.vocab_size
+        vocab = serving.model_info.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens")
@@ -111,5 +112,5 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAP
 
 def _model_card(name: str, serving: Serving) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": serving.created, "owned_by": "loom",
-            "max_model_len": serving.engine.max_model_len}
+            "max_model_len": serving.model_info.max_model_len}
 

@@ -1,7 +1,7 @@
 """Prometheus metrics (``loom_*``) for ``/metrics``.
 
-Per-request latencies are observed from the engine's outputs (an AsyncEngine listener on the
-engine thread; prometheus-client is thread-safe). Engine-wide state (queues, KV blocks, token and
+Per-request latencies are observed from the engine's outputs, and step-phase times from its step
+timings (EngineClient listeners, called on the engine thread; prometheus-client is thread-safe). Engine-wide state (queues, KV blocks, token and
 preemption totals) is read from the engine's latest stats snapshot at scrape time. Each app has
 its own registry, so several servers can live in one process (tests)."""
 
@@ -13,11 +13,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from loom.engine import EngineStats
+from loom.engine import EngineStats, StepTiming
 from loom.outputs import RequestOutput
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0,
+                2.5)
 REQUEST_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                    480.0, 960.0)
 
@@ -34,8 +36,10 @@ class _EngineCollector(Collector):
             ("loom_kv_cache_blocks_used", "KV cache blocks in use.", s.num_blocks - s.num_free_blocks),
             ("loom_kv_cache_blocks_free", "KV cache blocks free (including evictable prefix-cache blocks).", s.num_free_blocks),
             ("loom_kv_cache_usage_ratio", "Fraction of KV cache blocks in use.", 1 - s.num_free_blocks / max(s.num_blocks, 1)),
-            ("loom_prefix_cache_hit_rate", "Fraction of looked-up prompt blocks found in the prefix cache.",
-             s.prefix_cache_hit_rate),
+            ("loom_kv_cache_capacity_tokens", "Tokens the KV cache holds (blocks x block size).", s.kv_cache_tokens),
+            ("loom_prefix_cache_hit_rate",
+             "Fraction of the prompt tokens of admitted requests that were served from the prefix cache "
+             "(each request counted once, at its first admission).", s.prefix_cache_hit_rate),
         )
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)
@@ -43,7 +47,9 @@ class _EngineCollector(Collector):
             ("loom_num_preemptions", "Requests preempted (KV cache full).", s.num_preemptions),
             ("loom_prompt_tokens", "Prompt tokens received.", s.prompt_tokens),
             ("loom_generation_tokens", "Tokens generated.", s.generation_tokens),
-            ("loom_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache.", s.prefix_cache_hit_tokens),
+            ("loom_prefix_cache_hit_tokens",
+             "Prompt tokens served from the prefix cache (each request counted once, at its first admission).",
+             s.prefix_cache_hit_tokens),
             ("loom_engine_steps", "Engine steps (forward passes).", s.steps),
         )
         for name, doc, value in counters:
@@ -64,11 +70,21 @@ class ServerMetrics:
                              buckets=REQUEST_BUCKETS, registry=r)
         self.queue = Histogram("loom_request_queue_time_seconds", "Time from arrival to first being scheduled.",
                                buckets=REQUEST_BUCKETS, registry=r)
+        self.ttft_split = Histogram(
+            "loom_time_to_first_token_split_seconds",
+            "Time to first token in three parts: queue (arrival to first scheduled), prefill (first scheduled "
+            "to the end of the forward pass of the prompt's last chunk), first_token (from there until the "
+            "sampled token is appended: logits, sampling, bookkeeping).",
+            ["part"], buckets=LATENCY_BUCKETS, registry=r)
+        self.step_phase = Histogram("loom_step_phase_seconds",
+                                    "Seconds per engine step phase: schedule, execute (forward pass and sampling), "
+                                    "update (request bookkeeping, detokenizing, outputs).",
+                                    ["phase"], buckets=STEP_BUCKETS, registry=r)
         r.register(_EngineCollector(stats))
         self._last_token_time: dict[str, float] = {}  # engine thread only
 
     def observe(self, outputs: list[RequestOutput]) -> None:
-        """AsyncEngine listener: called on the engine thread with each batch of outputs."""
+        """Output listener: called on the engine thread with each batch of outputs."""
         for out in outputs:
             m = out.metrics
             if m.last_token_time is not None and any(c.delta_token_ids for c in out.outputs):
@@ -76,6 +92,7 @@ class ServerMetrics:
                 if previous is None:
                     if m.ttft is not None:
                         self.ttft.observe(m.ttft)
+                        self._observe_ttft_split(out)
                 elif m.last_token_time > previous:
                     self.itl.observe(m.last_token_time - previous)
                 self._last_token_time[out.request_id] = m.last_token_time
@@ -87,6 +104,18 @@ class ServerMetrics:
                     self.e2e.observe(m.e2e)
                 if m.queue_time is not None:
                     self.queue.observe(m.queue_time)
+
+    def _observe_ttft_split(self, out: RequestOutput) -> None:
+        m = out.metrics
+        for part, value in (("queue", m.queue_time), ("prefill", m.prefill_time), ("first_token", m.first_token_latency)):
+            if value is not None:
+                self.ttft_split.labels(part=part).observe(value)
+
+    def observe_step(self, timing: StepTiming) -> None:
+        """Step listener: called on the engine thread after each step."""
+        self.step_phase.labels(phase="schedule").observe(timing.schedule)
+        self.step_phase.labels(phase="execute").observe(timing.execute)
+        self.step_phase.labels(phase="update").observe(timing.update)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 import loom
-from loom.engine import AsyncEngine, EngineDeadError, EngineOverloadedError
+from loom.engine import EngineClient, EngineDeadError, EngineOverloadedError
 from loom.outputs import RequestOutput
 from loom.sampling import SamplingParams
 from loom.server.config import ServerConfig
@@ -66,13 +66,14 @@ class Started:
 class Serving:
     """State shared by the endpoint handlers of one app."""
 
-    def __init__(self, engine: AsyncEngine, config: ServerConfig) -> None:
+    def __init__(self, engine: EngineClient, config: ServerConfig) -> None:
         self.engine = engine
         self.config = config
         self.tokenizer = engine.tokenizer
         self.logprobs = LogprobFormatter(engine.tokenizer)
         self.created = int(time.time())
-        source = f"loom-{loom.__version__}:{engine.engine.model_dir}:{engine.engine.runner.dtype}"
+        self.model_info = info = engine.model_info()
+        source = f"loom-{loom.__version__}:{info.model_path}:{info.dtype}:{info.device}"
         self.system_fingerprint = "fp_" + hashlib.blake2b(source.encode(), digest_size=5).hexdigest()
 
     def model_name(self, requested: str | None) -> str:

@@ -183,3 +183,69 @@ def test_abort_frees_blocks(model_dir):
     out = eng.abort_request("a")
     assert out.finished and out.outputs[0].finish_reason == "abort"
     assert eng.kv.num_free_blocks == free and not eng.has_unfinished_requests()
+
+
+class ReplayProposer:
+    """Proposes the next tokens of a known greedy continuation, with every third guess wrong,
+    so verification both accepts and rejects drafts."""
+
+    def __init__(self, expected: dict[tuple[int, ...], list[int]], k: int) -> None:
+        self.expected = expected
+        self.k = k
+        self.proposed = 0
+
+    def propose(self, requests) -> None:
+        for r in requests:
+            if r.num_tokens - r.num_computed_tokens != 1:
+                continue  # still in its prefill
+            future = self.expected[tuple(r.prompt_token_ids)][len(r.output_token_ids):]
+            drafts = [t if (len(r.output_token_ids) + i) % 3 else (t + 1) % 1000 for i, t in enumerate(future[: self.k])]
+            r.draft_token_ids = drafts
+            self.proposed += len(drafts)
+
+
+def test_verifying_drafts_keeps_greedy_output_and_rolls_back_rejected_kv(model_dir):
+    ps = prompts(6, seed=3)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1)
+    plain = LLM(model_dir, dtype="float32", block_size=4).generate(ps, params, use_tqdm=False)
+    expected = {tuple(p): o.outputs[0].token_ids for p, o in zip(ps, plain)}
+    proposer = ReplayProposer(expected, k=5)
+    engine = Engine(engine_config(model_dir, dtype="float32", block_size=4), proposer=proposer)
+    for i, p in enumerate(ps):
+        engine.add_request(str(i), p, params)
+    finals = {}
+    while engine.has_unfinished_requests():
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+    for i, o in enumerate(plain):
+        got = finals[str(i)].outputs[0]
+        assert got.token_ids == o.outputs[0].token_ids
+        assert [lp.token_id for lp in got.logprobs] == got.token_ids
+        assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(got.logprobs, o.outputs[0].logprobs))
+    assert proposer.proposed > 0
+    assert engine.stats().steps < 24  # accepted drafts: fewer steps than tokens
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_attention_backends_give_identical_greedy_tokens(model_dir, backend):
+    ps = prompts(8, seed=4)
+    reference, _ = run(model_dir, ps, attention_backend="cpu", block_size=4, max_num_batched_tokens=16)
+    got, llm = run(model_dir, ps, attention_backend=backend, block_size=4, max_num_batched_tokens=16)
+    assert llm.model_info().attention_backend == backend
+    assert got == reference
+
+
+def test_kv_cache_size_is_measured_and_bounded_by_what_can_be_used(model_dir):
+    from loom.model.device import kv_cache_budget, resolve_device
+
+    llm = LLM(model_dir, dtype="float32", block_size=4, max_num_seqs=3, max_model_len=50)
+    assert llm.stats().num_blocks == 3 * 13  # 3 sequences of 50 tokens in blocks of 4
+    assert llm.stats().kv_cache_tokens == 3 * 13 * 4
+    assert kv_cache_budget(resolve_device("cpu")) > llm.stats().num_blocks  # far from the memory bound here
+
+
+def test_engine_reports_model_info(model_dir):
+    info = LLM(model_dir, dtype="float32").model_info()
+    assert (info.architecture, info.dtype, info.device, info.attention_backend) == ("llama", "float32", "cpu", "cpu")
+    assert info.num_parameters > 0 and info.weight_bytes == 4 * info.num_parameters
+    assert info.max_model_len > 0 and info.vocab_size > 0

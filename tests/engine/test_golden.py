@@ -16,6 +16,7 @@ from loom.sampling import SamplingParams
 
 LOGPROB_ATOL = 2e-4
 ARCHS = ["llama", "qwen2", "gemma3"]
+BACKENDS = ["cpu", "torch"]  # the attention backends this machine runs (cuda: see test_golden_cuda.py)
 
 
 def hf_model(path):
@@ -58,18 +59,20 @@ def mixed_prompts(vocab: int, seed: int = 0) -> list[list[int]]:
     return prompts
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_matches_transformers_under_chunking_preemption_and_prefix_hits(tiny_model, arch):
+def test_greedy_matches_transformers_under_chunking_preemption_and_prefix_hits(tiny_model, arch, backend):
     path = tiny_model(arch)
     ref = hf_model(path)
     prompts = mixed_prompts(ref.config.vocab_size)
     n_out = 12
     expected = [hf_greedy(ref, p, n_out) for p in prompts]
-    llm = LLM(str(path), dtype="float32", block_size=4, num_blocks=56, max_num_batched_tokens=24, max_num_seqs=8)
+    llm = LLM(str(path), dtype="float32", block_size=4, num_blocks=56, max_num_batched_tokens=24, max_num_seqs=8,
+              attention_backend=backend)
     params = SamplingParams(temperature=0, max_tokens=n_out, ignore_eos=True)
     outs = llm.generate(prompts, params, use_tqdm=False)
     got = [o.outputs[0].token_ids for o in outs]
-    stats = llm.engine.stats()
+    stats = llm.stats()
     assert got == expected
     assert stats.num_preemptions > 0, "the test must exercise preemption"
     assert stats.prefix_cache_hit_tokens > 0, "the test must exercise prefix caching"
@@ -110,12 +113,13 @@ def test_sampled_logprobs_match_transformers(tiny_model, arch):
         assert top_ids == row.topk(3).indices.tolist()
 
 
-def test_default_model_matches_transformers():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_default_model_matches_transformers(backend):
     from loom.model.files import resolve_model
 
     path = resolve_model(None)
     ref = hf_model(path)
-    llm = LLM(None, dtype="float32", max_num_batched_tokens=32)
+    llm = LLM(None, dtype="float32", max_num_batched_tokens=32, attention_backend=backend)
     tok = llm.tokenizer
     texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away, there lived"]
     assert_matches_hf(llm, ref, [tok.encode(t) for t in texts], n_out=16, atol=1e-3)

@@ -43,11 +43,9 @@ def test_prefix_match_reuses_full_blocks_and_counts_hits():
     r2 = req("b", list(range(8)) + [99, 98, 97])
     hits = kv.match_prefix(r2)
     assert hits == r1.block_ids[:2]
-    r2.num_computed_tokens = 8
-    assert kv.allocate(r2, 3, hits)
+    assert kv.allocate(r2, 11, hits)
     assert r2.block_ids[:2] == r1.block_ids[:2] and r2.block_ids[2] != r1.block_ids[2]
     assert kv.pool.ref_counts[r1.block_ids[0]] == 2
-    assert kv.hit_tokens == 8
 
 
 def test_prefix_match_leaves_last_token_to_compute():
@@ -79,7 +77,18 @@ def test_disabled_prefix_cache_never_hits():
     assert kv.match_prefix(req("b", [1, 2, 3, 4, 5])) == []
 
 
-def test_can_allocate_counts_free_cached_hits():
+def test_request_wanting_prompt_logprobs_matches_nothing():
+    kv = KVCacheManager(num_blocks=8, block_size=2)
+    r1 = req("a", [1, 2, 3, 4, 5])
+    kv.allocate(r1, 5)
+    r1.num_computed_tokens = 5
+    kv.cache_full_blocks(r1)
+    scored = Request("b", [1, 2, 3, 4, 5], SamplingParams(max_tokens=0, prompt_logprobs=0))
+    assert kv.match_prefix(scored) == []
+    assert len(kv.match_prefix(req("c", [1, 2, 3, 4, 5]))) == 2
+
+
+def test_allocate_counts_free_cached_hits():
     kv = KVCacheManager(num_blocks=2, block_size=2)
     r1 = req("a", [1, 2, 3])
     kv.allocate(r1, 3)
@@ -89,10 +98,11 @@ def test_can_allocate_counts_free_cached_hits():
     r2 = req("b", [1, 2, 7, 8, 9])
     hits = kv.match_prefix(r2)
     assert len(hits) == 1
-    r2.num_computed_tokens = 2
-    # needs 2 more blocks + the hit itself, only 2 blocks exist
-    assert not kv.can_allocate(r2, 3, hits)
-    assert kv.can_allocate(r2, 2, hits)
+    # 5 tokens need 2 more blocks + the hit itself, only 2 blocks exist: nothing is taken
+    assert not kv.allocate(r2, 5, hits)
+    assert r2.block_ids == [] and kv.num_free_blocks == 2
+    assert kv.allocate(r2, 4, hits)
+    assert r2.block_ids[0] == hits[0] and kv.num_free_blocks == 0
 
 
 def test_fork_shares_full_blocks_and_copies_partial():
@@ -109,3 +119,18 @@ def test_fork_shares_full_blocks_and_copies_partial():
     kv.free(child)
     kv.free(parent)
     assert kv.num_free_blocks == 8
+
+
+def test_truncate_frees_tail_blocks_and_forgets_their_hashes():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    r = req("r", list(range(5)))
+    assert kv.allocate(r, 13)  # 5 known tokens + 8 draft slots: 4 blocks
+    tail = r.block_ids[2:]
+    r.num_computed_tokens = 6  # one draft accepted
+    kv.truncate(r, 6)
+    kv.cache_full_blocks(r)
+    assert len(r.block_ids) == 2 and len(r.block_hashes) == 1
+    assert all(kv.pool.ref_counts[b] == 0 for b in tail) and kv.num_free_blocks == 6
+    # Nothing past the accepted tokens was registered with the prefix index.
+    other = req("o", list(range(5)) + [0] * 8)
+    assert len(kv.match_prefix(other)) == 1

@@ -49,6 +49,9 @@ def test_metrics(tiny_server):
         "loom_inter_token_latency_seconds": "histogram",
         "loom_e2e_request_latency_seconds": "histogram",
         "loom_request_queue_time_seconds": "histogram",
+        "loom_time_to_first_token_split_seconds": "histogram",
+        "loom_step_phase_seconds": "histogram",
+        "loom_kv_cache_capacity_tokens": "gauge",
         "loom_num_requests_running": "gauge",
         "loom_num_requests_waiting": "gauge",
         "loom_kv_cache_blocks_used": "gauge",
@@ -69,4 +72,16 @@ def test_metrics(tiny_server):
     assert values["loom_generation_tokens_total[]"] >= 18
     assert values["loom_prefix_cache_hit_tokens_total[]"] > 0  # the second prompt's blocks were cached
     assert values["loom_kv_cache_blocks_used[]"] + values["loom_kv_cache_blocks_free[]"] == 512
+    assert values["loom_kv_cache_capacity_tokens[]"] == 512 * 16
+    steps = values["loom_engine_steps_total[]"]
+    for phase in ("schedule", "execute", "update"):
+        assert values[f"loom_step_phase_seconds_count[('phase', '{phase}')]"] == steps
+    assert values["loom_step_phase_seconds_sum[('phase', 'execute')]"] > 0
+    ttft_count = values["loom_time_to_first_token_seconds_count[]"]
+    parts = {p: values[f"loom_time_to_first_token_split_seconds_sum[('part', '{p}')]"] for p in ("queue", "prefill", "first_token")}
+    for p in parts:
+        assert values[f"loom_time_to_first_token_split_seconds_count[('part', '{p}')]"] == ttft_count
+    # The three parts add up to the time to first token.
+    assert abs(sum(parts.values()) - values["loom_time_to_first_token_seconds_sum[]"]) < 1e-6 * ttft_count + 1e-9
+    assert parts["prefill"] > 0
     assert values["loom_num_requests_running[]"] == 0 and values["loom_num_requests_waiting[]"] == 0

@@ -10,16 +10,14 @@ import torch
 from torch import nn
 
 from loom.config import ModelConfig
-from loom.model.attention import AttentionMetadata
+from loom.model.attention import StepAttention
 from loom.model.layers import linear
-
-KVCache = tuple[torch.Tensor, torch.Tensor]
-
 
 class CausalLM(nn.Module, ABC):
     """A decoder-only LM over the paged KV cache.
 
-    ``forward`` takes the flat batch of this step's tokens and returns their final hidden states;
+    ``forward`` takes the flat batch of this step's tokens and the step's attention (the backend
+    bound to the step's metadata; layer ``i`` calls it with ``i``) and returns the final hidden states;
     ``compute_logits`` turns the selected rows into fp32 logits (only the rows that sample)."""
 
     embed_tokens: nn.Module
@@ -30,9 +28,7 @@ class CausalLM(nn.Module, ABC):
         self.config = config
 
     @abstractmethod
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches: list[KVCache]
-    ) -> torch.Tensor: ...
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: StepAttention) -> torch.Tensor: ...
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits of the given hidden rows (the head is the embedding when tied)."""

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from loom.config import ModelConfig
-from loom.model.arch.base import CausalLM, KVCache
+from loom.model.arch.base import CausalLM
 from loom.model.arch.hf_config import HFConfig, common_fields, rope_parameters, rope_scaling
 from loom.model.arch.llama import LlamaMLP
-from loom.model.attention import AttentionMetadata, paged_attention
+from loom.model.attention import StepAttention
 from loom.model.layers import Embedding, Linear, RMSNorm, apply_rotary
 from loom.model.rope import RotaryEmbedding
 
@@ -18,8 +18,9 @@ CosSin = tuple[torch.Tensor, torch.Tensor]
 
 
 class Gemma3Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, sliding: bool) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, sliding: bool) -> None:
         super().__init__()
+        self.layer = layer
         self.cfg = cfg
         self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
         self.o_proj = Linear(cfg.q_size, cfg.hidden_size)
@@ -28,30 +29,30 @@ class Gemma3Attention(nn.Module):
         self.scale = float(cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
         self.window = int(cfg.sliding_window or 0) if sliding else 0
 
-    def forward(self, x: torch.Tensor, cos_sin: CosSin, meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos_sin: CosSin, attention: StepAttention) -> torch.Tensor:
         c = self.cfg
         q, k, v = self.qkv_proj(x).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         q = apply_rotary(self.q_norm(q.reshape(-1, c.head_dim)).view(-1, c.num_heads, c.head_dim), *cos_sin)
         k = apply_rotary(self.k_norm(k.reshape(-1, c.head_dim)).view(-1, c.num_kv_heads, c.head_dim), *cos_sin)
         v = v.view(-1, c.num_kv_heads, c.head_dim)
-        out = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale, self.window)
+        out = attention(self.layer, q, k, v, self.scale, self.window)
         return self.o_proj(out.reshape(-1, c.q_size))
 
 
 class Gemma3DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, sliding: bool) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, sliding: bool) -> None:
         super().__init__()
         self.sliding = sliding
         norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=1.0)  # noqa: E731
         self.input_layernorm = norm()
-        self.self_attn = Gemma3Attention(cfg, sliding)
+        self.self_attn = Gemma3Attention(cfg, layer, sliding)
         self.post_attention_layernorm = norm()
         self.pre_feedforward_layernorm = norm()
         self.mlp = LlamaMLP(cfg)
         self.post_feedforward_layernorm = norm()
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None, cos_sin: CosSin, meta: AttentionMetadata, kv: KVCache
+        self, x: torch.Tensor, residual: torch.Tensor | None, cos_sin: CosSin, attention: StepAttention
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(sublayer output, residual before adding it), as in the Llama layer; Gemma normalises
         each sublayer's output before the add."""
@@ -59,7 +60,7 @@ class Gemma3DecoderLayer(nn.Module):
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm.add_forward(x, residual)
-        h = self.post_attention_layernorm(self.self_attn(h, cos_sin, meta, kv))
+        h = self.post_attention_layernorm(self.self_attn(h, cos_sin, attention))
         h, residual = self.pre_feedforward_layernorm.add_forward(h, residual)
         return self.post_feedforward_layernorm(self.mlp(h)), residual
 
@@ -69,20 +70,20 @@ class Gemma3ForCausalLM(CausalLM):
         super().__init__(cfg)
         sliding = cfg.layer_is_sliding or (False,) * cfg.num_layers
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Gemma3DecoderLayer(cfg, s) for s in sliding)
+        self.layers = nn.ModuleList(Gemma3DecoderLayer(cfg, i, s) for i, s in enumerate(sliding))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=1.0)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
         self.rotary_global = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling)
         self.rotary_local = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_local_theta or 10000.0)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches: list[KVCache]) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: StepAttention) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
         rope_global = self.rotary_global.cos_sin(positions, x.dtype)
         rope_local = self.rotary_local.cos_sin(positions, x.dtype)
         residual = None
-        for layer, kv in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, rope_local if layer.sliding else rope_global, meta, kv)
+        for layer in self.layers:
+            x, residual = layer(x, residual, rope_local if layer.sliding else rope_global, attention)
         return self.norm.add_forward(x, residual)[0]
 
 

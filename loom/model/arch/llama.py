@@ -9,29 +9,30 @@ import torch
 from torch import nn
 
 from loom.config import ModelConfig
-from loom.model.arch.base import CausalLM, KVCache
+from loom.model.arch.base import CausalLM
 from loom.model.arch.hf_config import HFConfig, common_fields, global_rope
-from loom.model.attention import AttentionMetadata, paged_attention
+from loom.model.attention import StepAttention
 from loom.model.layers import Embedding, GatedActivation, Linear, RMSNorm, apply_rotary
 from loom.model.rope import RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.cfg = cfg
+        self.layer = layer
         self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
         self.o_proj = Linear(cfg.q_size, cfg.hidden_size)
         self.scale = cfg.head_dim**-0.5
 
-    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], attention: StepAttention) -> torch.Tensor:
         c = self.cfg
         qkv = self.qkv_proj(x)
         # q and k rotate together (one set of elementwise ops instead of two).
         qk = apply_rotary(qkv[:, : c.q_size + c.kv_size].view(-1, c.num_heads + c.num_kv_heads, c.head_dim), *cos_sin)
         q, k = qk[:, : c.num_heads], qk[:, c.num_heads :]
         v = qkv[:, c.q_size + c.kv_size :].view(-1, c.num_kv_heads, c.head_dim)
-        out = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale)
+        out = attention(self.layer, q, k, v, self.scale)
         return self.o_proj(out.reshape(-1, c.q_size))
 
 
@@ -47,16 +48,16 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg)
+        self.self_attn = LlamaAttention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, cos_sin: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata, kv: KVCache,
+        attention: StepAttention,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Takes and returns (this sublayer's output, the residual stream before adding it), so
         each residual add fuses with the norm that follows it."""
@@ -64,7 +65,7 @@ class LlamaDecoderLayer(nn.Module):
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm.add_forward(x, residual)
-        h = self.self_attn(h, cos_sin, meta, kv)
+        h = self.self_attn(h, cos_sin, attention)
         h, residual = self.post_attention_layernorm.add_forward(h, residual)
         return self.mlp(h), residual
 
@@ -73,17 +74,17 @@ class LlamaForCausalLM(CausalLM):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches: list[KVCache]) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: StepAttention) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos_sin = self.rotary.cos_sin(positions, x.dtype)
         residual = None
-        for layer, kv in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, cos_sin, meta, kv)
+        for layer in self.layers:
+            x, residual = layer(x, residual, cos_sin, attention)
         return self.norm.add_forward(x, residual)[0]
 
 

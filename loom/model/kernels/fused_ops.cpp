@@ -5,6 +5,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "cpu_check.h"
+
 #include <cmath>
 #include <type_traits>
 
@@ -43,6 +45,8 @@ void rms_norm_row(const T* x, const T* w, T* out, int64_t n, float eps, float of
 }  // namespace
 
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, double offset) {
+  LOOM_CHECK_CPU(x);
+  LOOM_CHECK_CPU(w);
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && w.is_contiguous() && w.size(0) == x.size(1), "bad shapes");
   auto out = torch::empty({x.size(0), x.size(1)}, x.options());
   const int64_t n = x.size(1), xs = x.stride(0);
@@ -59,6 +63,9 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, double offs
 
 // residual += x (rounded to the dtype, like `residual + x`), then return norm(residual).
 torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, double eps, double offset) {
+  LOOM_CHECK_CPU(x);
+  LOOM_CHECK_CPU(residual);
+  LOOM_CHECK_CPU(w);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && residual.is_contiguous() && x.sizes() == residual.sizes(),
               "bad shapes");
   auto out = torch::empty_like(x);
@@ -83,6 +90,9 @@ torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tenso
 // x1, x2 = halves; x1' = x1*cos - x2*sin; x2' = x2*cos + x1*sin, each product rounded to the
 // dtype as the reference does. cos/sin: [T, D/2] in the dtype.
 void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  LOOM_CHECK_CPU(x);
+  LOOM_CHECK_CPU(cos);
+  LOOM_CHECK_CPU(sin);
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2), "x must be [T, heads, D] with contiguous heads");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(1) * 2 == x.size(2), "bad cos/sin");
   const int64_t heads = x.size(1), half = x.size(2) / 2, xs = x.stride(0);
@@ -110,6 +120,7 @@ void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
 
 // [T, 2I] -> [T, I]: act(gate) * up with act = silu (0) or tanh-approximated gelu (1).
 torch::Tensor act_and_mul(torch::Tensor gate_up, int64_t act) {
+  LOOM_CHECK_CPU(gate_up);
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0, "bad shapes");
   const int64_t inter = gate_up.size(1) / 2;
   auto out = torch::empty({gate_up.size(0), inter}, gate_up.options());

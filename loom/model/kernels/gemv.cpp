@@ -4,6 +4,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "cpu_check.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include "avx512_bf16.h"
 
@@ -55,6 +57,8 @@ void gemv(const c10::BFloat16* x, const c10::BFloat16* w, const c10::BFloat16* b
 
 // x: [M, K] bf16 (M <= 8), w: [N, K] bf16, K a multiple of 32; bias: [N] or empty. Returns [M, N].
 torch::Tensor linear_small_batch(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  LOOM_CHECK_CPU(x);
+  LOOM_CHECK_CPU(w);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16 only");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.size(1) % 32 == 0, "bad shapes");
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxM, "M must be 1..8");

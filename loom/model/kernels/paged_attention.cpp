@@ -7,6 +7,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "cpu_check.h"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -195,6 +197,11 @@ void decode_attention_kernel(const T* q, const T* k_cache, const T* v_cache, con
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                torch::Tensor block_tables, torch::Tensor context_lens, double scale,
                                int64_t window) {
+  LOOM_CHECK_CPU(q);
+  LOOM_CHECK_CPU(k_cache);
+  LOOM_CHECK_CPU(v_cache);
+  LOOM_CHECK_CPU(block_tables);
+  LOOM_CHECK_CPU(context_lens);
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
               "q and the caches must share a dtype");

@@ -1,0 +1,51 @@
+"""What a server (or a router of replicas) needs of an engine: the one seam between HTTP and
+the step loop. ``AsyncEngine`` implements it in-process; a replica proxy implements it remotely."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
+
+from loom.engine.engine import EngineStats, ModelInfo, StepTiming
+from loom.outputs import RequestOutput
+from loom.sampling import SamplingParams
+from loom.tokenizer import Tokenizer
+
+OutputListener = Callable[[list[RequestOutput]], None]
+StepListener = Callable[[StepTiming], None]
+
+
+class EngineClient(Protocol):
+    tokenizer: Tokenizer
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        *,
+        priority: int = 0,
+        tenant: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; ValueError for a prompt or parameters it can never
+        serve, EngineOverloadedError when full, EngineDeadError when it stopped serving."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def model_info(self) -> ModelInfo: ...
+
+    def add_listener(self, listener: OutputListener) -> None:
+        """Called with every batch of outputs (for metrics)."""
+        ...
+
+    def add_step_listener(self, listener: StepListener) -> None:
+        """Called with each step's phase timings (for metrics)."""
+        ...
+
+    @property
+    def is_running(self) -> bool: ...
+
+    def shutdown(self, timeout: float | None = 30.0) -> None: ...

@@ -1,0 +1,106 @@
+"""What every attention backend shares: the per-step metadata, and the step's flat batch split
+into rows served by the paged decode path and prefill chunks served by SDPA.
+
+The flat batch holds the decode rows first, then the prefill chunks. A decode row is one query
+token: a plain decode has one, a decode verifying ``k`` draft tokens has ``1 + k`` consecutive
+rows of the same sequence, each seeing the keys up to its own position (the causal mask inside
+the new tokens). Each prefill chunk attends to its context plus itself."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from loom.model.kv_cache import KVCache
+
+
+@dataclass
+class PrefillChunk:
+    token_start: int  # rows of the flat batch
+    token_end: int
+    start_pos: int  # tokens of this sequence already in the cache before the chunk
+    block_ids: torch.Tensor  # int64 [num_blocks covering start_pos + chunk]
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step tensors shared by every layer (built once by the worker)."""
+
+    slot_blocks: torch.Tensor  # int64 [T]: cache block of each new token
+    slot_offsets: torch.Tensor  # int64 [T]: its offset in the block
+    num_decode_rows: int
+    decode_block_tables: torch.Tensor  # int32 [num_decode_rows, max_blocks]
+    decode_context_lens: torch.Tensor  # int32 [num_decode_rows]: keys visible to the row, itself included
+    prefills: list[PrefillChunk]
+
+
+class AttentionBackend(ABC):
+    """Attention over the paged cache for one device and cache format. Architectures call
+    ``forward`` and never see the cache's storage."""
+
+    name: str = ""
+
+    def __init__(self, kv: KVCache) -> None:
+        self.kv = kv
+
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+        scale: float, window: int = 0,
+    ) -> torch.Tensor:
+        """q: [T, H, D]; k, v: [T, Hkv, D] (this step's keys, already rotated). Writes k, v into
+        layer ``layer`` of the cache and returns [T, H, D]. ``window > 0``: sliding window."""
+        self.kv.write(layer, k, v, meta.slot_blocks, meta.slot_offsets)
+        nd = meta.num_decode_rows
+        if not meta.prefills:
+            return self.decode(layer, q, meta, scale, window)
+        out = torch.empty_like(q)
+        if nd:
+            out[:nd] = self.decode(layer, q[:nd], meta, scale, window)
+        for c in meta.prefills:
+            s, e = c.token_start, c.token_end
+            out[s:e] = self.prefill(layer, q[s:e], k[s:e], v[s:e], c, scale, window)
+        return out
+
+    @abstractmethod
+    def decode(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, scale: float, window: int) -> torch.Tensor:
+        """Attention of the decode rows ``q`` [num_decode_rows, H, D] over the cache."""
+
+    def prefill(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk, scale: float,
+        window: int,
+    ) -> torch.Tensor:
+        """Causal attention of one chunk's queries over its context plus itself (SDPA)."""
+        n = q.shape[0]
+        total = chunk.start_pos + n
+        if chunk.start_pos == 0:
+            kh, vh = k.transpose(0, 1), v.transpose(0, 1)
+        else:
+            kh, vh = self.kv.gather(layer, chunk.block_ids, total)
+        # 4-D inputs: with 3-D ones SDPA takes its slow math path on the CPU instead of flash attention.
+        qh, kh, vh = q.transpose(0, 1).unsqueeze(0), kh.unsqueeze(0), vh.unsqueeze(0)
+        if chunk.start_pos == 0 and (window <= 0 or total <= window):
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            qpos = torch.arange(chunk.start_pos, total, device=q.device)[:, None]
+            kpos = torch.arange(total, device=q.device)[None, :]
+            mask = kpos <= qpos
+            if window > 0:
+                mask &= kpos > qpos - window
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
+        return out[0].transpose(0, 1)
+
+
+class StepAttention:
+    """A backend bound to one step's metadata: what the architectures call, per layer."""
+
+    __slots__ = ("backend", "meta")
+
+    def __init__(self, backend: AttentionBackend, meta: AttentionMetadata) -> None:
+        self.backend = backend
+        self.meta = meta
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int = 0) -> torch.Tensor:
+        return self.backend.forward(layer, q, k, v, self.meta, scale, window)

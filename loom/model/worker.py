@@ -1,0 +1,235 @@
+"""The worker: owns the model weights, the KV cache, the attention backend and the sampler, and
+turns a step plan into plain results (token ids and logprobs). No tensor leaves it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loom.config import EngineConfig, ModelConfig
+from loom.model.arch import model_class
+from loom.model.arch.base import CausalLM
+from loom.model.attention import AttentionMetadata, PrefillChunk, StepAttention, make_attention_backend
+from loom.model.device import keep_freed_memory, kv_cache_budget, resolve_device, resolve_dtype, set_threads, synchronize
+from loom.model.kv_cache import KVCache, KVCacheSpec
+from loom.model.weights import iter_weights
+from loom.outputs import TokenLogprob
+from loom.request import Request
+from loom.sampling import Sampler, SamplingRow, compute_logprobs
+from loom.step import RequestResult, ScheduledRequest, StepPlan, StepResult
+
+log = logging.getLogger(__name__)
+
+
+def load_model(config: ModelConfig, model_dir: Path, dtype: torch.dtype, device: torch.device) -> CausalLM:
+    cls = model_class(config.architecture)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(prev)
+    model.load_weights(iter_weights(model_dir))
+    return model.eval()
+
+
+@dataclass
+class _Batch:
+    """A step's flat batch: its tensors and, per scheduled request, its first row."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    offsets: list[int]
+
+
+@dataclass
+class _Rows:
+    """The logits rows a step needs, and which request each belongs to."""
+
+    hidden_rows: list[int]
+    sample: list[tuple[int, ScheduledRequest, int]]  # (first logits row, request, number of rows)
+    prompt: list[tuple[int, ScheduledRequest, int]]
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, model_dir: Path, max_model_len: int,
+                 eos_token_ids: tuple[int, ...]) -> None:
+        self.device = resolve_device(config.device)
+        if self.device.type == "cpu":
+            set_threads(config.num_threads)
+            keep_freed_memory()
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.model_config = model_config
+        self.eos_token_ids = eos_token_ids
+        self.model = load_model(model_config, model_dir, self.dtype, self.device)
+        c = model_config
+        spec = KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, config.cache.block_size, self.dtype)
+        self.kv = KVCache(spec, self._num_blocks(config, spec, max_model_len), self.device)
+        self.attention = make_attention_backend(config.attention_backend, self.kv)
+        self.sampler = Sampler(seed=config.seed)
+        self.phase_seconds: dict[str, float] = defaultdict(float)  # prepare / forward / sample
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def _num_blocks(self, config: EngineConfig, spec: KVCacheSpec, max_model_len: int) -> int:
+        if config.cache.num_blocks is not None:
+            return config.cache.num_blocks
+        if config.cache.kv_cache_bytes is not None:
+            return spec.num_blocks_for(config.cache.kv_cache_bytes)
+        # Measured: free memory less the headroom, and never more than max_num_seqs sequences
+        # of max_model_len tokens can use at once.
+        useful = config.scheduler.max_num_seqs * -(-max_model_len // spec.block_size)
+        return max(1, min(spec.num_blocks_for(max(kv_cache_budget(self.device), spec.bytes_per_block)), useful))
+
+    # -- the step -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        t0 = time.perf_counter()
+        for src, dst in plan.block_copies:
+            self.kv.copy_block(src, dst)
+        batch = self._prepare(plan.scheduled)
+        rows = self._logits_rows(plan.scheduled, batch.offsets)
+        t1 = time.perf_counter()
+        hidden = self.model(batch.input_ids, batch.positions, StepAttention(self.attention, batch.meta))
+        logits = self.model.compute_logits(hidden[rows.hidden_rows]) if rows.hidden_rows else None
+        synchronize(self.device)
+        forward_end = time.monotonic()
+        t2 = time.perf_counter()
+        results: dict[str, RequestResult] = {}
+        if logits is not None:
+            self._sample(logits, rows.sample, results)
+            self._prompt_logprobs(logits, rows.prompt, results)
+        t3 = time.perf_counter()
+        self.phase_seconds["prepare"] += t1 - t0
+        self.phase_seconds["forward"] += t2 - t1
+        self.phase_seconds["sample"] += t3 - t2
+        return StepResult(results, forward_end)
+
+    def _prepare(self, scheduled: list[ScheduledRequest]) -> _Batch:
+        """The flat batch: decode rows first (one per query token), then prefill chunks."""
+        bs = self.kv.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        offsets: list[int] = [0] * len(scheduled)
+        tables: list[list[int]] = []
+        lens: list[int] = []
+        decodes = [i for i, s in enumerate(scheduled) if s.is_decode]
+        for i in decodes:
+            s = scheduled[i]
+            r = s.request
+            offsets[i] = len(ids)
+            ids.append(r.token_ids_slice(s.start, s.end)[0])
+            ids.extend(s.draft_token_ids)
+            for p in range(s.start, s.start + s.num_query_tokens):
+                pos.append(p)
+                slots.append(r.block_ids[p // bs] * bs + p % bs)
+                tables.append(r.block_ids)
+                lens.append(p + 1)
+        num_decode_rows = len(ids)
+        prefills: list[PrefillChunk] = []
+        for i, s in enumerate(scheduled):
+            if s.is_decode:
+                continue
+            r = s.request
+            offsets[i] = len(ids)
+            ids.extend(r.token_ids_slice(s.start, s.end))
+            blocks = r.block_ids[: -(-s.end // bs)]
+            for p in range(s.start, s.end):
+                pos.append(p)
+                slots.append(blocks[p // bs] * bs + p % bs)
+            prefills.append(PrefillChunk(len(ids) - s.num_new_tokens, len(ids), s.start,
+                                         torch.tensor(blocks, dtype=torch.int64, device=self.device)))
+        width = max((len(t) for t in tables), default=0)
+        device = self.device
+        slot_t = torch.tensor(slots, dtype=torch.int64)
+        meta = AttentionMetadata(
+            slot_blocks=(slot_t // bs).to(device),
+            slot_offsets=(slot_t % bs).to(device),
+            num_decode_rows=num_decode_rows,
+            decode_block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32,
+                                             device=device).view(len(tables), width),
+            decode_context_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+            prefills=prefills,
+        )
+        return _Batch(torch.tensor(ids, dtype=torch.int64, device=device),
+                      torch.tensor(pos, dtype=torch.int64, device=device), meta, offsets)
+
+    @staticmethod
+    def _logits_rows(scheduled: list[ScheduledRequest], offsets: list[int]) -> _Rows:
+        """Hidden rows that need logits: the rows that sample (the last known token, and every
+        draft), and the prompt rows whose logprobs were asked for (row i scores token i + 1)."""
+        rows = _Rows([], [], [])
+        for s, off in zip(scheduled, offsets):
+            r = s.request
+            if s.sample:
+                n = 1 + len(s.draft_token_ids)
+                first = off + s.num_new_tokens - 1
+                rows.sample.append((len(rows.hidden_rows), s, n))
+                rows.hidden_rows.extend(range(first, first + n))
+            if r.params.prompt_logprobs is not None and r.sample_index == 0 and s.start < r.num_prompt_tokens - 1:
+                n = min(s.end, r.num_prompt_tokens - 1) - s.start
+                rows.prompt.append((len(rows.hidden_rows), s, n))
+                rows.hidden_rows.extend(range(off, off + n))
+        return rows
+
+    def _sample(self, logits: torch.Tensor, sample: list[tuple[int, ScheduledRequest, int]],
+                results: dict[str, RequestResult]) -> None:
+        """One sampler call for every row. A request verifying drafts samples at each of its
+        ``1 + k`` positions (with the drafts before it as history) and keeps its tokens up to and
+        including the first that differs from the draft: each kept token is a draw from the
+        model's distribution given the tokens before it, so the output is distributed exactly
+        as without drafts."""
+        sampling_rows: list[SamplingRow] = []
+        logit_rows: list[int] = []
+        owners: list[tuple[Request, ScheduledRequest]] = []
+        for first, s, n in sample:
+            for req in (s.request, *s.forks):
+                for j in range(n):
+                    history = req.output_token_ids if j == 0 else [*req.output_token_ids, *s.draft_token_ids[:j]]
+                    sampling_rows.append(SamplingRow(req.params, req.prompt_token_ids, history, req.generator,
+                                                     self.eos_token_ids))
+                    logit_rows.append(first + j)
+                    owners.append((req, s))
+        if not sampling_rows:
+            return
+        if len(logit_rows) != logits.shape[0] or logit_rows != list(range(len(logit_rows))):
+            logits = logits[torch.tensor(logit_rows, device=logits.device)]
+        sampled = self.sampler(logits, sampling_rows)
+        i = 0
+        while i < len(owners):
+            req, s = owners[i]
+            tokens: list[int] = []
+            logprobs: list[TokenLogprob] = []
+            for j in range(1 + len(s.draft_token_ids)):
+                res = sampled[i + j]
+                tokens.append(res.token_id)
+                if res.logprob is not None:
+                    logprobs.append(res.logprob)
+                if j == len(s.draft_token_ids) or res.token_id != s.draft_token_ids[j]:
+                    break
+            results[req.request_id] = RequestResult(tuple(tokens), tuple(logprobs))
+            i += 1 + len(s.draft_token_ids)
+
+    @staticmethod
+    def _prompt_logprobs(logits: torch.Tensor, prompt: list[tuple[int, ScheduledRequest, int]],
+                         results: dict[str, RequestResult]) -> None:
+        for first, s, n in prompt:
+            r = s.request
+            targets = torch.tensor(r.prompt_token_ids[s.start + 1 : s.start + 1 + n], device=logits.device)
+            lps = compute_logprobs(logits[first : first + n], targets, [r.params.prompt_logprobs] * n)
+            prev = results.get(r.request_id, RequestResult())
+            results[r.request_id] = RequestResult(prev.token_ids, prev.logprobs, tuple(lps))

@@ -1,0 +1,146 @@
+"""Attention backends over the paged cache (the native ``cpu`` kernel and the pure ``torch``
+path) against plain SDPA on each sequence's keys: single-token decodes, decode rows verifying
+draft tokens (causal inside the new tokens), and prefill chunks with context."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loom.model.attention import AttentionMetadata, PrefillChunk, make_attention_backend
+from loom.model.kv_cache import KVCache, KVCacheSpec
+
+BS = 4
+SCALE = 0.25
+BACKENDS = ["cpu", "torch"]
+
+
+def make_cache(dtype, hkv=2, d=16, num_blocks=64) -> KVCache:
+    return KVCache(KVCacheSpec(1, hkv, d, BS, dtype), num_blocks, torch.device("cpu"))
+
+
+def reference(q, keys, values, window):
+    """q: [H, D] at the last position of ``keys``/``values`` [L, Hkv, D]."""
+    h, hkv = q.shape[0], keys.shape[1]
+    k = keys.float().repeat_interleave(h // hkv, 1).transpose(0, 1)
+    v = values.float().repeat_interleave(h // hkv, 1).transpose(0, 1)
+    if window:
+        k, v = k[:, -window:], v[:, -window:]
+    return F.scaled_dot_product_attention(q.float()[:, None], k, v, scale=SCALE).squeeze(1)
+
+
+def decode_meta(kv: KVCache, rows: list[tuple[list[int], int]], new_positions: list[tuple[list[int], int]]):
+    """rows: (block table, visible keys) per decode row; new_positions: (table, position) per new token."""
+    width = max(len(t) for t, _ in rows)
+    blocks = torch.tensor([t[p // BS] for t, p in new_positions])
+    offsets = torch.tensor([p % BS for _, p in new_positions])
+    return AttentionMetadata(
+        slot_blocks=blocks, slot_offsets=offsets, num_decode_rows=len(rows),
+        decode_block_tables=torch.tensor([t + [0] * (width - len(t)) for t, _ in rows], dtype=torch.int32),
+        decode_context_lens=torch.tensor([n for _, n in rows], dtype=torch.int32), prefills=[],
+    )
+
+
+def random_sequences(kv: KVCache, lens: list[int], seed=0):
+    """Fill each sequence's blocks with random keys/values; return tables and per-sequence k/v."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(kv.num_blocks, generator=g).tolist()
+    tables, keys, values = [], [], []
+    hkv, d = kv.spec.num_kv_heads, kv.spec.head_dim
+    for n in lens:
+        table = [perm.pop() for _ in range(-(-n // BS))]
+        k = torch.randn(n, hkv, d, generator=g).to(kv.dtype)
+        v = torch.randn(n, hkv, d, generator=g).to(kv.dtype)
+        pos = torch.arange(n)
+        kv.write(0, k, v, torch.tensor(table)[pos // BS], pos % BS)
+        tables.append(table)
+        keys.append(k)
+        values.append(v)
+    return tables, keys, values
+
+
+@pytest.mark.parametrize("dtype,d,window", [(torch.float32, 16, 0), (torch.bfloat16, 64, 0), (torch.bfloat16, 64, 5),
+                                             (torch.float32, 16, 3)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_matches_reference(dtype, d, window, backend):
+    kv = make_cache(dtype, d=d)
+    attn = make_attention_backend(backend, kv)
+    assert attn.name == backend
+    lens = [1, 5, 8, 13, 30]
+    tables, keys, values = random_sequences(kv, lens)
+    q = torch.randn(len(lens), 4, d, generator=torch.Generator().manual_seed(1)).to(dtype)
+    meta = decode_meta(kv, [(t, n) for t, n in zip(tables, lens)], [(t, n - 1) for t, n in zip(tables, lens)])
+    # The new token's k/v are (re)written at the last slot of each sequence by the backend itself.
+    out = attn.forward(0, q, torch.stack([k[-1] for k in keys]), torch.stack([v[-1] for v in values]), meta, SCALE, window)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for i, n in enumerate(lens):
+        ref = reference(q[i], keys[i], values[i], window)
+        assert torch.allclose(out[i].float(), ref, atol=tol), (i, (out[i].float() - ref).abs().max())
+
+
+@pytest.mark.parametrize("dtype,d", [(torch.float32, 16), (torch.bfloat16, 64)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_rows_verifying_drafts_are_causal_inside_the_new_tokens(dtype, d, backend):
+    """A sequence with 4 cached tokens brings 1 + 3 query tokens: row j sees keys 0..4+j only,
+    so it must equal a plain decode at that position, whatever the later tokens hold."""
+    kv = make_cache(dtype, d=d)
+    attn = make_attention_backend(backend, kv)
+    (table,), (keys,), (values,) = random_sequences(kv, [8])  # 4 cached + 4 new tokens
+    q = torch.randn(4, 4, d, generator=torch.Generator().manual_seed(2)).to(dtype)
+    rows = [(table, 5 + j) for j in range(4)]
+    meta = decode_meta(kv, rows, [(table, 4 + j) for j in range(4)])
+    out = attn.forward(0, q, keys[4:], values[4:], meta, SCALE)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for j in range(4):
+        ref = reference(q[j], keys[: 5 + j], values[: 5 + j], 0)
+        assert torch.allclose(out[j].float(), ref, atol=tol), (j, (out[j].float() - ref).abs().max())
+
+
+@pytest.mark.parametrize("window", [0, 3])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefill_chunk_with_context_matches_full_causal_attention(window, backend):
+    torch.manual_seed(0)
+    h, hkv, d, total, start = 4, 2, 16, 11, 6
+    kv = make_cache(torch.float32, hkv=hkv, d=d, num_blocks=8)
+    attn = make_attention_backend(backend, kv)
+    keys, values, q = torch.randn(total, hkv, d), torch.randn(total, hkv, d), torch.randn(total, h, d)
+    blocks = torch.tensor([5, 2, 7])
+    pos = torch.arange(total)
+    kv.write(0, keys[:start], values[:start], blocks[pos[:start] // BS], pos[:start] % BS)
+    meta = AttentionMetadata(
+        slot_blocks=blocks[pos[start:] // BS], slot_offsets=pos[start:] % BS, num_decode_rows=0,
+        decode_block_tables=torch.zeros(0, 0, dtype=torch.int32), decode_context_lens=torch.zeros(0, dtype=torch.int32),
+        prefills=[PrefillChunk(0, total - start, start, blocks)],
+    )
+    out = attn.forward(0, q[start:], keys[start:], values[start:], meta, SCALE, window)
+    mask = pos[None, :] <= pos[:, None]
+    if window:
+        mask &= pos[None, :] > pos[:, None] - window
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1), keys.repeat_interleave(2, 1).transpose(0, 1),
+                                         values.repeat_interleave(2, 1).transpose(0, 1), attn_mask=mask, scale=SCALE)
+    assert torch.allclose(out, ref.transpose(0, 1)[start:], atol=1e-5)
+
+
+def test_auto_picks_the_native_cpu_backend_and_unknown_names_are_rejected():
+    kv = make_cache(torch.bfloat16)
+    assert make_attention_backend("auto", kv).name == "cpu"
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
+        make_attention_backend("flash", kv)
+    with pytest.raises(ValueError, match="needs the KV cache on a GPU"):
+        make_attention_backend("cuda", kv)
+
+
+def test_native_kernels_refuse_tensors_on_another_device():
+    """The kernel checks the device of each tensor before touching memory (the meta device
+    stands in for a GPU here)."""
+    from loom.model.kernels import native_ops
+
+    ops = native_ops()
+    q = torch.empty(1, 4, 64, dtype=torch.bfloat16, device="meta")
+    cache = torch.zeros(2, 2, BS, 64, dtype=torch.bfloat16)
+    tables, lens = torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="take CPU tensors, but q is on meta"):
+        ops.decode_attention(q, cache, cache, tables, lens, SCALE, 0)
+    with pytest.raises(RuntimeError, match="take CPU tensors"):
+        ops.rms_norm(torch.empty(2, 64, device="meta"), torch.ones(64), 1e-6, 0.0)

@@ -1,0 +1,48 @@
+"""The KV cache object: exact bytes per block, write / gather / copy_block, lazily zeroed storage."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loom.model.kv_cache import KVCache, KVCacheSpec
+
+
+def test_bytes_per_block_is_exact_for_each_dtype():
+    spec = KVCacheSpec(num_layers=30, num_kv_heads=3, head_dim=64, block_size=16, dtype=torch.bfloat16)
+    assert spec.bytes_per_token == 2 * 30 * 3 * 64 * 2
+    assert spec.bytes_per_block == 16 * spec.bytes_per_token
+    fp32 = KVCacheSpec(30, 3, 64, 16, torch.float32)
+    assert fp32.bytes_per_block == 2 * spec.bytes_per_block
+    assert spec.num_blocks_for(10 * spec.bytes_per_block + 1) == 10
+    with pytest.raises(ValueError, match="holds no block"):
+        spec.num_blocks_for(spec.bytes_per_block - 1)
+
+
+def test_write_gather_and_copy_block():
+    kv = KVCache(KVCacheSpec(2, 2, 8, 4, torch.float32), 6, torch.device("cpu"))
+    assert all(float(c.abs().sum()) == 0 for c in kv.keys + kv.values)  # starts zeroed
+    k, v = torch.randn(6, 2, 8), torch.randn(6, 2, 8)
+    blocks, pos = torch.tensor([3, 1]), torch.arange(6)
+    kv.write(1, k, v, blocks[pos // 4], pos % 4)
+    gk, gv = kv.gather(1, blocks, 6)
+    assert torch.equal(gk, k.transpose(0, 1)) and torch.equal(gv, v.transpose(0, 1))
+    bk, _ = kv.gather_batch(1, torch.tensor([[3, 1]], dtype=torch.int32))
+    assert torch.equal(bk[0, :, :6], k.transpose(0, 1))
+    assert float(kv.keys[0].abs().sum()) == 0  # other layers untouched
+    kv.copy_block(1, 5)
+    assert torch.equal(kv.keys[1][5], kv.keys[1][1]) and torch.equal(kv.values[1][5], kv.values[1][1])
+
+
+def test_large_cache_is_not_resident_until_used():
+    """A 1 GiB cache costs neither start-up time nor memory until blocks are written."""
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    before = rss()
+    kv = KVCache(KVCacheSpec(8, 8, 128, 16, torch.bfloat16), 2048, torch.device("cpu"))
+    assert sum(c.numel() * c.element_size() for c in kv.keys + kv.values) == 1 << 30
+    assert rss() - before < 64 << 20
+    kv.keys[0][7].fill_(1.0)
+    assert float(kv.keys[0][7].sum()) == 8 * 16 * 128 and float(kv.keys[0][6].sum()) == 0
