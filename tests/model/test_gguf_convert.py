@@ -38,6 +38,14 @@ def converted(tiny_model, tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
+def transformers_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
 def expected_after_round_trip(name: str, w: torch.Tensor, arch: str, qtype: Q) -> torch.Tensor:
     """What the converter must return for original weight ``w``: the value llama.cpp's encoding stores,
     decoded by gguf.quants (q/k permutation is per row, so it commutes with row-wise quantization)."""
@@ -127,14 +135,9 @@ def test_converted_config_matches_original(arch: str, tiny_model, converted) -> 
 def test_transformers_runs_converted_model(arch: str, tiny_model, converted) -> None:
     """transformers loads the converted F32 directory and computes the original model's logits,
     over a prompt longer than gemma3's sliding window."""
-    import transformers
     hf_dir, out = tiny_model(arch), converted(arch)
     ids = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(0))
-    logits = []
-    for path in (hf_dir, out):
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        with torch.no_grad():
-            logits.append(model(ids).logits)
+    logits = [transformers_logits(path, ids) for path in (hf_dir, out)]
     # gemma3 norms come back as (w + 1) - 1 in float32, a rounding away from w.
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
 
@@ -196,8 +199,6 @@ def test_rope_freqs_become_the_same_llama3_rotary(tiny_model, converted) -> None
     """A GGUF with llama.cpp's ``rope_freqs`` (Llama 3.1 scaling) converts to a directory whose rotary
     frequencies equal the original llama3 model's, in loom and in transformers alike, and loom
     generates the same tokens from it as from the original directory."""
-    import transformers
-
     from loom.engine import LLM
     from loom.model.rope import RotaryEmbedding
     from loom.sampling import SamplingParams
@@ -217,11 +218,7 @@ def test_rope_freqs_become_the_same_llama3_rotary(tiny_model, converted) -> None
     torch.testing.assert_close(rot.sin, ref_rot.sin, rtol=0, atol=1e-4)
 
     ids = torch.randint(100, 1000, (1, 300), generator=torch.Generator().manual_seed(0))
-    logits = []
-    for path in (hf_dir, out):
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        with torch.no_grad():
-            logits.append(model(ids).logits)
+    logits = [transformers_logits(path, ids) for path in (hf_dir, out)]
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
 
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, prompt_logprobs=0)

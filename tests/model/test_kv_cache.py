@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -46,3 +48,23 @@ def test_large_cache_is_not_resident_until_used():
     assert rss() - before < 64 << 20
     kv.keys[0][7].fill_(1.0)
     assert float(kv.keys[0][7].sum()) == 8 * 16 * 128 and float(kv.keys[0][6].sum()) == 0
+
+
+def test_cpu_storage_is_private_and_advised_for_huge_pages():
+    """The paged cache is read in scattered pieces: its mapping must be private anonymous memory
+    (shared memory gets no transparent huge pages) and advised for huge pages."""
+    kv = KVCache(KVCacheSpec(1, 2, 64, 16, torch.float32), 1024, torch.device("cpu"))
+    addr = kv.keys[0].data_ptr()
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    headers = [i for i, line in enumerate(lines) if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line)]
+    for i in headers:
+        start, end = (int(x, 16) for x in lines[i].split()[0].split("-"))
+        if start <= addr < end:
+            perms = lines[i].split()[1]
+            flags = next(line for line in lines[i + 1 :] if line.startswith("VmFlags:")).split()[1:]
+            break
+    else:
+        raise AssertionError("the cache's mapping is not in /proc/self/smaps")
+    assert perms.endswith("p"), perms  # private, not shared
+    assert "hg" in flags, flags  # MADV_HUGEPAGE

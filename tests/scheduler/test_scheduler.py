@@ -110,8 +110,8 @@ def test_eos_among_accepted_drafts_finishes_and_drops_the_rest():
     assert a.is_finished and a.output_token_ids == [7, 11, EOS] and kv.num_free_blocks == kv.num_blocks
 
 
-def test_forks_share_prompt_blocks_and_copy_the_partial_one():
-    sched, kv = make(block_size=4)
+def prefill_with_fork(sched: Scheduler) -> tuple[Request, Request, list[Request]]:
+    """A 6-token request with n=2 prefilled: its first token 5, its fork's 6."""
     parent = req("p", 6, 0.0, n=2)
     child = Request("p#1", parent.prompt_token_ids, parent.params, arrival_time=0.0, sample_index=1,
                     max_total_tokens=1000)
@@ -120,6 +120,12 @@ def test_forks_share_prompt_blocks_and_copy_the_partial_one():
     plan = sched.schedule()
     assert plan.scheduled[0].forks == (child,)
     changed = sched.update(plan, StepResult({"p": RequestResult((5,)), "p#1": RequestResult((6,))}, 0.0))
+    return parent, child, changed
+
+
+def test_forks_share_prompt_blocks_and_copy_the_partial_one():
+    sched, kv = make(block_size=4)
+    parent, child, changed = prefill_with_fork(sched)
     assert changed == [parent, child] and parent.forks == []
     assert child.output_token_ids == [6] and child.num_computed_tokens == 6 and child in sched.running
     assert child.block_ids[0] == parent.block_ids[0] and child.block_ids[1] != parent.block_ids[1]
@@ -128,13 +134,7 @@ def test_forks_share_prompt_blocks_and_copy_the_partial_one():
 
 def test_fork_without_a_free_block_recomputes_on_its_own():
     sched, kv = make(num_blocks=2, block_size=4, budget=64)
-    parent = req("p", 6, 0.0, n=2)
-    child = Request("p#1", parent.prompt_token_ids, parent.params, arrival_time=0.0, sample_index=1,
-                    max_total_tokens=1000)
-    parent.forks = [child]
-    sched.add(parent)
-    plan = sched.schedule()
-    sched.update(plan, StepResult({"p": RequestResult((5,)), "p#1": RequestResult((6,))}, 0.0))
+    _, child, _ = prefill_with_fork(sched)
     assert child in sched.waiting and child.output_token_ids == [6] and child.block_ids == []
 
 
