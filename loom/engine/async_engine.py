@@ -83,9 +83,7 @@ class AsyncEngine:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self._model_info = engine.model_info()
-        self.max_waiting = engine.config.scheduler.max_waiting
-        if self.max_waiting is not None and self.max_waiting < 1:
-            raise ValueError(f"max_waiting must be >= 1 or None, got {self.max_waiting}")
+        self.max_waiting = engine.config.scheduler.max_waiting  # checked (>= 1 or None) by SchedulerConfig
         self._listeners: tuple[OutputListener, ...] = ()
         self._step_listeners: tuple[StepListener, ...] = ()
         self._commands: queue.SimpleQueue[_Add | _Abort | object] = queue.SimpleQueue()
