@@ -1,5 +1,6 @@
 """The one place that knows about devices, dtypes, threads and memory: nothing else in loom
-calls ``torch.cuda`` or reads ``/proc``."""
+calls ``torch.cuda`` or measures free memory (the kernel builder reads the CPU's flags only to
+key its build cache)."""
 
 from __future__ import annotations
 
