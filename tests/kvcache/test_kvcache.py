@@ -9,6 +9,15 @@ def req(rid: str, tokens: list[int]) -> Request:
     return Request(rid, list(tokens), SamplingParams(max_tokens=8))
 
 
+def computed(kv: KVCacheManager, rid: str, tokens: list[int]) -> Request:
+    """A request whose tokens are all in the cache, its full blocks registered."""
+    r = req(rid, tokens)
+    assert kv.allocate(r, len(tokens))
+    r.num_computed_tokens = len(tokens)
+    kv.cache_full_blocks(r)
+    return r
+
+
 def test_pool_allocate_free_and_refcounts():
     pool = BlockPool(4)
     a = pool.allocate(3)
@@ -35,10 +44,7 @@ def test_pool_lru_evicts_least_recently_freed_cached_block():
 
 def test_prefix_match_reuses_full_blocks_and_counts_hits():
     kv = KVCacheManager(num_blocks=8, block_size=4)
-    r1 = req("a", list(range(10)))
-    assert kv.allocate(r1, 10)
-    r1.num_computed_tokens = 10
-    kv.cache_full_blocks(r1)
+    r1 = computed(kv, "a", list(range(10)))
     assert len(r1.block_hashes) == 2
     r2 = req("b", list(range(8)) + [99, 98, 97])
     hits = kv.match_prefix(r2)
@@ -50,39 +56,27 @@ def test_prefix_match_reuses_full_blocks_and_counts_hits():
 
 def test_prefix_match_leaves_last_token_to_compute():
     kv = KVCacheManager(num_blocks=8, block_size=4)
-    r1 = req("a", list(range(8)))
-    kv.allocate(r1, 8)
-    r1.num_computed_tokens = 8
-    kv.cache_full_blocks(r1)
+    r1 = computed(kv, "a", list(range(8)))
     r2 = req("b", list(range(8)))
     assert len(kv.match_prefix(r2)) == 1  # 8 tokens: the second block must be recomputed
 
 
 def test_chained_hash_distinguishes_same_block_after_different_prefix():
     kv = KVCacheManager(num_blocks=8, block_size=2)
-    r1 = req("a", [1, 2, 3, 4, 5])
-    kv.allocate(r1, 5)
-    r1.num_computed_tokens = 5
-    kv.cache_full_blocks(r1)
+    r1 = computed(kv, "a", [1, 2, 3, 4, 5])
     r2 = req("b", [9, 9, 3, 4, 5])
     assert kv.match_prefix(r2) == []
 
 
 def test_disabled_prefix_cache_never_hits():
     kv = KVCacheManager(num_blocks=8, block_size=2, enable_prefix_caching=False)
-    r1 = req("a", [1, 2, 3, 4, 5])
-    kv.allocate(r1, 5)
-    r1.num_computed_tokens = 5
-    kv.cache_full_blocks(r1)
+    r1 = computed(kv, "a", [1, 2, 3, 4, 5])
     assert kv.match_prefix(req("b", [1, 2, 3, 4, 5])) == []
 
 
 def test_request_wanting_prompt_logprobs_matches_nothing():
     kv = KVCacheManager(num_blocks=8, block_size=2)
-    r1 = req("a", [1, 2, 3, 4, 5])
-    kv.allocate(r1, 5)
-    r1.num_computed_tokens = 5
-    kv.cache_full_blocks(r1)
+    r1 = computed(kv, "a", [1, 2, 3, 4, 5])
     scored = Request("b", [1, 2, 3, 4, 5], SamplingParams(max_tokens=0, prompt_logprobs=0))
     assert kv.match_prefix(scored) == []
     assert len(kv.match_prefix(req("c", [1, 2, 3, 4, 5]))) == 2
@@ -90,10 +84,7 @@ def test_request_wanting_prompt_logprobs_matches_nothing():
 
 def test_allocate_counts_free_cached_hits():
     kv = KVCacheManager(num_blocks=2, block_size=2)
-    r1 = req("a", [1, 2, 3])
-    kv.allocate(r1, 3)
-    r1.num_computed_tokens = 3
-    kv.cache_full_blocks(r1)
+    r1 = computed(kv, "a", [1, 2, 3])
     kv.free(r1)
     r2 = req("b", [1, 2, 7, 8, 9])
     hits = kv.match_prefix(r2)
@@ -107,10 +98,7 @@ def test_allocate_counts_free_cached_hits():
 
 def test_fork_shares_full_blocks_and_copies_partial():
     kv = KVCacheManager(num_blocks=8, block_size=4)
-    parent = req("p", list(range(6)))
-    kv.allocate(parent, 6)
-    parent.num_computed_tokens = 6
-    kv.cache_full_blocks(parent)
+    parent = computed(kv, "p", list(range(6)))
     child = req("c", list(range(6)))
     src_dst = kv.fork(parent, child)
     assert child.block_ids[0] == parent.block_ids[0]
