@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import platform
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -19,6 +20,8 @@ import torch
 log = logging.getLogger(__name__)
 _DIR = Path(__file__).parent
 _SOURCES = [_DIR / n for n in ("paged_attention.cpp", "fused_ops.cpp", "gemv.cpp")]
+_CFLAGS = ("-O3", "-march=native", "-fopenmp")
+_LDFLAGS = ("-fopenmp",)
 
 
 def _cpu_fingerprint() -> str:
@@ -29,6 +32,18 @@ def _cpu_fingerprint() -> str:
     return flags
 
 
+def _build_key() -> str:
+    """Everything that goes into the build command: the sources (their bytes and their paths, which
+    ninja's build file records, so two checkouts never share a build directory and rebuild each
+    other's kernels), the flags, torch and the Python it runs in, and the CPU (-march=native code
+    must never be loaded on another CPU)."""
+    parts = [p.read_bytes() for p in sorted(_DIR.glob("*.[ch]*"))]
+    parts += [str(p).encode() for p in _SOURCES]
+    parts += [" ".join((*_CFLAGS, *_LDFLAGS)).encode(), torch.__version__.encode(), sys.executable.encode()]
+    parts += [platform.machine().encode(), _cpu_fingerprint().encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
 @functools.cache
 def native_ops() -> ModuleType | None:
     """The compiled module (``decode_attention``, ``rms_norm``, ``add_rms_norm``, ``rotary_``,
@@ -37,19 +52,15 @@ def native_ops() -> ModuleType | None:
         return None
     from torch.utils.cpp_extension import load
 
-    # -march=native code must never be loaded on another CPU: key the build on the CPU's flags.
-    key = hashlib.sha256(
-        b"".join(p.read_bytes() for p in sorted(_DIR.glob("*.[ch]*"))) + torch.__version__.encode() + platform.machine().encode() + _cpu_fingerprint().encode()
-    ).hexdigest()[:16]
     cache = Path(os.environ.get("LOOM_CACHE_DIR", Path.home() / ".cache" / "loom"))
-    build_dir = cache / "kernels" / key
+    build_dir = cache / "kernels" / _build_key()
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
         return load(
             name="loom_cpu_ops",
             sources=[str(p) for p in _SOURCES],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
+            extra_cflags=list(_CFLAGS),
+            extra_ldflags=list(_LDFLAGS),
             build_directory=str(build_dir),
             verbose=False,
         )
