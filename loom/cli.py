@@ -6,6 +6,7 @@ import argparse
 import importlib
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from loom.config import engine_options as config_options
@@ -66,12 +67,36 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    c = g.add_mutually_exclusive_group()
+    c.add_argument("--json-schema", metavar="FILE|JSON", help="constrain the output to this JSON schema")
+    c.add_argument("--json-object", action="store_true", help="constrain the output to a JSON object")
+    c.add_argument("--regex", help="constrain the output to this regular expression")
+    c.add_argument("--choice", nargs="+", metavar="TEXT", help="constrain the output to one of these strings")
+    c.add_argument("--grammar", metavar="FILE", help="constrain the output to this GBNF or Lark grammar")
+
+
+def structured_outputs(args: argparse.Namespace):
+    """The output constraint the arguments ask for, if any (files are read here)."""
+    from loom.structured import StructuredOutputs
+
+    if args.json_schema is not None:
+        path = Path(args.json_schema)
+        return StructuredOutputs(json=path.read_text() if path.is_file() else args.json_schema)
+    if args.grammar is not None:
+        try:
+            return StructuredOutputs(grammar=Path(args.grammar).read_text())
+        except OSError as e:
+            raise ValueError(f"--grammar: cannot read {args.grammar}: {e.strerror}") from None
+    if args.json_object or args.regex is not None or args.choice is not None:
+        return StructuredOutputs(json_object=args.json_object, regex=args.regex, choice=args.choice)
+    return None
 
 
 def sampling_params(args: argparse.Namespace):
     from loom.sampling import SamplingParams
 
     return SamplingParams(
+        structured_outputs=structured_outputs(args),
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,

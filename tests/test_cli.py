@@ -84,3 +84,19 @@ def test_bad_engine_options_fail_before_loading(command, argv, message, monkeypa
     assert cli.main([*command, "--model", "/no/such/model.gguf", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "no such model" not in err
+
+
+def test_generate_with_an_output_constraint(tiny_model, tmp_path, capsys) -> None:
+    model = str(tiny_model("llama"))
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], '
+                      '"additionalProperties": false}')
+    common = ["--model", model, "--dtype", "float32", "--max-tokens", "30"]
+    assert cli.main(["generate", "Hello", *common, "--json-schema", str(schema)]) == 0
+    assert capsys.readouterr().out.strip() in ('{"ok": true}', '{"ok": false}')
+    assert cli.main(["generate", "Hello", *common, "--choice", "left", "right"]) == 0
+    assert capsys.readouterr().out.strip() in ("left", "right")
+    assert cli.main(["generate", "Hello", *common, "--regex", "(["]) == 2
+    assert "invalid regex constraint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse("generate", "hi", "--regex", "a", "--choice", "b")  # one constraint at a time
