@@ -8,12 +8,16 @@ request into ``SamplingParams`` (whose own validation names bad values) lives he
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import json
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from loom.sampling import SamplingParams
 from loom.server.errors import APIError
+
+if TYPE_CHECKING:
+    from loom.structured import StructuredOutputs
 
 COMPLETION_MAX_TOKENS_DEFAULT = 16  # OpenAI's default for /v1/completions
 MAX_N = 128  # OpenAI's limit on choices per request; bounds the work one request can ask for
@@ -65,7 +69,8 @@ class _SamplingFields(_Body):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
+                        structured_outputs: StructuredOutputs | None = None) -> SamplingParams:
         if self.logit_bias:
             raise APIError(400, "logit_bias is not supported", param="logit_bias")
         if self.n is not None and self.n > MAX_N:
@@ -91,6 +96,7 @@ class _SamplingFields(_Body):
             skip_special_tokens=self.skip_special_tokens,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            structured_outputs=structured_outputs,
         )
         kwargs: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
         try:
@@ -123,13 +129,29 @@ class ContentPart(_Body):
     text: str | None = None
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str  # JSON text of an object
+
+
+class MessageToolCall(_Body):
+    """A call the assistant made, in an earlier turn of the conversation."""
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
 
-    def to_template(self) -> dict[str, str]:
-        """The message as chat templates take it: text content; "developer" is the new "system"."""
+    def to_template(self) -> dict[str, Any]:
+        """The message as chat templates take it: text content; "developer" is the new "system";
+        tool call arguments as objects (templates write them with ``tojson``)."""
         if isinstance(self.content, list):
             for part in self.content:
                 if part.type != "text":
@@ -140,10 +162,53 @@ class ChatMessage(_Body):
             text = "".join(part.text or "" for part in self.content)
         else:
             text = self.content or ""
-        message = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls:
+            if self.role != "assistant":
+                raise APIError(400, f"only assistant messages carry tool_calls, not {self.role!r} ones", param="messages")
+            message["tool_calls"] = [
+                {"id": c.id, "type": c.type, "function": {"name": c.function.name, "arguments": _arguments(c)}}
+                for c in self.tool_calls
+            ]
+        if self.role == "tool":
+            if self.tool_call_id is None:
+                raise APIError(400, "a tool message needs the 'tool_call_id' of the call it answers", param="messages")
+            message["tool_call_id"] = self.tool_call_id
         return message
+
+
+def _arguments(call: MessageToolCall) -> dict[str, Any]:
+    try:
+        args = json.loads(call.function.arguments)
+    except ValueError:
+        args = None
+    if not isinstance(args, dict):
+        raise APIError(400, f"the arguments of tool call {call.id!r} are not a JSON object: {call.function.arguments!r}",
+                       param="messages")
+    return args
+
+
+class FunctionDefinition(_Body):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of an object; none: no parameters
+    strict: bool | None = None
+
+
+class ChatTool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ResponseFormat(_Body):
@@ -156,15 +221,20 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Int | None = None
     logprobs: bool | None = None
     top_logprobs: Int | None = None
-    tools: list[dict[str, Any]] | None = None
-    functions: list[dict[str, Any]] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    functions: Any = None  # the legacy forms of tools and tool_choice: refused
+    function_call: Any = None
     response_format: ResponseFormat | None = None
     modalities: list[str] | None = None
     add_generation_prompt: bool = True  # vLLM extra
 
-    def to_sampling_params(self) -> SamplingParams:
-        if self.tools or self.functions:
-            raise APIError(400, "tool and function calling are not supported", param="tools" if self.tools else "functions")
+    def to_sampling_params(self, structured_outputs: StructuredOutputs | None = None) -> SamplingParams:
+        """``structured_outputs``: the constraint the request's ``tool_choice`` puts on the output."""
+        for legacy in ("functions", "function_call"):
+            if getattr(self, legacy) is not None:
+                raise APIError(400, f"{legacy} is deprecated and not supported: send tools and tool_choice", param=legacy)
         if self.response_format is not None and self.response_format.type != "text":
             raise APIError(400, f"response_format {self.response_format.type!r} is not supported (only 'text')",
                            param="response_format")
@@ -174,7 +244,26 @@ class ChatCompletionRequest(_SamplingFields):
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self.sampling_params(max_tokens, logprobs, None)
+        return self.sampling_params(max_tokens, logprobs, None, structured_outputs)
+
+    def check_tools(self) -> None:
+        """400 for tool fields that contradict each other: a tool_choice without tools, or naming
+        a tool that is not there; duplicate names; parameters that do not describe an object."""
+        tools = self.tools or []
+        if self.tool_choice is not None and not tools:
+            raise APIError(400, "tool_choice is only allowed when tools are given", param="tool_choice")
+        names = [t.function.name for t in tools]
+        for name in names:
+            if names.count(name) > 1:
+                raise APIError(400, f"tool names must be unique: {name!r} appears {names.count(name)} times", param="tools")
+        for t in tools:
+            kind = (t.function.parameters or {}).get("type", "object")
+            if kind != "object":
+                raise APIError(400, f"the parameters of tool {t.function.name!r} must be a JSON schema of type "
+                                    f"'object', not {kind!r}", param="tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise APIError(400, f"tool_choice names the function {self.tool_choice.function.name!r}, "
+                                f"which is not among the tools ({', '.join(map(repr, names))})", param="tool_choice")
 
 
 class TokenizeRequest(_Body):
@@ -183,6 +272,7 @@ class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[ChatTool] | None = None
     add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
     return_token_strs: bool = False
