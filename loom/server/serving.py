@@ -22,6 +22,8 @@ from loom.sampling import SamplingParams
 from loom.server.config import ServerConfig
 from loom.server.errors import APIError, ClientDisconnected
 from loom.server.logprobs import LogprobFormatter
+from loom.server.tool_parsers import auto_parser
+from loom.server.tool_prompt import template_renders_tools
 
 T = TypeVar("T")
 
@@ -71,6 +73,9 @@ class Serving:
         self.config = config
         self.tokenizer = engine.tokenizer
         self.logprobs = LogprobFormatter(engine.tokenizer)
+        self.template_renders_tools = template_renders_tools(engine.tokenizer)
+        parser = config.tool_call_parser
+        self.tool_parser = auto_parser(engine.tokenizer.chat_template, self.template_renders_tools) if parser == "auto" else parser
         self.created = int(time.time())
         self.model_info = info = engine.model_info()
         source = f"loom-{loom.__version__}:{info.model_path}:{info.dtype}:{info.device}"
