@@ -84,3 +84,18 @@ def test_bad_engine_options_fail_before_loading(command, argv, message, monkeypa
     assert cli.main([*command, "--model", "/no/such/model.gguf", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "no such model" not in err
+
+
+def test_serve_tool_call_parser_option(monkeypatch) -> None:
+    from loom.server import ServerConfig
+
+    assert parse("serve").tool_call_parser == ServerConfig.tool_call_parser == "auto"
+    assert parse("serve", "--tool-call-parser", "json").tool_call_parser == "json"
+    with pytest.raises(SystemExit):
+        parse("serve", "--tool-call-parser", "xml")
+    with pytest.raises(ValueError, match="tool_call_parser"):
+        ServerConfig(tool_call_parser="xml")
+    seen = {}
+    monkeypatch.setattr("loom.server.serve", lambda engine, config: seen.setdefault("config", config))
+    assert cli.main(["serve", "--tool-call-parser", "none"]) == 0
+    assert seen["config"].tool_call_parser == "none"
