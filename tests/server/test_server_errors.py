@@ -56,7 +56,7 @@ def assert_error(resp: httpx.Response, status: int, param: str | None = None, co
         ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [IMAGE_PART]}]}, "messages"),
         ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs"),
         ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 30}, "logprobs"),
-        ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]}, "tools"),
         ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
         ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x" * 3000}]}, "messages"),
     ],
