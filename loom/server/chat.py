@@ -101,8 +101,8 @@ async def _stream(serving: Serving, req: ChatCompletionRequest, plan: ToolPlan, 
                 if c.finished:
                     done.add(c.index)
                 deltas = deltas or [{} if c.finished else {"content": ""}]
-                for i, delta in enumerate(deltas):
-                    first, last = i == 0, i == len(deltas) - 1
+                for k, delta in enumerate(deltas):
+                    first, last = k == 0, k == len(deltas) - 1
                     yield chunk(c.index, delta, _logprobs(serving, c.delta_logprobs) if first else None,
                                 output.finish_reason(c.finish_reason) if last else None)
         if req.include_usage:

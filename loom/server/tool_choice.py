@@ -28,7 +28,7 @@ from loom.server.tool_parsers import PARSERS, CallArguments, CallStart, Event, E
 if TYPE_CHECKING:
     from loom.structured import StructuredOutputs
 
-NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
+NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,7 @@ def required_schema(tools: list[ChatTool], parallel: bool) -> dict[str, Any]:
             "type": "object",
             "properties": {"name": {"const": t.function.name}, "parameters": _parameters(t)},
             "required": ["name", "parameters"],
+            "additionalProperties": False,
         }
         for t in tools
     ]

@@ -178,4 +178,5 @@ def test_required_schema_is_a_list_of_calls_to_the_tools():
     [f, g] = schema["items"]["anyOf"]
     assert f["properties"] == {"name": {"const": "f"}, "parameters": tools[0].function.parameters}
     assert g["properties"]["parameters"] == NO_PARAMETERS and g["required"] == ["name", "parameters"]
+    assert g["additionalProperties"] is False and NO_PARAMETERS["additionalProperties"] is False
     assert required_schema(tools, parallel=False)["maxItems"] == 1
