@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     import torch
 
     from loom.sampling import SamplingParams
+    from loom.structured import GrammarState
 
 
 class RequestStatus(enum.Enum):
@@ -50,6 +51,7 @@ class Request:
     # Samples 1..n-1 of an ``n > 1`` request, waiting to fork from this one when its prompt is done.
     forks: list["Request"] = field(default_factory=list)
     generator: "torch.Generator | None" = None
+    grammar: "GrammarState | None" = None  # structured output: advances with each accepted token
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     metrics: RequestMetrics = field(init=False)

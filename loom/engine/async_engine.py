@@ -113,6 +113,9 @@ class AsyncEngine:
         _check_prompt(prompt)
         if params is not None and not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if params is not None and params.structured_outputs is not None:
+            # Compile here, off the engine thread (the engine then finds it in the cache).
+            await asyncio.to_thread(self.engine.grammars.compile, params.structured_outputs)
         loop = asyncio.get_running_loop()
         request_id = request_id or uuid.uuid4().hex
         stream = _Stream(loop)

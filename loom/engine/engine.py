@@ -23,6 +23,7 @@ from loom.outputs import RequestOutput
 from loom.request import Request
 from loom.sampling import SamplingParams, make_generator
 from loom.scheduler import POLICIES, Scheduler
+from loom.structured import GrammarCompiler
 from loom.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class Engine:
         self.worker = Worker(config, self.model_config, self.model_dir, self.max_model_len, self.eos_token_ids)
         self.kv = KVCacheManager(self.worker.kv.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.proposer = proposer
         self.groups: dict[str, RequestGroup] = {}
         self._sample_of: dict[str, tuple[RequestGroup, SampleState]] = {}
@@ -121,6 +123,7 @@ class Engine:
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self._tokenize(prompt)
+        self._check_vocab_params(params)
         capacity = self.kv.num_blocks * self.kv.block_size
         if len(ids) >= capacity:
             raise ValueError(f"prompt is {len(ids)} tokens long but the KV cache holds only {capacity} tokens")
@@ -141,6 +144,7 @@ class Engine:
                 sample_index=i,
                 max_total_tokens=limit,
                 generator=make_generator(params, i, self.worker.device),
+                grammar=self.grammars.new_state(params.structured_outputs) if params.structured_outputs else None,
             )
             for i in range(params.n)
         ]
@@ -177,6 +181,12 @@ class Engine:
                 f"(max_model_len); shorten the prompt"
             )
         return text, ids
+
+    def _check_vocab_params(self, params: SamplingParams) -> None:
+        vocab = self.model_config.vocab_size
+        bad = [t for t in params.logit_bias or () if t >= vocab]
+        if bad:
+            raise ValueError(f"logit_bias token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its blocks. Returns its final output (finish_reason "abort")."""

@@ -20,8 +20,9 @@ from loom.model.kv_cache import KVCache, KVCacheSpec
 from loom.model.weights import iter_weights
 from loom.outputs import TokenLogprob
 from loom.request import Request
-from loom.sampling import Sampler, SamplingRow, compute_logprobs
+from loom.sampling import Sampler, SamplingRow, TokenBitmask, compute_logprobs
 from loom.step import RequestResult, ScheduledRequest, StepPlan, StepResult
+from loom.structured import new_bitmask
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +197,11 @@ class Worker:
         sampling_rows: list[SamplingRow] = []
         logit_rows: list[int] = []
         owners: list[tuple[Request, ScheduledRequest]] = []
+        constrained: list[tuple[int, Request, ScheduledRequest]] = []  # (first sampling row, request, step)
         for first, s, n in sample:
             for req in (s.request, *s.forks):
+                if req.grammar is not None:
+                    constrained.append((len(sampling_rows), req, s))
                 for j in range(n):
                     history = req.output_token_ids if j == 0 else [*req.output_token_ids, *s.draft_token_ids[:j]]
                     sampling_rows.append(SamplingRow(req.params, req.prompt_token_ids, history, req.generator,
@@ -208,7 +212,7 @@ class Worker:
             return
         if len(logit_rows) != logits.shape[0] or logit_rows != list(range(len(logit_rows))):
             logits = logits[torch.tensor(logit_rows, device=logits.device)]
-        sampled = self.sampler(logits, sampling_rows)
+        sampled = self.sampler(logits, sampling_rows, self._grammar_bitmask(constrained, len(sampling_rows), logits.shape[1]))
         i = 0
         while i < len(owners):
             req, s = owners[i]
@@ -223,6 +227,20 @@ class Worker:
                     break
             results[req.request_id] = RequestResult(tuple(tokens), tuple(logprobs))
             i += 1 + len(s.draft_token_ids)
+
+    @staticmethod
+    def _grammar_bitmask(constrained: list[tuple[int, Request, ScheduledRequest]], num_rows: int,
+                         vocab_size: int) -> TokenBitmask | None:
+        """The tokens each constrained request's grammar allows at each row it samples."""
+        if not constrained:
+            return None
+        bitmask = new_bitmask(num_rows, vocab_size)
+        rows: list[int] = []
+        for first, req, s in constrained:
+            assert req.grammar is not None
+            req.grammar.fill_bitmask(bitmask, first, s.draft_token_ids)
+            rows.extend(range(first, first + 1 + len(s.draft_token_ids)))
+        return TokenBitmask(rows, bitmask[rows])
 
     @staticmethod
     def _prompt_logprobs(logits: torch.Tensor, prompt: list[tuple[int, ScheduledRequest, int]],

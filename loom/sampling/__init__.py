@@ -1,7 +1,7 @@
 """Sampling: validated request parameters, the batched sampler, logprobs, stop strings."""
 
 from loom.sampling.params import MAX_LOGPROBS, SamplingParams
-from loom.sampling.sampler import SampleResult, Sampler, SamplingRow, compute_logprobs, make_generator
+from loom.sampling.sampler import SampleResult, Sampler, SamplingRow, TokenBitmask, compute_logprobs, make_generator
 from loom.sampling.stop import StopMatch, StopStringMatcher
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "SamplingRow",
     "StopMatch",
     "StopStringMatcher",
+    "TokenBitmask",
     "compute_logprobs",
     "make_generator",
 ]

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from loom.structured.params import StructuredOutputs
 
 # OpenAI caps top_logprobs at 20; vLLM's default max_logprobs is 20 as well.
 MAX_LOGPROBS = 20
 # Temperatures below this are treated as greedy: dividing logits by ~0 overflows float32.
 GREEDY_TEMPERATURE = 1e-5
+# OpenAI's range for logit_bias values; the entry cap bounds the work one request can ask for.
+MAX_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_ENTRIES = 4096
 
 
 def _is_int(value: object) -> bool:
@@ -45,6 +51,8 @@ class SamplingParams:
 
     Frozen: derive variants with ``dataclasses.replace`` (which validates again).
     ``stop`` and ``stop_token_ids`` are normalised to tuples, ``top_k=-1`` to ``0`` (off).
+    ``logit_bias`` maps token ids to values in [-100, 100] added to their logits before sampling;
+    ``structured_outputs`` constrains the output (a ``StructuredOutputs``, or a dict of its fields).
     """
 
     n: int = 1
@@ -67,6 +75,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # Only meaningful for slow (Python) tokenizers; loom's fast tokenizers ignore it, like HF's.
     spaces_between_special_tokens: bool = True
+    logit_bias: Mapping[int, float] | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1)
@@ -99,6 +109,11 @@ class SamplingParams:
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+        object.__setattr__(self, "logit_bias", self._normalise_logit_bias(self.logit_bias))
+        object.__setattr__(self, "structured_outputs", self._normalise_structured(self.structured_outputs))
+        if self.structured_outputs is not None and self.min_tokens:
+            raise ValueError("min_tokens cannot be combined with structured_outputs (a complete document must be able to end)")
 
         object.__setattr__(self, "temperature", temperature)
         object.__setattr__(self, "top_p", top_p)
@@ -134,6 +149,36 @@ class SamplingParams:
             if not _is_int(i) or i < 0:
                 raise ValueError(f"stop_token_ids must contain non-negative integers, got {i!r}")
         return tuple(ids)
+
+    @staticmethod
+    def _normalise_logit_bias(bias: object) -> dict[int, float] | None:
+        if bias is None:
+            return None
+        if not isinstance(bias, Mapping):
+            raise ValueError(f"logit_bias must be a mapping of token ids to numbers, got {bias!r}")
+        if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS_ENTRIES} are allowed")
+        out: dict[int, float] = {}
+        for token, value in bias.items():
+            if not _is_int(token) or token < 0:
+                raise ValueError(f"logit_bias keys must be non-negative token ids, got {token!r}")
+            value = _check_finite(f"logit_bias[{token}]", value)
+            if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                                 f"got {value} for token {token}")
+            out[token] = value
+        return out or None
+
+    @staticmethod
+    def _normalise_structured(spec: object) -> StructuredOutputs | None:
+        if spec is None or isinstance(spec, StructuredOutputs):
+            return spec
+        if isinstance(spec, Mapping):
+            try:
+                return StructuredOutputs(**spec)
+            except TypeError as e:
+                raise ValueError(f"structured_outputs: {e}") from None
+        raise ValueError(f"structured_outputs must be a StructuredOutputs or a dict, got {type(spec).__name__}")
 
     @property
     def greedy(self) -> bool:

@@ -1,7 +1,7 @@
 """Batched sampling: logits [B, V] -> one token (and optionally its logprobs) per row.
 
-Order of processing, as in vLLM: min_tokens mask, repetition/presence/frequency penalties,
-temperature, top-k, top-p, min-p, then a draw. Logprobs describe the *raw* model distribution.
+Order of processing: the grammar mask (structured output), logit_bias, the min_tokens mask,
+repetition/presence/frequency penalties, temperature, top-k, top-p, min-p, then a draw. Logprobs describe the *raw* model distribution.
 
 Everything but the per-row generator draws is vectorised. Two CPU-specific choices:
 
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from loom.outputs import TokenLogprob
 from loom.sampling.params import SamplingParams
+from loom.structured import apply_token_bitmask
 
 _BUCKET_SHIFT = 20  # float32 bits >> 20: sign, exponent and 3 mantissa bits
 _NUM_BUCKETS = 1024  # non-negative floats below 2.0 fall in buckets 0..1023
@@ -40,6 +41,14 @@ class SamplingRow:
     output_token_ids: Sequence[int]  # generated so far for this sample
     generator: torch.Generator | None  # from make_generator(); None = the sampler's shared generator
     eos_token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TokenBitmask:
+    """The tokens a grammar allows, for some rows of the batch: ``bitmask[i]`` is for ``rows[i]``."""
+
+    rows: list[int]
+    bitmask: torch.Tensor  # int32 [len(rows), ceil(vocab / 32)]
 
 
 @dataclass(frozen=True)
@@ -95,21 +104,26 @@ class Sampler:
             self._generators[device] = generator
         return generator
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampleResult]:
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow], allowed: TokenBitmask | None = None) -> list[SampleResult]:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows)={len(rows)}, vocab], got {tuple(logits.shape)}")
         if not rows:
             return []
+        biased = [i for i, row in enumerate(rows) if row.params.logit_bias]
         masked = [i for i, row in enumerate(rows) if len(row.output_token_ids) < row.params.min_tokens]
         penalised = [i for i, row in enumerate(rows) if row.params.has_penalties]
         want_logprobs = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
         greedy = [i for i, row in enumerate(rows) if row.params.greedy]
-        if len(greedy) == len(rows) and not (masked or penalised or want_logprobs):
+        if len(greedy) == len(rows) and not (masked or penalised or want_logprobs or biased or allowed):
             token_ids = logits.float().argmax(dim=-1).tolist()  # argmax over bf16 is ~4x slower on CPU
             return [SampleResult(token_id, None) for token_id in token_ids]
 
         x = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # never the caller's
         raw = x[want_logprobs] if want_logprobs else None  # a copy, taken before any processing
+        if allowed is not None and allowed.rows:
+            apply_token_bitmask(x, allowed.rows, allowed.bitmask)
+        if biased:
+            _apply_logit_bias(x, rows, biased)
         if masked:
             _apply_min_tokens(x, rows, masked)
         if penalised:
@@ -144,6 +158,21 @@ class Sampler:
             if row.generator is not None:
                 out[i] = _race(probs[i], row.generator)
         return out
+
+
+def _apply_logit_bias(x: torch.Tensor, rows: list[SamplingRow], indices: list[int]) -> None:
+    """Add each row's logit_bias values to the logits of their tokens (ids are checked against
+    the vocabulary when the request is added)."""
+    row_idx: list[int] = []
+    tok_idx: list[int] = []
+    values: list[float] = []
+    for i in indices:
+        bias = rows[i].params.logit_bias or {}
+        row_idx += [i] * len(bias)
+        tok_idx += bias.keys()
+        values += bias.values()
+    index = (torch.tensor(row_idx, device=x.device), torch.tensor(tok_idx, device=x.device))
+    x.index_put_(index, torch.tensor(values, dtype=x.dtype, device=x.device), accumulate=True)
 
 
 def _apply_min_tokens(x: torch.Tensor, rows: list[SamplingRow], indices: list[int]) -> None:

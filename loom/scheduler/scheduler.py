@@ -170,6 +170,8 @@ class Scheduler:
         """Append accepted tokens one by one; a token-level stop drops the ones after it."""
         for i, token in enumerate(res.token_ids):
             req.output_token_ids.append(token)
+            if req.grammar is not None:
+                req.grammar.accept(token)
             if res.logprobs:
                 req.output_logprobs.append(res.logprobs[i])
             stop = token_stop(req, self.eos_token_ids)

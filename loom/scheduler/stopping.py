@@ -15,6 +15,8 @@ def token_stop(req: Request, eos_token_ids: tuple[int, ...]) -> tuple[str, int |
             return "stop", None
         if p.stop_token_ids and token in p.stop_token_ids:
             return "stop", token
+    if req.grammar is not None and req.grammar.is_terminated:
+        return "stop", None  # the constrained document is complete; nothing may follow it
     if req.num_tokens >= req.max_total_tokens:
         return "length", None
     return None

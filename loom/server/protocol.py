@@ -9,15 +9,13 @@ request into ``SamplingParams`` (whose own validation names bad values) lives he
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from loom.sampling import SamplingParams
 from loom.server.errors import APIError
-
-if TYPE_CHECKING:
-    from loom.structured import StructuredOutputs
+from loom.structured import StructuredOutputs
 
 COMPLETION_MAX_TOKENS_DEFAULT = 16  # OpenAI's default for /v1/completions
 MAX_N = 128  # OpenAI's limit on choices per request; bounds the work one request can ask for
@@ -37,6 +35,28 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool | None = None
+
+
+class JsonSchemaFormat(_Body):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsBody(_Body):
+    """vLLM's ``structured_outputs`` extra: exactly one of the fields."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
 
 class _SamplingFields(_Body):
@@ -64,15 +84,22 @@ class _SamplingFields(_Body):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     priority: Int = 0
+    # structured output: OpenAI's response_format, or vLLM's extras
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
-                        structured_outputs: StructuredOutputs | None = None) -> SamplingParams:
-        if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+                        constraint: StructuredOutputs | None = None) -> SamplingParams:
+        """``constraint``: one the server puts on the output (a chat request's ``tool_choice``),
+        in place of the request's own; the caller makes sure the request sets none."""
         if self.n is not None and self.n > MAX_N:
             raise APIError(400, f"n must be <= {MAX_N}, got {self.n}", param="n")
         top_p, top_k = self.top_p, self.top_k
@@ -96,13 +123,55 @@ class _SamplingFields(_Body):
             skip_special_tokens=self.skip_special_tokens,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
-            structured_outputs=structured_outputs,
+            logit_bias=self._logit_bias(),
+            structured_outputs=constraint or self._structured_outputs(),
         )
         kwargs: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
         try:
             return SamplingParams(max_tokens=max_tokens, **kwargs)
         except ValueError as e:
             raise APIError(400, str(e), param=_param_of(str(e), (*given, "max_tokens"))) from None
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        """OpenAI sends token ids as JSON object keys, so as strings."""
+        if not self.logit_bias:
+            return None
+        try:
+            return {int(token): value for token, value in self.logit_bias.items()}
+        except ValueError:
+            bad = next(t for t in self.logit_bias if not t.strip().lstrip("-").isdigit())
+            raise APIError(400, f"logit_bias keys must be token ids, got {bad!r}", param="logit_bias") from None
+
+    def _structured_outputs(self) -> StructuredOutputs | None:
+        """The one output constraint of the request, from whichever field carries it."""
+        given = self._constraints()
+        if not given:
+            return None
+        if len(given) > 1:
+            raise APIError(400, f"send one output constraint, not several ({', '.join(given)})", param=next(iter(given)))
+        (param, fields), = given.items()
+        try:
+            return StructuredOutputs(**fields)
+        except ValueError as e:
+            raise APIError(400, str(e), param=param) from None
+
+    def _constraints(self) -> dict[str, dict[str, Any]]:
+        """The output constraints the request sets, by field: ``StructuredOutputs`` keyword arguments."""
+        given: dict[str, dict[str, Any]] = {}
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            given["response_format"] = {"json_object": True}
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise APIError(400, "response_format of type 'json_schema' needs json_schema.schema", param="response_format")
+            given["response_format"] = {"json": fmt.json_schema.schema_}
+        if self.structured_outputs is not None:
+            fields = self.structured_outputs.model_dump(exclude_none=True)
+            given["structured_outputs"] = {("json" if k == "json_" else k): v for k, v in fields.items()}
+        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+            if getattr(self, name) is not None:
+                given[name] = {name.removeprefix("guided_"): getattr(self, name)}
+        return given
 
 
 class CompletionRequest(_SamplingFields):
@@ -211,10 +280,6 @@ class NamedToolChoice(_Body):
     function: FunctionName
 
 
-class ResponseFormat(_Body):
-    type: str
-
-
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Int | None = None
@@ -226,25 +291,21 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
     functions: Any = None  # the legacy forms of tools and tool_choice: refused
     function_call: Any = None
-    response_format: ResponseFormat | None = None
     modalities: list[str] | None = None
     add_generation_prompt: bool = True  # vLLM extra
 
-    def to_sampling_params(self, structured_outputs: StructuredOutputs | None = None) -> SamplingParams:
-        """``structured_outputs``: the constraint the request's ``tool_choice`` puts on the output."""
+    def to_sampling_params(self, tool_constraint: StructuredOutputs | None = None) -> SamplingParams:
+        """``tool_constraint``: the constraint the request's ``tool_choice`` puts on the output."""
         for legacy in ("functions", "function_call"):
             if getattr(self, legacy) is not None:
                 raise APIError(400, f"{legacy} is deprecated and not supported: send tools and tool_choice", param=legacy)
-        if self.response_format is not None and self.response_format.type != "text":
-            raise APIError(400, f"response_format {self.response_format.type!r} is not supported (only 'text')",
-                           param="response_format")
         if self.modalities and set(self.modalities) != {"text"}:
             raise APIError(400, "only the 'text' modality is supported", param="modalities")
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self.sampling_params(max_tokens, logprobs, None, structured_outputs)
+        return self.sampling_params(max_tokens, logprobs, None, tool_constraint)
 
     def check_tools(self) -> None:
         """400 for tool fields that contradict each other: a tool_choice without tools, or naming

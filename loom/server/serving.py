@@ -24,6 +24,7 @@ from loom.server.errors import APIError, ClientDisconnected
 from loom.server.logprobs import LogprobFormatter
 from loom.server.tool_parsers import auto_parser
 from loom.server.tool_prompt import template_renders_tools
+from loom.structured import GrammarError
 
 T = TypeVar("T")
 
@@ -113,6 +114,8 @@ class Serving:
             return [Started(i, f, g) for i, (f, g) in enumerate(zip(firsts, gens))]  # type: ignore[arg-type]
         for g in gens:
             await g.aclose()
+        if isinstance(error, GrammarError):
+            raise APIError(400, str(error), param="response_format")
         if isinstance(error, ValueError):
             where = f"{prompt_param}[{firsts.index(error)}]: " if len(prompts) > 1 else ""
             raise APIError(400, f"{where}{error}", param=prompt_param)

@@ -44,7 +44,7 @@ def assert_error(resp: httpx.Response, status: int, param: str | None = None, co
         ("/v1/completions", {**COMPLETION, "logprobs": 21}, "logprobs"),
         ("/v1/completions", {**COMPLETION, "presence_penalty": 3}, "presence_penalty"),
         ("/v1/completions", {**COMPLETION, "stop": [""]}, "stop"),
-        ("/v1/completions", {**COMPLETION, "logit_bias": {"5": 10}}, "logit_bias"),
+        ("/v1/completions", {**COMPLETION, "logit_bias": {"five": 10}}, "logit_bias"),
         ("/v1/completions", {**COMPLETION, "suffix": "end"}, "suffix"),
         ("/v1/completions", {**COMPLETION, "prompt": []}, "prompt"),
         ("/v1/completions", {**COMPLETION, "prompt": [10**9]}, "prompt"),
@@ -57,7 +57,7 @@ def assert_error(resp: httpx.Response, status: int, param: str | None = None, co
         ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs"),
         ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 30}, "logprobs"),
         ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]}, "tools"),
-        ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+        ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema"}}, "response_format"),
         ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x" * 3000}]}, "messages"),
     ],
 )
