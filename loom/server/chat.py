@@ -51,7 +51,8 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, servi
 
     async def run() -> Any:
         started = await serving.start(request_id, [prompt], params, priority=req.priority, tenant=req.user,
-                                      prompt_param="messages")
+                                      prompt_param="messages",
+                                      constraint_param="tools" if plan.structured_outputs else "response_format")
         header = {"id": request_id, "object": "chat.completion", "created": created, "model": model,
                   "system_fingerprint": serving.system_fingerprint}
         if req.stream:

@@ -295,10 +295,15 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True  # vLLM extra
 
     def to_sampling_params(self, tool_constraint: StructuredOutputs | None = None) -> SamplingParams:
-        """``tool_constraint``: the constraint the request's ``tool_choice`` puts on the output."""
+        """``tool_constraint``: the constraint the request's ``tool_choice`` puts on the output,
+        which excludes one of the request's own (a 400 naming both)."""
         for legacy in ("functions", "function_call"):
             if getattr(self, legacy) is not None:
                 raise APIError(400, f"{legacy} is deprecated and not supported: send tools and tool_choice", param=legacy)
+        if tool_constraint is not None and (own := self._constraints()):
+            choice = repr(self.tool_choice) if isinstance(self.tool_choice, str) else "naming a function"
+            raise APIError(400, f"tool_choice {choice} constrains the output to tool calls, so it cannot be combined "
+                                f"with the request's own output constraint ({', '.join(own)})", param="tool_choice")
         if self.modalities and set(self.modalities) != {"text"}:
             raise APIError(400, "only the 'text' modality is supported", param="modalities")
         if self.top_logprobs and not self.logprobs:

@@ -101,6 +101,7 @@ class Serving:
         priority: int,
         tenant: str | None,
         prompt_param: str,
+        constraint_param: str = "response_format",
     ) -> list[Started]:
         """Submit every prompt and wait for each one's first output, so that a bad prompt (or a
         full queue) becomes an HTTP error before a response starts; on any error, nothing runs."""
@@ -115,7 +116,7 @@ class Serving:
         for g in gens:
             await g.aclose()
         if isinstance(error, GrammarError):
-            raise APIError(400, str(error), param="response_format")
+            raise APIError(400, str(error), param=constraint_param)
         if isinstance(error, ValueError):
             where = f"{prompt_param}[{firsts.index(error)}]: " if len(prompts) > 1 else ""
             raise APIError(400, f"{where}{error}", param=prompt_param)

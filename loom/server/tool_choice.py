@@ -14,19 +14,15 @@ constrains the output, and how the output is read back into content and calls (O
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from loom.sampling import SamplingParams
 from loom.server.errors import APIError
 from loom.server.protocol import ChatCompletionRequest, ChatTool, NamedToolChoice
 from loom.server.tool_parsers import PARSERS, CallArguments, CallStart, Event, Extractor, JsonParser, PlainText, Text
-
-if TYPE_CHECKING:
-    from loom.structured import StructuredOutputs
+from loom.structured import StructuredOutputs
 
 NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 
@@ -67,13 +63,12 @@ def template_tools(tools: list[ChatTool]) -> list[dict[str, Any]]:
 
 
 def _constrained(schema: dict[str, Any]) -> StructuredOutputs:
-    # Until grammar-constrained decoding lands (SamplingParams.structured_outputs), say so.
-    if "structured_outputs" not in {f.name for f in dataclasses.fields(SamplingParams)}:
-        raise APIError(400, "tool_choice 'required' and named functions need structured outputs, which this "
-                            "server does not support yet", param="tool_choice")
-    from loom.structured import StructuredOutputs
-
-    return StructuredOutputs(json=schema)
+    """The JSON schema as the output's constraint (compiled with the request; a schema the
+    grammar compiler refuses is a 400 on ``tools``)."""
+    try:
+        return StructuredOutputs(json=schema)
+    except ValueError as e:
+        raise APIError(400, f"the tools' parameters schemas cannot constrain the output: {e}", param="tools") from None
 
 
 def _parameters(tool: ChatTool) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Tool calling on /v1/chat/completions end to end, through the official openai SDK: a scripted
 engine writes the calls a real model would (its tokenizer and ChatML template are the default
 model's, a template that ignores tools, so the server writes the Hermes tool prompt and reads
-Hermes calls), then the follow-up turn with the tool's result. Request validation, and a tools
-request on the real tiny model, whose random output must come back in a valid shape."""
+Hermes calls), then the follow-up turn with the tool's result. Request validation, and tools
+requests on the real tiny model: under "auto" its random output must come back in a valid shape;
+under "required" or a named function the grammar alone makes it valid calls."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import jsonschema_rs
 import openai
 import pytest
 from live_server import TINY, LiveServer, serve_engine
@@ -134,7 +136,6 @@ BAD_TOOL_REQUESTS = [
     ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools", "pattern"),
     ({"tools": [TIME_TOOL, TIME_TOOL]}, "tools", "unique"),
     ({"tools": [{"type": "retrieval"}]}, "tools", None),
-    ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice", "structured outputs"),  # not on main yet
     ({"functions": [{"name": "f"}]}, "functions", "tools and tool_choice"),
     ({"function_call": "auto"}, "function_call", None),
     ({"messages": [*ASK, {"role": "tool", "content": "21"}]}, "messages", "tool_call_id"),
@@ -180,3 +181,99 @@ def test_tools_on_the_real_tiny_model(tiny_server):
     assert r["usage"]["prompt_tokens"] == with_tools["count"] > without["count"] == plain["usage"]["prompt_tokens"]
     tiny_server.wait_idle()
 
+
+
+# Constrained tool calls on the real tiny model: its random weights write garbage, so only the
+# grammar built from the tools' schemas makes the output a valid call. The bounds keep random
+# strings and lists short enough to finish well within max_tokens.
+BOUNDED_WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "days"], "properties": {
+        "city": {"type": "string", "maxLength": 12}, "days": {"type": "integer", "minimum": 1, "maximum": 7}}}}}  # fmt: skip
+BOUNDED_TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "additionalProperties": False, "required": ["zone"],
+                                       "properties": {"zone": {"enum": ["UTC", "CET", "PST"]}}}}}  # fmt: skip
+BOUNDED_TOOLS = [BOUNDED_WEATHER, BOUNDED_TIME]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in BOUNDED_TOOLS}
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def assert_valid_call(call, names=("get_weather",)) -> dict:
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name in names
+    args = json.loads(call.function.arguments)
+    jsonschema_rs.validator_for(SCHEMAS[call.function.name]).validate(args)
+    return args
+
+
+def test_named_tool_choice_on_the_real_tiny_model(tiny_server):
+    client = tiny_server.client()
+    kwargs = dict(model=TINY, messages=ASK, tools=BOUNDED_TOOLS, tool_choice=NAMED, max_tokens=200, temperature=1.0)
+    r = client.chat.completions.create(**kwargs, seed=3, n=3)
+    for c in r.choices:
+        assert c.finish_reason == "tool_calls" and c.message.content is None
+        [call] = c.message.tool_calls
+        assert_valid_call(call)
+    chunks = list(client.chat.completions.create(**kwargs, seed=3, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    calls = [tc for d in deltas for tc in d.tool_calls or ()]
+    assert calls[0].function.name == "get_weather" and calls[0].id.startswith("call_")
+    assert {tc.index for tc in calls} == {0} and not any(d.content for d in deltas)
+    streamed = "".join(tc.function.arguments or "" for tc in calls)
+    assert len(calls) > 2  # the arguments arrive token by token
+    single = client.chat.completions.create(**kwargs, seed=3)
+    assert streamed == single.choices[0].message.tool_calls[0].function.arguments
+    jsonschema_rs.validator_for(SCHEMAS["get_weather"]).validate(json.loads(streamed))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    tiny_server.wait_idle()
+
+
+def test_required_tool_choice_on_the_real_tiny_model(tiny_server):
+    client = tiny_server.client()
+    kwargs = dict(model=TINY, messages=ASK, tools=BOUNDED_TOOLS, tool_choice="required", max_tokens=200, temperature=1.0)
+    r = client.chat.completions.create(**kwargs, seed=1, n=4)
+    for c in r.choices:
+        assert c.finish_reason == "tool_calls" and c.message.tool_calls, c
+        for call in c.message.tool_calls:
+            assert_valid_call(call, names=tuple(SCHEMAS))
+    single = client.chat.completions.create(**kwargs, seed=1, n=4, parallel_tool_calls=False,
+                                            response_format={"type": "text"})  # text: no constraint of its own
+    for c in single.choices:
+        assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1, c
+        assert_valid_call(c.message.tool_calls[0], names=tuple(SCHEMAS))
+    tiny_server.wait_idle()
+
+
+def test_auto_tool_choice_keeps_response_format(tiny_server):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+    r = tiny_server.client().chat.completions.create(
+        model=TINY, messages=ASK, tools=BOUNDED_TOOLS, max_tokens=30, temperature=1.0, seed=2,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+    c = r.choices[0]
+    assert c.finish_reason == "stop" and not c.message.tool_calls
+    assert json.loads(c.message.content) in ({"ok": True}, {"ok": False})
+    tiny_server.wait_idle()
+
+
+@pytest.mark.parametrize(("tool_choice", "extra", "named"), [
+    ("required", {"response_format": {"type": "json_object"}}, "response_format"),
+    (NAMED, {"guided_regex": "a+"}, "guided_regex"),
+    (NAMED, {"structured_outputs": {"choice": ["a", "b"]}}, "structured_outputs"),
+])  # fmt: skip
+def test_constrained_tool_choice_and_an_output_constraint_are_400(scripted, tool_choice, extra, named):
+    srv, _ = scripted
+    body = {"model": TINY, "messages": ASK, "tools": BOUNDED_TOOLS, "tool_choice": tool_choice, **extra}
+    with srv.http() as http:
+        resp = http.post("/v1/chat/completions", json=body)
+        assert resp.status_code == 400, resp.text
+        err = resp.json()["error"]
+        assert err["param"] == "tool_choice" and named in err["message"] and "tool_choice" in err["message"], err
+
+
+def test_a_schema_the_grammar_refuses_is_a_400_on_tools(tiny_server):
+    bogus = {"type": "function",
+             "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "bogus"}}}}}
+    with pytest.raises(openai.BadRequestError, match="invalid json constraint") as e:
+        tiny_server.client().chat.completions.create(model=TINY, messages=ASK, tools=[bogus], tool_choice="required",
+                                                     max_tokens=5)
+    assert e.value.body["param"] == "tools"
+    tiny_server.wait_idle()
