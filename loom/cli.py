@@ -174,6 +174,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         graceful_timeout=args.graceful_timeout,
         log_level=args.uvicorn_log_level,
+        tool_call_parser=args.tool_call_parser,
     )
     serve(engine_config(args.model, **engine_options(args)), config)
     return 0
@@ -198,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p, max_tokens=512)
     p.set_defaults(func=cmd_chat)
 
+    from loom.server.config import TOOL_CALL_PARSERS, ServerConfig
+
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics)")
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
@@ -211,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="log level of the HTTP server (access log at info)")
+    g.add_argument("--tool-call-parser", default=ServerConfig.tool_call_parser, choices=TOOL_CALL_PARSERS,
+                   help="how tool calls are read from the output when tool_choice is 'auto': auto picks one from "
+                        "the chat template, none turns that off (default: %(default)s)")
     add_engine_args(p, server=True)
     p.set_defaults(func=cmd_serve)
 

@@ -100,3 +100,18 @@ def test_generate_with_an_output_constraint(tiny_model, tmp_path, capsys) -> Non
     assert "invalid regex constraint" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse("generate", "hi", "--regex", "a", "--choice", "b")  # one constraint at a time
+
+
+def test_serve_tool_call_parser_option(monkeypatch) -> None:
+    from loom.server import ServerConfig
+
+    assert parse("serve").tool_call_parser == ServerConfig.tool_call_parser == "auto"
+    assert parse("serve", "--tool-call-parser", "json").tool_call_parser == "json"
+    with pytest.raises(SystemExit):
+        parse("serve", "--tool-call-parser", "xml")
+    with pytest.raises(ValueError, match="tool_call_parser"):
+        ServerConfig(tool_call_parser="xml")
+    seen = {}
+    monkeypatch.setattr("loom.server.serve", lambda engine, config: seen.setdefault("config", config))
+    assert cli.main(["serve", "--tool-call-parser", "none"]) == 0
+    assert seen["config"].tool_call_parser == "none"

@@ -21,6 +21,7 @@ from loom.server.errors import APIError, install_error_handlers
 from loom.server.metrics import ServerMetrics
 from loom.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from loom.server.serving import Serving
+from loom.server.tool_choice import template_tools
 
 
 def build_app(engine: EngineClient, config: ServerConfig | None = None) -> FastAPI:
@@ -75,7 +76,7 @@ def build_app(engine: EngineClient, config: ServerConfig | None = None) -> FastA
             raise APIError(400, "send exactly one of 'prompt' and 'messages'", param="prompt")
         if body.messages is not None:
             chat = ChatCompletionRequest(messages=body.messages, add_generation_prompt=body.add_generation_prompt)
-            ids = chat_prompt(serving, chat)
+            ids = chat_prompt(serving, chat, template_tools(body.tools or []) or None)
         else:
             add_special = True if body.add_special_tokens is None else body.add_special_tokens
             ids = serving.tokenizer.encode(body.prompt or "", add_special_tokens=add_special)

@@ -1,5 +1,6 @@
-"""``POST /v1/chat/completions``: the conversation through the model's chat template, logprobs in
-the chat shape, streaming as ``chat.completion.chunk`` deltas."""
+"""``POST /v1/chat/completions``: the conversation (and the tools) through the model's chat
+template, tool calls read from the output, logprobs in the chat shape, streaming as
+``chat.completion.chunk`` deltas."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from loom.outputs import TokenLogprob
 from loom.server.errors import APIError
 from loom.server.protocol import ChatCompletionRequest
+from loom.server.tool_choice import ToolOutput, ToolPlan, plan_tools
+from loom.server.tool_prompt import render_chat
 from loom.server.serving import (
     SSE_DONE,
     Serving,
@@ -25,10 +28,10 @@ from loom.server.serving import (
 )
 
 
-def chat_prompt(serving: Serving, req: ChatCompletionRequest) -> list[int]:
+def chat_prompt(serving: Serving, req: ChatCompletionRequest, tools: list[dict[str, Any]] | None) -> list[int]:
     messages = [m.to_template() for m in req.messages]
     try:
-        text = serving.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+        text = render_chat(serving.tokenizer, messages, tools, req.add_generation_prompt, serving.template_renders_tools)
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from None
     return serving.tokenizer.encode(text, add_special_tokens=False)
@@ -40,36 +43,38 @@ def _logprobs(serving: Serving, entries: list[TokenLogprob] | None) -> dict[str,
 
 async def create_chat_completion(req: ChatCompletionRequest, raw: Request, serving: Serving) -> Any:
     model = serving.model_name(req.model)
-    params = req.to_sampling_params()
-    prompt = chat_prompt(serving, req)
+    plan = plan_tools(req, serving.tool_parser)
+    params = req.to_sampling_params(plan.structured_outputs)
+    prompt = chat_prompt(serving, req, plan.tools)
     request_id = new_id("chatcmpl")
     created = int(time.time())
 
     async def run() -> Any:
         started = await serving.start(request_id, [prompt], params, priority=req.priority, tenant=req.user,
-                                      prompt_param="messages")
+                                      prompt_param="messages",
+                                      constraint_param="tools" if plan.structured_outputs else "response_format")
         header = {"id": request_id, "object": "chat.completion", "created": created, "model": model,
                   "system_fingerprint": serving.system_fingerprint}
         if req.stream:
             chunk_header = {**header, "object": "chat.completion.chunk"}
-            return StreamingResponse(_stream(serving, req, params.n, started[0], chunk_header),
+            return StreamingResponse(_stream(serving, req, plan, params.n, started[0], chunk_header),
                                      media_type="text/event-stream")
         finals = await serving.collect(started)
-        choices = [
-            {
+        choices = []
+        for c in finals[0].outputs:
+            output = ToolOutput(plan)
+            choices.append({
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.text, "refusal": None},
+                "message": output.message(c.text),
                 "logprobs": _logprobs(serving, c.logprobs),
-                "finish_reason": c.finish_reason,
-            }
-            for c in finals[0].outputs
-        ]
+                "finish_reason": output.finish_reason(c.finish_reason),
+            })
         return JSONResponse({**header, "choices": choices, "usage": finals_usage(finals)})
 
     return await cancel_on_disconnect(raw, run())
 
 
-async def _stream(serving: Serving, req: ChatCompletionRequest, n: int, started: Started,
+async def _stream(serving: Serving, req: ChatCompletionRequest, plan: ToolPlan, n: int, started: Started,
                   header: dict[str, Any]) -> AsyncIterator[str]:
     usage = UsageCounter()
     extra = {"usage": None} if req.include_usage else {}
@@ -79,6 +84,7 @@ async def _stream(serving: Serving, req: ChatCompletionRequest, n: int, started:
         return sse({**header, "choices": [choice], **extra})
 
     want_logprobs = req.logprobs is True
+    outputs = [ToolOutput(plan) for _ in range(n)]
     done: set[int] = set()
     merged = serving.merge([started])
     try:
@@ -89,12 +95,17 @@ async def _stream(serving: Serving, req: ChatCompletionRequest, n: int, started:
             for c in out.outputs:
                 if c.index in done:
                     continue
-                if not (c.delta_text or (want_logprobs and c.delta_token_ids) or c.finished):
+                output = outputs[c.index]
+                deltas = output.deltas(c.delta_text, c.finished)
+                if not (deltas or (want_logprobs and c.delta_token_ids) or c.finished):
                     continue
                 if c.finished:
                     done.add(c.index)
-                delta = {"content": c.delta_text} if c.delta_text or not c.finished else {}
-                yield chunk(c.index, delta, _logprobs(serving, c.delta_logprobs), c.finish_reason)
+                deltas = deltas or [{} if c.finished else {"content": ""}]
+                for k, delta in enumerate(deltas):
+                    first, last = k == 0, k == len(deltas) - 1
+                    yield chunk(c.index, delta, _logprobs(serving, c.delta_logprobs) if first else None,
+                                output.finish_reason(c.finish_reason) if last else None)
         if req.include_usage:
             yield sse({**header, "choices": [], "usage": usage.usage()})
     except APIError as e:  # the engine cut the request short: say so in the stream

@@ -8,6 +8,7 @@ request into ``SamplingParams`` (whose own validation names bad values) lives he
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -95,7 +96,10 @@ class _SamplingFields(_Body):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
+                        constraint: StructuredOutputs | None = None) -> SamplingParams:
+        """``constraint``: one the server puts on the output (a chat request's ``tool_choice``),
+        in place of the request's own; the caller makes sure the request sets none."""
         if self.n is not None and self.n > MAX_N:
             raise APIError(400, f"n must be <= {MAX_N}, got {self.n}", param="n")
         top_p, top_k = self.top_p, self.top_k
@@ -120,7 +124,7 @@ class _SamplingFields(_Body):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             logit_bias=self._logit_bias(),
-            structured_outputs=self._structured_outputs(),
+            structured_outputs=constraint or self._structured_outputs(),
         )
         kwargs: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
         try:
@@ -140,6 +144,19 @@ class _SamplingFields(_Body):
 
     def _structured_outputs(self) -> StructuredOutputs | None:
         """The one output constraint of the request, from whichever field carries it."""
+        given = self._constraints()
+        if not given:
+            return None
+        if len(given) > 1:
+            raise APIError(400, f"send one output constraint, not several ({', '.join(given)})", param=next(iter(given)))
+        (param, fields), = given.items()
+        try:
+            return StructuredOutputs(**fields)
+        except ValueError as e:
+            raise APIError(400, str(e), param=param) from None
+
+    def _constraints(self) -> dict[str, dict[str, Any]]:
+        """The output constraints the request sets, by field: ``StructuredOutputs`` keyword arguments."""
         given: dict[str, dict[str, Any]] = {}
         fmt = self.response_format
         if fmt is not None and fmt.type == "json_object":
@@ -154,15 +171,7 @@ class _SamplingFields(_Body):
         for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
             if getattr(self, name) is not None:
                 given[name] = {name.removeprefix("guided_"): getattr(self, name)}
-        if not given:
-            return None
-        if len(given) > 1:
-            raise APIError(400, f"send one output constraint, not several ({', '.join(given)})", param=next(iter(given)))
-        (param, fields), = given.items()
-        try:
-            return StructuredOutputs(**fields)
-        except ValueError as e:
-            raise APIError(400, str(e), param=param) from None
+        return given
 
 
 class CompletionRequest(_SamplingFields):
@@ -189,13 +198,29 @@ class ContentPart(_Body):
     text: str | None = None
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str  # JSON text of an object
+
+
+class MessageToolCall(_Body):
+    """A call the assistant made, in an earlier turn of the conversation."""
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
 
-    def to_template(self) -> dict[str, str]:
-        """The message as chat templates take it: text content; "developer" is the new "system"."""
+    def to_template(self) -> dict[str, Any]:
+        """The message as chat templates take it: text content; "developer" is the new "system";
+        tool call arguments as objects (templates write them with ``tojson``)."""
         if isinstance(self.content, list):
             for part in self.content:
                 if part.type != "text":
@@ -206,10 +231,53 @@ class ChatMessage(_Body):
             text = "".join(part.text or "" for part in self.content)
         else:
             text = self.content or ""
-        message = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls:
+            if self.role != "assistant":
+                raise APIError(400, f"only assistant messages carry tool_calls, not {self.role!r} ones", param="messages")
+            message["tool_calls"] = [
+                {"id": c.id, "type": c.type, "function": {"name": c.function.name, "arguments": _arguments(c)}}
+                for c in self.tool_calls
+            ]
+        if self.role == "tool":
+            if self.tool_call_id is None:
+                raise APIError(400, "a tool message needs the 'tool_call_id' of the call it answers", param="messages")
+            message["tool_call_id"] = self.tool_call_id
         return message
+
+
+def _arguments(call: MessageToolCall) -> dict[str, Any]:
+    try:
+        args = json.loads(call.function.arguments)
+    except ValueError:
+        args = None
+    if not isinstance(args, dict):
+        raise APIError(400, f"the arguments of tool call {call.id!r} are not a JSON object: {call.function.arguments!r}",
+                       param="messages")
+    return args
+
+
+class FunctionDefinition(_Body):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of an object; none: no parameters
+    strict: bool | None = None
+
+
+class ChatTool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -218,21 +286,50 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Int | None = None
     logprobs: bool | None = None
     top_logprobs: Int | None = None
-    tools: list[dict[str, Any]] | None = None
-    functions: list[dict[str, Any]] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    functions: Any = None  # the legacy forms of tools and tool_choice: refused
+    function_call: Any = None
     modalities: list[str] | None = None
     add_generation_prompt: bool = True  # vLLM extra
 
-    def to_sampling_params(self) -> SamplingParams:
-        if self.tools or self.functions:
-            raise APIError(400, "tool and function calling are not supported", param="tools" if self.tools else "functions")
+    def to_sampling_params(self, tool_constraint: StructuredOutputs | None = None) -> SamplingParams:
+        """``tool_constraint``: the constraint the request's ``tool_choice`` puts on the output,
+        which excludes one of the request's own (a 400 naming both)."""
+        for legacy in ("functions", "function_call"):
+            if getattr(self, legacy) is not None:
+                raise APIError(400, f"{legacy} is deprecated and not supported: send tools and tool_choice", param=legacy)
+        if tool_constraint is not None and (own := self._constraints()):
+            choice = repr(self.tool_choice) if isinstance(self.tool_choice, str) else "naming a function"
+            raise APIError(400, f"tool_choice {choice} constrains the output to tool calls, so it cannot be combined "
+                                f"with the request's own output constraint ({', '.join(own)})", param="tool_choice")
         if self.modalities and set(self.modalities) != {"text"}:
             raise APIError(400, "only the 'text' modality is supported", param="modalities")
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self.sampling_params(max_tokens, logprobs, None)
+        return self.sampling_params(max_tokens, logprobs, None, tool_constraint)
+
+    def check_tools(self) -> None:
+        """400 for tool fields that contradict each other: a tool_choice without tools, or naming
+        a tool that is not there; duplicate names; parameters that do not describe an object."""
+        tools = self.tools or []
+        if self.tool_choice is not None and not tools:
+            raise APIError(400, "tool_choice is only allowed when tools are given", param="tool_choice")
+        names = [t.function.name for t in tools]
+        for name in names:
+            if names.count(name) > 1:
+                raise APIError(400, f"tool names must be unique: {name!r} appears {names.count(name)} times", param="tools")
+        for t in tools:
+            kind = (t.function.parameters or {}).get("type", "object")
+            if kind != "object":
+                raise APIError(400, f"the parameters of tool {t.function.name!r} must be a JSON schema of type "
+                                    f"'object', not {kind!r}", param="tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise APIError(400, f"tool_choice names the function {self.tool_choice.function.name!r}, "
+                                f"which is not among the tools ({', '.join(map(repr, names))})", param="tool_choice")
 
 
 class TokenizeRequest(_Body):
@@ -241,6 +338,7 @@ class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[ChatTool] | None = None
     add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
     return_token_strs: bool = False

@@ -22,6 +22,8 @@ from loom.sampling import SamplingParams
 from loom.server.config import ServerConfig
 from loom.server.errors import APIError, ClientDisconnected
 from loom.server.logprobs import LogprobFormatter
+from loom.server.tool_parsers import auto_parser
+from loom.server.tool_prompt import template_renders_tools
 from loom.structured import GrammarError
 
 T = TypeVar("T")
@@ -72,6 +74,9 @@ class Serving:
         self.config = config
         self.tokenizer = engine.tokenizer
         self.logprobs = LogprobFormatter(engine.tokenizer)
+        self.template_renders_tools = template_renders_tools(engine.tokenizer)
+        parser = config.tool_call_parser
+        self.tool_parser = auto_parser(engine.tokenizer.chat_template, self.template_renders_tools) if parser == "auto" else parser
         self.created = int(time.time())
         self.model_info = info = engine.model_info()
         source = f"loom-{loom.__version__}:{info.model_path}:{info.dtype}:{info.device}"
@@ -96,6 +101,7 @@ class Serving:
         priority: int,
         tenant: str | None,
         prompt_param: str,
+        constraint_param: str = "response_format",
     ) -> list[Started]:
         """Submit every prompt and wait for each one's first output, so that a bad prompt (or a
         full queue) becomes an HTTP error before a response starts; on any error, nothing runs."""
@@ -110,7 +116,7 @@ class Serving:
         for g in gens:
             await g.aclose()
         if isinstance(error, GrammarError):
-            raise APIError(400, str(error), param="response_format")
+            raise APIError(400, str(error), param=constraint_param)
         if isinstance(error, ValueError):
             where = f"{prompt_param}[{firsts.index(error)}]: " if len(prompts) > 1 else ""
             raise APIError(400, f"{where}{error}", param=prompt_param)

@@ -14,7 +14,7 @@ import openai
 import uvicorn
 from fastapi import FastAPI
 
-from loom.engine import AsyncEngine, Engine, engine_config
+from loom.engine import AsyncEngine, Engine, EngineClient, engine_config
 from loom.server import ServerConfig, build_app
 
 TINY = "tiny"
@@ -25,7 +25,7 @@ TINY_ENGINE = dict(dtype="float32", num_threads=1, num_blocks=512, block_size=16
 @dataclass
 class LiveServer:
     base_url: str
-    engine: AsyncEngine
+    engine: EngineClient
     app: FastAPI
     server: uvicorn.Server
     thread: threading.Thread
@@ -57,7 +57,10 @@ class LiveServer:
 
 
 def start_server(model: Path | None, config: ServerConfig, **engine_options: Any) -> LiveServer:
-    engine = AsyncEngine(Engine(engine_config(None if model is None else str(model), **engine_options)))
+    return serve_engine(AsyncEngine(Engine(engine_config(None if model is None else str(model), **engine_options))), config)
+
+
+def serve_engine(engine: EngineClient, config: ServerConfig) -> LiveServer:
     app = build_app(engine, config)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
