@@ -176,7 +176,8 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
 
 
 class UsageCounter:
-    """Token counts of a streamed response, from the latest output of each request."""
+    """Token counts of a streamed response, from the latest output of each request (generated
+    tokens include the samples ``best_of`` ran but did not return, as OpenAI counts them)."""
 
     def __init__(self) -> None:
         self._latest: dict[int, RequestOutput] = {}
@@ -188,7 +189,7 @@ class UsageCounter:
         outs = self._latest.values()
         return usage(
             sum(len(o.prompt_token_ids) for o in outs),
-            sum(len(c.token_ids) for o in outs for c in o.outputs),
+            sum(o.num_generated_tokens for o in outs),
             sum(o.num_cached_tokens for o in outs),
         )
 
