@@ -33,6 +33,7 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None  # vLLM extra: usage so far in every chunk (with include_usage)
 
 
 class _SamplingFields(_Body):
@@ -65,11 +66,18 @@ class _SamplingFields(_Body):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
+    @property
+    def continuous_usage(self) -> bool:
+        """Every streamed chunk carries the usage so far."""
+        return self.include_usage and bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
+                        best_of: int | None = None) -> SamplingParams:
         if self.logit_bias:
             raise APIError(400, "logit_bias is not supported", param="logit_bias")
-        if self.n is not None and self.n > MAX_N:
-            raise APIError(400, f"n must be <= {MAX_N}, got {self.n}", param="n")
+        for name, value in (("n", self.n), ("best_of", best_of)):
+            if value is not None and value > MAX_N:
+                raise APIError(400, f"{name} must be <= {MAX_N}, got {value}", param=name)
         top_p, top_k = self.top_p, self.top_k
         if top_p == 0:  # OpenAI accepts 0: keep only the most likely token
             top_p, top_k = 1.0, 1
@@ -91,6 +99,7 @@ class _SamplingFields(_Body):
             skip_special_tokens=self.skip_special_tokens,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            best_of=best_of,
         )
         kwargs: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
         try:
@@ -108,14 +117,15 @@ class CompletionRequest(_SamplingFields):
     best_of: Int | None = None
 
     def to_sampling_params(self) -> SamplingParams:
-        if self.suffix:
-            raise APIError(400, "suffix is not supported", param="suffix")
-        n = self.n or 1
-        if self.best_of is not None and self.best_of > n:
-            raise APIError(400, f"best_of > n is not supported (best_of={self.best_of}, n={n})", param="best_of")
+        if self.suffix and self.echo:
+            raise APIError(400, "echo cannot be combined with suffix", param="echo")
         max_tokens = COMPLETION_MAX_TOKENS_DEFAULT if self.max_tokens is None else self.max_tokens
         prompt_logprobs = self.logprobs if self.echo else None
-        return self.sampling_params(max_tokens, self.logprobs, prompt_logprobs)
+        params = self.sampling_params(max_tokens, self.logprobs, prompt_logprobs, self.best_of)
+        if self.stream and params.ranks_samples:  # OpenAI's rule: the best can only be known at the end
+            raise APIError(400, f"best_of > n cannot be streamed (best_of={params.best_of}, n={params.n})",
+                           param="best_of")
+        return params
 
 
 class ContentPart(_Body):
@@ -191,6 +201,18 @@ class TokenizeRequest(_Body):
 class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[Int]
+
+
+def prompt_list(value: str | list[str] | list[int] | list[list[int]], param: str) -> list[str | list[int]]:
+    """One prompt (text or token ids) or a list of them, as a list of engine prompts; an empty
+    list is a 400."""
+    if isinstance(value, str):
+        return [value]
+    if not value:
+        raise APIError(400, f"{param} must not be an empty list", param=param)
+    if isinstance(value[0], int):
+        return [value]  # type: ignore[list-item]
+    return list(value)  # type: ignore[arg-type]
 
 
 def _param_of(message: str, names: tuple[str, ...]) -> str | None:

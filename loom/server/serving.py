@@ -17,6 +17,7 @@ from fastapi import Request
 
 import loom
 from loom.engine import EngineClient, EngineDeadError, EngineOverloadedError
+from loom.fim import FimTokens
 from loom.outputs import RequestOutput
 from loom.sampling import SamplingParams
 from loom.server.config import ServerConfig
@@ -71,6 +72,7 @@ class Serving:
         self.config = config
         self.tokenizer = engine.tokenizer
         self.logprobs = LogprobFormatter(engine.tokenizer)
+        self.fim = FimTokens.find(engine.tokenizer)
         self.created = int(time.time())
         self.model_info = info = engine.model_info()
         source = f"loom-{loom.__version__}:{info.model_path}:{info.dtype}:{info.device}"
