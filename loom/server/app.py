@@ -16,10 +16,17 @@ import loom
 from loom.engine import EngineClient
 from loom.server.chat import chat_prompt, create_chat_completion
 from loom.server.completions import create_completion
+from loom.server.embeddings import create_embeddings
 from loom.server.config import ServerConfig
 from loom.server.errors import APIError, install_error_handlers
 from loom.server.metrics import ServerMetrics
-from loom.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from loom.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
+)
 from loom.server.serving import Serving
 
 
@@ -67,6 +74,10 @@ def build_app(engine: EngineClient, config: ServerConfig | None = None) -> FastA
     @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         return await create_chat_completion(body, request, serving)
+
+    @api.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
+        return await create_embeddings(body, request, serving)
 
     @api.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:

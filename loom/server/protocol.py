@@ -187,6 +187,17 @@ class ChatCompletionRequest(_SamplingFields):
         return self.sampling_params(max_tokens, logprobs, None)
 
 
+class EmbeddingRequest(_Body):
+    model: str | None = None
+    input: str | list[str] | list[Int] | list[list[Int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Int | None = None
+    user: str | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        return prompt_list(self.input, "input")
+
+
 class TokenizeRequest(_Body):
     """vLLM's /tokenize: a prompt, or messages rendered with the chat template."""
 

@@ -1,6 +1,6 @@
-"""What completions and chat share: the model check, starting engine requests (and turning their
-errors into HTTP errors before any byte is sent), merging the streams of several prompts, usage,
-SSE framing, and aborting work whose client went away."""
+"""What the endpoints share: the model check, starting engine requests (and turning their errors
+into HTTP errors before any byte is sent), merging the streams of several prompts, running
+embedding requests, usage, SSE framing, and aborting work whose client went away."""
 
 from __future__ import annotations
 
@@ -110,14 +110,23 @@ class Serving:
             return [Started(i, f, g) for i, (f, g) in enumerate(zip(firsts, gens))]  # type: ignore[arg-type]
         for g in gens:
             await g.aclose()
-        if isinstance(error, ValueError):
-            where = f"{prompt_param}[{firsts.index(error)}]: " if len(prompts) > 1 else ""
-            raise APIError(400, f"{where}{error}", param=prompt_param)
-        if isinstance(error, EngineOverloadedError):
-            raise APIError(429, str(error), code="queue_full", headers={"Retry-After": "1"})
-        if isinstance(error, EngineDeadError):
-            raise APIError(503, str(error), code="engine_unavailable")
-        raise error
+        raise _api_error(error, firsts.index(error), len(prompts), prompt_param)
+
+    async def embed(self, request_id: str, prompts: Sequence[str | list[int]], *, tenant: str | None,
+                    prompt_param: str) -> list[RequestOutput]:
+        """Run an embedding request per prompt, all at once; the first error cancels the rest."""
+        tasks = [asyncio.ensure_future(self.engine.embed(p, f"{request_id}-{i}", tenant=tenant))
+                 for i, p in enumerate(prompts)]
+        try:
+            outs = await asyncio.gather(*tasks)
+        except Exception as error:
+            for t in tasks:
+                t.cancel()
+            index = next(i for i, t in enumerate(tasks) if t.done() and not t.cancelled() and t.exception() is error)
+            raise _api_error(error, index, len(prompts), prompt_param) from None
+        if any(o.embedding is None for o in outs):
+            raise APIError(503, "the request was aborted: the server is shutting down", code="engine_unavailable")
+        return outs
 
     @staticmethod
     async def merge(started: list[Started]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -162,6 +171,18 @@ class Serving:
             if out.finished:
                 finals[index] = out
         return [finals[i] for i in range(len(started))]
+
+
+def _api_error(error: BaseException, index: int, num_prompts: int, prompt_param: str) -> BaseException:
+    """The HTTP error for what the engine raised when prompt ``index`` was submitted (a bug as it is)."""
+    if isinstance(error, ValueError):
+        where = f"{prompt_param}[{index}]: " if num_prompts > 1 else ""
+        return APIError(400, f"{where}{error}", param=prompt_param)
+    if isinstance(error, EngineOverloadedError):
+        return APIError(429, str(error), code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(error, EngineDeadError):
+        return APIError(503, str(error), code="engine_unavailable")
+    return error
 
 
 def new_id(prefix: str) -> str:
