@@ -40,6 +40,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    cumulative_logprob: float = 0.0  # sum of ``output_logprobs`` (kept when the sampler computes them)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache on first admission
@@ -52,6 +53,10 @@ class Request:
     forks: list["Request"] = field(default_factory=list)
     generator: "torch.Generator | None" = None
     grammar: "GrammarState | None" = None  # structured output: advances with each accepted token
+    # An embedding request: computes its prompt only and sums the final hidden states of every
+    # prompt position into ``hidden_sum`` (never served from the prefix cache).
+    embed: bool = False
+    hidden_sum: list[float] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     metrics: RequestMetrics = field(init=False)

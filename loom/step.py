@@ -64,11 +64,13 @@ class RequestResult:
     ``token_ids`` are the tokens to append: empty for a prefill chunk that does not reach the
     end of the sequence, one token for a plain decode, and ``1 + accepted drafts`` when drafts
     were verified. ``prompt_logprobs`` covers the prompt positions this step computed (position
-    ``i`` scores prompt token ``i + 1``)."""
+    ``i`` scores prompt token ``i + 1``). ``hidden_sum`` (embedding requests) is the sum of the
+    final hidden states of the prompt positions this step computed."""
 
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[TokenLogprob, ...] = ()
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    hidden_sum: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

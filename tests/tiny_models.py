@@ -130,6 +130,22 @@ def make_tiny_hf_model(arch: str, path: Path, seed: int = 0, **overrides: Any) -
     return path
 
 
+FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")  # Qwen2.5-Coder's names
+
+
+def make_tiny_fim_model(path: Path) -> Path:
+    """A tiny llama whose tokenizer also has fill-in-the-middle tokens (``FIM_TOKENS``, added as
+    special tokens after the default vocabulary, which the model's embedding grows to cover)."""
+    from tokenizers import Tokenizer as BackendTokenizer
+
+    vocab = len(json.loads(default_tokenizer_files()["tokenizer.json"])["model"]["vocab"])
+    make_tiny_hf_model("llama", path, vocab_size=vocab + len(FIM_TOKENS))
+    tokenizer = BackendTokenizer.from_file(str(path / "tokenizer.json"))
+    tokenizer.add_special_tokens(list(FIM_TOKENS))
+    tokenizer.save(str(path / "tokenizer.json"))
+    return path
+
+
 @functools.lru_cache(maxsize=4)
 def _tokenizer_fields(path: Path) -> list[tuple[str, Any, GGUFValueType, GGUFValueType | None]]:
     """The ``tokenizer.*`` metadata of a GGUF file as ``(key, value, type, array element type)``."""

@@ -10,6 +10,7 @@ batching); when nothing is in flight the thread blocks on its command queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loom.engine.client import OutputListener, StepListener
-from loom.engine.engine import Engine, EngineStats, ModelInfo
+from loom.engine.engine import EMBEDDING_PARAMS, Engine, EngineStats, ModelInfo
 from loom.outputs import RequestOutput
 from loom.sampling import SamplingParams
 
@@ -54,6 +55,7 @@ class _Add:
     arrival_time: float
     stream: _Stream
     accepted: asyncio.Future[None]
+    embed: bool  # an embedding request (``params`` unused)
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,7 +97,7 @@ class AsyncEngine:
         self._thread.start()
 
     # -- caller side (any event loop) --------------------------------------------------------
-    async def generate(
+    def generate(
         self,
         prompt: str | list[int],
         params: SamplingParams | None = None,
@@ -110,8 +112,27 @@ class AsyncEngine:
         or EngineDeadError (shut down) before yielding anything; EngineDeadError later if the
         step loop fails. Leaving the loop early (``break``, cancellation, a closed client) aborts
         the request and frees its KV blocks."""
+        return self._outputs(prompt, params or SamplingParams(), request_id, priority, tenant, embed=False)
+
+    async def embed(
+        self,
+        prompt: str | list[int],
+        request_id: str | None = None,
+        *,
+        priority: int = 0,
+        tenant: str | None = None,
+    ) -> RequestOutput:
+        """Run an embedding request (prefill only) and return its final output, whose
+        ``embedding`` is None if it was aborted. Raises as ``generate`` does; cancelling the
+        call aborts the request."""
+        async with contextlib.aclosing(self._outputs(prompt, EMBEDDING_PARAMS, request_id, priority, tenant,
+                                                     embed=True)) as outputs:
+            return [out async for out in outputs][-1]
+
+    async def _outputs(self, prompt: str | list[int], params: SamplingParams, request_id: str | None, priority: int,
+                       tenant: str | None, embed: bool) -> AsyncIterator[RequestOutput]:
         _check_prompt(prompt)
-        if params is not None and not isinstance(params, SamplingParams):
+        if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         if params is not None and params.structured_outputs is not None:
             # Compile here, off the engine thread (the engine then finds it in the cache).
@@ -120,7 +141,7 @@ class AsyncEngine:
         request_id = request_id or uuid.uuid4().hex
         stream = _Stream(loop)
         accepted: asyncio.Future[None] = loop.create_future()
-        self._submit(_Add(request_id, prompt, params or SamplingParams(), priority, tenant, time.monotonic(), stream, accepted))
+        self._submit(_Add(request_id, prompt, params, priority, tenant, time.monotonic(), stream, accepted, embed))
         await accepted  # a cancelled wait cancels the add (see _handle); an error means nothing runs
         finished = False
         try:
@@ -222,10 +243,12 @@ class AsyncEngine:
             return  # the caller went away before its request reached the engine
         try:
             self._check_capacity()
-            self.engine.add_request(
-                command.request_id, command.prompt, command.params,
-                arrival_time=command.arrival_time, priority=command.priority, tenant=command.tenant,
-            )
+            common: dict[str, Any] = dict(arrival_time=command.arrival_time, priority=command.priority,
+                                          tenant=command.tenant)
+            if command.embed:
+                self.engine.add_embedding_request(command.request_id, command.prompt, **common)
+            else:
+                self.engine.add_request(command.request_id, command.prompt, command.params, **common)
         except Exception as e:
             if not isinstance(e, (ValueError, EngineOverloadedError)):  # a bug: keep serving the others
                 log.exception("add_request(%r) failed", command.request_id)

@@ -31,6 +31,18 @@ class EngineClient(Protocol):
         serve, EngineOverloadedError when full, EngineDeadError when it stopped serving."""
         ...
 
+    async def embed(
+        self,
+        prompt: str | list[int],
+        request_id: str | None = None,
+        *,
+        priority: int = 0,
+        tenant: str | None = None,
+    ) -> RequestOutput:
+        """Run an embedding request: the final output, with ``embedding`` (None if aborted);
+        raises as ``generate`` does."""
+        ...
+
     async def abort(self, request_id: str) -> None: ...
 
     def stats(self) -> EngineStats: ...

@@ -28,6 +28,8 @@ from loom.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
+EMBEDDING_PARAMS = SamplingParams(max_tokens=0)  # an embedding request computes its prompt and stops
+
 
 @dataclass
 class EngineStats:
@@ -67,6 +69,7 @@ class ModelInfo:
     attention_backend: str
     max_model_len: int
     vocab_size: int
+    hidden_size: int  # the length of an embedding
     num_parameters: int
     weight_bytes: int
 
@@ -120,6 +123,23 @@ class Engine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        self._add(request_id, prompt, params, arrival_time, priority, tenant, embed=False)
+
+    def add_embedding_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        *,
+        arrival_time: float | None = None,
+        priority: int = 0,
+        tenant: str | None = None,
+    ) -> None:
+        """Queue a request that only computes its prompt; its final output carries the prompt's
+        final hidden states, mean-pooled and L2-normalised, as ``embedding``."""
+        self._add(request_id, prompt, EMBEDDING_PARAMS, arrival_time, priority, tenant, embed=True)
+
+    def _add(self, request_id: str, prompt: str | list[int], params: SamplingParams, arrival_time: float | None,
+             priority: int, tenant: str | None, embed: bool) -> None:
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self._tokenize(prompt)
@@ -130,11 +150,12 @@ class Engine:
         limit = min(self.max_model_len, capacity)
         if params.max_tokens is not None:
             limit = min(limit, len(ids) + params.max_tokens)
-        group = RequestGroup(request_id, text, ids, params, self.tokenizer)
+        group = RequestGroup(request_id, text, ids, params, self.tokenizer, embed=embed)
         now = time.monotonic() if arrival_time is None else arrival_time
+        num_samples = params.num_samples
         samples = [
             Request(
-                request_id=f"{request_id}#{i}" if params.n > 1 else request_id,
+                request_id=f"{request_id}#{i}" if num_samples > 1 else request_id,
                 prompt_token_ids=ids,
                 params=params,
                 arrival_time=now,
@@ -145,18 +166,19 @@ class Engine:
                 max_total_tokens=limit,
                 generator=make_generator(params, i, self.worker.device),
                 grammar=self.grammars.new_state(params.structured_outputs) if params.structured_outputs else None,
+                embed=embed,
             )
-            for i in range(params.n)
+            for i in range(num_samples)
         ]
         self.groups[request_id] = group
         self.prompt_tokens += len(ids)
         for req in samples:
             self._sample_of[req.request_id] = (group, group.new_sample(req))
         first, forks = samples[0], samples[1:]
-        if params.max_tokens == 0:  # echo / loglikelihood: only the prompt (and its logprobs)
+        if params.max_tokens == 0:  # echo / loglikelihood / embedding: only the prompt
             for req in forks:
                 self.scheduler.finish(req, "length")
-            if params.prompt_logprobs is None:
+            if params.prompt_logprobs is None and not embed:
                 self.scheduler.finish(first, "length")
                 return
         else:
@@ -291,6 +313,7 @@ class Engine:
             attention_backend=w.attention.name,
             max_model_len=self.max_model_len,
             vocab_size=self.model_config.vocab_size,
+            hidden_size=self.model_config.hidden_size,
             num_parameters=w.num_parameters,
             weight_bytes=w.weight_bytes,
         )

@@ -1,8 +1,10 @@
-"""The offline batch API: ``LLM(model=...).generate(prompts, params)`` and ``.chat(conversations)``."""
+"""The offline batch API: ``LLM(model=...).generate(prompts, params)``, ``.chat(conversations)``
+and ``.embed(prompts)``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -37,26 +39,23 @@ class LLM:
     ) -> list[RequestOutput]:
         """Outputs in the order of ``prompts``. A bad prompt or parameter raises ValueError
         before anything runs."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)  # type: ignore[arg-type]
+        prompts = _prompt_list(prompts)
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
         params = list(params)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
-        ids = []
-        try:
-            for prompt, p in zip(prompts, params):
-                rid = f"offline-{self._counter}"
-                self._counter += 1
-                self.engine.add_request(rid, prompt, p)
-                ids.append(rid)
-        except ValueError:
-            for rid in ids:
-                self.engine.abort_request(rid)
-            raise
+        ids = self._add_all([functools.partial(self.engine.add_request, prompt=pr, params=p)
+                             for pr, p in zip(prompts, params)])
         return self._run(ids, use_tqdm)
+
+    def embed(self, prompts: Prompt | Sequence[Prompt], use_tqdm: bool = True) -> list[list[float]]:
+        """One embedding per prompt, in order: the final hidden states (after the final norm)
+        mean-pooled over the prompt's tokens and L2-normalised, as ``/v1/embeddings`` returns
+        them. A bad prompt (e.g. longer than the context) raises ValueError before anything runs."""
+        ids = self._add_all([functools.partial(self.engine.add_embedding_request, prompt=pr)
+                             for pr in _prompt_list(prompts)])
+        return [out.embedding or [] for out in self._run(ids, use_tqdm)]  # never aborted: always set
 
     def chat(
         self,
@@ -96,6 +95,21 @@ class LLM:
     def model_info(self) -> ModelInfo:
         return self.engine.model_info()
 
+    def _add_all(self, adds: list[Callable[..., None]]) -> list[str]:
+        """Call each ``add(request_id)`` with a fresh id; all or nothing (ValueError aborts the rest)."""
+        ids: list[str] = []
+        try:
+            for add in adds:
+                rid = f"offline-{self._counter}"
+                self._counter += 1
+                add(rid)
+                ids.append(rid)
+        except ValueError:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        return ids
+
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
         wanted = set(ids)
@@ -106,6 +120,13 @@ class LLM:
                         results[out.request_id] = out
                         bar.update(1)
         return [results[i] for i in ids]
+
+
+def _prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    """One prompt (text or token ids) or a sequence of them, as a list."""
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        return [prompts]  # type: ignore[list-item]
+    return list(prompts)  # type: ignore[arg-type]
 
 
 def engine_config(model: str | None = None, **options: Any) -> EngineConfig:

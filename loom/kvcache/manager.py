@@ -33,11 +33,11 @@ class KVCacheManager:
         """Blocks of the prefix cache that hold the start of ``req``'s tokens.
 
         At most ``num_tokens - 1`` tokens match: the last token must be computed to produce logits.
-        A request that wants prompt logprobs matches nothing (every prompt position must be
-        computed to score it). Fills ``req.block_hashes`` for the matched blocks; takes no
-        references yet."""
+        A request that wants prompt logprobs or an embedding matches nothing (every prompt
+        position must be computed to score or pool it). Fills ``req.block_hashes`` for the
+        matched blocks; takes no references yet."""
         req.block_hashes.clear()
-        if not self.pool.enable_prefix_caching or req.params.prompt_logprobs is not None:
+        if not self.pool.enable_prefix_caching or req.params.prompt_logprobs is not None or req.embed:
             return []
         hits: list[int] = []
         max_blocks = (req.num_tokens - 1) // self.block_size

@@ -113,6 +113,7 @@ class Worker:
         if logits is not None:
             self._sample(logits, rows.sample, results)
             self._prompt_logprobs(logits, rows.prompt, results)
+        self._hidden_sums(hidden, plan.scheduled, batch.offsets, results)
         t3 = time.perf_counter()
         self.phase_seconds["prepare"] += t1 - t0
         self.phase_seconds["forward"] += t2 - t1
@@ -241,6 +242,15 @@ class Worker:
             req.grammar.fill_bitmask(bitmask, first, s.draft_token_ids)
             rows.extend(range(first, first + 1 + len(s.draft_token_ids)))
         return TokenBitmask(rows, bitmask[rows])
+
+    @staticmethod
+    def _hidden_sums(hidden: torch.Tensor, scheduled: list[ScheduledRequest], offsets: list[int],
+                     results: dict[str, RequestResult]) -> None:
+        """Embedding requests: the fp32 sum of the final hidden states of this step's prompt rows."""
+        for s, off in zip(scheduled, offsets):
+            if s.request.embed:
+                total = hidden[off : off + s.num_new_tokens].float().sum(dim=0)
+                results[s.request.request_id] = RequestResult(hidden_sum=tuple(total.tolist()))
 
     @staticmethod
     def _prompt_logprobs(logits: torch.Tensor, prompt: list[tuple[int, ScheduledRequest, int]],

@@ -77,6 +77,8 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     logit_bias: Mapping[int, float] | None = None
     structured_outputs: StructuredOutputs | None = None
+    # Run this many samples and return the ``n`` with the highest cumulative logprob (None: ``n``).
+    best_of: int | None = None
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1)
@@ -106,6 +108,8 @@ class SamplingParams:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         _check_logprobs("logprobs", self.logprobs)
         _check_logprobs("prompt_logprobs", self.prompt_logprobs)
+        if self.best_of is not None and _check_int("best_of", self.best_of, 1) < self.n:
+            raise ValueError(f"best_of ({self.best_of}) must be >= n ({self.n})")
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -179,6 +183,24 @@ class SamplingParams:
             except TypeError as e:
                 raise ValueError(f"structured_outputs: {e}") from None
         raise ValueError(f"structured_outputs must be a StructuredOutputs or a dict, got {type(spec).__name__}")
+
+    @property
+    def num_samples(self) -> int:
+        """Samples the engine runs: ``best_of`` of them, of which ``n`` are returned."""
+        return self.best_of or self.n
+
+    @property
+    def ranks_samples(self) -> bool:
+        """Whether the ``n`` returned samples are picked out of more by cumulative logprob."""
+        return self.num_samples > self.n
+
+    @property
+    def sampled_logprobs(self) -> int | None:
+        """Top alternatives the sampler computes per sampled token: ``logprobs``, else 0 when the
+        samples are ranked (which needs each sampled token's logprob), else None (no logprobs)."""
+        if self.logprobs is None and self.ranks_samples:
+            return 0
+        return self.logprobs
 
     @property
     def greedy(self) -> bool:

@@ -54,7 +54,7 @@ class TokenBitmask:
 @dataclass(frozen=True)
 class SampleResult:
     token_id: int
-    logprob: TokenLogprob | None  # set when params.logprobs is not None
+    logprob: TokenLogprob | None  # set when params.sampled_logprobs is not None
 
 
 def make_generator(params: SamplingParams, sample_index: int, device: str | torch.device = "cpu") -> torch.Generator | None:
@@ -112,7 +112,7 @@ class Sampler:
         biased = [i for i, row in enumerate(rows) if row.params.logit_bias]
         masked = [i for i, row in enumerate(rows) if len(row.output_token_ids) < row.params.min_tokens]
         penalised = [i for i, row in enumerate(rows) if row.params.has_penalties]
-        want_logprobs = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+        want_logprobs = [i for i, row in enumerate(rows) if row.params.sampled_logprobs is not None]
         greedy = [i for i, row in enumerate(rows) if row.params.greedy]
         if len(greedy) == len(rows) and not (masked or penalised or want_logprobs or biased or allowed):
             token_ids = logits.float().argmax(dim=-1).tolist()  # argmax over bf16 is ~4x slower on CPU
@@ -137,7 +137,7 @@ class Sampler:
 
         logprobs: dict[int, TokenLogprob] = {}
         if raw is not None:
-            num_top = [rows[i].params.logprobs for i in want_logprobs]
+            num_top = [rows[i].params.sampled_logprobs for i in want_logprobs]
             logprobs = dict(zip(want_logprobs, compute_logprobs(raw, token_ids[want_logprobs], num_top)))
         return [SampleResult(token_id, logprobs.get(i)) for i, token_id in enumerate(token_ids.tolist())]
 

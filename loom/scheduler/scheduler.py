@@ -147,6 +147,9 @@ class Scheduler:
                 if s.start == 0:
                     req.prompt_logprobs = [None]  # the first token has no context
                 req.prompt_logprobs.extend(res.prompt_logprobs)
+            if res.hidden_sum:  # a recompute after preemption starts over
+                prev = req.hidden_sum if s.start else [0.0] * len(res.hidden_sum)
+                req.hidden_sum = [a + b for a, b in zip(prev, res.hidden_sum)]
             accepted_drafts = max(len(res.token_ids) - 1, 0) if s.draft_token_ids else 0
             req.num_computed_tokens = s.end + accepted_drafts
             if s.draft_token_ids:
@@ -162,7 +165,7 @@ class Scheduler:
                 self._append(req, res)
                 changed += [req, *s.forks]
             elif req.num_computed_tokens == req.num_tokens and req.params.max_tokens == 0:
-                self.finish(req, "length")  # prompt logprobs only
+                self.finish(req, "length")  # prompt logprobs or an embedding only
                 changed.append(req)
         return changed
 
@@ -174,6 +177,7 @@ class Scheduler:
                 req.grammar.accept(token)
             if res.logprobs:
                 req.output_logprobs.append(res.logprobs[i])
+                req.cumulative_logprob += res.logprobs[i].logprob
             stop = token_stop(req, self.eos_token_ids)
             if stop is not None:
                 self.finish(req, *stop)

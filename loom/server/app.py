@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI routes, vLLM's tokenizer routes, health, version and Prometheus metrics."""
+"""The FastAPI app: OpenAI routes, vLLM's tokenizer routes, health, version and Prometheus metrics.
+Every GET route answers HEAD too (same status and headers, no body)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,21 @@ import loom
 from loom.engine import EngineClient
 from loom.server.chat import chat_prompt, create_chat_completion
 from loom.server.completions import create_completion
+from loom.server.embeddings import create_embeddings
 from loom.server.config import ServerConfig
 from loom.server.errors import APIError, install_error_handlers
 from loom.server.metrics import ServerMetrics
-from loom.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from loom.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
+)
 from loom.server.serving import Serving
 from loom.server.tool_choice import template_tools
+
+GET = ["GET", "HEAD"]  # uvicorn sends a HEAD answer's status and headers, never its body
 
 
 def build_app(engine: EngineClient, config: ServerConfig | None = None) -> FastAPI:
@@ -53,11 +63,11 @@ def build_app(engine: EngineClient, config: ServerConfig | None = None) -> FastA
 
     api = APIRouter(dependencies=[Depends(check_api_key)])
 
-    @api.get("/v1/models")
+    @api.api_route("/v1/models", methods=GET)
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [_model_card(name, serving) for name in config.served_model_names]}
 
-    @api.get("/v1/models/{model:path}")
+    @api.api_route("/v1/models/{model:path}", methods=GET)
     async def retrieve_model(model: str) -> dict[str, Any]:
         return _model_card(serving.model_name(model), serving)
 
@@ -68,6 +78,10 @@ def build_app(engine: EngineClient, config: ServerConfig | None = None) -> FastA
     @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         return await create_chat_completion(body, request, serving)
+
+    @api.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
+        return await create_embeddings(body, request, serving)
 
     @api.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
@@ -94,17 +108,17 @@ def build_app(engine: EngineClient, config: ServerConfig | None = None) -> FastA
 
     app.include_router(api)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=GET)
     async def health() -> Response:
         if not engine.is_running:
             raise APIError(503, "the engine is not running", code="engine_unavailable")
         return Response(status_code=200)
 
-    @app.get("/version")
+    @app.api_route("/version", methods=GET)
     async def version() -> dict[str, str]:
         return {"version": loom.__version__}
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=GET)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

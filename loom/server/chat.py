@@ -77,10 +77,11 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, servi
 async def _stream(serving: Serving, req: ChatCompletionRequest, plan: ToolPlan, n: int, started: Started,
                   header: dict[str, Any]) -> AsyncIterator[str]:
     usage = UsageCounter()
-    extra = {"usage": None} if req.include_usage else {}
+    usage.update(0, started.first)
 
     def chunk(index: int, delta: dict[str, Any], logprobs: dict[str, Any] | None, finish_reason: str | None) -> str:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        extra = {"usage": usage.usage() if req.continuous_usage else None} if req.include_usage else {}
         return sse({**header, "choices": [choice], **extra})
 
     want_logprobs = req.logprobs is True

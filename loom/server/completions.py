@@ -1,5 +1,6 @@
 """``POST /v1/completions``: prompts as text or token ids (one or many), echo, legacy logprobs
-(including ``max_tokens=0`` + ``echo`` + ``logprobs`` for loglikelihood scoring), streaming."""
+(including ``max_tokens=0`` + ``echo`` + ``logprobs`` for loglikelihood scoring), ``best_of``,
+``suffix`` (fill-in-the-middle), streaming."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from loom.outputs import RequestOutput, TokenLogprob
 from loom.server.errors import APIError
-from loom.server.protocol import CompletionRequest
+from loom.server.protocol import CompletionRequest, prompt_list
 from loom.server.serving import (
     SSE_DONE,
     Serving,
@@ -26,16 +27,14 @@ from loom.server.serving import (
 
 
 def _prompts(req: CompletionRequest, serving: Serving) -> list[str | list[int]]:
-    prompt = req.prompt
-    if prompt is None or prompt == "":
-        return [_empty_prompt(serving)]
-    if isinstance(prompt, str):
-        return [prompt]
-    if not prompt:
-        raise APIError(400, "prompt must not be an empty list", param="prompt")
-    if isinstance(prompt[0], int):
-        return [prompt]  # type: ignore[list-item]
-    return [p if p != "" else _empty_prompt(serving) for p in prompt]  # type: ignore[misc]
+    prompts = [""] if req.prompt is None else prompt_list(req.prompt, "prompt")
+    if req.suffix:
+        if serving.fim is None:
+            raise APIError(400, "suffix (fill-in-the-middle) needs a model whose vocabulary has FIM tokens "
+                                "(e.g. <|fim_prefix|>, <|fim_suffix|>, <|fim_middle|>); this model has none",
+                           param="suffix")
+        return [serving.fim.prompt(serving.tokenizer, p, req.suffix) for p in prompts]
+    return [p if p != "" else _empty_prompt(serving) for p in prompts]
 
 
 def _empty_prompt(serving: Serving) -> list[int]:
@@ -111,6 +110,8 @@ async def _stream(serving: Serving, req: CompletionRequest, n: int, started: lis
     builders = {(s.index, k): _Choice(serving, req, s.first) for s in started for k in range(n)}
     done: set[tuple[int, int]] = set()
     usage = UsageCounter()
+    for s in started:
+        usage.update(s.index, s.first)
     merged = serving.merge(started)
     try:
         async for i, out in merged:
@@ -126,7 +127,9 @@ async def _stream(serving: Serving, req: CompletionRequest, n: int, started: lis
                 part = b.piece(out, c.delta_text, c.delta_token_ids, c.delta_logprobs)
                 if c.finished:
                     done.add(key)
-                yield sse({**header, "choices": [{"index": i * n + c.index, **part, "finish_reason": c.finish_reason}]})
+                extra = {"usage": usage.usage()} if req.continuous_usage else {}
+                yield sse({**header, "choices": [{"index": i * n + c.index, **part, "finish_reason": c.finish_reason}],
+                           **extra})
         if req.include_usage:
             yield sse({**header, "choices": [], "usage": usage.usage()})
     except APIError as e:  # the engine cut the request short: say so in the stream

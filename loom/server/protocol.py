@@ -35,6 +35,7 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None  # vLLM extra: usage so far in every chunk (with include_usage)
 
 
 class JsonSchemaFormat(_Body):
@@ -96,12 +97,18 @@ class _SamplingFields(_Body):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        """Every streamed chunk carries the usage so far."""
+        return self.include_usage and bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
-                        constraint: StructuredOutputs | None = None) -> SamplingParams:
+                        best_of: int | None = None, constraint: StructuredOutputs | None = None) -> SamplingParams:
         """``constraint``: one the server puts on the output (a chat request's ``tool_choice``),
         in place of the request's own; the caller makes sure the request sets none."""
-        if self.n is not None and self.n > MAX_N:
-            raise APIError(400, f"n must be <= {MAX_N}, got {self.n}", param="n")
+        for name, value in (("n", self.n), ("best_of", best_of)):
+            if value is not None and value > MAX_N:
+                raise APIError(400, f"{name} must be <= {MAX_N}, got {value}", param=name)
         top_p, top_k = self.top_p, self.top_k
         if top_p == 0:  # OpenAI accepts 0: keep only the most likely token
             top_p, top_k = 1.0, 1
@@ -125,6 +132,7 @@ class _SamplingFields(_Body):
             prompt_logprobs=prompt_logprobs,
             logit_bias=self._logit_bias(),
             structured_outputs=constraint or self._structured_outputs(),
+            best_of=best_of,
         )
         kwargs: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
         try:
@@ -183,14 +191,15 @@ class CompletionRequest(_SamplingFields):
     best_of: Int | None = None
 
     def to_sampling_params(self) -> SamplingParams:
-        if self.suffix:
-            raise APIError(400, "suffix is not supported", param="suffix")
-        n = self.n or 1
-        if self.best_of is not None and self.best_of > n:
-            raise APIError(400, f"best_of > n is not supported (best_of={self.best_of}, n={n})", param="best_of")
+        if self.suffix and self.echo:
+            raise APIError(400, "echo cannot be combined with suffix", param="echo")
         max_tokens = COMPLETION_MAX_TOKENS_DEFAULT if self.max_tokens is None else self.max_tokens
         prompt_logprobs = self.logprobs if self.echo else None
-        return self.sampling_params(max_tokens, self.logprobs, prompt_logprobs)
+        params = self.sampling_params(max_tokens, self.logprobs, prompt_logprobs, self.best_of)
+        if self.stream and params.ranks_samples:  # OpenAI's rule: the best can only be known at the end
+            raise APIError(400, f"best_of > n cannot be streamed (best_of={params.best_of}, n={params.n})",
+                           param="best_of")
+        return params
 
 
 class ContentPart(_Body):
@@ -310,7 +319,7 @@ class ChatCompletionRequest(_SamplingFields):
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self.sampling_params(max_tokens, logprobs, None, tool_constraint)
+        return self.sampling_params(max_tokens, logprobs, None, constraint=tool_constraint)
 
     def check_tools(self) -> None:
         """400 for tool fields that contradict each other: a tool_choice without tools, or naming
@@ -332,6 +341,17 @@ class ChatCompletionRequest(_SamplingFields):
                                 f"which is not among the tools ({', '.join(map(repr, names))})", param="tool_choice")
 
 
+class EmbeddingRequest(_Body):
+    model: str | None = None
+    input: str | list[str] | list[Int] | list[list[Int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Int | None = None
+    user: str | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        return prompt_list(self.input, "input")
+
+
 class TokenizeRequest(_Body):
     """vLLM's /tokenize: a prompt, or messages rendered with the chat template."""
 
@@ -347,6 +367,18 @@ class TokenizeRequest(_Body):
 class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[Int]
+
+
+def prompt_list(value: str | list[str] | list[int] | list[list[int]], param: str) -> list[str | list[int]]:
+    """One prompt (text or token ids) or a list of them, as a list of engine prompts; an empty
+    list is a 400."""
+    if isinstance(value, str):
+        return [value]
+    if not value:
+        raise APIError(400, f"{param} must not be an empty list", param=param)
+    if isinstance(value[0], int):
+        return [value]  # type: ignore[list-item]
+    return list(value)  # type: ignore[arg-type]
 
 
 def _param_of(message: str, names: tuple[str, ...]) -> str | None:

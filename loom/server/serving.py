@@ -1,6 +1,6 @@
-"""What completions and chat share: the model check, starting engine requests (and turning their
-errors into HTTP errors before any byte is sent), merging the streams of several prompts, usage,
-SSE framing, and aborting work whose client went away."""
+"""What the endpoints share: the model check, starting engine requests (and turning their errors
+into HTTP errors before any byte is sent), merging the streams of several prompts, running
+embedding requests, usage, SSE framing, and aborting work whose client went away."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from fastapi import Request
 
 import loom
 from loom.engine import EngineClient, EngineDeadError, EngineOverloadedError
+from loom.fim import FimTokens
 from loom.outputs import RequestOutput
 from loom.sampling import SamplingParams
 from loom.server.config import ServerConfig
@@ -77,6 +78,7 @@ class Serving:
         self.template_renders_tools = template_renders_tools(engine.tokenizer)
         parser = config.tool_call_parser
         self.tool_parser = auto_parser(engine.tokenizer.chat_template, self.template_renders_tools) if parser == "auto" else parser
+        self.fim = FimTokens.find(engine.tokenizer)
         self.created = int(time.time())
         self.model_info = info = engine.model_info()
         source = f"loom-{loom.__version__}:{info.model_path}:{info.dtype}:{info.device}"
@@ -117,14 +119,23 @@ class Serving:
             await g.aclose()
         if isinstance(error, GrammarError):
             raise APIError(400, str(error), param=constraint_param)
-        if isinstance(error, ValueError):
-            where = f"{prompt_param}[{firsts.index(error)}]: " if len(prompts) > 1 else ""
-            raise APIError(400, f"{where}{error}", param=prompt_param)
-        if isinstance(error, EngineOverloadedError):
-            raise APIError(429, str(error), code="queue_full", headers={"Retry-After": "1"})
-        if isinstance(error, EngineDeadError):
-            raise APIError(503, str(error), code="engine_unavailable")
-        raise error
+        raise _api_error(error, firsts.index(error), len(prompts), prompt_param)
+
+    async def embed(self, request_id: str, prompts: Sequence[str | list[int]], *, tenant: str | None,
+                    prompt_param: str) -> list[RequestOutput]:
+        """Run an embedding request per prompt, all at once; the first error cancels the rest."""
+        tasks = [asyncio.ensure_future(self.engine.embed(p, f"{request_id}-{i}", tenant=tenant))
+                 for i, p in enumerate(prompts)]
+        try:
+            outs = await asyncio.gather(*tasks)
+        except Exception as error:
+            for t in tasks:
+                t.cancel()
+            index = next(i for i, t in enumerate(tasks) if t.done() and not t.cancelled() and t.exception() is error)
+            raise _api_error(error, index, len(prompts), prompt_param) from None
+        if any(o.embedding is None for o in outs):
+            raise APIError(503, "the request was aborted: the server is shutting down", code="engine_unavailable")
+        return outs
 
     @staticmethod
     async def merge(started: list[Started]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -171,6 +182,18 @@ class Serving:
         return [finals[i] for i in range(len(started))]
 
 
+def _api_error(error: BaseException, index: int, num_prompts: int, prompt_param: str) -> BaseException:
+    """The HTTP error for what the engine raised when prompt ``index`` was submitted (a bug as it is)."""
+    if isinstance(error, ValueError):
+        where = f"{prompt_param}[{index}]: " if num_prompts > 1 else ""
+        return APIError(400, f"{where}{error}", param=prompt_param)
+    if isinstance(error, EngineOverloadedError):
+        return APIError(429, str(error), code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(error, EngineDeadError):
+        return APIError(503, str(error), code="engine_unavailable")
+    return error
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -185,7 +208,8 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
 
 
 class UsageCounter:
-    """Token counts of a streamed response, from the latest output of each request."""
+    """Token counts of a streamed response, from the latest output of each request (generated
+    tokens include the samples ``best_of`` ran but did not return, as OpenAI counts them)."""
 
     def __init__(self) -> None:
         self._latest: dict[int, RequestOutput] = {}
@@ -197,7 +221,7 @@ class UsageCounter:
         outs = self._latest.values()
         return usage(
             sum(len(o.prompt_token_ids) for o in outs),
-            sum(len(c.token_ids) for o in outs for c in o.outputs),
+            sum(o.num_generated_tokens for o in outs),
             sum(o.num_cached_tokens for o in outs),
         )
 

@@ -52,6 +52,8 @@ from loom.sampling import MAX_LOGPROBS, SamplingParams
         ("ignore_eos", "yes"),
         ("include_stop_str_in_output", 1),
         ("skip_special_tokens", None),
+        ("best_of", 0),
+        ("best_of", 2.0),
     ],
 )
 def test_invalid_values_name_the_field(field: str, value: object) -> None:
@@ -63,6 +65,18 @@ def test_min_tokens_above_max_tokens() -> None:
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(min_tokens=10, max_tokens=5)
     assert SamplingParams(min_tokens=10, max_tokens=None).min_tokens == 10
+
+
+def test_best_of_runs_more_samples_than_it_returns() -> None:
+    with pytest.raises(ValueError, match=r"best_of \(2\) must be >= n \(3\)"):
+        SamplingParams(n=3, best_of=2)
+    assert (SamplingParams(n=2).num_samples, SamplingParams(n=2).ranks_samples) == (2, False)
+    assert (SamplingParams(n=2, best_of=2).num_samples, SamplingParams(n=2, best_of=2).ranks_samples) == (2, False)
+    ranked = SamplingParams(n=2, best_of=5)
+    assert (ranked.num_samples, ranked.ranks_samples) == (5, True)
+    # Ranking needs the sampled tokens' logprobs even when none were asked for.
+    assert (SamplingParams().sampled_logprobs, ranked.sampled_logprobs) == (None, 0)
+    assert SamplingParams(n=2, best_of=5, logprobs=3).sampled_logprobs == 3
 
 
 def test_defaults_are_valid_and_openai_like() -> None:

@@ -40,6 +40,10 @@ class ScriptedEngine:
                 c.finish_reason = "stop" if last else None
             yield RequestOutput(request_id or "scripted", None, list(prompt_ids), [_copy(c) for c in choices], last, metrics)
 
+    async def embed(self, prompt: str | list[int], request_id: str | None = None, *, priority: int = 0,
+                    tenant: str | None = None) -> RequestOutput:
+        raise NotImplementedError("the scripted engine only generates")
+
     async def abort(self, request_id: str) -> None:
         pass
 
@@ -47,7 +51,7 @@ class ScriptedEngine:
         return EngineStats(0, 0, 0, 0, 0, 0.0, 0, 0, 0, 0, 0)
 
     def model_info(self) -> ModelInfo:
-        return ModelInfo("scripted", "scripted", "float32", "cpu", "none", 512, self.tokenizer.vocab_size, 0, 0)
+        return ModelInfo("scripted", "scripted", "float32", "cpu", "none", 512, self.tokenizer.vocab_size, 64, 0, 0)
 
     def add_listener(self, listener: object) -> None:
         pass

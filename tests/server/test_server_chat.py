@@ -47,6 +47,18 @@ def test_streaming_chat(tiny_server):
     assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
 
 
+def test_streaming_chat_with_continuous_usage_stats(tiny_server):
+    chunks = list(tiny_server.client().chat.completions.create(
+        model=TINY, messages=CONVERSATION, max_tokens=6, n=2, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, **GREEDY))
+    body, final = chunks[:-1], chunks[-1]
+    assert final.choices == [] and final.usage.completion_tokens == 12
+    assert all(c.usage is not None and c.usage.prompt_tokens == final.usage.prompt_tokens for c in body)
+    counts = [c.usage.completion_tokens for c in body]
+    assert counts[0] == counts[1] <= 2  # the role chunks: the first output holds at most the first tokens
+    assert counts == sorted(counts) and counts[-1] == 12
+
+
 def test_chat_logprobs(tiny_server):
     r = tiny_server.client().chat.completions.create(model=TINY, messages=CONVERSATION, max_tokens=6, logprobs=True,
                                                      top_logprobs=3, **GREEDY)

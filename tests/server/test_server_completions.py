@@ -74,6 +74,45 @@ def test_n_samples_are_distinct_and_reproducible_with_a_seed(tiny_server):
     assert [texts[i] for i in range(3)] == [c.text for c in a.choices]
 
 
+def test_best_of_returns_the_n_most_likely_samples_and_counts_them_all(tiny_server, tiny_offline):
+    sampling = dict(temperature=1.0, seed=5, max_tokens=6, ignore_eos=True)
+    every = tiny_offline.generate(PROMPTS[2], SamplingParams(n=4, logprobs=0, **sampling), use_tqdm=False)[0]
+    ranked = sorted(every.outputs, key=lambda c: c.cumulative_logprob, reverse=True)
+    client = tiny_server.client()
+    r = client.completions.create(model=TINY, prompt=PROMPTS[2], n=2, best_of=4, max_tokens=6, temperature=1.0, seed=5,
+                                  extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1]
+    assert [c.text for c in r.choices] == [c.text for c in ranked[:2]]
+    assert r.usage.completion_tokens == 4 * 6  # like OpenAI: every sample is billed
+    two_prompts = client.completions.create(model=TINY, prompt=PROMPTS[2:4], best_of=3, max_tokens=2)
+    assert [c.index for c in two_prompts.choices] == [0, 1] and two_prompts.usage.completion_tokens == 2 * 3 * 2
+    with tiny_server.http() as http:
+        streamed = http.post("/v1/completions", json={"prompt": "x", "best_of": 2, "stream": True})
+        assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "best_of"
+        fewer = http.post("/v1/completions", json={"prompt": "x", "n": 3, "best_of": 2})
+        assert fewer.status_code == 400 and fewer.json()["error"]["param"] == "best_of"
+        assert http.post("/v1/completions", json={"prompt": "x", "best_of": 2, "n": 2, "stream": True,
+                                                  "max_tokens": 1}).status_code == 200  # nothing to rank
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(tiny_server):
+    client = tiny_server.client()
+    kwargs = dict(model=TINY, prompt=PROMPTS[:2], max_tokens=5, stream=True, **GREEDY)
+    chunks = list(client.completions.create(stream_options={"include_usage": True, "continuous_usage_stats": True},
+                                            **kwargs))
+    text_chunks, final = chunks[:-1], chunks[-1]
+    assert final.choices == [] and final.usage.completion_tokens == 10
+    assert all(c.choices and c.usage is not None for c in text_chunks)
+    assert all(c.usage.prompt_tokens == final.usage.prompt_tokens for c in text_chunks)
+    counts = [c.usage.completion_tokens for c in text_chunks]
+    assert counts == sorted(counts) and 1 <= counts[0] < 10 and counts[-1] == 10
+    assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in text_chunks)
+    plain = list(client.completions.create(stream_options={"include_usage": True}, **kwargs))
+    assert all(c.usage is None for c in plain[:-1])
+    alone = list(client.completions.create(stream_options={"continuous_usage_stats": True}, **kwargs))
+    assert all(c.usage is None for c in alone)  # only together with include_usage, as in vLLM
+
+
 def test_several_prompts_with_n_index_choices_prompt_major(tiny_server):
     r = tiny_server.client().completions.create(model=TINY, prompt=PROMPTS[:2], max_tokens=4, n=2, **GREEDY)
     choices = sorted(r.choices, key=lambda c: c.index)

@@ -18,6 +18,16 @@ def test_models_health_version(tiny_server):
         assert http.get("/version").json() == {"version": loom.__version__}
 
 
+def test_every_get_route_answers_head_without_a_body(tiny_server):
+    with tiny_server.http() as http:
+        for path in ("/health", "/v1/models", f"/v1/models/{TINY}", "/version", "/metrics"):
+            get, head = http.get(path), http.head(path)
+            assert (head.status_code, head.content) == (200, b""), path
+            assert head.headers.get("content-type") == get.headers.get("content-type"), path
+        assert http.head("/v1/models/nope").status_code == 404
+        assert http.head("/v1/completions").status_code == 405
+
+
 def test_tokenize_and_detokenize(tiny_server, tiny_offline):
     tok = tiny_offline.tokenizer
     messages = [{"role": "user", "content": "Hi"}]

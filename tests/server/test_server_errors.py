@@ -106,6 +106,8 @@ def test_api_key(tiny_path):
             assert_error(http.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401, code="invalid_api_key")
             assert_error(http.post("/tokenize", json={"prompt": "x"}), 401)
             assert http.get("/health").status_code == 200 and http.get("/metrics").status_code == 200
+            assert http.head("/v1/models").status_code == 401 and http.head("/health").status_code == 200
+            assert http.head("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         with pytest.raises(openai.AuthenticationError):
             srv.client(api_key="wrong").models.list()
         assert [m.id for m in srv.client(api_key="s3cret").models.list()] == [TINY]

@@ -7,8 +7,9 @@ Checks run: ``not_a_server_error`` (no 5xx, whatever the input) and ``response_s
 - ``status_code_conformance``: the spec documents only 200 and 429; our 400/401/404 errors are
   what OpenAI really answers, but the spec does not list them.
 - ``positive_data_acceptance``: the spec allows what we refuse with a clear 400 (``logit_bias``
-  keys that are not token ids, ``suffix``, ``best_of > n``, the legacy ``functions``, schemas the
-  grammar compiler refuses, non-text content, prompts longer than the context).
+  keys that are not token ids, ``suffix`` on a model without FIM tokens, streamed ``best_of > n``,
+  the legacy ``functions``, schemas the grammar compiler refuses, non-text content, prompts longer
+  than the context).
 - ``negative_data_rejection``: we are lenient on purpose (unknown fields are ignored, ``model``
   may be omitted, vLLM extras are accepted).
 - ``content_type_conformance``: streamed answers are ``text/event-stream``, which the spec does
