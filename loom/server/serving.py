@@ -46,9 +46,10 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
     try:
         await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
     finally:
+        watcher.cancel()
         if not task.done():
             task.cancel()
-        watcher.cancel()
+            await asyncio.wait((task,))  # let the cancellation run (its aborts) before answering
     if task.cancelled():
         raise ClientDisconnected()
     return task.result()
