@@ -142,6 +142,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from loom.server.config import DEFAULT_MODEL_NAME
 
     names = tuple(args.served_model_name or [args.model or DEFAULT_MODEL_NAME])
+    given = {} if args.max_request_bytes is None else {"max_request_bytes": args.max_request_bytes}  # else the config's
     config = ServerConfig(
         served_model_names=names,
         api_key=args.api_key or os.environ.get("LOOM_API_KEY") or None,
