@@ -90,8 +90,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     prompt: str | list[int] = args.prompt
     if args.chat_template:
-        text = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
-        prompt = llm.tokenizer.encode(text, add_special_tokens=False)
+        prompt = llm.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     out = None
     for out in llm.stream(prompt, params):
         sys.stdout.write(out.outputs[0].delta_text)
@@ -124,7 +123,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if line in ("/exit", "/quit"):
             return 0
         messages.append({"role": "user", "content": line})
-        ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+        ids = llm.tokenizer.encode_chat(messages)
         reply = ""
         for out in llm.stream(ids, params):
             sys.stdout.write(out.outputs[0].delta_text)
@@ -150,6 +149,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         graceful_timeout=args.graceful_timeout,
         log_level=args.uvicorn_log_level,
+        **given,
     )
     serve(engine_config(args.model, **engine_options(args)), config)
     return 0
@@ -184,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model name(s) clients send (default: the --model argument, or SmolLM2-135M-Instruct)")
     g.add_argument("--graceful-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, time in-flight requests get to finish before they are cancelled")
+    g.add_argument("--max-request-bytes", type=int, default=None, metavar="BYTES",
+                   help="larger request bodies are refused with 413 (default: 32 MiB)")
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="log level of the HTTP server (access log at info)")

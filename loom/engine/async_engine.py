@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loom.engine.client import OutputListener, StepListener
-from loom.engine.engine import Engine, EngineStats, ModelInfo
+from loom.engine.engine import Engine, EngineStats, ModelInfo, check_prompt_chars
 from loom.outputs import RequestOutput
 from loom.sampling import SamplingParams
 
@@ -48,6 +48,7 @@ class _Stream:
 class _Add:
     request_id: str
     prompt: str | list[int]
+    prompt_token_ids: list[int] | None  # a text prompt's, tokenized off the engine thread
     params: SamplingParams
     priority: int
     tenant: str | None
@@ -113,11 +114,13 @@ class AsyncEngine:
         _check_prompt(prompt)
         if params is not None and not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        arrival_time = time.monotonic()
+        ids = await self._tokenize(prompt)
         loop = asyncio.get_running_loop()
         request_id = request_id or uuid.uuid4().hex
         stream = _Stream(loop)
         accepted: asyncio.Future[None] = loop.create_future()
-        self._submit(_Add(request_id, prompt, params or SamplingParams(), priority, tenant, time.monotonic(), stream, accepted))
+        self._submit(_Add(request_id, prompt, ids, params or SamplingParams(), priority, tenant, arrival_time, stream, accepted))
         await accepted  # a cancelled wait cancels the add (see _handle); an error means nothing runs
         finished = False
         try:
@@ -131,6 +134,14 @@ class AsyncEngine:
         finally:
             if not finished:
                 self._commands.put(_Abort(request_id))
+
+    async def _tokenize(self, prompt: str | list[int]) -> list[int] | None:
+        """A text prompt's ids, computed on a worker thread: neither this event loop nor the engine
+        thread (whose steps every request shares) waits for a long prompt's tokenization."""
+        if not isinstance(prompt, str) or not prompt:
+            return None  # the engine checks (and refuses an empty prompt)
+        check_prompt_chars(len(prompt), self.tokenizer, self._model_info.max_model_len)
+        return await asyncio.to_thread(self.tokenizer.encode, prompt)
 
     async def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks; its stream ends with finish_reason "abort".
@@ -222,6 +233,7 @@ class AsyncEngine:
             self.engine.add_request(
                 command.request_id, command.prompt, command.params,
                 arrival_time=command.arrival_time, priority=command.priority, tenant=command.tenant,
+                prompt_token_ids=command.prompt_token_ids,
             )
         except Exception as e:
             if not isinstance(e, (ValueError, EngineOverloadedError)):  # a bug: keep serving the others

@@ -3,6 +3,7 @@ the chat shape, streaming as ``chat.completion.chunk`` deltas."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,9 +11,10 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from loom.engine.engine import check_prompt_chars
 from loom.outputs import TokenLogprob
 from loom.server.errors import APIError
-from loom.server.protocol import ChatCompletionRequest
+from loom.server.protocol import ChatCompletionRequest, TokenizeRequest
 from loom.server.serving import (
     SSE_DONE,
     Serving,
@@ -25,13 +27,15 @@ from loom.server.serving import (
 )
 
 
-def chat_prompt(serving: Serving, req: ChatCompletionRequest) -> list[int]:
-    messages = [m.to_template() for m in req.messages]
+async def chat_prompt(serving: Serving, req: ChatCompletionRequest | TokenizeRequest) -> list[int]:
+    """The conversation's token ids, tokenized on a worker thread (a long one delays nobody)."""
+    messages = [m.to_template() for m in req.messages or []]
     try:
-        text = serving.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+        check_prompt_chars(sum(len(m["content"]) for m in messages), serving.tokenizer, serving.model_info.max_model_len)
+        return await asyncio.to_thread(serving.tokenizer.encode_chat, messages, req.add_generation_prompt,
+                                       req.allow_special_tokens_in_content)
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from None
-    return serving.tokenizer.encode(text, add_special_tokens=False)
 
 
 def _logprobs(serving: Serving, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
@@ -41,7 +45,7 @@ def _logprobs(serving: Serving, entries: list[TokenLogprob] | None) -> dict[str,
 async def create_chat_completion(req: ChatCompletionRequest, raw: Request, serving: Serving) -> Any:
     model = serving.model_name(req.model)
     params = req.to_sampling_params()
-    prompt = chat_prompt(serving, req)
+    prompt = await chat_prompt(serving, req)
     request_id = new_id("chatcmpl")
     created = int(time.time())
 

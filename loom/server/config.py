@@ -20,6 +20,7 @@ class ServerConfig:
     port: int = 8000
     graceful_timeout: float = 30.0
     log_level: str = "info"
+    max_request_bytes: int = 32 * 1024 * 1024  # far above any prompt a context holds, as JSON
 
     def __post_init__(self) -> None:
         if not self.served_model_names or not all(isinstance(n, str) and n for n in self.served_model_names):
@@ -28,5 +29,7 @@ class ServerConfig:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.graceful_timeout < 0:
             raise ValueError(f"graceful_timeout must be >= 0, got {self.graceful_timeout}")
+        if self.max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
         if self.api_key == "":
             raise ValueError("api_key must not be empty (omit it to disable authentication)")
