@@ -99,6 +99,7 @@ class Serving:
     ) -> list[Started]:
         """Submit every prompt and wait for each one's first output, so that a bad prompt (or a
         full queue) becomes an HTTP error before a response starts; on any error, nothing runs."""
+        self._check_admissible(len(prompts), params, prompt_param)
         gens = [
             self.engine.generate(p, params, f"{request_id}-{i}", priority=priority, tenant=tenant)
             for i, p in enumerate(prompts)
@@ -117,6 +118,17 @@ class Serving:
         if isinstance(error, EngineDeadError):
             raise APIError(503, str(error), code="engine_unavailable")
         raise error
+
+    def _check_admissible(self, num_prompts: int, params: SamplingParams, prompt_param: str) -> None:
+        """400 for what no amount of waiting makes servable (unlike a full queue's 429)."""
+        max_waiting = self.engine.max_waiting
+        if max_waiting is not None and num_prompts > max_waiting:
+            raise APIError(400, f"{prompt_param} has {num_prompts} prompts but the server queues at most "
+                                f"{max_waiting} requests (max_waiting); send fewer at once", param=prompt_param)
+        max_model_len = self.model_info.max_model_len
+        if params.max_tokens is not None and params.max_tokens > max_model_len:
+            raise APIError(400, f"max_tokens is {params.max_tokens} but the context holds {max_model_len} tokens "
+                                f"(max_model_len), prompt included", param="max_tokens")
 
     @staticmethod
     async def merge(started: list[Started]) -> AsyncIterator[tuple[int, RequestOutput]]:
