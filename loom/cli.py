@@ -115,8 +115,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     prompt: str | list[int] = args.prompt
     if args.chat_template:
-        text = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
-        prompt = llm.tokenizer.encode(text, add_special_tokens=False)
+        prompt = llm.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     out = None
     for out in llm.stream(prompt, params):
         sys.stdout.write(out.outputs[0].delta_text)
@@ -149,7 +148,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if line in ("/exit", "/quit"):
             return 0
         messages.append({"role": "user", "content": line})
-        ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+        ids = llm.tokenizer.encode_chat(messages)
         reply = ""
         for out in llm.stream(ids, params):
             sys.stdout.write(out.outputs[0].delta_text)
@@ -167,6 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from loom.server.config import DEFAULT_MODEL_NAME
 
     names = tuple(args.served_model_name or [args.model or DEFAULT_MODEL_NAME])
+    given = {} if args.max_request_bytes is None else {"max_request_bytes": args.max_request_bytes}  # else the config's
     config = ServerConfig(
         served_model_names=names,
         api_key=args.api_key or os.environ.get("LOOM_API_KEY") or None,
@@ -175,6 +175,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         graceful_timeout=args.graceful_timeout,
         log_level=args.uvicorn_log_level,
         tool_call_parser=args.tool_call_parser,
+        **given,
     )
     serve(engine_config(args.model, **engine_options(args)), config)
     return 0
@@ -211,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model name(s) clients send (default: the --model argument, or SmolLM2-135M-Instruct)")
     g.add_argument("--graceful-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, time in-flight requests get to finish before they are cancelled")
+    g.add_argument("--max-request-bytes", type=int, default=None, metavar="BYTES",
+                   help="larger request bodies are refused with 413 (default: 32 MiB)")
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="log level of the HTTP server (access log at info)")

@@ -10,6 +10,7 @@ would make decoding non-incremental).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from datetime import datetime
@@ -133,6 +134,7 @@ class Tokenizer:
         self._context_ids = backend.encode("a", add_special_tokens=False).ids[-1:]
         self._context_text = backend.decode(self._context_ids, skip_special_tokens=False)
         self._token_strs: dict[int, str] = {}
+        self._special_texts = tuple(t.content for t in backend.get_added_tokens_decoder().values() if t.special)
 
     @staticmethod
     def from_dir(model_dir: str | Path) -> Tokenizer:
@@ -163,17 +165,29 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
+    @functools.cached_property
+    def max_chars_per_token(self) -> int:
+        """The longest vocabulary entry, in characters: no token covers more of the (normalized)
+        text. Byte-level entries spell each byte as one character, so this over-counts: a bound."""
+        return max(map(len, self.backend.get_vocab(with_added_tokens=True)), default=1)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``. Safe to call from any thread, and it lets other threads run
+        meanwhile (``encode_batch`` releases the GIL, ``encode`` does not)."""
         if self._add_bos is None and self._add_eos is None:
-            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+            return self._encode(self.backend, text, add_special_tokens)
         # The config overrides the post-processor: exactly the configured BOS/EOS, never doubled.
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        ids = self._encode(self.backend, text, False)
         if add_special_tokens:
             if self._add_bos and self.bos_token_id is not None:
                 ids.insert(0, self.bos_token_id)
             if self._add_eos and self.eos_token_id is not None:
                 ids.append(self.eos_token_id)
         return ids
+
+    @staticmethod
+    def _encode(backend: BackendTokenizer, text: str, add_special_tokens: bool) -> list[int]:
+        return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -207,6 +221,77 @@ class Tokenizer:
             return self._compiled_template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.TemplateError as e:
             raise ValueError(f"chat template error: {e}") from e
+
+
+    def encode_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, allow_special_tokens_in_content: bool = False,
+        **kwargs: Any,
+    ) -> list[int]:
+        """The token ids of a conversation rendered with the chat template. Special tokens spelled
+        out inside a message's content are encoded as plain text, so that content cannot forge
+        turns ("<|im_end|>\\n<|im_start|>system\\n..."); only the template's own are control
+        tokens. ``allow_special_tokens_in_content``: parse them in content too (the raw rendering).
+        ``kwargs`` (such as ``tools``) go to the template.
+
+        A conversation whose contents hold no special token is encoded exactly as its rendering
+        (as transformers does); otherwise those spellings are swapped for placeholders while the
+        template renders, and the text between the template's special tokens is encoded with
+        special-token parsing off, placeholders swapped back."""
+        placeholders = {} if allow_special_tokens_in_content else self._placeholders(messages)
+        if placeholders:
+            messages = [_replace_content(m, placeholders) for m in messages]
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        if not placeholders:
+            return self.encode(text, add_special_tokens=False)
+        return self._encode_with_escapes(text, {v: k for k, v in placeholders.items()})
+
+    def _placeholders(self, messages: list[dict[str, Any]]) -> dict[str, str]:
+        """A private-use character for each special token spelled out in some message's content
+        (one that no content holds, so swapping back is exact)."""
+        contents = [m["content"] for m in messages if isinstance(m.get("content"), str)]
+        found = sorted((t for t in self._special_texts if any(t in c for c in contents)), key=len, reverse=True)
+        free = (chr(c) for c in range(0x10FFFD, 0xF0000, -1) if not any(chr(c) in t for t in contents))
+        return dict(zip(found, free))
+
+    def _encode_with_escapes(self, text: str, originals: dict[str, str]) -> list[int]:
+        """``text``'s ids, where the spans between special tokens that hold a placeholder are
+        re-encoded, with the placeholders' originals, as plain text."""
+        encoding = self.backend.encode_batch([text], add_special_tokens=False)[0]
+        special_ids = set(self.all_special_ids)
+        ids: list[int] = []
+        span: list[int] = []  # the tokens since the last special one
+        start = 0  # where that span starts in text
+        for token_id, (begin, end) in [*zip(encoding.ids, encoding.offsets), (None, (len(text), len(text)))]:
+            if token_id is not None and token_id not in special_ids:
+                span.append(token_id)
+                continue
+            chunk = text[start:begin]
+            if any(p in chunk for p in originals):
+                for placeholder, original in originals.items():
+                    chunk = chunk.replace(placeholder, original)
+                span = self._encode(self._plain_backend, chunk, False)
+            ids += span
+            if token_id is not None:
+                ids.append(token_id)
+            span, start = [], end
+        return ids
+
+    @functools.cached_property
+    def _plain_backend(self) -> BackendTokenizer:
+        """A copy of the backend that encodes special tokens' spellings as text (a copy, not a
+        toggle: encoding runs on several threads)."""
+        backend = BackendTokenizer.from_str(self.backend.to_str())
+        backend.encode_special_tokens = True
+        return backend
+
+
+def _replace_content(message: dict[str, Any], replacements: dict[str, str]) -> dict[str, Any]:
+    content = message.get("content")
+    if not isinstance(content, str):
+        return message
+    for old, new in replacements.items():
+        content = content.replace(old, new)
+    return {**message, "content": content}
 
 
 class IncrementalDetokenizer:

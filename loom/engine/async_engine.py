@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loom.engine.client import OutputListener, StepListener
-from loom.engine.engine import EMBEDDING_PARAMS, Engine, EngineStats, ModelInfo
+from loom.engine.engine import EMBEDDING_PARAMS, Engine, EngineStats, ModelInfo, check_prompt_chars
 from loom.outputs import RequestOutput
 from loom.sampling import SamplingParams
 
@@ -49,6 +49,7 @@ class _Stream:
 class _Add:
     request_id: str
     prompt: str | list[int]
+    prompt_token_ids: list[int] | None  # a text prompt's, tokenized off the engine thread
     params: SamplingParams
     priority: int
     tenant: str | None
@@ -134,14 +135,16 @@ class AsyncEngine:
         _check_prompt(prompt)
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
-        if params is not None and params.structured_outputs is not None:
+        arrival_time = time.monotonic()
+        if params.structured_outputs is not None:
             # Compile here, off the engine thread (the engine then finds it in the cache).
             await asyncio.to_thread(self.engine.grammars.compile, params.structured_outputs)
+        ids = await self._tokenize(prompt)
         loop = asyncio.get_running_loop()
         request_id = request_id or uuid.uuid4().hex
         stream = _Stream(loop)
         accepted: asyncio.Future[None] = loop.create_future()
-        self._submit(_Add(request_id, prompt, params, priority, tenant, time.monotonic(), stream, accepted, embed))
+        self._submit(_Add(request_id, prompt, ids, params, priority, tenant, arrival_time, stream, accepted, embed))
         await accepted  # a cancelled wait cancels the add (see _handle); an error means nothing runs
         finished = False
         try:
@@ -155,6 +158,14 @@ class AsyncEngine:
         finally:
             if not finished:
                 self._commands.put(_Abort(request_id))
+
+    async def _tokenize(self, prompt: str | list[int]) -> list[int] | None:
+        """A text prompt's ids, computed on a worker thread: neither this event loop nor the engine
+        thread (whose steps every request shares) waits for a long prompt's tokenization."""
+        if not isinstance(prompt, str) or not prompt:
+            return None  # the engine checks (and refuses an empty prompt)
+        check_prompt_chars(len(prompt), self.tokenizer, self._model_info.max_model_len)
+        return await asyncio.to_thread(self.tokenizer.encode, prompt)
 
     async def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks; its stream ends with finish_reason "abort".
@@ -244,7 +255,7 @@ class AsyncEngine:
         try:
             self._check_capacity()
             common: dict[str, Any] = dict(arrival_time=command.arrival_time, priority=command.priority,
-                                          tenant=command.tenant)
+                                          tenant=command.tenant, prompt_token_ids=command.prompt_token_ids)
             if command.embed:
                 self.engine.add_embedding_request(command.request_id, command.prompt, **common)
             else:

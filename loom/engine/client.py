@@ -17,6 +17,7 @@ StepListener = Callable[[StepTiming], None]
 
 class EngineClient(Protocol):
     tokenizer: Tokenizer
+    max_waiting: int | None  # requests the waiting queue holds (None: unbounded)
 
     def generate(
         self,

@@ -31,6 +31,22 @@ log = logging.getLogger(__name__)
 EMBEDDING_PARAMS = SamplingParams(max_tokens=0)  # an embedding request computes its prompt and stops
 
 
+def check_prompt_chars(num_chars: int, tokenizer: Tokenizer, max_model_len: int) -> None:
+    """ValueError for a text prompt too long to fit the context whatever it tokenizes to: a cheap
+    bound checked before tokenizing (which, for megabytes of text, takes seconds).
+
+    A token spans at most ``tokenizer.max_chars_per_token`` characters of normalized text; Unicode
+    normalization (NFC in e.g. Qwen2's tokenizer) can compose up to 4 characters into one (a
+    Hangul syllable from 3 jamo, a letter with stacked marks), hence the factor 4: generous, so
+    that no prompt that fits is refused."""
+    limit = max_model_len * tokenizer.max_chars_per_token * 4
+    if num_chars > limit:
+        raise ValueError(
+            f"prompt is {num_chars} characters long, more than the {limit} that can fit in a context of "
+            f"{max_model_len} tokens (max_model_len); shorten the prompt"
+        )
+
+
 @dataclass
 class EngineStats:
     num_running: int
@@ -118,12 +134,15 @@ class Engine:
         arrival_time: float | None = None,
         priority: int = 0,
         tenant: str | None = None,
+        prompt_token_ids: list[int] | None = None,
     ) -> None:
-        """Queue a request. Raises ValueError (naming the problem) for input it can never serve."""
+        """Queue a request. Raises ValueError (naming the problem) for input it can never serve.
+        ``prompt_token_ids``: a text prompt's ids, when the caller tokenized it already (off the
+        engine's thread: a long prompt then delays nobody else's step)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
-        self._add(request_id, prompt, params, arrival_time, priority, tenant, embed=False)
+        self._add(request_id, prompt, prompt_token_ids, params, arrival_time, priority, tenant, embed=False)
 
     def add_embedding_request(
         self,
@@ -133,16 +152,17 @@ class Engine:
         arrival_time: float | None = None,
         priority: int = 0,
         tenant: str | None = None,
+        prompt_token_ids: list[int] | None = None,
     ) -> None:
         """Queue a request that only computes its prompt; its final output carries the prompt's
         final hidden states, mean-pooled and L2-normalised, as ``embedding``."""
-        self._add(request_id, prompt, EMBEDDING_PARAMS, arrival_time, priority, tenant, embed=True)
+        self._add(request_id, prompt, prompt_token_ids, EMBEDDING_PARAMS, arrival_time, priority, tenant, embed=True)
 
-    def _add(self, request_id: str, prompt: str | list[int], params: SamplingParams, arrival_time: float | None,
-             priority: int, tenant: str | None, embed: bool) -> None:
+    def _add(self, request_id: str, prompt: str | list[int], prompt_token_ids: list[int] | None, params: SamplingParams,
+             arrival_time: float | None, priority: int, tenant: str | None, embed: bool) -> None:
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text, ids = self._tokenize(prompt)
+        text, ids = self._tokenize(prompt, prompt_token_ids)
         self._check_vocab_params(params)
         capacity = self.kv.num_blocks * self.kv.block_size
         if len(ids) >= capacity:
@@ -185,11 +205,14 @@ class Engine:
             first.forks = list(forks)  # they fork from sample 0 once the prompt is in the cache
         self.scheduler.add(first)
 
-    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+    def _tokenize(self, prompt: str | list[int], prompt_token_ids: list[int] | None) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
-            text, ids = prompt, self.tokenizer.encode(prompt)
+            if prompt_token_ids is None:
+                check_prompt_chars(len(prompt), self.tokenizer, self.max_model_len)
+                prompt_token_ids = self.tokenizer.encode(prompt)
+            text, ids = prompt, prompt_token_ids
         else:
             text, ids = None, [int(t) for t in prompt]
             bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]

@@ -64,14 +64,11 @@ class LLM:
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to each conversation, then generate."""
+        """Apply the model's chat template to each conversation, then generate (special tokens
+        spelled out in message content are plain text: ``Tokenizer.encode_chat``)."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]  # type: ignore[list-item]
-        prompts = [
-            self.tokenizer.apply_chat_template(list(c), add_generation_prompt=add_generation_prompt)
-            for c in conversations
-        ]
-        ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        ids = [self.tokenizer.encode_chat(list(c), add_generation_prompt=add_generation_prompt) for c in conversations]
         return self.generate(ids, params, use_tqdm)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:

@@ -10,6 +10,10 @@ from loom.structured.params import StructuredOutputs
 
 # OpenAI caps top_logprobs at 20; vLLM's default max_logprobs is 20 as well.
 MAX_LOGPROBS = 20
+# Caps on stop strings: OpenAI allows 4, vLLM no limit; these are generous, yet bound the work
+# the stop-string check does for every generated token.
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
 # Temperatures below this are treated as greedy: dividing logits by ~0 overflows float32.
 GREEDY_TEMPERATURE = 1e-5
 # OpenAI's range for logit_bias values; the entry cap bounds the work one request can ask for.
@@ -141,7 +145,12 @@ class SamplingParams:
                 raise ValueError(f"stop must contain only strings, got {s!r}")
             if not s:
                 raise ValueError("stop must not contain empty strings")
-        return tuple(dict.fromkeys(items))  # drop duplicates, keep order
+            if len(s) > MAX_STOP_STRING_CHARS:
+                raise ValueError(f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters long, got {len(s)}")
+        unique = tuple(dict.fromkeys(items))  # drop duplicates, keep order
+        if len(unique) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop must have at most {MAX_STOP_STRINGS} strings, got {len(unique)}")
+        return unique
 
     @staticmethod
     def _normalise_stop_token_ids(ids: object) -> tuple[int, ...]:

@@ -26,8 +26,10 @@ class StopStringMatcher:
         self.stop = stop
         self.include_in_output = include_in_output
         self.max_len = max((len(s) for s in stop), default=0)
-        # Every proper prefix of every stop string, for holdback().
-        self._prefixes = frozenset(s[:k] for s in stop for k in range(1, len(s)))
+        # The stop strings by first character, for holdback(): memory linear in the stop strings.
+        self._by_first: dict[str, tuple[str, ...]] = {}
+        for s in stop:
+            self._by_first[s[0]] = (*self._by_first.get(s[0], ()), s)
 
     def check(self, text: str, num_new_chars: int) -> StopMatch | None:
         """Earliest stop string that ends inside the last ``num_new_chars`` characters of ``text``."""
@@ -48,8 +50,12 @@ class StopStringMatcher:
         return StopMatch(end=end if self.include_in_output else end + neg_len, stop=s)
 
     def holdback(self, text: str) -> int:
-        """How many trailing chars of ``text`` could still become a stop string (not safe to stream yet)."""
+        """How many trailing chars of ``text`` could still become a stop string (not safe to stream yet):
+        the longest suffix of ``text`` that is a proper prefix of some stop string."""
         for k in range(min(self.max_len - 1, len(text)), 0, -1):
-            if text[-k:] in self._prefixes:
-                return k
+            candidates = self._by_first.get(text[-k])
+            if candidates is not None:
+                tail = text[-k:]
+                if any(len(s) > k and s.startswith(tail) for s in candidates):
+                    return k
         return 0

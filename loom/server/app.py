@@ -4,12 +4,11 @@ Every GET route answers HEAD too (same status and headers, no body)."""
 from __future__ import annotations
 
 import asyncio
-import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -20,6 +19,7 @@ from loom.server.completions import create_completion
 from loom.server.embeddings import create_embeddings
 from loom.server.config import ServerConfig
 from loom.server.errors import APIError, install_error_handlers
+from loom.server.guard import RequestGuard
 from loom.server.metrics import ServerMetrics
 from loom.server.protocol import (
     ChatCompletionRequest,
@@ -31,7 +31,20 @@ from loom.server.protocol import (
 from loom.server.serving import Serving
 from loom.server.tool_choice import template_tools
 
-GET = ["GET", "HEAD"]  # uvicorn sends a HEAD answer's status and headers, never its body
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
+
+
+
+def _get(app: FastAPI, path: str) -> Callable[[Endpoint], Endpoint]:
+    """Register ``GET path``, and ``HEAD path`` (uvicorn sends a HEAD answer's status and headers,
+    never its body) kept out of the OpenAPI schema, where it would repeat the GET operation."""
+
+    def register(endpoint: Endpoint) -> Endpoint:
+        app.add_api_route(path, endpoint, methods=["GET"])
+        app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
+        return endpoint
+
+    return register
 
 
 def build_app(engine: EngineClient, config: ServerConfig | None = None) -> FastAPI:
@@ -50,54 +63,44 @@ def build_app(engine: EngineClient, config: ServerConfig | None = None) -> FastA
 
     app = FastAPI(title="loom", version=loom.__version__, lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(RequestGuard, api_key=config.api_key, max_request_bytes=config.max_request_bytes)
     app.state.serving = serving
     app.state.metrics = metrics
 
-    async def check_api_key(request: Request) -> None:
-        if config.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), config.api_key.encode()):
-            message = "Incorrect API key provided." if token else "Missing API key: send 'Authorization: Bearer <key>'."
-            raise APIError(401, message, code="invalid_api_key")
-
-    api = APIRouter(dependencies=[Depends(check_api_key)])
-
-    @api.api_route("/v1/models", methods=GET)
+    @_get(app, "/v1/models")
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [_model_card(name, serving) for name in config.served_model_names]}
 
-    @api.api_route("/v1/models/{model:path}", methods=GET)
+    @_get(app, "/v1/models/{model:path}")
     async def retrieve_model(model: str) -> dict[str, Any]:
         return _model_card(serving.model_name(model), serving)
 
-    @api.post("/v1/completions")
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         return await create_completion(body, request, serving)
 
-    @api.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         return await create_chat_completion(body, request, serving)
 
-    @api.post("/v1/embeddings")
+    @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
         return await create_embeddings(body, request, serving)
 
-    @api.post("/tokenize")
+    @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         serving.model_name(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "send exactly one of 'prompt' and 'messages'", param="prompt")
         if body.messages is not None:
-            chat = ChatCompletionRequest(messages=body.messages, add_generation_prompt=body.add_generation_prompt)
-            ids = chat_prompt(serving, chat, template_tools(body.tools or []) or None)
+            ids = await chat_prompt(serving, body, template_tools(body.tools or []) or None)
         else:
             add_special = True if body.add_special_tokens is None else body.add_special_tokens
-            ids = serving.tokenizer.encode(body.prompt or "", add_special_tokens=add_special)
+            ids = await asyncio.to_thread(serving.tokenizer.encode, body.prompt or "", add_special)
         strs = serving.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
         return {"count": len(ids), "max_model_len": serving.model_info.max_model_len, "tokens": ids, "token_strs": strs}
 
-    @api.post("/detokenize")
+    @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         serving.model_name(body.model)
         vocab = serving.model_info.vocab_size
@@ -106,19 +109,17 @@ def build_app(engine: EngineClient, config: ServerConfig | None = None) -> FastA
             raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens")
         return {"prompt": serving.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
-    app.include_router(api)
-
-    @app.api_route("/health", methods=GET)
+    @_get(app, "/health")
     async def health() -> Response:
         if not engine.is_running:
             raise APIError(503, "the engine is not running", code="engine_unavailable")
         return Response(status_code=200)
 
-    @app.api_route("/version", methods=GET)
+    @_get(app, "/version")
     async def version() -> dict[str, str]:
         return {"version": loom.__version__}
 
-    @app.api_route("/metrics", methods=GET)
+    @_get(app, "/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

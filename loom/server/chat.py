@@ -4,6 +4,7 @@ template, tool calls read from the output, logprobs in the chat shape, streaming
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,11 +12,12 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from loom.engine.engine import check_prompt_chars
 from loom.outputs import TokenLogprob
 from loom.server.errors import APIError
-from loom.server.protocol import ChatCompletionRequest
+from loom.server.protocol import ChatCompletionRequest, TokenizeRequest
 from loom.server.tool_choice import ToolOutput, ToolPlan, plan_tools
-from loom.server.tool_prompt import render_chat
+from loom.server.tool_prompt import template_inputs
 from loom.server.serving import (
     SSE_DONE,
     Serving,
@@ -28,13 +30,19 @@ from loom.server.serving import (
 )
 
 
-def chat_prompt(serving: Serving, req: ChatCompletionRequest, tools: list[dict[str, Any]] | None) -> list[int]:
-    messages = [m.to_template() for m in req.messages]
+async def chat_prompt(serving: Serving, req: ChatCompletionRequest | TokenizeRequest,
+                      tools: list[dict[str, Any]] | None) -> list[int]:
+    """The conversation's token ids, offering ``tools``, tokenized on a worker thread (a long one
+    delays nobody)."""
+    messages, template_tools = template_inputs([m.to_template() for m in req.messages or []], tools,
+                                               serving.template_renders_tools)
     try:
-        text = render_chat(serving.tokenizer, messages, tools, req.add_generation_prompt, serving.template_renders_tools)
+        check_prompt_chars(sum(len(m.get("content") or "") for m in messages), serving.tokenizer,
+                           serving.model_info.max_model_len)
+        return await asyncio.to_thread(serving.tokenizer.encode_chat, messages, req.add_generation_prompt,
+                                       req.allow_special_tokens_in_content, tools=template_tools)
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from None
-    return serving.tokenizer.encode(text, add_special_tokens=False)
 
 
 def _logprobs(serving: Serving, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
@@ -45,7 +53,7 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, servi
     model = serving.model_name(req.model)
     plan = plan_tools(req, serving.tool_parser)
     params = req.to_sampling_params(plan.structured_outputs)
-    prompt = chat_prompt(serving, req, plan.tools)
+    prompt = await chat_prompt(serving, req, plan.tools)
     request_id = new_id("chatcmpl")
     created = int(time.time())
 

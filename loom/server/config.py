@@ -26,6 +26,7 @@ class ServerConfig:
     graceful_timeout: float = 30.0
     log_level: str = "info"
     tool_call_parser: str = "auto"
+    max_request_bytes: int = 32 * 1024 * 1024  # far above any prompt a context holds, as JSON
 
     def __post_init__(self) -> None:
         if not self.served_model_names or not all(isinstance(n, str) and n for n in self.served_model_names):
@@ -36,5 +37,7 @@ class ServerConfig:
             raise ValueError(f"graceful_timeout must be >= 0, got {self.graceful_timeout}")
         if self.tool_call_parser not in TOOL_CALL_PARSERS:
             raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}, got {self.tool_call_parser!r}")
+        if self.max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
         if self.api_key == "":
             raise ValueError("api_key must not be empty (omit it to disable authentication)")

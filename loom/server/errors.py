@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"
 _DEFAULT_TYPE = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-                 405: "invalid_request_error", 429: "rate_limit_exceeded"}
+                 405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_exceeded"}
 
 
 class APIError(Exception):
@@ -33,6 +33,8 @@ class APIError(Exception):
         code: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
+        # A message may quote the request (a model name); keep it encodable as UTF-8 whatever it holds.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status = status
         self.message = message

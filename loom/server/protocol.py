@@ -9,9 +9,10 @@ request into ``SamplingParams`` (whose own validation names bad values) lives he
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from loom.sampling import SamplingParams
 from loom.server.errors import APIError
@@ -19,6 +20,8 @@ from loom.structured import StructuredOutputs
 
 COMPLETION_MAX_TOKENS_DEFAULT = 16  # OpenAI's default for /v1/completions
 MAX_N = 128  # OpenAI's limit on choices per request; bounds the work one request can ask for
+MAX_TEMPERATURE = 2.0  # OpenAI's range is 0..2 (SamplingParams itself allows more, for LLM.generate)
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _integral(value: object) -> object:
@@ -27,6 +30,17 @@ def _integral(value: object) -> object:
 
 
 Int = Annotated[int, BeforeValidator(_integral)]
+
+
+def _valid_unicode(value: str) -> str:
+    """JSON may spell a lone UTF-16 surrogate (``"\\ud800"``); no tokenizer or UTF-8 response can
+    carry one, so the request is refused (400 naming the field) rather than guessed at."""
+    if _LONE_SURROGATE.search(value):
+        raise ValueError("contains a lone UTF-16 surrogate (not valid Unicode text)")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 
 class _Body(BaseModel):
@@ -63,17 +77,17 @@ class StructuredOutputsBody(_Body):
 class _SamplingFields(_Body):
     """What completions and chat share: the model, sampling, stopping, streaming and the extras."""
 
-    model: str | None = None
+    model: Text | None = None
     n: Int | None = None
     temperature: float | None = None
     top_p: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     seed: Int | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     logit_bias: dict[str, float] | None = None
     # vLLM extras
     top_k: Int | None = None
@@ -109,6 +123,8 @@ class _SamplingFields(_Body):
         for name, value in (("n", self.n), ("best_of", best_of)):
             if value is not None and value > MAX_N:
                 raise APIError(400, f"{name} must be <= {MAX_N}, got {value}", param=name)
+        if self.temperature is not None and self.temperature > MAX_TEMPERATURE:
+            raise APIError(400, f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}", param="temperature")
         top_p, top_k = self.top_p, self.top_k
         if top_p == 0:  # OpenAI accepts 0: keep only the most likely token
             top_p, top_k = 1.0, 1
@@ -183,11 +199,11 @@ class _SamplingFields(_Body):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[Int] | list[list[Int]] | None = None
+    prompt: Text | list[Text] | list[Int] | list[list[Int]] | None = None
     max_tokens: Int | None = None
     echo: bool | None = None
     logprobs: Int | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
     best_of: Int | None = None
 
     def to_sampling_params(self) -> SamplingParams:
@@ -204,7 +220,7 @@ class CompletionRequest(_SamplingFields):
 
 class ContentPart(_Body):
     type: str
-    text: str | None = None
+    text: Text | None = None
 
 
 class FunctionCall(_Body):
@@ -222,10 +238,17 @@ class MessageToolCall(_Body):
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
     tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        """Only an assistant message may go without content (as in OpenAI's API)."""
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs 'content'")
+        return self
 
     def to_template(self) -> dict[str, Any]:
         """The message as chat templates take it: text content; "developer" is the new "system";
@@ -302,6 +325,8 @@ class ChatCompletionRequest(_SamplingFields):
     function_call: Any = None
     modalities: list[str] | None = None
     add_generation_prompt: bool = True  # vLLM extra
+    # Parse special tokens spelled out in message content as control tokens (off: they are text).
+    allow_special_tokens_in_content: bool = False
 
     def to_sampling_params(self, tool_constraint: StructuredOutputs | None = None) -> SamplingParams:
         """``tool_constraint``: the constraint the request's ``tool_choice`` puts on the output,
@@ -318,7 +343,10 @@ class ChatCompletionRequest(_SamplingFields):
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        given = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        max_tokens = getattr(self, given)
+        if max_tokens == 0:  # completions take 0 (score the prompt); a chat answer needs a token
+            raise APIError(400, f"{given} must be >= 1 for chat completions, got 0", param=given)
         return self.sampling_params(max_tokens, logprobs, None, constraint=tool_constraint)
 
     def check_tools(self) -> None:
@@ -343,7 +371,7 @@ class ChatCompletionRequest(_SamplingFields):
 
 class EmbeddingRequest(_Body):
     model: str | None = None
-    input: str | list[str] | list[Int] | list[list[Int]]
+    input: Text | list[Text] | list[Int] | list[list[Int]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Int | None = None
     user: str | None = None
@@ -355,17 +383,18 @@ class EmbeddingRequest(_Body):
 class TokenizeRequest(_Body):
     """vLLM's /tokenize: a prompt, or messages rendered with the chat template."""
 
-    model: str | None = None
-    prompt: str | None = None
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     tools: list[ChatTool] | None = None
     add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
+    allow_special_tokens_in_content: bool = False
     return_token_strs: bool = False
 
 
 class DetokenizeRequest(_Body):
-    model: str | None = None
+    model: Text | None = None
     tokens: list[Int]
 
 

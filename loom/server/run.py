@@ -2,31 +2,72 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
+import socket
+from collections.abc import Iterator
 
 import uvicorn
 
 from loom.config import EngineConfig
-from loom.engine import AsyncEngine, Engine
+from loom.engine import AsyncEngine, Engine, EngineClient
 from loom.server.app import build_app
 from loom.server.config import ServerConfig
 
 log = logging.getLogger(__name__)
 
+# Past the grace period the engine aborts what is in flight; the aborted responses then get this
+# long to send their last bytes (a streamed error event and [DONE]) before uvicorn cancels them.
+ABORT_DRAIN_SECONDS = 5.0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, with a shutdown that ends every response properly: when the grace period
+    runs out, the engine aborts its requests (streams end with an error event and ``[DONE]``,
+    waiting clients get a 503) instead of uvicorn cancelling their tasks mid-write; and a signal
+    that led to a clean drain is not re-raised, so the process exits with status 0."""
+
+    def __init__(self, config: uvicorn.Config, engine: EngineClient, graceful_timeout: float) -> None:
+        super().__init__(config)
+        self.engine = engine
+        self.graceful_timeout = graceful_timeout
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        cutoff = asyncio.get_running_loop().call_later(self.graceful_timeout, self._abort_in_flight)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            cutoff.cancel()
+
+    def _abort_in_flight(self) -> None:
+        self._aborting = asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
+
 
 def serve(engine_config: EngineConfig, config: ServerConfig) -> None:
     """Load the model (before the port opens, so a reachable server is a ready one) and serve.
 
-    On SIGTERM uvicorn stops accepting connections, lets in-flight requests finish for up to
-    ``config.graceful_timeout`` seconds (then cancels them, which aborts their engine requests),
-    and runs the app's lifespan shutdown, which stops the engine thread."""
+    On SIGTERM uvicorn stops accepting connections and lets in-flight requests finish for up to
+    ``config.graceful_timeout`` seconds; then the engine aborts them (each response still ends
+    properly), and the app's lifespan shutdown stops the engine thread."""
     engine = AsyncEngine(Engine(engine_config))
     app = build_app(engine, config)
     log.info("serving %s on http://%s:%d", ", ".join(config.served_model_names), config.host, config.port)
-    uvicorn.run(
+    uvicorn_config = uvicorn.Config(
         app,
         host=config.host,
         port=config.port,
         log_level=config.log_level,
-        timeout_graceful_shutdown=config.graceful_timeout,
+        timeout_graceful_shutdown=config.graceful_timeout + ABORT_DRAIN_SECONDS,
     )
+    _Server(uvicorn_config, engine, config.graceful_timeout).run()

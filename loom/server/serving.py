@@ -50,9 +50,10 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
     try:
         await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
     finally:
+        watcher.cancel()
         if not task.done():
             task.cancel()
-        watcher.cancel()
+            await asyncio.wait((task,))  # let the cancellation run (its aborts) before answering
     if task.cancelled():
         raise ClientDisconnected()
     return task.result()
@@ -107,6 +108,7 @@ class Serving:
     ) -> list[Started]:
         """Submit every prompt and wait for each one's first output, so that a bad prompt (or a
         full queue) becomes an HTTP error before a response starts; on any error, nothing runs."""
+        self._check_admissible(len(prompts), params, prompt_param)
         gens = [
             self.engine.generate(p, params, f"{request_id}-{i}", priority=priority, tenant=tenant)
             for i, p in enumerate(prompts)
@@ -136,6 +138,17 @@ class Serving:
         if any(o.embedding is None for o in outs):
             raise APIError(503, "the request was aborted: the server is shutting down", code="engine_unavailable")
         return outs
+
+    def _check_admissible(self, num_prompts: int, params: SamplingParams, prompt_param: str) -> None:
+        """400 for what no amount of waiting makes servable (unlike a full queue's 429)."""
+        max_waiting = self.engine.max_waiting
+        if max_waiting is not None and num_prompts > max_waiting:
+            raise APIError(400, f"{prompt_param} has {num_prompts} prompts but the server queues at most "
+                                f"{max_waiting} requests (max_waiting); send fewer at once", param=prompt_param)
+        max_model_len = self.model_info.max_model_len
+        if params.max_tokens is not None and params.max_tokens > max_model_len:
+            raise APIError(400, f"max_tokens is {params.max_tokens} but the context holds {max_model_len} tokens "
+                                f"(max_model_len), prompt included", param="max_tokens")
 
     @staticmethod
     async def merge(started: list[Started]) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -40,12 +40,20 @@ def template_renders_tools(tokenizer: Tokenizer) -> bool:
         return False
 
 
+def template_inputs(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                    template_renders_tools: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """The messages and the ``tools`` argument that render ``messages`` (as ``ChatMessage.to_template``
+    gives them) offering ``tools`` with the model's template."""
+    if template_renders_tools:
+        return messages, tools
+    return hermes_messages(messages, tools), None
+
+
 def render_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                 add_generation_prompt: bool, template_renders_tools: bool) -> str:
-    """The prompt text of ``messages`` (as ``ChatMessage.to_template`` gives them) offering ``tools``."""
-    if template_renders_tools:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
-    return tokenizer.apply_chat_template(hermes_messages(messages, tools), add_generation_prompt=add_generation_prompt)
+    """The prompt text of ``messages`` offering ``tools``."""
+    messages, tools = template_inputs(messages, tools, template_renders_tools)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
 
 
 def hermes_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:

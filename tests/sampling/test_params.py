@@ -115,3 +115,14 @@ def test_frozen_and_replace_revalidates() -> None:
     assert dataclasses.replace(p, top_p=0.5).top_p == 0.5
     with pytest.raises(ValueError, match="top_p"):
         dataclasses.replace(p, top_p=2.0)
+
+
+def test_stop_strings_are_capped() -> None:
+    from loom.sampling.params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
+
+    SamplingParams(stop=[str(i) for i in range(MAX_STOP_STRINGS)] + ["0"])  # duplicates do not count
+    with pytest.raises(ValueError, match=f"stop must have at most {MAX_STOP_STRINGS} strings"):
+        SamplingParams(stop=[str(i) for i in range(MAX_STOP_STRINGS + 1)])
+    SamplingParams(stop="x" * MAX_STOP_STRING_CHARS)
+    with pytest.raises(ValueError, match=f"at most {MAX_STOP_STRING_CHARS} characters"):
+        SamplingParams(stop=["ok", "x" * (MAX_STOP_STRING_CHARS + 1)])

@@ -106,3 +106,26 @@ def test_stream_never_shows_part_of_a_stop_string() -> None:
 def test_empty_stop_string_rejected() -> None:
     with pytest.raises(ValueError, match="non-empty"):
         StopStringMatcher(("ok", ""))
+
+
+def test_holdback_matches_the_set_of_all_prefixes() -> None:
+    """holdback() without storing every prefix: the same answer as the quadratic definition."""
+    rng = random.Random(1)
+    for _ in range(300):
+        stops = tuple({"".join(rng.choices("ab<", k=rng.randint(1, 6))) for _ in range(rng.randint(1, 4))})
+        prefixes = {s[:k] for s in stops for k in range(1, len(s))}
+        text = "".join(rng.choices("ab<x", k=rng.randint(0, 10)))
+        expected = next((k for k in range(len(text), 0, -1) if text[-k:] in prefixes), 0)
+        assert StopStringMatcher(stops).holdback(text) == expected, (stops, text)
+
+
+def test_long_stop_strings_cost_linear_memory() -> None:
+    import tracemalloc
+
+    stops = tuple(f"{i:02d}" + "x" * 1022 for i in range(64))
+    tracemalloc.start()
+    matcher = StopStringMatcher(stops)
+    size, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert size < 64 * 1024  # every prefix of every stop string would be ~33 MB
+    assert matcher.holdback("abc07" + "x" * 500) == 502

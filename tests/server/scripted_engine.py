@@ -19,6 +19,7 @@ class ScriptedEngine:
         self.script = ""
         self.prompts: list[str] = []
         self.params: list[SamplingParams] = []
+        self.max_waiting: int | None = None
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
                        *, priority: int = 0, tenant: str | None = None) -> AsyncIterator[RequestOutput]:
