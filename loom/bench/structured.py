@@ -631,8 +631,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, default=2, help="seeded temperature-1 samples per schema, besides the greedy one")
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--batch-sizes", default="1,16", help="batch sizes of the step-time overhead measurement")
-    p.add_argument("--decode-steps", type=int, default=24, help="decode steps timed per batch, round and batch size")
-    p.add_argument("--rounds", type=int, default=4,
+    p.add_argument("--decode-steps", type=int, default=8, help="decode steps timed per batch, round and batch size")
+    p.add_argument("--rounds", type=int, default=12,
                    help="rounds per batch size, each a constrained and a free batch (their order alternates)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--random-model", default=None, help="benchmark a random-weight preset instead, e.g. llama-58m")
