@@ -231,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, doc in (
         ("throughput", "loom.bench.throughput", "offline batch throughput (optionally vs transformers)"),
         ("latency", "loom.bench.latency", "decode/prefill step times beside the hardware roofline"),
+        ("structured", "loom.bench.structured", "JSON-schema constrained decoding: compile time, validity, step overhead"),
     ):
         p = bench.add_parser(name, help=doc)
         add_engine_args(p)

@@ -22,7 +22,7 @@ from loom.outputs import TokenLogprob
 from loom.request import Request
 from loom.sampling import Sampler, SamplingRow, TokenBitmask, compute_logprobs
 from loom.step import RequestResult, ScheduledRequest, StepPlan, StepResult
-from loom.structured import new_bitmask
+from loom.structured import fill_bitmasks, new_bitmask
 
 log = logging.getLogger(__name__)
 
@@ -237,11 +237,13 @@ class Worker:
             return None
         bitmask = new_bitmask(num_rows, vocab_size)
         rows: list[int] = []
+        states = []
         for first, req, s in constrained:
             assert req.grammar is not None
-            req.grammar.fill_bitmask(bitmask, first, s.draft_token_ids)
+            states.append((req.grammar, first, s.draft_token_ids))
             rows.extend(range(first, first + 1 + len(s.draft_token_ids)))
-        return TokenBitmask(rows, bitmask[rows])
+        fill_bitmasks(states, bitmask)
+        return TokenBitmask(rows, bitmask if rows == list(range(num_rows)) else bitmask[rows])
 
     @staticmethod
     def _hidden_sums(hidden: torch.Tensor, scheduled: list[ScheduledRequest], offsets: list[int],

@@ -129,7 +129,9 @@ class Sampler:
         if penalised:
             _apply_penalties(x, rows, penalised)
         token_ids = torch.empty(len(rows), dtype=torch.long, device=x.device)
-        if greedy:
+        if len(greedy) == len(rows):
+            token_ids = x.argmax(dim=-1)  # no gather of the rows (a copy of the logits)
+        elif greedy:
             token_ids[greedy] = x[greedy].argmax(dim=-1)
         drawn = [i for i, row in enumerate(rows) if not row.params.greedy]
         if drawn:

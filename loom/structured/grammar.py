@@ -8,6 +8,7 @@ JSON schema, regex, choice and GBNF/Lark grammars, with rollback for speculative
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -24,6 +25,10 @@ _GRAMMAR_FORMAT = {"regex": "regex", "choice": "choice", "grammar": "grammar"}
 # (small models do). A schema's own "x-guidance" options override these.
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
+# _PENALTY[b, j]: what token j of a byte b of the bitmask adds to its logit: 0 if bit j is set, -inf if not.
+_PENALTY = torch.where(((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool(), 0.0, float("-inf"))
+_PENALTIES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_executor: llguidance.LLExecutor | None = None
 
 
 class GrammarError(ValueError):
@@ -135,11 +140,40 @@ def new_bitmask(num_rows: int, vocab_size: int) -> torch.Tensor:
     return torch.zeros(num_rows, (vocab_size + 31) // 32, dtype=torch.int32)
 
 
+def fill_bitmasks(states: Sequence[tuple[GrammarState, int, Sequence[int]]], bitmask: torch.Tensor) -> None:
+    """``state.fill_bitmask(bitmask, row, drafts)`` for each ``(state, row, drafts)``. The rows
+    without drafts are filled in one llguidance call, on its own thread pool (as many threads as
+    torch computes with), instead of one Python call after another."""
+    plain = [(state._matcher, row) for state, row, drafts in states if not drafts]
+    if len(plain) > 1 and bitmask.is_contiguous():
+        global _executor
+        if _executor is None:
+            _executor = llguidance.LLExecutor(num_threads=max(1, torch.get_num_threads()))
+        _executor.unsafe_compute_mask_ptr(plain, bitmask.data_ptr(), bitmask.shape[1] * bitmask.element_size(),
+                                          bitmask.shape[0])
+        states = [item for item in states if item[2]]
+    for state, row, drafts in states:
+        state.fill_bitmask(bitmask, row, drafts)
+
+
 def apply_token_bitmask(logits: torch.Tensor, rows: Sequence[int], bitmask: torch.Tensor) -> None:
-    """Set the logits of disallowed tokens to -inf in ``rows`` (``bitmask[i]`` is for ``rows[i]``),
-    in one vectorised operation; other rows are untouched."""
+    """Set the logits of disallowed tokens to -inf in ``rows`` (``bitmask[i]`` is for ``rows[i]``);
+    other rows are untouched. Each byte of the bitmask looks up its 8 tokens' penalties (0 or
+    -inf) in a table, and the penalties are added in place: two passes over the rows' logits."""
     vocab = logits.shape[1]
-    bits = (bitmask.to(logits.device).unsqueeze(-1) >> _BIT_SHIFTS.to(logits.device)) & 1
-    allowed = bits.view(len(rows), -1)[:, :vocab].bool()
-    index = torch.tensor(rows, device=logits.device)
-    logits[index] = torch.where(allowed, logits[index], float("-inf"))
+    if sys.byteorder != "little":  # the byte view below reads the words' low bits first
+        bits = (bitmask.to(logits.device).unsqueeze(-1) >> _BIT_SHIFTS.to(logits.device)) & 1
+        allowed = bits.view(len(rows), -1)[:, :vocab].bool()
+        index = torch.tensor(rows, device=logits.device)
+        logits[index] = torch.where(allowed, logits[index], float("-inf"))
+        return
+    key = (logits.device, logits.dtype)
+    table = _PENALTIES.get(key)
+    if table is None:
+        table = _PENALTIES[key] = _PENALTY.to(device=logits.device, dtype=logits.dtype)
+    words = bitmask.to(logits.device).contiguous()
+    penalty = table.index_select(0, words.view(torch.uint8).view(-1).int()).view(len(rows), -1)[:, :vocab]
+    if len(rows) == logits.shape[0] and list(rows) == list(range(len(rows))):
+        logits.add_(penalty)
+    else:
+        logits.index_add_(0, torch.tensor(rows, device=logits.device), penalty)
