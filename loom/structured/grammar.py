@@ -22,8 +22,10 @@ from loom.tokenizer import Tokenizer
 
 _GRAMMAR_FORMAT = {"regex": "regex", "choice": "choice", "grammar": "grammar"}
 # JSON as json.dumps writes it, with no free whitespace: free whitespace lets a model pad forever
-# (small models do). A schema's own "x-guidance" options override these.
-_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# (small models do). "oneOf" is compiled as "anyOf" (llguidance cannot enforce "exactly one"; the
+# branches of real schemas, such as pydantic's tagged unions, rarely overlap). A schema's own
+# "x-guidance" options override these.
+_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "coerce_one_of": True}
 _BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
 # _PENALTY[b, j]: what token j of a byte b of the bitmask adds to its logit: 0 if bit j is set, -inf if not.
 _PENALTY = torch.where(((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool(), 0.0, float("-inf"))

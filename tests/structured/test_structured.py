@@ -233,3 +233,15 @@ def test_logit_bias(llm):
         llm.generate(["Hello"], SamplingParams(logit_bias={10**7: 1}), use_tqdm=False)
     with pytest.raises(ValueError, match=r"\[-100, 100\]"):
         SamplingParams(logit_bias={1: 101})
+
+
+def test_one_of_is_enforced_as_any_of(llm):
+    schema = {"oneOf": [{"type": "object", "properties": {"kind": {"const": "cat"}, "lives": {"type": "integer", "maximum": 9}},
+                         "required": ["kind", "lives"], "additionalProperties": False},
+                        {"type": "object", "properties": {"kind": {"const": "dog"}}, "required": ["kind"],
+                         "additionalProperties": False}]}
+    validator = jsonschema_rs.validator_for(schema)
+    outs = texts(llm, StructuredOutputs(json=schema), n=3, temperature=1.0, seed=9)
+    for c in outs:
+        assert c.finish_reason == "stop"
+        validator.validate(json.loads(c.text))
