@@ -69,9 +69,9 @@ class StructuredOutputsBody(_Body):
 
     json_: dict[str, Any] | str | None = Field(None, alias="json")
     json_object: bool | None = None
-    regex: str | None = None
-    choice: list[str] | None = None
-    grammar: str | None = None
+    regex: Text | None = None
+    choice: list[Text] | None = None
+    grammar: Text | None = None
 
 
 class _SamplingFields(_Body):
@@ -102,10 +102,10 @@ class _SamplingFields(_Body):
     # structured output: OpenAI's response_format, or vLLM's extras
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsBody | None = None
-    guided_json: dict[str, Any] | str | None = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
+    guided_json: dict[str, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
 
     @property
     def include_usage(self) -> bool:

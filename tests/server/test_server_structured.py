@@ -85,3 +85,10 @@ def test_logit_bias(tiny_server):
     for bias, message in (({"abc": 1}, "token ids"), ({"5": 150}, "[-100, 100]"), ({"99999999": 1}, "outside the vocabulary")):
         with pytest.raises(openai.BadRequestError, match=re.escape(message)):
             client.completions.create(model=TINY, prompt="Hello", max_tokens=2, logit_bias=bias)
+
+
+def test_a_lone_surrogate_in_a_constraint_is_a_400(tiny_server):
+    with tiny_server.http() as http:
+        r = http.post("/v1/completions", content=b'{"prompt": "x", "guided_regex": "a\\ud800"}',
+                      headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "guided_regex"
