@@ -1,7 +1,8 @@
 """Batched sampling: logits [B, V] -> one token (and optionally its logprobs) per row.
 
 Order of processing: the grammar mask (structured output), logit_bias, the min_tokens mask,
-repetition/presence/frequency penalties, temperature, top-k, top-p, min-p, then a draw. Logprobs describe the *raw* model distribution.
+repetition/presence/frequency penalties, temperature, top-k, top-p, min-p, then a draw.
+Logprobs describe the *raw* model distribution.
 
 Everything but the per-row generator draws is vectorised. Two CPU-specific choices:
 

@@ -20,7 +20,6 @@ import torch
 from loom.structured.params import StructuredOutputs
 from loom.tokenizer import Tokenizer
 
-_GRAMMAR_FORMAT = {"regex": "regex", "choice": "choice", "grammar": "grammar"}
 # JSON as json.dumps writes it, with no free whitespace: free whitespace lets a model pad forever
 # (small models do). "oneOf" is compiled as "anyOf" (llguidance cannot enforce "exactly one"; the
 # branches of real schemas, such as pydantic's tagged unions, rarely overlap). A schema's own
@@ -47,10 +46,6 @@ class GrammarState:
     def accept(self, token_id: int) -> bool:
         """Advance by one token; False if the grammar does not allow it (the state is then an error)."""
         return self._matcher.consume_token(token_id)
-
-    def accept_prefix(self, token_ids: Sequence[int]) -> int:
-        """Advance by as many of ``token_ids`` as the grammar allows; returns how many."""
-        return self._matcher.try_consume_tokens(list(token_ids))
 
     def rollback(self, num_tokens: int) -> None:
         if num_tokens and not self._matcher.rollback(num_tokens):
@@ -122,7 +117,7 @@ class GrammarCompiler:
             if spec.kind in ("json", "json_object"):
                 grammar = llguidance.LLMatcher.grammar_from_json_schema(spec.source, defaults=_JSON_OPTIONS)  # type: ignore[arg-type]
             else:
-                grammar = llguidance.grammar_from(_GRAMMAR_FORMAT[spec.kind], spec.source)  # type: ignore[arg-type]
+                grammar = llguidance.grammar_from(spec.kind, spec.source)  # type: ignore[arg-type]
         except ValueError as e:
             raise GrammarError(f"invalid {spec.kind} constraint: {e}") from None
         matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)  # drops the GIL while it compiles
