@@ -1,4 +1,5 @@
-"""Frozen configuration dataclasses. Nothing here imports the rest of loom.
+"""Frozen configuration dataclasses. Nothing here imports the rest of loom but the dependency-free
+table of quantization formats.
 
 Engine options are declared once, on the dataclass fields: ``field(metadata=option(...))`` holds the
 help text and the command-line flag, the field holds the default and the type. ``engine_options()``
@@ -151,6 +152,8 @@ def _type_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+from loom.model.quant.formats import QUANTIZATION_CHOICES  # noqa: E402 (a leaf module: dataclasses only)
+
 GIB = 1 << 30
 DTYPES = ("auto", "bfloat16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -219,6 +222,14 @@ class EngineConfig:
         default="auto",
         metadata=option("compute dtype (auto: bf16 on CPUs with AMX/AVX512-BF16, else fp32)", flag="--dtype", choices=DTYPES),
     )
+    quantization: str = field(
+        default="auto",
+        metadata=option(
+            "weight format (auto: GGUF tensors stay in their own quantized type, other checkpoints in the compute "
+            "dtype; none: all in the compute dtype; a format name: every matrix layer quantized to it)",
+            flag="--quantization", choices=QUANTIZATION_CHOICES,
+        ),
+    )  # fmt: skip
     device: str = field(
         default="auto", metadata=option("where the model runs (auto: cuda if available)", flag="--device", choices=DEVICES)
     )

@@ -69,7 +69,10 @@ def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
     elem = torch.finfo(dtype).bits // 8
     n_params = info.num_parameters
     n_embed = mc.vocab_size * mc.hidden_size
-    weight_bytes = (n_params - n_embed * (0 if mc.tie_word_embeddings else 1)) * elem  # the input embedding is only gathered
+    embed = engine.worker.model.embed_tokens
+    embed_bytes = embed.packed.nbytes if embed.packed is not None else embed.weight.numel() * embed.weight.element_size()
+    # Resident weight bytes (packed matrices at their packed size); an untied input embedding is only gathered.
+    weight_bytes = info.weight_bytes - (0 if mc.tie_word_embeddings else embed_bytes)
     kv_bytes_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * elem
     bw = measure_bandwidth()
     flops = measure_matmul_flops(dtype)

@@ -17,7 +17,7 @@ from loom.config import EngineConfig
 from loom.engine.group import RequestGroup, SampleState
 from loom.kvcache import KVCacheManager
 from loom.model.arch import load_model_config
-from loom.model.files import resolve_model
+from loom.model.files import gguf_file, resolve_model
 from loom.model.worker import Worker
 from loom.outputs import RequestOutput
 from loom.request import Request
@@ -107,7 +107,8 @@ class Engine:
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.max_model_len = min(config.max_model_len or self.model_config.max_position, self.model_config.max_position)
         self.eos_token_ids = tuple(self.model_config.eos_token_ids) or tuple(self.tokenizer.eos_token_ids)
-        self.worker = Worker(config, self.model_config, self.model_dir, self.max_model_len, self.eos_token_ids)
+        self.worker = Worker(config, self.model_config, self.model_dir, self.max_model_len, self.eos_token_ids,
+                             gguf_file(config.model))
         self.kv = KVCacheManager(self.worker.kv.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.eos_token_ids)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)

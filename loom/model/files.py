@@ -57,6 +57,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def gguf_file(model: str | os.PathLike | None) -> Path | None:
+    """The GGUF file behind ``model`` (None: the default model), or None for a model directory."""
+    path = default_model_path() if model is None else Path(model).expanduser()
+    return path if path.is_file() and path.suffix.lower() == ".gguf" else None
+
+
 def resolve_model(model: str | os.PathLike | None, cache_dir: str | os.PathLike | None = None) -> Path:
     """The HF-style directory for ``model``: None (the default model), a ``.gguf`` file (converted and
     cached under ``cache_dir``) or a directory with ``config.json`` and safetensors weights.

@@ -255,7 +255,7 @@ def gguf_tensor_to_torch(t: ReaderTensor) -> torch.Tensor:
     return torch.from_numpy(dequantize(t.data, t.tensor_type).reshape(shape))
 
 
-def _unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
+def unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's row permutation of q/k projections (HF rotate-half layout)."""
     rows = w.shape[0]
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -271,7 +271,7 @@ def converted_tensors(
         w = gguf_tensor_to_torch(t)
         if spec.permute_qk and t.name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = cfg["num_attention_heads"] if "attn_q" in t.name else cfg["num_key_value_heads"]
-            w = _unpermute_rotary(w, heads)
+            w = unpermute_rotary(w, heads)
         if spec.norm_offset and t.name.endswith("norm.weight"):
             w = w - spec.norm_offset
         yield name, w.contiguous()

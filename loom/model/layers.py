@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 from types import ModuleType
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.model.kernels import native_ops
+from loom.model.quant.packed import PackedWeight
 
 
 def _native(x: torch.Tensor) -> ModuleType | None:
@@ -85,26 +87,55 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b), holding weights in the compute dtype."""
+    """y = x W^T (+ b), with W in the compute dtype or kept quantized (:meth:`set_packed`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.packed: list[PackedWeight] = []  # row segments of W, in order, one per run of one format
+
+    def set_packed(self, parts: list[PackedWeight]) -> None:
+        """Keep W quantized: ``parts`` stacked by rows replace the dense weight."""
+        rows = sum(p.shape[0] for p in parts)
+        if self.weight is None or (rows, parts[0].shape[1]) != tuple(self.weight.shape):
+            raise ValueError(f"packed weight of {rows} rows does not replace {tuple(self.weight.shape)}")
+        runs = [list(run) for _, run in itertools.groupby(parts, key=lambda p: p.fmt)]  # adjacent parts of one format
+        self.packed = [PackedWeight.cat(run) for run in runs]
+        self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        if not self.packed:
+            return linear(x, self.weight, self.bias)
+        if len(self.packed) == 1:
+            return self.packed[0].matmul(x, self.bias)
+        y = torch.cat([p.matmul(x) for p in self.packed], dim=-1)
+        return y if self.bias is None else y + self.bias
 
 
 class Embedding(nn.Module):
-    """Token embedding table, allocated without a random init (weights always come from a file)."""
+    """Token embedding table, allocated without a random init (weights always come from a file);
+    it may be kept quantized, and it serves as the LM head of tied models (:meth:`as_linear`)."""
 
     def __init__(self, num_embeddings: int, dim: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_embeddings, dim), requires_grad=False)
+        self.packed: PackedWeight | None = None
+        self.dtype = self.weight.dtype
+
+    def set_packed(self, packed: PackedWeight) -> None:
+        if packed.shape != tuple(self.weight.shape):
+            raise ValueError(f"packed table {packed.shape} does not replace {tuple(self.weight.shape)}")
+        self.packed, self.weight = packed, None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed.embedding(ids, self.dtype)
         return F.embedding(ids, self.weight)
+
+    def as_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T: the tied LM head."""
+        return self.packed.matmul(x) if self.packed is not None else linear(x, self.weight)
 
 
 _ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_tanh": 1}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import torch
@@ -32,8 +32,9 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     raise ValueError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
-def iter_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` for every weight of the checkpoint in ``model_dir``, in its stored dtype.
+def iter_weights(model_dir: Path, skip: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for every weight of the checkpoint in ``model_dir`` but those named in
+    ``skip``, in its stored dtype.
 
     Tensors are read one at a time (memory-mapped), so the whole model is never held twice.
     """
@@ -41,6 +42,7 @@ def iter_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
         try:
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    if name not in skip:
+                        yield name, f.get_tensor(name)
         except SafetensorError as e:
             raise ValueError(f"{file}: unreadable safetensors file ({e})") from e

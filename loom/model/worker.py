@@ -3,6 +3,7 @@ turns a step plan into plain results (token ids and logprobs). No tensor leaves 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import defaultdict
@@ -13,10 +14,13 @@ import torch
 
 from loom.config import EngineConfig, ModelConfig
 from loom.model.arch import model_class
-from loom.model.arch.base import CausalLM
+from loom.model.arch.base import CausalLM, quantize_model
 from loom.model.attention import AttentionMetadata, PrefillChunk, StepAttention, make_attention_backend
 from loom.model.device import keep_freed_memory, kv_cache_budget, resolve_device, resolve_dtype, set_threads, synchronize
 from loom.model.kv_cache import KVCache, KVCacheSpec
+from loom.model.quant.formats import FORMATS, NONE
+from loom.model.quant.gguf_blocks import gguf_packed_weights
+from loom.model.quant.packed import PackedWeight
 from loom.model.weights import iter_weights
 from loom.outputs import TokenLogprob
 from loom.request import Request
@@ -27,7 +31,12 @@ from loom.structured import fill_bitmasks, new_bitmask
 log = logging.getLogger(__name__)
 
 
-def load_model(config: ModelConfig, model_dir: Path, dtype: torch.dtype, device: torch.device) -> CausalLM:
+def load_model(config: ModelConfig, model_dir: Path, dtype: torch.dtype, device: torch.device,
+               quantization: str = NONE, gguf: Path | None = None) -> CausalLM:
+    """The model with its weights. ``quantization`` (``EngineConfig.quantization``): with ``auto``, the
+    matrices of ``gguf`` (the file ``model_dir`` was converted from) stored in a type loom keeps
+    packed stay packed; with a format name, those already in that format stay packed and every
+    other matrix layer is quantized to it; with ``none`` everything is dense."""
     cls = model_class(config.architecture)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -36,7 +45,12 @@ def load_model(config: ModelConfig, model_dir: Path, dtype: torch.dtype, device:
             model = cls(config)
     finally:
         torch.set_default_dtype(prev)
-    model.load_weights(iter_weights(model_dir))
+    fmt = FORMATS.get(quantization)
+    packed = dict(gguf_packed_weights(gguf, only=fmt)) if gguf is not None and quantization != NONE else {}
+    dense = ((name, t) for name, t in iter_weights(model_dir, skip=packed.keys()))
+    model.load_weights(itertools.chain(dense, packed.items()))
+    if fmt is not None:
+        quantize_model(model, fmt)
     return model.eval()
 
 
@@ -61,7 +75,7 @@ class _Rows:
 
 class Worker:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, model_dir: Path, max_model_len: int,
-                 eos_token_ids: tuple[int, ...]) -> None:
+                 eos_token_ids: tuple[int, ...], gguf: Path | None = None) -> None:
         self.device = resolve_device(config.device)
         if self.device.type == "cpu":
             set_threads(config.num_threads)
@@ -69,7 +83,7 @@ class Worker:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.model_config = model_config
         self.eos_token_ids = eos_token_ids
-        self.model = load_model(model_config, model_dir, self.dtype, self.device)
+        self.model = load_model(model_config, model_dir, self.dtype, self.device, config.quantization, gguf)
         c = model_config
         spec = KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, config.cache.block_size, self.dtype)
         self.kv = KVCache(spec, self._num_blocks(config, spec, max_model_len), self.device)
@@ -79,11 +93,20 @@ class Worker:
 
     @property
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        return sum(p.numel() for p in self.model.parameters()) + sum(w.shape[0] * w.shape[1] for w in self._packed())
 
     @property
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        """Resident bytes of the weights (packed matrices at their packed size)."""
+        dense = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return dense + sum(w.nbytes for w in self._packed())
+
+    def _packed(self) -> list[PackedWeight]:
+        found: list[PackedWeight] = []
+        for m in self.model.modules():
+            packed = getattr(m, "packed", None)
+            found += packed if isinstance(packed, list) else [packed] if packed is not None else []
+        return found
 
     def _num_blocks(self, config: EngineConfig, spec: KVCacheSpec, max_model_len: int) -> int:
         if config.cache.num_blocks is not None:

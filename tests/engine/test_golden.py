@@ -119,7 +119,7 @@ def test_default_model_matches_transformers(backend):
 
     path = resolve_model(None)
     ref = hf_model(path)
-    llm = LLM(None, dtype="float32", max_num_batched_tokens=32, attention_backend=backend)
+    llm = LLM(None, dtype="float32", quantization="none", max_num_batched_tokens=32, attention_backend=backend)
     tok = llm.tokenizer
     texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away, there lived"]
     assert_matches_hf(llm, ref, [tok.encode(t) for t in texts], n_out=16, atol=1e-3)

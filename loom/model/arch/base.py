@@ -11,7 +11,9 @@ from torch import nn
 
 from loom.config import ModelConfig
 from loom.model.attention import StepAttention
-from loom.model.layers import linear
+from loom.model.layers import Embedding, Linear
+from loom.model.quant.formats import QuantFormat
+from loom.model.quant.packed import PackedWeight
 
 class CausalLM(nn.Module, ABC):
     """A decoder-only LM over the paged KV cache.
@@ -32,8 +34,8 @@ class CausalLM(nn.Module, ABC):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits of the given hidden rows (the head is the embedding when tied)."""
-        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(hidden, w).float()
+        head = self.embed_tokens.as_linear if self.lm_head is None else self.lm_head
+        return head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Take (Hugging Face name, tensor) pairs; every parameter must be covered."""
@@ -52,9 +54,11 @@ _FUSED = {
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 
-def load_hf_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+def load_hf_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | PackedWeight]]) -> None:
     """Load Hugging Face-named weights into ``model``, fusing q/k/v and gate/up.
 
+    A :class:`PackedWeight` stays packed when every part of its target is packed (a fused projection
+    may mix formats); otherwise it is dequantized into the dense weight.
     Raises ValueError naming any unexpected, mis-shaped or missing weight."""
     c = model.config
     sizes = {"qkv_proj": [c.q_size, c.kv_size, c.kv_size], "gate_up_proj": [c.intermediate_size] * 2}
@@ -64,6 +68,7 @@ def load_hf_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]]
         kind = pname.rsplit(".", 2)[-2]
         expected |= {(pname, i) for i in range(len(sizes[kind]))} if kind in sizes else {(pname, None)}
     loaded: set[tuple[str, int | None]] = set()
+    packed: dict[str, dict[int | None, PackedWeight]] = {}
     for name, tensor in weights:
         if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and c.tie_word_embeddings):
             continue  # derived buffers; tied heads that some checkpoints store anyway
@@ -80,8 +85,41 @@ def load_hf_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]]
             dst = dst[sum(part[:index]) : sum(part[: index + 1])]
         if dst.shape != tensor.shape:
             raise ValueError(f"weight {name!r}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(dst.shape)}")
-        dst.copy_(tensor)
+        if isinstance(tensor, PackedWeight):
+            packed.setdefault(target, {})[index] = tensor
+        else:
+            dst.copy_(tensor)
         loaded.add((target, index))
     missing = sorted(f"{n}" if i is None else f"{n}[{i}]" for n, i in expected - loaded)
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {', '.join(missing[:3])}")
+    for target, parts in packed.items():
+        _place_packed(model, target, parts, sizes, params[target])
+
+
+def _place_packed(model: CausalLM, target: str, parts: dict[int | None, PackedWeight], sizes: dict[str, list[int]],
+                  dense: torch.Tensor) -> None:
+    module = model.get_submodule(target.rsplit(".", 1)[0])
+    count = len(sizes.get(target.rsplit(".", 2)[-2], [None]))
+    device = dense.device
+    if isinstance(module, (Linear, Embedding)) and len(parts) == count:
+        ordered = [parts[i].to(device) for i in sorted(parts, key=lambda i: -1 if i is None else i)]
+        module.set_packed(ordered if isinstance(module, Linear) else ordered[0])
+        return
+    offset = 0  # some parts dense, or not a matrix layer: dequantize into the dense weight
+    for i, size in enumerate(sizes.get(target.rsplit(".", 2)[-2], [dense.shape[0]])):
+        key = None if count == 1 else i
+        if key in parts:
+            dense[offset : offset + size].copy_(parts[key].dequantize())
+        offset += size
+
+
+def quantize_model(model: CausalLM, fmt: QuantFormat) -> None:
+    """Quantize every dense matrix layer (projections, embedding, head) whose width fits ``fmt``'s
+    groups; a layer that does not fit stays dense."""
+    for module in model.modules():
+        if isinstance(module, (Linear, Embedding)) and module.weight is not None:
+            k = module.weight.shape[1]
+            if k % 32 == 0 and k % fmt.group_for(k) == 0:
+                packed = PackedWeight.quantize(module.weight, fmt)
+                module.set_packed([packed] if isinstance(module, Linear) else packed)

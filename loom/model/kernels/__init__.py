@@ -1,4 +1,4 @@
-"""Native CPU kernels (paged decode attention, fused norms, rotary, activations), compiled on
+"""Native CPU kernels (paged decode attention, fused norms, rotary, activations, quantized matmul), compiled on
 first use with torch's C++ extension builder.
 
 Each kernel has a pure-PyTorch equivalent in the caller, used when no compiler is available or
@@ -19,7 +19,7 @@ import torch
 
 log = logging.getLogger(__name__)
 _DIR = Path(__file__).parent
-_SOURCES = [_DIR / n for n in ("paged_attention.cpp", "fused_ops.cpp", "gemv.cpp")]
+_SOURCES = [_DIR / n for n in ("paged_attention.cpp", "fused_ops.cpp", "gemv.cpp", "quant_matmul.cpp")]
 _CFLAGS = ("-O3", "-march=native", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
 

@@ -240,6 +240,13 @@ void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor act_and_mul(torch::Tensor gate_up, int64_t act);
 torch::Tensor linear_small_batch(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 bool has_linear_small_batch();
+torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor qs, c10::optional<torch::Tensor> qh, torch::Tensor scale,
+                           c10::optional<torch::Tensor> min, int64_t bits, int64_t group, double offset,
+                           c10::optional<torch::Tensor> bias);
+torch::Tensor quant_dequantize(torch::Tensor qs, c10::optional<torch::Tensor> qh, torch::Tensor scale,
+                               c10::optional<torch::Tensor> min, int64_t bits, int64_t group, double offset,
+                               int64_t K, at::ScalarType dtype);
+bool has_quant_matmul();
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "decode attention over a paged KV cache");
@@ -250,4 +257,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_small_batch", &linear_small_batch, "bf16 x W^T (+ b) for 1..8 rows", py::arg("x"), py::arg("w"),
         py::arg("bias") = py::none());
   m.def("has_linear_small_batch", &has_linear_small_batch);
+  m.def("quant_matmul", &quant_matmul, "x W^T (+ b) over block-quantized W, with int8 activations", py::arg("x"),
+        py::arg("qs"), py::arg("qh"), py::arg("scale"), py::arg("min"), py::arg("bits"), py::arg("group"),
+        py::arg("offset"), py::arg("bias") = py::none());
+  m.def("quant_dequantize", &quant_dequantize, "a block-quantized weight in float32 or bfloat16", py::arg("qs"),
+        py::arg("qh"), py::arg("scale"), py::arg("min"), py::arg("bits"), py::arg("group"), py::arg("offset"),
+        py::arg("K"), py::arg("dtype"));
+  m.def("has_quant_matmul", &has_quant_matmul);
 }

@@ -1,0 +1,471 @@
+// x W^T over block-quantized weights (loom.model.quant's packed layout), for any number of rows.
+//
+// The weights stay packed: per 32-element block, 4-bit codes in 16 bytes (byte j holds element j in
+// its low nibble and element j + 16 in its high nibble, as GGUF does), plus one bit plane of 4 bytes
+// for each bit above the fourth (5- and 6-bit codes), or 32 signed bytes for 8-bit codes. A group of
+// `group` elements (16, or a multiple of 32) shares an fp16 scale and, for asymmetric formats, an
+// fp16 min: w = scale * code + min, or scale * (code - offset) when there is no min.
+//
+// Activations are quantized to int8 per 32-element block, as llama.cpp's Q8 activations are, so the
+// inner product is an integer dot product (VPDPBUSD with AVX512-VNNI or AVX-VNNI, else AVX2's
+// VPMADDUBSW + VPMADDWD): sum_k w_k x_k = sum_b ws_b dx_b dot(code_b, xq_b) + sum_g min_g xsum_g.
+// Each weight row is unpacked once into a small buffer and then applied to every activation row.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_check.h"
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+
+inline float load_f(const float* p) { return *p; }
+inline float load_f(const c10::BFloat16* p) { return static_cast<float>(*p); }
+inline void store_f(float* p, float v) { *p = v; }
+inline void store_f(c10::BFloat16* p, float v) { *p = c10::BFloat16(v); }
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+// fp16 to fp32 with the F16C instruction (c10::Half's conversion is a software routine).
+inline float half(at::Half h) { return _cvtsh_ss(h.x); }
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// 32 unsigned bytes times 32 signed bytes, summed in groups of four into 8 int32 lanes. Lane i
+// covers elements 4i..4i+3 (so lanes 0-3 are the first 16 elements). The AVX2 form cannot
+// saturate: unsigned operands are at most 63 (codes) or 128 (|w| of 8-bit codes), and signed ones
+// at most 127 in magnitude, so a pair sums to at most 2 * 128 * 127 < 32768.
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+// 0x10 << shift in each byte whose bit is set in the 32-bit plane at p (byte i <- bit i).
+inline __m256i expand_bits(const uint8_t* p, int shift) {
+  uint32_t bits;
+  std::memcpy(&bits, p, 4);
+  const __m256i pick = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+  __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int32_t>(bits)), pick);
+  bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+  const __m256i set = _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
+  return _mm256_and_si256(set, _mm256_set1_epi8(static_cast<char>(0x10 << shift)));
+}
+
+struct Weights {
+  const uint8_t* qs;       // [N, K/2] (bits < 8) or [N, K] int8 (bits == 8)
+  const uint8_t* qh;       // [N, K/32 * 4 * (bits - 4)] bit planes, bits 5 and 6 only
+  const at::Half* scale;   // [N, K/group]
+  const at::Half* min;     // [N, K/group] or null: then min = -offset * scale
+  int bits;
+  int64_t group;
+  float offset;
+  int64_t K;
+};
+
+// n fp16 values to fp32, 8 at a time.
+inline void halves_to_floats(const at::Half* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = half(src[i]);
+}
+
+// The codes of block b of row n as 32 unsigned bytes; for 8-bit codes, |w| (and the signed codes
+// in `sign`, to move their signs onto the activations).
+inline __m256i load_codes(const Weights& w, int64_t n, int64_t b, __m256i& sign) {
+  const int64_t blocks = w.K / kBlock;
+  if (w.bits == 8) {
+    sign = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const int8_t*>(w.qs) + (n * blocks + b) * kBlock));
+    return _mm256_sign_epi8(sign, sign);
+  }
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.qs + (n * blocks + b) * 16));
+  __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+  const int64_t planes = w.bits - 4;
+  for (int64_t p = 0; p < planes; ++p) v = _mm256_or_si256(v, expand_bits(w.qh + ((n * blocks + b) * planes + p) * 4, p));
+  return v;
+}
+
+// One weight row, unpacked for the inner loop: codes (|w| for 8-bit), the signs (8-bit only), and
+// the scales and mins per "slice": 16 elements for 16-element groups, else 32 (one block). For
+// 16-element groups the scales are also laid out as 8 lanes per block (lanes 0-3 and 4-7 differ).
+struct RowBuffer {
+  std::vector<uint8_t> codes;
+  std::vector<int8_t> signs;
+  std::vector<float> scales;  // per slice
+  std::vector<float> lanes;   // 16-element groups: 8 lanes per block
+  std::vector<float> mins;    // per slice
+  bool has_min = false;
+
+  explicit RowBuffer(int64_t K) : codes(K), signs(K), scales(K / 16), lanes(K / kBlock * 8), mins(K / 16) {}
+
+  void unpack(const Weights& w, int64_t n) {
+    const int64_t blocks = w.K / kBlock;
+    for (int64_t b = 0; b < blocks; ++b) {
+      __m256i sign;
+      const __m256i v = load_codes(w, n, b, sign);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes.data() + b * kBlock), v);
+      if (w.bits == 8) _mm256_storeu_si256(reinterpret_cast<__m256i*>(signs.data() + b * kBlock), sign);
+    }
+    unpack_scales(w, n);
+  }
+
+  void unpack_scales(const Weights& w, int64_t n) {
+    const int64_t K = w.K, blocks = K / kBlock, groups = K / w.group;
+    const at::Half* sc = w.scale + n * groups;
+    const at::Half* mn = w.min ? w.min + n * groups : nullptr;
+    // Per slice: a 16-element group is a slice; a group of 32k elements spans k slices (blocks).
+    const int64_t slices = w.group == 16 ? K / 16 : blocks, per_group = w.group == 16 ? 1 : w.group / kBlock;
+    halves_to_floats(sc, scales.data(), groups);
+    has_min = mn != nullptr || w.offset != 0.0f;
+    if (mn) halves_to_floats(mn, mins.data(), groups);
+    if (per_group > 1) {  // spread each group's values over its slices, last group first (in place)
+      for (int64_t g = groups - 1; g >= 0; --g)
+        for (int64_t i = (g + 1) * per_group - 1; i >= g * per_group; --i) {
+          scales[i] = scales[g];
+          if (mn) mins[i] = mins[g];
+        }
+    }
+    if (has_min && !mn) {
+      const __m256 neg = _mm256_set1_ps(-w.offset);
+      int64_t i = 0;
+      for (; i + 8 <= slices; i += 8) _mm256_storeu_ps(mins.data() + i, _mm256_mul_ps(neg, _mm256_loadu_ps(scales.data() + i)));
+      for (; i < slices; ++i) mins[i] = -w.offset * scales[i];
+    }
+    if (w.group == 16)
+      for (int64_t b = 0; b < blocks; ++b)
+        _mm256_storeu_ps(lanes.data() + b * 8, _mm256_set_m128(_mm_set1_ps(scales[2 * b + 1]), _mm_set1_ps(scales[2 * b])));
+  }
+};
+
+// Activations quantized per 32-element block: int8 values, the block scales, and the sums of the
+// dequantized values of every 16 and every 32 elements (for the min term).
+struct QuantizedRows {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<float> sums16;
+  std::vector<float> sums32;
+};
+
+template <typename T>
+QuantizedRows quantize_rows(const T* x, int64_t M, int64_t K) {
+  const int64_t blocks = K / kBlock;
+  QuantizedRows r{std::vector<int8_t>(M * K), std::vector<float>(M * blocks), std::vector<float>(M * K / 16),
+                  std::vector<float>(M * blocks)};
+  at::parallel_for(0, M * blocks, 256, [&](int64_t begin, int64_t end) {
+    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+    for (int64_t i = begin; i < end; ++i) {
+      const T* src = x + (i / blocks) * K + (i % blocks) * kBlock;
+      __m256 v[4];
+      __m256 amax = _mm256_setzero_ps();
+      for (int j = 0; j < 4; ++j) {
+        v[j] = load8(src + 8 * j);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, v[j]));
+      }
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+      const float max_abs = _mm_cvtss_f32(m4);
+      const float d = max_abs / 127.0f;
+      const __m256 inv = _mm256_set1_ps(d > 0 ? 1.0f / d : 0.0f);
+      __m256i q32[4];
+      for (int j = 0; j < 4; ++j) q32[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      // Pack 32 int32 into 32 int8, restoring element order after the lane-wise packs.
+      const __m256i q16a = _mm256_packs_epi32(q32[0], q32[1]);
+      const __m256i q16b = _mm256_packs_epi32(q32[2], q32[3]);
+      __m256i q8 = _mm256_packs_epi16(q16a, q16b);
+      q8 = _mm256_permutevar8x32_epi32(q8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(r.q.data() + i * kBlock), q8);
+      r.d[i] = d;
+      const int32_t lo = hsum_i32(_mm256_add_epi32(q32[0], q32[1]));
+      const int32_t hi = hsum_i32(_mm256_add_epi32(q32[2], q32[3]));
+      r.sums16[2 * i] = d * static_cast<float>(lo);
+      r.sums16[2 * i + 1] = d * static_cast<float>(hi);
+      r.sums32[i] = d * static_cast<float>(lo + hi);
+    }
+  });
+  return r;
+}
+
+inline float dot_floats(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float total = hsum(acc);
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+// MT activation rows (from m0) against one unpacked weight row; writes out[0..MT).
+template <int MT, bool Signed, bool Group16>
+inline void row_dot(const RowBuffer& row, const QuantizedRows& xq, int64_t m0, int64_t K, float* out) {
+  const int64_t blocks = K / kBlock;
+  __m256 acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row.codes.data() + b * kBlock));
+    const __m256 ws = Group16 ? _mm256_loadu_ps(row.lanes.data() + b * 8) : _mm256_broadcast_ss(row.scales.data() + b);
+    __m256i sg;
+    if constexpr (Signed) sg = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row.signs.data() + b * kBlock));
+    for (int m = 0; m < MT; ++m) {
+      __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + (m0 + m) * K + b * kBlock));
+      if constexpr (Signed) xv = _mm256_sign_epi8(xv, sg);
+      const __m256 scale = _mm256_mul_ps(ws, _mm256_broadcast_ss(xq.d.data() + (m0 + m) * blocks + b));
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(wv, xv)), scale, acc[m]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    float total = hsum(acc[m]);
+    if (row.has_min)
+      total += Group16 ? dot_floats(row.mins.data(), xq.sums16.data() + (m0 + m) * (K / 16), K / 16)
+                       : dot_floats(row.mins.data(), xq.sums32.data() + (m0 + m) * blocks, blocks);
+    out[m] = total;
+  }
+}
+
+template <bool Signed, bool Group16>
+void rows_dot(const RowBuffer& row, const QuantizedRows& xq, int64_t M, int64_t K, float* out) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) row_dot<4, Signed, Group16>(row, xq, m, K, out + m);
+  switch (M - m) {
+    case 3: row_dot<3, Signed, Group16>(row, xq, m, K, out + m); break;
+    case 2: row_dot<2, Signed, Group16>(row, xq, m, K, out + m); break;
+    case 1: row_dot<1, Signed, Group16>(row, xq, m, K, out + m); break;
+    default: break;
+  }
+}
+
+// Few activation rows (decode): NR weight rows at a time, codes unpacked in registers and used at
+// once, each activation block loaded once for all NR rows; no row buffer.
+template <int MT, int NR, bool Signed, bool Group16>
+void small_m_rows(const Weights& w, const QuantizedRows& xq, int64_t n0, RowBuffer* rows, float* out /* [NR][MT] */) {
+  const int64_t K = w.K, blocks = K / kBlock;
+  for (int r = 0; r < NR; ++r) rows[r].unpack_scales(w, n0 + r);
+  __m256 acc[MT][NR];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256i xv[MT];
+    __m256 dx[MT];
+    for (int m = 0; m < MT; ++m) {
+      xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + m * K + b * kBlock));
+      dx[m] = _mm256_broadcast_ss(xq.d.data() + m * blocks + b);
+    }
+    for (int r = 0; r < NR; ++r) {
+      __m256i sign;
+      const __m256i wv = load_codes(w, n0 + r, b, sign);
+      const __m256 ws = Group16 ? _mm256_loadu_ps(rows[r].lanes.data() + b * 8) : _mm256_broadcast_ss(rows[r].scales.data() + b);
+      for (int m = 0; m < MT; ++m) {
+        const __m256i xs = Signed ? _mm256_sign_epi8(xv[m], sign) : xv[m];
+        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(wv, xs)), _mm256_mul_ps(ws, dx[m]), acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NR; ++r) {
+      float total = hsum(acc[m][r]);
+      if (rows[r].has_min)
+        total += Group16 ? dot_floats(rows[r].mins.data(), xq.sums16.data() + m * (K / 16), K / 16)
+                         : dot_floats(rows[r].mins.data(), xq.sums32.data() + m * blocks, blocks);
+      out[r * MT + m] = total;
+    }
+}
+
+template <int MT, bool Signed, bool Group16>
+void small_m(const Weights& w, const QuantizedRows& xq, int64_t begin, int64_t end, RowBuffer* rows, float* tile) {
+  constexpr int NR = MT <= 2 ? 4 : 2;  // MT * NR accumulators stay in registers
+  int64_t n = begin;
+  for (; n + NR <= end; n += NR) {
+    small_m_rows<MT, NR, Signed, Group16>(w, xq, n, rows, tile + n * MT);
+  }
+  for (; n < end; ++n) small_m_rows<MT, 1, Signed, Group16>(w, xq, n, rows, tile + n * MT);
+}
+
+constexpr int64_t kSmallM = 4;  // up to this many rows, the register path; beyond, the row buffer
+
+template <typename T>
+void quant_matmul_impl(const T* x, const Weights& w, const T* bias, T* out, int64_t M, int64_t N) {
+  const int64_t K = w.K;
+  const QuantizedRows xq = quantize_rows(x, M, K);
+  if (M <= kSmallM) {
+    // tile: per weight row n, its MT results at [n * M, n * M + M), scattered to out at the end.
+    std::vector<float> tile(N * M);
+    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+      std::vector<RowBuffer> rows(4, RowBuffer(K));
+      float* t = tile.data();
+      auto run = [&](auto mt) {
+        constexpr int MT = decltype(mt)::value;
+        if (w.bits == 8) small_m<MT, true, false>(w, xq, begin, end, rows.data(), t);
+        else if (w.group == 16) small_m<MT, false, true>(w, xq, begin, end, rows.data(), t);
+        else small_m<MT, false, false>(w, xq, begin, end, rows.data(), t);
+      };
+      switch (M) {
+        case 1: run(std::integral_constant<int, 1>{}); break;
+        case 2: run(std::integral_constant<int, 2>{}); break;
+        case 3: run(std::integral_constant<int, 3>{}); break;
+        default: run(std::integral_constant<int, 4>{}); break;
+      }
+      for (int64_t n = begin; n < end; ++n) {
+        const float b = bias ? load_f(bias + n) : 0.0f;
+        for (int64_t m = 0; m < M; ++m) store_f(out + m * N + n, tile[n * M + m] + b);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    RowBuffer row(K);
+    std::vector<float> col(M);
+    for (int64_t n = begin; n < end; ++n) {
+      row.unpack(w, n);
+      if (w.bits == 8) rows_dot<true, false>(row, xq, M, K, col.data());  // 8-bit formats have no 16-groups
+      else if (w.group == 16) rows_dot<false, true>(row, xq, M, K, col.data());
+      else rows_dot<false, false>(row, xq, M, K, col.data());
+      const float b = bias ? load_f(bias + n) : 0.0f;
+      for (int64_t m = 0; m < M; ++m) store_f(out + m * N + n, col[m] + b);
+    }
+  });
+}
+
+template <typename T>
+void dequantize_impl(const Weights& w, T* out, int64_t N) {
+  const int64_t K = w.K, blocks = K / kBlock;
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    RowBuffer row(K);
+    alignas(32) float vals[kBlock];
+    for (int64_t n = begin; n < end; ++n) {
+      row.unpack(w, n);
+      T* dst = out + n * K;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* c = row.codes.data() + b * kBlock;
+        const int8_t* sg = row.signs.data() + b * kBlock;
+        for (int h = 0; h < 2; ++h) {
+          const int64_t slice = w.group == 16 ? 2 * b + h : b;
+          const __m256 scale = _mm256_set1_ps(row.scales[slice]);
+          const __m256 mn = _mm256_set1_ps(row.has_min ? row.mins[slice] : 0.0f);
+          for (int j = 0; j < 16; j += 8) {
+            const int64_t e = 16 * h + j;
+            __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + e)));
+            if (w.bits == 8) q = _mm256_sign_epi32(q, _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sg + e))));
+            _mm256_store_ps(vals + e, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), scale, mn));
+          }
+        }
+        for (int64_t j = 0; j < kBlock; ++j) store_f(dst + b * kBlock + j, vals[j]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// x: [M, K] float32 or bfloat16; the packed weight of N rows (see the top of this file); bias: [N] in
+// x's dtype or None. Returns [M, N] in x's dtype.
+namespace {
+
+Weights checked_weights(const torch::Tensor& qs, const c10::optional<torch::Tensor>& qh, const torch::Tensor& scale,
+                        const c10::optional<torch::Tensor>& min, int64_t bits, int64_t group, double offset, int64_t K) {
+  LOOM_CHECK_CPU(qs);
+  TORCH_CHECK(bits == 4 || bits == 5 || bits == 6 || bits == 8, "bits must be 4, 5, 6 or 8");
+  TORCH_CHECK(K % kBlock == 0, "K must be a multiple of 32");
+  TORCH_CHECK(group == 16 || (group % kBlock == 0 && K % group == 0), "group must be 16 or a multiple of 32 dividing K");
+  TORCH_CHECK(bits != 8 || group != 16, "8-bit codes take groups of 32 or more");
+  const int64_t N = qs.size(0);
+  TORCH_CHECK(qs.dim() == 2 && qs.is_contiguous() && qs.size(1) == (bits == 8 ? K : K / 2), "qs does not match K");
+  TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.is_contiguous() && scale.numel() == N * (K / group), "bad scale");
+  Weights w{static_cast<const uint8_t*>(qs.data_ptr()), nullptr, scale.data_ptr<at::Half>(), nullptr,
+            static_cast<int>(bits), group, static_cast<float>(offset), K};
+  if (bits == 5 || bits == 6) {
+    TORCH_CHECK(qh && qh->is_contiguous() && qh->numel() == N * (K / kBlock) * 4 * (bits - 4), "bad qh");
+    w.qh = qh->data_ptr<uint8_t>();
+  }
+  if (min && min->defined()) {
+    TORCH_CHECK(min->scalar_type() == at::kHalf && min->is_contiguous() && min->numel() == scale.numel(), "bad min");
+    w.min = min->data_ptr<at::Half>();
+  }
+  return w;
+}
+
+template <typename T>
+const T* bias_ptr(const c10::optional<torch::Tensor>& bias, at::ScalarType dtype, int64_t N) {
+  if (!bias || !bias->defined()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == dtype && bias->numel() == N && bias->is_contiguous(), "bias must match x and N");
+  return bias->data_ptr<T>();
+}
+
+}  // namespace
+
+torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor qs, c10::optional<torch::Tensor> qh, torch::Tensor scale,
+                           c10::optional<torch::Tensor> min, int64_t bits, int64_t group, double offset,
+                           c10::optional<torch::Tensor> bias) {
+  LOOM_CHECK_CPU(x);
+  TORCH_CHECK(x.dim() == 2, "x must be 2-D");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  x = x.contiguous();
+  const int64_t M = x.size(0), N = qs.size(0);
+  const Weights w = checked_weights(qs, qh, scale, min, bits, group, offset, x.size(1));
+  auto out = torch::empty({M, N}, x.options());
+  if (M == 0) return out;
+  if (x.scalar_type() == at::kFloat) {
+    quant_matmul_impl<float>(x.data_ptr<float>(), w, bias_ptr<float>(bias, at::kFloat, N), out.data_ptr<float>(), M, N);
+  } else {
+    quant_matmul_impl<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), w, bias_ptr<c10::BFloat16>(bias, at::kBFloat16, N),
+                                     out.data_ptr<c10::BFloat16>(), M, N);
+  }
+  return out;
+}
+
+// The whole weight [N, K] in float32 or bfloat16 (for products with many rows, which a dense GEMM
+// computes faster than the int8 dot products do).
+torch::Tensor quant_dequantize(torch::Tensor qs, c10::optional<torch::Tensor> qh, torch::Tensor scale,
+                               c10::optional<torch::Tensor> min, int64_t bits, int64_t group, double offset,
+                               int64_t K, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dtype must be float32 or bfloat16");
+  const Weights w = checked_weights(qs, qh, scale, min, bits, group, offset, K);
+  const int64_t N = qs.size(0);
+  auto out = torch::empty({N, K}, qs.options().dtype(dtype));
+  if (dtype == at::kFloat) dequantize_impl<float>(w, out.data_ptr<float>(), N);
+  else dequantize_impl<c10::BFloat16>(w, out.data_ptr<c10::BFloat16>(), N);
+  return out;
+}
+
+bool has_quant_matmul() { return true; }
+#else
+torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor, c10::optional<torch::Tensor>, torch::Tensor,
+                           c10::optional<torch::Tensor>, int64_t, int64_t, double, c10::optional<torch::Tensor>) {
+  TORCH_CHECK(false, "built without AVX2/FMA/F16C");
+  return x;
+}
+torch::Tensor quant_dequantize(torch::Tensor qs, c10::optional<torch::Tensor>, torch::Tensor,
+                               c10::optional<torch::Tensor>, int64_t, int64_t, double, int64_t, at::ScalarType) {
+  TORCH_CHECK(false, "built without AVX2/FMA/F16C");
+  return qs;
+}
+bool has_quant_matmul() { return false; }
+#endif

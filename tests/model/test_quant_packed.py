@@ -1,0 +1,116 @@
+"""loom.model.quant: every GGUF block format read into the packed layout dequantizes exactly as
+``gguf.quants.dequantize`` does (up to the fp16 storage of K-quant scales), the native kernel
+matches the PyTorch path to int8-activation tolerance, and the round-to-nearest quantizer is
+as accurate as its bit width allows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf.constants import GGML_QUANT_SIZES
+from gguf.quants import dequantize, quantize
+
+from loom.model.kernels import native_ops
+from loom.model.quant.formats import FORMATS
+from loom.model.quant.gguf_blocks import READERS, read_codes
+from loom.model.quant.packed import PackedWeight
+
+N, K = 48, 512  # K a multiple of 256 for the K-quants
+
+
+def _raw_blocks(qtype: T, rng: np.random.Generator) -> np.ndarray:
+    """Valid raw blocks of a [N, K] tensor: quantized by gguf where it can, else random bytes with
+    finite fp16 scales."""
+    if qtype in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0):
+        return quantize(rng.standard_normal((N, K)).astype(np.float32), qtype)
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (N * K // block, size), dtype=np.uint8)
+    d = lambda: rng.uniform(0.001, 0.02, (raw.shape[0], 1)).astype(np.float16).view(np.uint8)  # noqa: E731
+    if qtype in (T.Q4_K, T.Q5_K):
+        raw[:, 0:2], raw[:, 2:4] = d(), d()
+    else:  # Q6_K: d last
+        raw[:, 208:210] = d()
+    return raw.reshape(N, -1)
+
+
+@pytest.mark.parametrize("qtype", list(READERS), ids=lambda t: t.name)
+def test_gguf_blocks_dequantize_like_gguf(qtype: T) -> None:
+    raw = _raw_blocks(qtype, np.random.default_rng(0))
+    fmt, (codes, scale, mins) = read_codes(raw, qtype, N, K)
+    packed = PackedWeight.from_codes(fmt, codes, scale, mins)
+    ref = torch.from_numpy(dequantize(raw, qtype).reshape(N, K))
+    got = packed.dequantize()
+    # Q4_0/Q4_1/Q5_x/Q8_0 scales are fp16 in the file: exact. K-quant scales (d * sc) are rounded to fp16.
+    tol = 0 if fmt.name in ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0") else 2e-3 * float(ref.abs().max())
+    torch.testing.assert_close(got, ref, atol=tol, rtol=0)
+    assert torch.equal(packed.codes(), torch.as_tensor(codes).to(torch.int16))
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_quantize_round_trip_error_fits_the_bit_width(name: str) -> None:
+    fmt = FORMATS[name]
+    w = torch.randn(N, K)
+    packed = PackedWeight.quantize(w, fmt)
+    assert packed.shape == (N, K)
+    err = (packed.dequantize() - w).abs()
+    # Round to nearest: at most half a step of the group's scale (plus fp16 rounding of the scale),
+    # except that symmetric 4-6-bit formats map the signed extreme to -offset (as GGUF's Q4_0 does)
+    # and may clip the other end of the group by up to one step.
+    step = packed.scale.float().abs().repeat_interleave(packed.group, dim=1)
+    bound = step if fmt.symmetric and fmt.bits < 8 else 0.5 * step
+    assert bool((err <= bound * 1.01 + 1e-3).all()), float((err - bound).max())
+    rel = float(err.pow(2).mean().sqrt() / w.pow(2).mean().sqrt())
+    assert rel < {4: 0.13, 5: 0.07, 6: 0.035, 8: 0.01}[fmt.bits]
+
+
+def test_packed_rows_stack_and_select() -> None:
+    fmt = FORMATS["q5_1"]
+    a, b = PackedWeight.quantize(torch.randn(8, 64), fmt), PackedWeight.quantize(torch.randn(4, 64), fmt)
+    both = PackedWeight.cat([a, b])
+    torch.testing.assert_close(both.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
+    rows = torch.tensor([9, 0, 3])
+    torch.testing.assert_close(both.embedding(rows, torch.float32), both.dequantize()[rows])
+    with pytest.raises(ValueError, match="one format"):
+        PackedWeight.cat([a, PackedWeight.quantize(torch.randn(4, 64), FORMATS["q4_0"])])
+
+
+def test_quantize_rejects_columns_outside_whole_blocks() -> None:
+    with pytest.raises(ValueError, match="columns"):
+        PackedWeight.quantize(torch.randn(4, 48), FORMATS["q4_0"])
+
+
+needs_kernel = pytest.mark.skipif(
+    native_ops() is None or not native_ops().has_quant_matmul(), reason="native quantized kernel not built (needs AVX2)"
+)
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q6_k", "int8", "int4_g128"])
+@pytest.mark.parametrize("m", [1, 3, 4, 7, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_kernel_matches_dequantized_matmul(name: str, m: int, dtype: torch.dtype) -> None:
+    torch.manual_seed(m)
+    packed = PackedWeight.quantize(torch.randn(N, K) * 0.05, FORMATS[name])
+    x = torch.randn(m, K).to(dtype)
+    x[:, 5] *= 20  # an outlier channel: per-block activation scales keep the other blocks precise
+    bias = torch.randn(N).to(dtype)
+    got = native_ops().quant_matmul(x, packed.qs, packed.qh, packed.scale, packed.min, packed.fmt.bits,
+                                    packed.group, float(packed.fmt.offset), bias)
+    ref = x.float() @ packed.dequantize().T + bias.float()
+    assert got.dtype == dtype and got.shape == (m, N)
+    # int8 activations: each block loses at most half a step of its 1/127 scale.
+    err = (got.float() - ref).abs().max() / ref.abs().max()
+    assert float(err) < (0.02 if dtype == torch.bfloat16 else 0.01)
+
+
+@needs_kernel
+def test_matmul_uses_the_kernel_and_falls_back_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    packed = PackedWeight.quantize(torch.randn(N, K), FORMATS["q4_k"])
+    x = torch.randn(2, K)
+    native = packed.matmul(x)
+    monkeypatch.setattr("loom.model.quant.packed._native", lambda: None)
+    fallback = packed.matmul(x)
+    torch.testing.assert_close(fallback, x @ packed.dequantize().T)
+    assert float((native - fallback).abs().max() / fallback.abs().max()) < 0.01
