@@ -232,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("throughput", "loom.bench.throughput", "offline batch throughput (optionally vs transformers)"),
         ("latency", "loom.bench.latency", "decode/prefill step times beside the hardware roofline"),
         ("structured", "loom.bench.structured", "JSON-schema constrained decoding: compile time, validity, step overhead"),
+        ("perplexity", "loom.bench.perplexity", "quantization modes vs the fp32 model: perplexity, greedy agreement, bytes"),
     ):
         p = bench.add_parser(name, help=doc)
         add_engine_args(p)
