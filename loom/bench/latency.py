@@ -77,7 +77,8 @@ def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
     bw = measure_bandwidth()
     flops = measure_matmul_flops(dtype)
     print(f"model: {model or 'default (SmolLM2-135M-Instruct)'}, {n_params / 1e6:.1f}M params, {info.dtype} on "
-          f"{info.device} ({info.attention_backend} attention), threads {torch.get_num_threads()}")
+          f"{info.device} ({info.attention_backend} attention), threads {torch.get_num_threads()}, weights "
+          f"{info.weight_bytes / 1e6:.1f} MB ({', '.join(info.weight_formats) or info.dtype})")
     print(f"measured: memory bandwidth {bw / 1e9:.1f} GB/s, {dtype} matmul {flops / 1e9:.0f} GFLOP/s")
     report: dict[str, Any] = {"bandwidth_gbs": bw / 1e9, "matmul_gflops": flops / 1e9, "decode": [], "prefill": []}
     rng = torch.Generator().manual_seed(0)

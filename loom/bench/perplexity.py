@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from loom.bench.loader import SONNET_FILE
+from loom.bench.loader import SHAREGPT_FILE
 
 PROMPT_LEN = 64  # tokens of each greedy-agreement prompt
 REFERENCE = {"quantization": "none", "dtype": "float32"}
@@ -106,6 +106,18 @@ def agreement(outputs: list[list[int]], reference: list[list[int]]) -> tuple[int
     return same, sum(map(common_prefix, outputs, reference)) / len(outputs)
 
 
+def read_text(path: Path) -> str:
+    """The file's text; a ShareGPT JSON file (a list of ``{"conversations": [{"value": ...}]}``) gives
+    its turns in file order, one paragraph each."""
+    if path.suffix.lower() != ".json":
+        return path.read_text(encoding="utf-8")
+    try:
+        convs = json.loads(path.read_text(encoding="utf-8"))
+        return "\n\n".join(turn["value"] for conv in convs for turn in conv["conversations"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path}: not a ShareGPT JSON file ({e!r})") from None
+
+
 def parse_modes(text: str | None) -> list[str]:
     from loom.model.quant.formats import QUANTIZATION_CHOICES
 
@@ -157,7 +169,7 @@ def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
     # The engine's --quantization if given, and --modes; the default mode (auto) when neither is.
     own = [engine_opts["quantization"]] if engine_opts.get("quantization") else []
     modes = list(dict.fromkeys(own + parse_modes(args.modes))) or ["auto"]
-    text = Path(args.text).read_text(encoding="utf-8")
+    text = read_text(Path(args.text))
     runs = [("reference", {**engine_opts, **REFERENCE})] + [(m, {**engine_opts, "quantization": m}) for m in modes]
 
     plan: Plan | None = None
@@ -208,8 +220,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", default=None, metavar="A,B,...",
                    help="quantization modes to measure, comma-separated, besides --quantization if given "
                         "(default: --quantization's default, auto); the fp32 unquantized reference is always measured")
-    p.add_argument("--text", default=str(SONNET_FILE), metavar="FILE",
-                   help="UTF-8 text to score (default: ../shared/data/prompts/sonnet.txt)")
+    p.add_argument("--text", default=str(SHAREGPT_FILE), metavar="FILE",
+                   help="UTF-8 text to score, or a ShareGPT .json file (its turns, in order; default: "
+                        "../shared/data/sharegpt/ShareGPT_V3_filtered_500.json)")
     p.add_argument("--max-tokens", type=int, default=8192, metavar="N",
                    help="score at most the first N tokens of the text (default: %(default)s)")
     p.add_argument("--window", type=int, default=2048, metavar="N",

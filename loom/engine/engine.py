@@ -87,7 +87,8 @@ class ModelInfo:
     vocab_size: int
     hidden_size: int  # the length of an embedding
     num_parameters: int
-    weight_bytes: int
+    weight_bytes: int  # resident: packed matrices at their packed size
+    weight_formats: tuple[str, ...] = ()  # the quantized formats kept packed; () when all weights are dense
 
 
 class Proposer(Protocol):
@@ -120,10 +121,11 @@ class Engine:
         self.steps = 0
         self.phase_seconds: dict[str, float] = defaultdict(float)
         self.last_step = StepTiming(0.0, 0.0, 0.0)
-        log.info("engine ready in %.1fs: %s on %s (%s attention), KV cache of %d blocks x %d tokens = %d tokens",
-                 time.perf_counter() - t0, self.model_config.architecture, self.worker.device,
-                 self.worker.attention.name, self.kv.num_blocks, config.cache.block_size,
-                 self.kv.num_blocks * config.cache.block_size)
+        log.info("engine ready in %.1fs: %s on %s (%s attention), weights %.1f MB (%s), KV cache of %d blocks x %d "
+                 "tokens = %d tokens", time.perf_counter() - t0, self.model_config.architecture, self.worker.device,
+                 self.worker.attention.name, self.worker.weight_bytes / 1e6,
+                 ", ".join(self.worker.weight_formats) or self.worker.dtype, self.kv.num_blocks,
+                 config.cache.block_size, self.kv.num_blocks * config.cache.block_size)
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(
@@ -340,4 +342,5 @@ class Engine:
             hidden_size=self.model_config.hidden_size,
             num_parameters=w.num_parameters,
             weight_bytes=w.weight_bytes,
+            weight_formats=w.weight_formats,
         )

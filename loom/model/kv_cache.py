@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from loom.model.device import zeros
+from loom.model.kernels import native_ops
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class KVCache:
         shape = (num_blocks, spec.num_kv_heads, spec.block_size, spec.head_dim)
         self.keys = [zeros(shape, spec.dtype, device) for _ in range(spec.num_layers)]
         self.values = [zeros(shape, spec.dtype, device) for _ in range(spec.num_layers)]
+        ops = native_ops() if device.type == "cpu" else None
+        self._native_write = ops.kv_write if ops is not None else None  # one call per layer for k and v
 
     @property
     def block_size(self) -> int:
@@ -59,6 +62,9 @@ class KVCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor) -> None:
         """Store this step's keys and values ``[T, num_kv_heads, head_dim]`` at (block, offset) slots."""
+        if self._native_write is not None:
+            self._native_write(self.keys[layer], self.values[layer], k, v, blocks, offsets)
+            return
         self.keys[layer][blocks, :, offsets] = k
         self.values[layer][blocks, :, offsets] = v
 

@@ -101,6 +101,11 @@ class Worker:
         dense = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return dense + sum(w.nbytes for w in self._packed())
 
+    @property
+    def weight_formats(self) -> tuple[str, ...]:
+        """The quantized formats of the packed matrices (empty when every weight is dense)."""
+        return tuple(sorted({w.fmt.name for w in self._packed()}))
+
     def _packed(self) -> list[PackedWeight]:
         found: list[PackedWeight] = []
         for m in self.model.modules():

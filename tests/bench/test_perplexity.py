@@ -122,3 +122,15 @@ def test_text_of_one_token_exits_2(tiny_model, tmp_path, capsys):
     text.write_text("a")
     assert main(["bench", "perplexity", "--model", str(tiny_model("llama")), "--text", str(text)]) == 2
     assert "perplexity needs at least 2" in capsys.readouterr().err
+
+
+def test_sharegpt_json_gives_its_turns_in_order(tmp_path):
+    from loom.bench.perplexity import read_text
+
+    path = tmp_path / "convs.json"
+    path.write_text(json.dumps([{"conversations": [{"from": "human", "value": "a b"}, {"from": "gpt", "value": "c"}]},
+                                {"conversations": [{"from": "human", "value": "d"}]}]))
+    assert read_text(path) == "a b\n\nc\n\nd"
+    path.write_text(json.dumps({"not": "a list"}))
+    with pytest.raises(ValueError, match="not a ShareGPT JSON file"):
+        read_text(path)

@@ -36,6 +36,22 @@ def test_write_gather_and_copy_block():
     assert torch.equal(kv.keys[1][5], kv.keys[1][1]) and torch.equal(kv.values[1][5], kv.values[1][1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_write_matches_indexed_assignment(dtype):
+    kv = KVCache(KVCacheSpec(1, 3, 64, 16, dtype), 8, torch.device("cpu"))
+    if kv._native_write is None:
+        pytest.skip("native kernels not built")
+    k, v = torch.randn(20, 3, 64).to(dtype), torch.randn(20, 3, 64).to(dtype)
+    slots = torch.randperm(16 * 8)[:20]  # distinct slots
+    blocks, offsets = slots // 16, slots % 16
+    kv.write(0, k, v, blocks, offsets)
+    ref_k, ref_v = torch.zeros_like(kv.keys[0]), torch.zeros_like(kv.values[0])
+    ref_k[blocks, :, offsets], ref_v[blocks, :, offsets] = k, v
+    assert torch.equal(kv.keys[0], ref_k) and torch.equal(kv.values[0], ref_v)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kv.write(0, k[:1], v[:1], torch.tensor([8]), torch.tensor([0]))
+
+
 def test_large_cache_is_not_resident_until_used():
     """A 1 GiB cache costs neither start-up time nor memory until blocks are written."""
     def rss() -> int:

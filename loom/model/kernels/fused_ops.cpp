@@ -8,6 +8,7 @@
 #include "cpu_check.h"
 
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -166,4 +167,40 @@ torch::Tensor act_and_mul(torch::Tensor gate_up, int64_t act) {
     });
   });
   return out;
+}
+
+// keys/values: one layer of the cache [num_blocks, num_kv_heads, block_size, head_dim]; k/v: this
+// step's [T, num_kv_heads, head_dim]; slot t goes to (blocks[t], :, offsets[t]). One call for both
+// (PyTorch's indexed assignment costs ~20 us per tensor per layer at decode sizes).
+void kv_write(torch::Tensor keys, torch::Tensor values, torch::Tensor k, torch::Tensor v, torch::Tensor blocks,
+              torch::Tensor offsets) {
+  LOOM_CHECK_CPU(keys);
+  LOOM_CHECK_CPU(k);
+  TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && keys.sizes() == values.sizes() && keys.dim() == 4,
+              "cache layers must be contiguous [blocks, heads, block_size, head_dim]");
+  TORCH_CHECK(k.dim() == 3 && k.sizes() == v.sizes() && k.size(1) == keys.size(1) && k.size(2) == keys.size(3),
+              "k and v must be [T, num_kv_heads, head_dim]");
+  TORCH_CHECK(k.scalar_type() == keys.scalar_type() && v.scalar_type() == keys.scalar_type(), "dtype mismatch");
+  TORCH_CHECK(blocks.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong && blocks.numel() == k.size(0) &&
+              offsets.numel() == k.size(0), "blocks and offsets must be int64 [T]");
+  k = k.contiguous();
+  v = v.contiguous();
+  blocks = blocks.contiguous();
+  offsets = offsets.contiguous();
+  const int64_t T = k.size(0), H = k.size(1), D = k.size(2), NB = keys.size(0), BS = keys.size(2);
+  const int64_t row = D * k.element_size();
+  const auto* bp = blocks.data_ptr<int64_t>();
+  const auto* op = offsets.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(bp[t] >= 0 && bp[t] < NB && op[t] >= 0 && op[t] < BS, "slot out of range");
+  auto* kc = static_cast<char*>(keys.data_ptr());
+  auto* vc = static_cast<char*>(values.data_ptr());
+  const auto* ks = static_cast<const char*>(k.data_ptr());
+  const auto* vs = static_cast<const char*>(v.data_ptr());
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t dst = ((bp[t] * H + h) * BS + op[t]) * row, src = (t * H + h) * row;
+      std::memcpy(kc + dst, ks + src, row);
+      std::memcpy(vc + dst, vs + src, row);
+    }
 }

@@ -238,6 +238,8 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, double offs
 torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, double eps, double offset);
 void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor act_and_mul(torch::Tensor gate_up, int64_t act);
+void kv_write(torch::Tensor keys, torch::Tensor values, torch::Tensor k, torch::Tensor v, torch::Tensor blocks,
+              torch::Tensor offsets);
 torch::Tensor linear_small_batch(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 bool has_linear_small_batch();
 torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor qs, c10::optional<torch::Tensor> qh, torch::Tensor scale,
@@ -254,6 +256,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "residual += x, then RMSNorm of the residual");
   m.def("rotary_", &rotary_, "rotate-half rotary embedding, in place");
   m.def("act_and_mul", &act_and_mul, "act(gate) * up");
+  m.def("kv_write", &kv_write, "store this step's keys and values in one layer of the paged cache");
   m.def("linear_small_batch", &linear_small_batch, "bf16 x W^T (+ b) for 1..8 rows", py::arg("x"), py::arg("w"),
         py::arg("bias") = py::none());
   m.def("has_linear_small_batch", &has_linear_small_batch);

@@ -100,18 +100,30 @@ inline void halves_to_floats(const at::Half* src, float* dst, int64_t n) {
 }
 
 // The codes of block b of row n as 32 unsigned bytes; for 8-bit codes, |w| (and the signed codes
-// in `sign`, to move their signs onto the activations).
+// in `sign`, to move their signs onto the activations). Bits is a template argument so that the
+// callers' loops unroll and their accumulators stay in registers.
+template <int Bits>
 inline __m256i load_codes(const Weights& w, int64_t n, int64_t b, __m256i& sign) {
   const int64_t blocks = w.K / kBlock;
-  if (w.bits == 8) {
+  if constexpr (Bits == 8) {
     sign = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const int8_t*>(w.qs) + (n * blocks + b) * kBlock));
     return _mm256_sign_epi8(sign, sign);
+  } else {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.qs + (n * blocks + b) * 16));
+    __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+    constexpr int planes = Bits - 4;
+    for (int p = 0; p < planes; ++p) v = _mm256_or_si256(v, expand_bits(w.qh + ((n * blocks + b) * planes + p) * 4, p));
+    return v;
   }
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.qs + (n * blocks + b) * 16));
-  __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
-  const int64_t planes = w.bits - 4;
-  for (int64_t p = 0; p < planes; ++p) v = _mm256_or_si256(v, expand_bits(w.qh + ((n * blocks + b) * planes + p) * 4, p));
-  return v;
+}
+
+inline __m256i load_codes(const Weights& w, int64_t n, int64_t b, __m256i& sign) {
+  switch (w.bits) {
+    case 4: return load_codes<4>(w, n, b, sign);
+    case 5: return load_codes<5>(w, n, b, sign);
+    case 6: return load_codes<6>(w, n, b, sign);
+    default: return load_codes<8>(w, n, b, sign);
+  }
 }
 
 // One weight row, unpacked for the inner loop: codes (|w| for 8-bit), the signs (8-bit only), and
@@ -229,12 +241,14 @@ template <int MT, bool Signed, bool Group16>
 inline void row_dot(const RowBuffer& row, const QuantizedRows& xq, int64_t m0, int64_t K, float* out) {
   const int64_t blocks = K / kBlock;
   __m256 acc[MT];
+#pragma GCC unroll 4
   for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row.codes.data() + b * kBlock));
     const __m256 ws = Group16 ? _mm256_loadu_ps(row.lanes.data() + b * 8) : _mm256_broadcast_ss(row.scales.data() + b);
     __m256i sg;
     if constexpr (Signed) sg = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row.signs.data() + b * kBlock));
+#pragma GCC unroll 4
     for (int m = 0; m < MT; ++m) {
       __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + (m0 + m) * K + b * kBlock));
       if constexpr (Signed) xv = _mm256_sign_epi8(xv, sg);
@@ -265,26 +279,31 @@ void rows_dot(const RowBuffer& row, const QuantizedRows& xq, int64_t M, int64_t 
 
 // Few activation rows (decode): NR weight rows at a time, codes unpacked in registers and used at
 // once, each activation block loaded once for all NR rows; no row buffer.
-template <int MT, int NR, bool Signed, bool Group16>
+template <int MT, int NR, int Bits, bool Group16>
 void small_m_rows(const Weights& w, const QuantizedRows& xq, int64_t n0, RowBuffer* rows, float* out /* [NR][MT] */) {
   const int64_t K = w.K, blocks = K / kBlock;
   for (int r = 0; r < NR; ++r) rows[r].unpack_scales(w, n0 + r);
   __m256 acc[MT][NR];
+#pragma GCC unroll 4
   for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 4
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     __m256i xv[MT];
     __m256 dx[MT];
+#pragma GCC unroll 4
     for (int m = 0; m < MT; ++m) {
       xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + m * K + b * kBlock));
       dx[m] = _mm256_broadcast_ss(xq.d.data() + m * blocks + b);
     }
+#pragma GCC unroll 4
     for (int r = 0; r < NR; ++r) {
       __m256i sign;
-      const __m256i wv = load_codes(w, n0 + r, b, sign);
+      const __m256i wv = load_codes<Bits>(w, n0 + r, b, sign);
       const __m256 ws = Group16 ? _mm256_loadu_ps(rows[r].lanes.data() + b * 8) : _mm256_broadcast_ss(rows[r].scales.data() + b);
+#pragma GCC unroll 4
       for (int m = 0; m < MT; ++m) {
-        const __m256i xs = Signed ? _mm256_sign_epi8(xv[m], sign) : xv[m];
+        const __m256i xs = Bits == 8 ? _mm256_sign_epi8(xv[m], sign) : xv[m];
         acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(wv, xs)), _mm256_mul_ps(ws, dx[m]), acc[m][r]);
       }
     }
@@ -299,14 +318,12 @@ void small_m_rows(const Weights& w, const QuantizedRows& xq, int64_t n0, RowBuff
     }
 }
 
-template <int MT, bool Signed, bool Group16>
+template <int MT, int Bits, bool Group16>
 void small_m(const Weights& w, const QuantizedRows& xq, int64_t begin, int64_t end, RowBuffer* rows, float* tile) {
   constexpr int NR = MT <= 2 ? 4 : 2;  // MT * NR accumulators stay in registers
   int64_t n = begin;
-  for (; n + NR <= end; n += NR) {
-    small_m_rows<MT, NR, Signed, Group16>(w, xq, n, rows, tile + n * MT);
-  }
-  for (; n < end; ++n) small_m_rows<MT, 1, Signed, Group16>(w, xq, n, rows, tile + n * MT);
+  for (; n + NR <= end; n += NR) small_m_rows<MT, NR, Bits, Group16>(w, xq, n, rows, tile + n * MT);
+  for (; n < end; ++n) small_m_rows<MT, 1, Bits, Group16>(w, xq, n, rows, tile + n * MT);
 }
 
 constexpr int64_t kSmallM = 4;  // up to this many rows, the register path; beyond, the row buffer
@@ -323,9 +340,15 @@ void quant_matmul_impl(const T* x, const Weights& w, const T* bias, T* out, int6
       float* t = tile.data();
       auto run = [&](auto mt) {
         constexpr int MT = decltype(mt)::value;
-        if (w.bits == 8) small_m<MT, true, false>(w, xq, begin, end, rows.data(), t);
-        else if (w.group == 16) small_m<MT, false, true>(w, xq, begin, end, rows.data(), t);
-        else small_m<MT, false, false>(w, xq, begin, end, rows.data(), t);
+        switch (w.bits) {  // 16-element groups: 6-bit (Q6_K) only
+          case 4: small_m<MT, 4, false>(w, xq, begin, end, rows.data(), t); break;
+          case 5: small_m<MT, 5, false>(w, xq, begin, end, rows.data(), t); break;
+          case 6:
+            if (w.group == 16) small_m<MT, 6, true>(w, xq, begin, end, rows.data(), t);
+            else small_m<MT, 6, false>(w, xq, begin, end, rows.data(), t);
+            break;
+          default: small_m<MT, 8, false>(w, xq, begin, end, rows.data(), t); break;
+        }
       };
       switch (M) {
         case 1: run(std::integral_constant<int, 1>{}); break;
