@@ -14,7 +14,7 @@ from gguf.quants import dequantize, quantize
 
 from loom.model.kernels import native_ops
 from loom.model.quant.formats import FORMATS
-from loom.model.quant.gguf_blocks import READERS, read_codes
+from loom.model.quant.gguf_blocks import READERS, read_codes, read_packed
 from loom.model.quant.packed import PackedWeight
 
 N, K = 48, 512  # K a multiple of 256 for the K-quants
@@ -35,13 +35,18 @@ def _raw_blocks(qtype: T, rng: np.random.Generator) -> np.ndarray:
     return raw.reshape(N, -1)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
 @pytest.mark.parametrize("qtype", list(READERS), ids=lambda t: t.name)
-def test_gguf_blocks_dequantize_like_gguf(qtype: T) -> None:
+def test_gguf_blocks_dequantize_like_gguf(qtype: T, native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not native:
+        monkeypatch.setattr("loom.model.quant.packed._native", lambda: None)
     raw = _raw_blocks(qtype, np.random.default_rng(0))
     fmt, (codes, scale, mins) = read_codes(raw, qtype, N, K)
     packed = PackedWeight.from_codes(fmt, codes, scale, mins)
     ref = torch.from_numpy(dequantize(raw, qtype).reshape(N, K))
     got = packed.dequantize()
+    assert torch.equal(packed.dequantize(torch.bfloat16), got.to(torch.bfloat16))
+    assert torch.equal(read_packed(raw, qtype, N, K).dequantize(), got)  # the sliced path of legacy formats
     # Q4_0/Q4_1/Q5_x/Q8_0 scales are fp16 in the file: exact. K-quant scales (d * sc) are rounded to fp16.
     tol = 0 if fmt.name in ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0") else 2e-3 * float(ref.abs().max())
     torch.testing.assert_close(got, ref, atol=tol, rtol=0)

@@ -103,18 +103,28 @@ inline void halves_to_floats(const at::Half* src, float* dst, int64_t n) {
 // in `sign`, to move their signs onto the activations). Bits is a template argument so that the
 // callers' loops unroll and their accumulators stay in registers.
 template <int Bits>
-inline __m256i load_codes(const Weights& w, int64_t n, int64_t b, __m256i& sign) {
-  const int64_t blocks = w.K / kBlock;
+inline __m256i load_codes(const uint8_t* qs_row, const uint8_t* qh_row, int64_t b, __m256i& sign) {
   if constexpr (Bits == 8) {
-    sign = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const int8_t*>(w.qs) + (n * blocks + b) * kBlock));
+    sign = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs_row + b * kBlock));
     return _mm256_sign_epi8(sign, sign);
   } else {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.qs + (n * blocks + b) * 16));
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs_row + b * 16));
     __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
     constexpr int planes = Bits - 4;
-    for (int p = 0; p < planes; ++p) v = _mm256_or_si256(v, expand_bits(w.qh + ((n * blocks + b) * planes + p) * 4, p));
+    for (int p = 0; p < planes; ++p) v = _mm256_or_si256(v, expand_bits(qh_row + (b * planes + p) * 4, p));
     return v;
   }
+}
+
+// Row n's packed codes and bit planes.
+inline const uint8_t* qs_row(const Weights& w, int64_t n) { return w.qs + n * (w.bits == 8 ? w.K : w.K / 2); }
+inline const uint8_t* qh_row(const Weights& w, int64_t n) {
+  return w.qh ? w.qh + n * (w.K / kBlock) * 4 * (w.bits - 4) : nullptr;
+}
+
+template <int Bits>
+inline __m256i load_codes(const Weights& w, int64_t n, int64_t b, __m256i& sign) {
+  return load_codes<Bits>(qs_row(w, n), qh_row(w, n), b, sign);
 }
 
 inline __m256i load_codes(const Weights& w, int64_t n, int64_t b, __m256i& sign) {
@@ -282,7 +292,23 @@ void rows_dot(const RowBuffer& row, const QuantizedRows& xq, int64_t M, int64_t 
 template <int MT, int NR, int Bits, bool Group16>
 void small_m_rows(const Weights& w, const QuantizedRows& xq, int64_t n0, RowBuffer* rows, float* out /* [NR][MT] */) {
   const int64_t K = w.K, blocks = K / kBlock;
-  for (int r = 0; r < NR; ++r) rows[r].unpack_scales(w, n0 + r);
+  constexpr bool kFoldDx = MT == 1 && !Group16;  // one activation row: fold its block scales into the weight's
+  const uint8_t* qs[NR];
+  const uint8_t* qh[NR];
+  for (int r = 0; r < NR; ++r) {
+    rows[r].unpack_scales(w, n0 + r);
+    qs[r] = qs_row(w, n0 + r);
+    qh[r] = qh_row(w, n0 + r);
+    if constexpr (kFoldDx) {
+      float* sc = rows[r].scales.data();
+      int64_t b = 0;
+      for (; b + 8 <= blocks; b += 8)
+        _mm256_storeu_ps(sc + b, _mm256_mul_ps(_mm256_loadu_ps(sc + b), _mm256_loadu_ps(xq.d.data() + b)));
+      for (; b < blocks; ++b) sc[b] *= xq.d[b];
+    }
+  }
+  constexpr int64_t kBlockBytes = Bits == 8 ? kBlock : 16;
+  constexpr int64_t kAhead = 512 / kBlockBytes;  // prefetch the codes this many blocks ahead
   __m256 acc[MT][NR];
 #pragma GCC unroll 4
   for (int m = 0; m < MT; ++m)
@@ -294,17 +320,20 @@ void small_m_rows(const Weights& w, const QuantizedRows& xq, int64_t n0, RowBuff
 #pragma GCC unroll 4
     for (int m = 0; m < MT; ++m) {
       xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + m * K + b * kBlock));
-      dx[m] = _mm256_broadcast_ss(xq.d.data() + m * blocks + b);
+      if constexpr (!kFoldDx) dx[m] = _mm256_broadcast_ss(xq.d.data() + m * blocks + b);
     }
 #pragma GCC unroll 4
     for (int r = 0; r < NR; ++r) {
+      if ((b * kBlockBytes) % 64 == 0 && b + kAhead < blocks)
+        _mm_prefetch(reinterpret_cast<const char*>(qs[r] + (b + kAhead) * kBlockBytes), _MM_HINT_T0);
       __m256i sign;
-      const __m256i wv = load_codes<Bits>(w, n0 + r, b, sign);
+      const __m256i wv = load_codes<Bits>(qs[r], qh[r], b, sign);
       const __m256 ws = Group16 ? _mm256_loadu_ps(rows[r].lanes.data() + b * 8) : _mm256_broadcast_ss(rows[r].scales.data() + b);
 #pragma GCC unroll 4
       for (int m = 0; m < MT; ++m) {
         const __m256i xs = Bits == 8 ? _mm256_sign_epi8(xv[m], sign) : xv[m];
-        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(wv, xs)), _mm256_mul_ps(ws, dx[m]), acc[m][r]);
+        const __m256 scale = kFoldDx ? ws : _mm256_mul_ps(ws, dx[m]);
+        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(wv, xs)), scale, acc[m][r]);
       }
     }
   }
@@ -377,12 +406,21 @@ void quant_matmul_impl(const T* x, const Weights& w, const T* bias, T* out, int6
   });
 }
 
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(c10::BFloat16* p, __m256 v) {
+  // Round to nearest even, as c10::BFloat16's conversion does (the weights hold no NaN).
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+
 template <typename T>
 void dequantize_impl(const Weights& w, T* out, int64_t N) {
   const int64_t K = w.K, blocks = K / kBlock;
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     RowBuffer row(K);
-    alignas(32) float vals[kBlock];
     for (int64_t n = begin; n < end; ++n) {
       row.unpack(w, n);
       T* dst = out + n * K;
@@ -397,10 +435,9 @@ void dequantize_impl(const Weights& w, T* out, int64_t N) {
             const int64_t e = 16 * h + j;
             __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + e)));
             if (w.bits == 8) q = _mm256_sign_epi32(q, _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sg + e))));
-            _mm256_store_ps(vals + e, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), scale, mn));
+            store8(dst + b * kBlock + e, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), scale, mn));
           }
         }
-        for (int64_t j = 0; j < kBlock; ++j) store_f(dst + b * kBlock + j, vals[j]);
       }
     }
   });

@@ -26,7 +26,7 @@ from loom.model.kernels import native_ops
 from loom.model.quant.formats import QuantFormat
 
 BLOCK = 32
-INT8_DOT_MAX_ROWS = 64  # measured crossover against dequantize + dense GEMM (see matmul)
+INT8_DOT_MAX_ROWS = 128  # measured crossover against dequantize + dense GEMM (see matmul)
 
 
 @functools.cache
