@@ -24,7 +24,7 @@ def add_engine_args(p: argparse.ArgumentParser, server: bool = False) -> None:
         meta = opt.metadata
         if opt.flag is None or (opt.name in SERVER_ONLY_OPTIONS and not server):
             continue
-        choices = meta["choices"] or (_policy_names() if opt.name == "policy" else None)
+        choices = meta["choices"] or (_NAMED_ELSEWHERE[opt.name]() if opt.name in _NAMED_ELSEWHERE else None)
         metavar = meta["metavar"] or ("{" + ",".join(choices) + "}" if choices else opt.flag[2:].upper().replace("-", "_"))
         if opt.type is bool:
             action = "store_false" if opt.default else "store_true"
@@ -41,6 +41,16 @@ def _policy_names() -> tuple[str, ...]:
     from loom.scheduler.policy import POLICIES
 
     return tuple(POLICIES)
+
+
+def _quantization_names() -> tuple[str, ...]:
+    from loom.model.quant.formats import QUANTIZATION_CHOICES
+
+    return QUANTIZATION_CHOICES
+
+
+# Options whose valid values the config cannot import (it imports nothing from loom).
+_NAMED_ELSEWHERE = {"policy": _policy_names, "quantization": _quantization_names}
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,5 +1,4 @@
-"""Frozen configuration dataclasses. Nothing here imports the rest of loom but the dependency-free
-table of quantization formats.
+"""Frozen configuration dataclasses. Nothing here imports the rest of loom.
 
 Engine options are declared once, on the dataclass fields: ``field(metadata=option(...))`` holds the
 help text and the command-line flag, the field holds the default and the type. ``engine_options()``
@@ -152,8 +151,6 @@ def _type_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-from loom.model.quant.formats import QUANTIZATION_CHOICES  # noqa: E402 (a leaf module: dataclasses only)
-
 GIB = 1 << 30
 DTYPES = ("auto", "bfloat16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -222,14 +219,15 @@ class EngineConfig:
         default="auto",
         metadata=option("compute dtype (auto: bf16 on CPUs with AMX/AVX512-BF16, else fp32)", flag="--dtype", choices=DTYPES),
     )
+    # The valid names live in loom.model.quant.formats.QUANTIZATION_CHOICES; the engine and the CLI check them.
     quantization: str = field(
         default="auto",
         metadata=option(
-            "weight format (auto: GGUF tensors stay in their own quantized type, other checkpoints in the compute "
+            "weight format (auto: GGUF matrices stay in their own quantized type, other checkpoints in the compute "
             "dtype; none: all in the compute dtype; a format name: every matrix layer quantized to it)",
-            flag="--quantization", choices=QUANTIZATION_CHOICES,
+            flag="--quantization",
         ),
-    )  # fmt: skip
+    )
     device: str = field(
         default="auto", metadata=option("where the model runs (auto: cuda if available)", flag="--device", choices=DEVICES)
     )
@@ -253,6 +251,13 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _check_options(self)
+
+    def check_quantization(self, names: tuple[str, ...]) -> None:
+        """ValueError unless ``quantization`` is one of ``names`` (``loom.model.quant.formats.
+        QUANTIZATION_CHOICES``, which this module cannot import: the engine and the CLI pass them)."""
+        if self.quantization not in names:
+            raise ValueError(f"{_label(_field(self, 'quantization'))} must be one of {', '.join(names)}; "
+                             f"got {self.quantization!r}")
 
     @classmethod
     def from_options(cls, model: str | None = None, **options: Any) -> "EngineConfig":

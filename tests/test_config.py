@@ -14,7 +14,7 @@ from loom.config import GIB, CacheConfig, EngineConfig, ModelConfig, RopeScaling
 from loom.engine import engine_config
 
 LLM_KEYWORDS = {
-    "dtype", "device", "attention_backend", "num_threads", "max_model_len", "block_size", "num_blocks", "kv_cache_bytes",
+    "dtype", "quantization", "device", "attention_backend", "num_threads", "max_model_len", "block_size", "num_blocks", "kv_cache_bytes",
     "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "policy", "max_waiting", "seed",
 }  # fmt: skip
 

@@ -18,6 +18,7 @@ from loom.engine.group import RequestGroup, SampleState
 from loom.kvcache import KVCacheManager
 from loom.model.arch import load_model_config
 from loom.model.files import gguf_file, resolve_model
+from loom.model.quant.formats import QUANTIZATION_CHOICES
 from loom.model.worker import Worker
 from loom.outputs import RequestOutput
 from loom.request import Request
@@ -102,6 +103,7 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None, proposer: Proposer | None = None) -> None:
         self.config = config = config or EngineConfig()
         config.scheduler.check_policy(tuple(POLICIES))  # before anything loads
+        config.check_quantization(QUANTIZATION_CHOICES)
         t0 = time.perf_counter()
         self.model_dir = resolve_model(config.model)
         self.model_config = load_model_config(self.model_dir)

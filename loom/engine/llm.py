@@ -129,9 +129,12 @@ def _prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
 def engine_config(model: str | None = None, **options: Any) -> EngineConfig:
     """An EngineConfig from flat keyword options (as ``LLM(...)`` and the CLI take them: the names
     ``loom.config.engine_options()`` lists), checked before anything loads: ValueError names an
-    unknown option, a bad value, or a scheduling policy not in ``loom.scheduler.policy.POLICIES``."""
+    unknown option, a bad value, a scheduling policy not in ``loom.scheduler.policy.POLICIES`` or a
+    weight format not in ``loom.model.quant.formats.QUANTIZATION_CHOICES``."""
+    from loom.model.quant.formats import QUANTIZATION_CHOICES
     from loom.scheduler.policy import POLICIES
 
     config = EngineConfig.from_options(model, **options)
     config.scheduler.check_policy(tuple(POLICIES))
+    config.check_quantization(QUANTIZATION_CHOICES)
     return config
