@@ -78,7 +78,7 @@ class PackedWeight:
         qs = ((c[:, :, 0] & 0x0F) | ((c[:, :, 1] & 0x0F) << 4)).reshape(n, k // 2)
         qh = None
         if fmt.bits > 4:
-            weights = 1 << torch.arange(8, dtype=torch.int32)
+            weights = 1 << torch.arange(8, dtype=torch.int32, device=codes.device)
             blocks = codes.to(torch.int32).reshape(n, k // BLOCK, BLOCK)
             planes = torch.stack([(blocks >> (4 + p)) & 1 for p in range(fmt.bits - 4)], dim=2)
             planes = planes.reshape(n, k // BLOCK, fmt.bits - 4, 4, 8)
@@ -148,13 +148,15 @@ class PackedWeight:
                 self.fmt.bits - 4, dtype=torch.int16, device=self.device).reshape(1, 1, -1, 1))).sum(2)
         return c.reshape(n, k)
 
+    @functools.cached_property
     def _kernel_args(self) -> tuple:
+        """The weight's arguments to the native kernels (built once: this runs for every matrix of every step)."""
         return self.qs, self.qh, self.scale, self.min, self.fmt.bits, self.group, float(self.fmt.offset)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense ``[N, K]`` weight."""
         if self.qs.is_cpu and dtype in (torch.float32, torch.bfloat16) and (ops := _native()):
-            return ops.quant_dequantize(*self._kernel_args(), self.shape[1], dtype)
+            return ops.quant_dequantize(*self._kernel_args, self.shape[1], dtype)
         n, k = self.shape
         g = self.group
         c = (self.codes() - self.fmt.offset).float().reshape(n, k // g, g)
@@ -170,7 +172,7 @@ class PackedWeight:
         (prefill: compute-bound, where the GEMM is faster). Other devices always dequantize."""
         if x.is_cpu and x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16) and (ops := _native()):
             if x.shape[0] <= INT8_DOT_MAX_ROWS:
-                return ops.quant_matmul(x, *self._kernel_args(), bias)
+                return ops.quant_matmul(x, *self._kernel_args, bias)
         return F.linear(x, self.dequantize(x.dtype), bias)
 
     def embedding(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
