@@ -10,6 +10,9 @@
 #include "cpu_check.h"
 
 #include <algorithm>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <cmath>
 #include <vector>
 
@@ -125,6 +128,51 @@ void decode_attention_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* k
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+// exp of 8 floats (Cephes' polynomial, relative error ~1e-7); inputs below -88 give ~1e-38.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+
+// Replaces the n scores at sc by exp(score - max) and returns their sum (the softmax's numerators
+// and denominator); vectorised where AVX2 is, since a scalar exp per score costs more than the dots.
+inline float softmax_numerators(float* sc, int64_t n) {
+  float mx = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, sc[i]);
+  float sum = 0.f;
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 vmax = _mm256_set1_ps(mx);
+  __m256 vsum = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + i), vmax));
+    _mm256_storeu_ps(sc + i, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vsum);
+  for (float v : lanes) sum += v;
+#endif
+  for (; i < n; ++i) {
+    sc[i] = std::exp(sc[i] - mx);
+    sum += sc[i];
+  }
+  return sum;
+}
+
 template <typename T>
 void decode_attention_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t* block_tables,
                              const int32_t* context_lens, T* out, int64_t num_seqs, int64_t num_heads,
@@ -145,7 +193,7 @@ void decode_attention_kernel(const T* q, const T* k_cache, const T* v_cache, con
       }
       const T* qs = q + (s * num_heads + h * group) * head_dim;
       for (int64_t i = 0; i < group * head_dim; ++i) qf[i] = float(qs[i]) * scale;
-      scores.resize(n * group);
+      scores.resize(n * group);  // [group][n]: each head's scores contiguous, for the softmax
       const int32_t* table = block_tables + s * max_blocks;
       for (int64_t t = first; t < len; ++t) {
         const T* kr = k_cache + (((int64_t)table[t / block_size] * num_kv_heads + h) * block_size + t % block_size) * head_dim;
@@ -156,25 +204,18 @@ void decode_attention_kernel(const T* q, const T* k_cache, const T* v_cache, con
           float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
           for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * kf[d];
-          scores[(t - first) * group + g] = dot;
+          scores[g * n + (t - first)] = dot;
         }
       }
-      std::vector<float> mx(group, -INFINITY), sum(group, 0.f);
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t g = 0; g < group; ++g) mx[g] = std::max(mx[g], scores[i * group + g]);
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t g = 0; g < group; ++g) {
-          const float e = std::exp(scores[i * group + g] - mx[g]);
-          scores[i * group + g] = e;
-          sum[g] += e;
-        }
+      std::vector<float> sum(group, 0.f);
+      for (int64_t g = 0; g < group; ++g) sum[g] = softmax_numerators(scores.data() + g * n, n);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = first; t < len; ++t) {
         const T* vr = v_cache + (((int64_t)table[t / block_size] * num_kv_heads + h) * block_size + t % block_size) * head_dim;
 #pragma omp simd
         for (int64_t d = 0; d < head_dim; ++d) kf[d] = float(vr[d]);
         for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[(t - first) * group + g];
+          const float p = scores[g * n + (t - first)];
           float* ag = acc.data() + g * head_dim;
 #pragma omp simd
           for (int64_t d = 0; d < head_dim; ++d) ag[d] += p * kf[d];
