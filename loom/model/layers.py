@@ -97,8 +97,10 @@ class Linear(nn.Module):
 
     def set_packed(self, parts: list[PackedWeight]) -> None:
         """Keep W quantized: ``parts`` stacked by rows replace the dense weight."""
+        if self.weight is None:
+            raise ValueError("this layer's weight is packed already")
         rows = sum(p.shape[0] for p in parts)
-        if self.weight is None or (rows, parts[0].shape[1]) != tuple(self.weight.shape):
+        if (rows, parts[0].shape[1]) != tuple(self.weight.shape):
             raise ValueError(f"packed weight of {rows} rows does not replace {tuple(self.weight.shape)}")
         runs = [list(run) for _, run in itertools.groupby(parts, key=lambda p: p.fmt)]  # adjacent parts of one format
         self.packed = [PackedWeight.cat(run) for run in runs]
@@ -124,6 +126,8 @@ class Embedding(nn.Module):
         self.dtype = self.weight.dtype
 
     def set_packed(self, packed: PackedWeight) -> None:
+        if self.weight is None:
+            raise ValueError("this table is packed already")
         if packed.shape != tuple(self.weight.shape):
             raise ValueError(f"packed table {packed.shape} does not replace {tuple(self.weight.shape)}")
         self.packed, self.weight = packed, None

@@ -100,3 +100,14 @@ def test_fused_projection_may_mix_formats(tiny_model):
 def test_unknown_quantization_is_rejected_before_loading():
     with pytest.raises(ValueError, match="quantization"):
         LLM("/nonexistent", quantization="q3_k")
+
+
+def test_set_packed_checks_the_shape_and_packs_once():
+    lin = Linear(64, 8)
+    part = PackedWeight.quantize(torch.randn(4, 64), FORMATS["q8_0"])
+    with pytest.raises(ValueError, match="does not replace"):
+        lin.set_packed([part])
+    lin.set_packed([part, part])
+    assert lin.weight is None and len(lin.packed) == 1 and lin.packed[0].shape == (8, 64)
+    with pytest.raises(ValueError, match="packed already"):
+        lin.set_packed([part, part])
