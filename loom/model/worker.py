@@ -47,8 +47,7 @@ def load_model(config: ModelConfig, model_dir: Path, dtype: torch.dtype, device:
         torch.set_default_dtype(prev)
     fmt = FORMATS.get(quantization)
     packed = dict(gguf_packed_weights(gguf, only=fmt)) if gguf is not None and quantization != NONE else {}
-    dense = ((name, t) for name, t in iter_weights(model_dir, skip=packed.keys()))
-    model.load_weights(itertools.chain(dense, packed.items()))
+    model.load_weights(itertools.chain(iter_weights(model_dir, skip=packed.keys()), packed.items()))
     if fmt is not None:
         quantize_model(model, fmt)
     return model.eval()

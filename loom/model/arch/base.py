@@ -119,7 +119,6 @@ def quantize_model(model: CausalLM, fmt: QuantFormat) -> None:
     groups; a layer that does not fit stays dense."""
     for module in model.modules():
         if isinstance(module, (Linear, Embedding)) and module.weight is not None:
-            k = module.weight.shape[1]
-            if k % 32 == 0 and k % fmt.group_for(k) == 0:
+            if fmt.fits(module.weight.shape[1]):
                 packed = PackedWeight.quantize(module.weight, fmt)
                 module.set_packed([packed] if isinstance(module, Linear) else packed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PER_CHANNEL = 0  # ``group`` of a format with one scale per output row
+BLOCK = 32  # elements per block of codes (and of int8 activations in the kernel)
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,10 @@ class QuantFormat:
 
     def group_for(self, in_features: int) -> int:
         return in_features if self.group == PER_CHANNEL else self.group
+
+    def fits(self, in_features: int) -> bool:
+        """Whether rows of ``in_features`` split into whole blocks and whole groups."""
+        return in_features % BLOCK == 0 and in_features % self.group_for(in_features) == 0
 
 
 FORMATS: dict[str, QuantFormat] = {

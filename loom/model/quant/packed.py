@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from loom.model.kernels import native_ops
-from loom.model.quant.formats import QuantFormat
+from loom.model.quant.formats import BLOCK, QuantFormat
 
-BLOCK = 32
 INT8_DOT_MAX_ROWS = 128  # measured crossover against dequantize + dense GEMM (see matmul)
 
 
@@ -92,7 +91,7 @@ class PackedWeight:
         group's range. Codes are computed against the fp16-rounded scales they will be stored with."""
         n, k = w.shape
         g = fmt.group_for(k)
-        if k % BLOCK or k % g:
+        if not fmt.fits(k):
             raise ValueError(f"{fmt.name} needs columns in whole groups of {g} and blocks of {BLOCK}; got {k}")
         x = w.detach().float().reshape(n, k // g, g)
         top = (1 << fmt.bits) - 1
