@@ -51,6 +51,7 @@ def _timed_steps(engine: Any, steps: int) -> list[float]:
 
 
 def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
+    from loom.config import CacheConfig
     from loom.engine import Engine, engine_config
     from loom.model.random_model import random_model_dir
     from loom.sampling import SamplingParams
@@ -62,6 +63,11 @@ def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
     opts["max_num_seqs"] = max(batch_sizes + [opts.get("max_num_seqs") or 0])
     opts["max_num_batched_tokens"] = max(prompt_lens + [opts.get("max_num_batched_tokens") or 0])
     opts["enable_prefix_caching"] = False  # every prompt must really be computed
+    if opts.get("num_blocks") is None and opts.get("kv_cache_bytes") is None:
+        # Room for the largest batch at its final length: a batch that preempts measures a smaller one.
+        block = opts.get("block_size") or CacheConfig.block_size
+        per_seq = -(-(args.context + args.decode_steps + 8 + block) // block)
+        opts["num_blocks"] = max(batch_sizes) * per_seq + -(-max(prompt_lens) // block) + 1
     engine = Engine(engine_config(model, **opts))
     info = engine.model_info()
     mc = engine.model_config
@@ -101,7 +107,11 @@ def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
         started: set[str] = set()
         while len(started) < b:  # prefill everyone first: each has its first token
             started |= {o.request_id for o in engine.step() if o.outputs[0].token_ids}
+        preempted = engine.stats().num_preemptions
         times = _timed_steps(engine, args.decode_steps)
+        if engine.stats().num_preemptions != preempted:
+            raise SystemExit(f"loom bench latency: batch {b} was preempted (KV cache too small); "
+                             "raise --kv-cache-memory or --num-blocks")
         for i in ids:
             engine.abort_request(i)
         med = statistics.median(times)

@@ -44,7 +44,7 @@ class PeerSettings:
     threads: int = 2
     slots: int = 8  # sequences decoded together
     context: int = 2048  # tokens per sequence
-    dtype: str = "bfloat16"  # for servers that load unquantized weights (vLLM, transformers)
+    dtype: str = "bfloat16"  # for servers that load dequantized weights (vLLM, transformers); loom picks its own
     kv_cache_gib: int = 2  # vLLM's VLLM_CPU_KVCACHE_SPACE
     host: str = "127.0.0.1"
 
@@ -100,8 +100,7 @@ def loom_command(gguf: Path, port: int, s: PeerSettings, extra: list[str]) -> Se
     exe = Path(sys.executable).with_name("loom")
     argv = [
         str(exe), "serve", "--model", str(gguf), "--host", s.host, "--port", str(port),
-        "--threads", str(s.threads), "--max-num-seqs", str(s.slots), "--max-model-len", str(s.context),
-        "--dtype", s.dtype, *extra,
+        "--threads", str(s.threads), "--max-num-seqs", str(s.slots), "--max-model-len", str(s.context), *extra,
     ]  # fmt: skip
     return ServerCommand("loom", argv, startup_timeout=300.0, settings=f"loom serve {shlex.join(argv[2:])}")
 
@@ -235,32 +234,27 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=int, default=18200, help="loopback port for the server under test (default 18200)")
     g.add_argument("--loom-args", default="", help="extra arguments for `loom serve`, as one shell-quoted string")
     g.add_argument("--out-dir", help="run files, plots and server logs (default loom-bench-peers-<time>/)")
+    g.add_argument("--concurrency", metavar="LEVELS",
+                   help="sweep, e.g. 1,16,64: per level every server restarts with that many slots and gets that many "
+                        "requests (x --waves) at once; the summary is output tok/s per peer and level")
+    g.add_argument("--waves", type=int, default=1, help="with --concurrency: requests per slot (default 1)")
 
 
-def main(args: argparse.Namespace) -> int:
+def run_peers(names: list[str], gguf: Path, settings: PeerSettings, args: argparse.Namespace, out_dir: Path
+              ) -> tuple[list[tuple[str, results.RunFile]], dict[str, str]]:
+    """Each peer in turn: start it, replay the workload (prompts built with the first server's
+    tokenizer, identical for all), stop it. Returns the runs that completed and every server's settings."""
     from loom.bench.serve import Outputs, resolve_model, run_benchmark, warm_up
     from loom.bench.tokenizer import resolve_tokenizer
 
-    names = [n.strip() for n in args.peers.split(",") if n.strip()]
-    unknown = [n for n in names if n not in PEERS]
-    if unknown or not names:
-        raise ValueError(f"unknown peer(s) {unknown}; expected a comma-separated list from {', '.join(PEERS)}")
-    settings = PeerSettings(
-        threads=args.threads, slots=args.slots, context=args.context, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib
-    )
-    gguf = Path(args.gguf) if args.gguf else default_gguf()
-    if not gguf.is_file():
-        raise ValueError(f"no GGUF file at {gguf}")
-    out_dir = Path(args.out_dir or f"loom-bench-peers-{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
     base_url = f"http://{settings.host}:{args.port}"
-
     prepared = None
     workload_config: dict[str, Any] = {}
     done: list[tuple[str, results.RunFile]] = []
     settings_doc: dict[str, str] = {}
     for name in names:
-        print(f"== {name}", flush=True)
+        print(f"== {name} ({settings.slots} slots)", flush=True)
         try:
             cmd = build_command(name, gguf, args.port, settings, shlex.split(args.loom_args))
         except ValueError as e:
@@ -271,7 +265,7 @@ def main(args: argparse.Namespace) -> int:
         try:
             server.wait_ready(base_url)
             model = resolve_model(base_url, cmd.model)
-            if prepared is None:  # the first server's tokenizer builds the prompts every peer gets
+            if prepared is None:
                 tokenizer = resolve_tokenizer(args.tokenizer, base_url, model)
                 prepared, workload_config = prepare_requests(args, tokenizer)
             cfg = client_config(args, base_url, model)
@@ -286,6 +280,44 @@ def main(args: argparse.Namespace) -> int:
             log.error("%s: %s", name, e)
         finally:
             server.stop()
+    return done, settings_doc
+
+
+def sweep_rows(names: list[str], levels: list[int], runs: dict[tuple[str, int], dict[str, Any]]
+               ) -> tuple[list[str], list[list[str]]]:
+    """Output tok/s per peer (rows) and concurrency level (columns), each with its ratio to the first peer."""
+    header = ["peer", *(f"{c} concurrent" for c in levels)]
+    rows = []
+    for name in names:
+        cells = []
+        for c in levels:
+            value = runs.get((name, c), {}).get("output_token_throughput")
+            first = runs.get((names[0], c), {}).get("output_token_throughput")
+            if value is None:
+                cells.append("-")
+            elif name == names[0] or not first:
+                cells.append(f"{value:.1f}")
+            else:
+                cells.append(f"{value:.1f} ({value / first:.2f}x)")
+        rows.append([name, *cells])
+    return header, rows
+
+
+def main(args: argparse.Namespace) -> int:
+    names = [n.strip() for n in args.peers.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PEERS]
+    if unknown or not names:
+        raise ValueError(f"unknown peer(s) {unknown}; expected a comma-separated list from {', '.join(PEERS)}")
+    settings = PeerSettings(
+        threads=args.threads, slots=args.slots, context=args.context, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib
+    )
+    gguf = Path(args.gguf) if args.gguf else default_gguf()
+    if not gguf.is_file():
+        raise ValueError(f"no GGUF file at {gguf}")
+    out_dir = Path(args.out_dir or f"loom-bench-peers-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.concurrency:
+        return sweep(names, gguf, settings, args, out_dir)
+    done, settings_doc = run_peers(names, gguf, settings, args, out_dir)
     for name, doc in settings_doc.items():
         print(f"{name}: {doc}")
     if not done:
@@ -301,3 +333,34 @@ def main(args: argparse.Namespace) -> int:
         plots.plot_latency_cdfs([(n, r.requests) for n, r in done], out_dir / "latency_cdf_all.png")
     print(f"results in {out_dir}")
     return 0 if len(done) == len(names) else 1
+
+
+def sweep(names: list[str], gguf: Path, settings: PeerSettings, args: argparse.Namespace, out_dir: Path) -> int:
+    """``--concurrency 1,16,64``: per level, every server restarts with that many slots and gets
+    ``level x --waves`` requests, at most ``level`` in flight (all at once unless ``--rate``)."""
+    levels = parse_levels(args.concurrency)
+    runs: dict[tuple[str, int], dict[str, Any]] = {}
+    settings_doc: dict[str, str] = {}
+    for c in levels:
+        level_args = argparse.Namespace(**{**vars(args), "num_requests": c * args.waves, "max_concurrency": c})
+        done, docs = run_peers(names, gguf, replace(settings, slots=c), level_args, out_dir / f"c{c}")
+        runs.update({(name, c): r.summary for name, r in done})
+        settings_doc.update(docs)
+    header, rows = sweep_rows(names, levels, runs)
+    title = "loom bench peers: output tok/s (ratio to the first peer)"
+    report.print_table(title, header, rows)
+    with open(out_dir / "comparison.txt", "w") as f:
+        f.write(report.format_plain(title, header, rows) + "\n\n")
+        f.writelines(f"{n}: {doc} (slots per level)\n" for n, doc in settings_doc.items())
+    print(f"results in {out_dir}")
+    return 0 if len(runs) == len(names) * len(levels) else 1
+
+
+def parse_levels(text: str) -> list[int]:
+    try:
+        levels = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise ValueError(f"--concurrency takes positive integers separated by commas, e.g. 1,16,64 (got {text!r})")
+    return levels

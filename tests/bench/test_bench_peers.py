@@ -54,7 +54,8 @@ def test_loom_command_passes_extra_args():
     argv = cmd.argv
     assert argv[1:4] == ["serve", "--model", "/m.gguf"] and argv[-2:] == ["--policy", "fcfs"]
     assert argv[argv.index("--threads") + 1] == "1" and argv[argv.index("--max-num-seqs") + 1] == "4"
-    assert argv[argv.index("--max-model-len") + 1] == "512" and argv[argv.index("--dtype") + 1] == "bfloat16"
+    assert argv[argv.index("--max-model-len") + 1] == "512"
+    assert "--dtype" not in argv  # loom's own choice (--dtype auto), not the dequantizing peers' dtype
 
 
 def test_settings_validation():
@@ -123,3 +124,37 @@ def test_peers_does_not_import_the_bench_cli():
     import loom.bench.peers as peers_module
 
     assert "loom.bench.cli" not in inspect.getsource(peers_module)
+
+
+def test_concurrency_sweep_restarts_each_peer_per_level(tmp_path, monkeypatch):
+    """--concurrency 1,3: per level, each peer is started with that many slots and gets that many
+    requests at once; the summary table has one row per peer and one column per level."""
+    from loom.bench import peers
+
+    started: list[tuple[str, int]] = []
+
+    def fake_command(name, gguf, port, settings, loom_args):
+        started.append((name, settings.slots))
+        return ServerCommand(name, [sys.executable, str(HERE / "bench_fake_server.py"), str(port)], startup_timeout=30)
+
+    monkeypatch.setattr(peers, "build_command", fake_command)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    port = free_port()
+    args = parse("peers", "--peers", "loom,llama.cpp", "--gguf", str(gguf), "--port", str(port), "--concurrency", "1,3",
+                 "--input-len", "4", "--output-len", "3", "--no-plots", "--no-progress", "--warmup", "0",
+                 "--out-dir", str(tmp_path / "out"))
+    assert peers.main(args) == 0
+    assert started == [("loom", 1), ("llama.cpp", 1), ("loom", 3), ("llama.cpp", 3)]
+    table = (tmp_path / "out" / "comparison.txt").read_text()
+    assert "1 concurrent" in table and "3 concurrent" in table and "x)" in table
+    assert (tmp_path / "out" / "c3" / "llama.cpp.json").is_file()
+
+
+def test_concurrency_levels_are_checked():
+    from loom.bench.peers import parse_levels
+
+    assert parse_levels("1,16,64") == [1, 16, 64]
+    for bad in ("", "0,4", "a,b"):
+        with pytest.raises(ValueError, match="--concurrency"):
+            parse_levels(bad)

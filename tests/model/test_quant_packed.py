@@ -96,15 +96,28 @@ needs_kernel = pytest.mark.skipif(
 @pytest.mark.parametrize("m", [1, 3, 4, 7, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_kernel_matches_dequantized_matmul(name: str, m: int, dtype: torch.dtype) -> None:
+    _check_kernel(name, m, dtype, N, K)
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_1", "q8_0"])
+@pytest.mark.parametrize("m", [1, 2])
+def test_native_kernel_on_rows_of_partial_tiles(name: str, m: int) -> None:
+    """18 blocks per row (the default model's K = 576) and 50 rows: the kernels' 8-block chunks
+    and 4-row tiles both have a remainder."""
+    _check_kernel(name, m, torch.float32, 50, 576)
+
+
+def _check_kernel(name: str, m: int, dtype: torch.dtype, n: int, k: int) -> None:
     torch.manual_seed(m)
-    packed = PackedWeight.quantize(torch.randn(N, K) * 0.05, FORMATS[name])
-    x = torch.randn(m, K).to(dtype)
+    packed = PackedWeight.quantize(torch.randn(n, k) * 0.05, FORMATS[name])
+    x = torch.randn(m, k).to(dtype)
     x[:, 5] *= 20  # an outlier channel: per-block activation scales keep the other blocks precise
-    bias = torch.randn(N).to(dtype)
+    bias = torch.randn(n).to(dtype)
     got = native_ops().quant_matmul(x, packed.qs, packed.qh, packed.scale, packed.min, packed.fmt.bits,
                                     packed.group, float(packed.fmt.offset), bias)
     ref = x.float() @ packed.dequantize().T + bias.float()
-    assert got.dtype == dtype and got.shape == (m, N)
+    assert got.dtype == dtype and got.shape == (m, n)
     # int8 activations: each block loses at most half a step of its 1/127 scale.
     err = (got.float() - ref).abs().max() / ref.abs().max()
     assert float(err) < (0.02 if dtype == torch.bfloat16 else 0.01)

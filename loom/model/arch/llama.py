@@ -12,6 +12,7 @@ from loom.config import ModelConfig
 from loom.model.arch.base import CausalLM
 from loom.model.arch.hf_config import HFConfig, common_fields, global_rope
 from loom.model.attention import StepAttention
+from loom.model.fused_decode import FusedDecoder, fused_decoder
 from loom.model.layers import Embedding, GatedActivation, Linear, RMSNorm, apply_rotary
 from loom.model.rope import RotaryEmbedding
 
@@ -78,10 +79,14 @@ class LlamaForCausalLM(CausalLM):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling)
+        self.fused: FusedDecoder | None = None  # the native decode stack, built on the first step it serves
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: StepAttention) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos_sin = self.rotary.cos_sin(positions, x.dtype)
+        if (fused := fused_decoder(self, self.fused, x, attention)) is not None:
+            self.fused = fused
+            return fused(x, cos_sin, attention)
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, cos_sin, attention)

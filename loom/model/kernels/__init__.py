@@ -19,7 +19,7 @@ import torch
 
 log = logging.getLogger(__name__)
 _DIR = Path(__file__).parent
-_SOURCES = [_DIR / n for n in ("paged_attention.cpp", "fused_ops.cpp", "gemv.cpp", "quant_matmul.cpp")]
+_SOURCES = [_DIR / n for n in ("paged_attention.cpp", "fused_ops.cpp", "gemv.cpp", "quant_matmul.cpp", "decoder_stack.cpp")]
 _CFLAGS = ("-O3", "-march=native", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
 
@@ -47,7 +47,7 @@ def _build_key() -> str:
 @functools.cache
 def native_ops() -> ModuleType | None:
     """The compiled module (``decode_attention``, ``rms_norm``, ``add_rms_norm``, ``rotary_``,
-    ``act_and_mul``), or None when it cannot be built."""
+    ``act_and_mul``, ``kv_write``, ``quant_matmul``, ``DecoderStack``, ...), or None when it cannot be built."""
     if os.environ.get("LOOM_DISABLE_KERNELS") == "1":
         return None
     from torch.utils.cpp_extension import load

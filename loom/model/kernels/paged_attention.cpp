@@ -290,6 +290,7 @@ torch::Tensor quant_dequantize(torch::Tensor qs, c10::optional<torch::Tensor> qh
                                c10::optional<torch::Tensor> min, int64_t bits, int64_t group, double offset,
                                int64_t K, at::ScalarType dtype);
 bool has_quant_matmul();
+void register_decoder_stack(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "decode attention over a paged KV cache");
@@ -308,4 +309,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qh"), py::arg("scale"), py::arg("min"), py::arg("bits"), py::arg("group"), py::arg("offset"),
         py::arg("K"), py::arg("dtype"));
   m.def("has_quant_matmul", &has_quant_matmul);
+  register_decoder_stack(m);
 }

@@ -287,32 +287,88 @@ void rows_dot(const RowBuffer& row, const QuantizedRows& xq, int64_t M, int64_t 
   }
 }
 
-// Few activation rows (decode): NR weight rows at a time, codes unpacked in registers and used at
-// once, each activation block loaded once for all NR rows; no row buffer.
+// Few activation rows (decode). Per weight row, what the inner loop needs besides the codes is
+// prepared first: the block scales as the loop reads them (one float per block, or 8 lanes per block
+// for 16-element groups), with the activation's block scale folded in when there is one activation
+// row, and the min term sum_g min_g xsum_g of every activation row.
+struct SmallMScratch {
+  std::vector<float> group_scales, group_mins;  // [groups] of the row being prepared
+  std::vector<float> scales;                    // [NR][blocks * 8]
+  std::vector<float> min_terms;                 // [NR][M]
+  int64_t stride;                               // floats per row in `scales`
+
+  SmallMScratch(int64_t K, int64_t M, int nr)
+      : group_scales(K / 16), group_mins(K / 16), scales(nr * (K / kBlock) * 8), min_terms(nr * M),
+        stride((K / kBlock) * 8) {}
+};
+
+// Activation sums per weight group ([M][groups]), for the min terms.
+std::vector<float> group_sums(const QuantizedRows& xq, int64_t M, int64_t K, int64_t group) {
+  const int64_t groups = K / group, blocks = K / kBlock;
+  if (group == 16) return xq.sums16;
+  if (group == kBlock) return xq.sums32;
+  std::vector<float> out(M * groups, 0.0f);
+  const int64_t per_group = group / kBlock;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < blocks; ++b) out[m * groups + b / per_group] += xq.sums32[m * blocks + b];
+  return out;
+}
+
+void prepare_row(const Weights& w, const QuantizedRows& xq, const std::vector<float>& xsums, int64_t n, int64_t M,
+                 SmallMScratch& s, int r) {
+  const int64_t K = w.K, blocks = K / kBlock, groups = K / w.group;
+  float* gs = s.group_scales.data();
+  halves_to_floats(w.scale + n * groups, gs, groups);
+  float* mt = s.min_terms.data() + r * M;
+  if (w.min) {
+    halves_to_floats(w.min + n * groups, s.group_mins.data(), groups);
+    for (int64_t m = 0; m < M; ++m) mt[m] = dot_floats(s.group_mins.data(), xsums.data() + m * groups, groups);
+  } else {
+    for (int64_t m = 0; m < M; ++m) mt[m] = w.offset == 0.0f ? 0.0f : -w.offset * dot_floats(gs, xsums.data() + m * groups, groups);
+  }
+  const bool fold = M == 1;
+  float* sc = s.scales.data() + r * s.stride;
+  if (w.group == 16) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float dx = fold ? xq.d[b] : 1.0f;
+      _mm256_storeu_ps(sc + b * 8, _mm256_set_m128(_mm_set1_ps(gs[2 * b + 1] * dx), _mm_set1_ps(gs[2 * b] * dx)));
+    }
+  } else if (w.group == kBlock) {
+    int64_t b = 0;
+    for (; b + 8 <= blocks; b += 8) {
+      const __m256 v = _mm256_loadu_ps(gs + b);
+      _mm256_storeu_ps(sc + b, fold ? _mm256_mul_ps(v, _mm256_loadu_ps(xq.d.data() + b)) : v);
+    }
+    for (; b < blocks; ++b) sc[b] = fold ? gs[b] * xq.d[b] : gs[b];
+  } else {
+    const int64_t per_group = w.group / kBlock;
+    for (int64_t b = 0; b < blocks; ++b) sc[b] = fold ? gs[b / per_group] * xq.d[b] : gs[b / per_group];
+  }
+}
+
+// MT activation rows against NR weight rows from n0: codes unpacked in registers and used at once,
+// each activation block loaded once for all NR rows. No branch in the block loop, so the MT * NR
+// accumulators stay in registers. Rows are short (K = 576 is 288 bytes of 4-bit codes), so each
+// block's prefetch is the same block of the same row in the next tile, NR rows on (a prefetch past
+// the end of the weights is harmless).
 template <int MT, int NR, int Bits, bool Group16>
-void small_m_rows(const Weights& w, const QuantizedRows& xq, int64_t n0, RowBuffer* rows, float* out /* [NR][MT] */) {
+void small_m_rows(const Weights& w, const QuantizedRows& xq, int64_t n0, const SmallMScratch& s, float* out /* [NR][MT] */) {
   const int64_t K = w.K, blocks = K / kBlock;
-  constexpr bool kFoldDx = MT == 1 && !Group16;  // one activation row: fold its block scales into the weight's
+  constexpr bool kFoldDx = MT == 1;
+  constexpr int64_t kBlockBytes = Bits == 8 ? kBlock : 16;
+  const int64_t ahead = NR * (w.bits == 8 ? K : K / 2);
   const uint8_t* qs[NR];
   const uint8_t* qh[NR];
+  const float* sc[NR];
   for (int r = 0; r < NR; ++r) {
-    rows[r].unpack_scales(w, n0 + r);
     qs[r] = qs_row(w, n0 + r);
     qh[r] = qh_row(w, n0 + r);
-    if constexpr (kFoldDx) {
-      float* sc = rows[r].scales.data();
-      int64_t b = 0;
-      for (; b + 8 <= blocks; b += 8)
-        _mm256_storeu_ps(sc + b, _mm256_mul_ps(_mm256_loadu_ps(sc + b), _mm256_loadu_ps(xq.d.data() + b)));
-      for (; b < blocks; ++b) sc[b] *= xq.d[b];
-    }
+    sc[r] = s.scales.data() + r * s.stride;
   }
-  constexpr int64_t kBlockBytes = Bits == 8 ? kBlock : 16;
-  constexpr int64_t kAhead = 512 / kBlockBytes;  // prefetch the codes this many blocks ahead
   __m256 acc[MT][NR];
 #pragma GCC unroll 4
   for (int m = 0; m < MT; ++m)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     __m256i xv[MT];
@@ -322,13 +378,12 @@ void small_m_rows(const Weights& w, const QuantizedRows& xq, int64_t n0, RowBuff
       xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + m * K + b * kBlock));
       if constexpr (!kFoldDx) dx[m] = _mm256_broadcast_ss(xq.d.data() + m * blocks + b);
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) {
-      if ((b * kBlockBytes) % 64 == 0 && b + kAhead < blocks)
-        _mm_prefetch(reinterpret_cast<const char*>(qs[r] + (b + kAhead) * kBlockBytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(qs[r] + ahead + b * kBlockBytes), _MM_HINT_T0);
       __m256i sign;
       const __m256i wv = load_codes<Bits>(qs[r], qh[r], b, sign);
-      const __m256 ws = Group16 ? _mm256_loadu_ps(rows[r].lanes.data() + b * 8) : _mm256_broadcast_ss(rows[r].scales.data() + b);
+      const __m256 ws = Group16 ? _mm256_loadu_ps(sc[r] + b * 8) : _mm256_broadcast_ss(sc[r] + b);
 #pragma GCC unroll 4
       for (int m = 0; m < MT; ++m) {
         const __m256i xs = Bits == 8 ? _mm256_sign_epi8(xv[m], sign) : xv[m];
@@ -338,21 +393,104 @@ void small_m_rows(const Weights& w, const QuantizedRows& xq, int64_t n0, RowBuff
     }
   }
   for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < NR; ++r) {
-      float total = hsum(acc[m][r]);
-      if (rows[r].has_min)
-        total += Group16 ? dot_floats(rows[r].mins.data(), xq.sums16.data() + m * (K / 16), K / 16)
-                         : dot_floats(rows[r].mins.data(), xq.sums32.data() + m * blocks, blocks);
-      out[r * MT + m] = total;
-    }
+    for (int r = 0; r < NR; ++r) out[r * MT + m] = hsum(acc[m][r]) + s.min_terms[r * MT + m];
+}
+
+// The next tile's scales and mins, NR rows from n.
+inline void prefetch_scales(const Weights& w, int64_t n, int NR) {
+  const int64_t groups = w.K / w.group;
+  for (int64_t byte = 0; byte < NR * groups * 2; byte += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(w.scale + n * groups) + byte, _MM_HINT_T0);
+    if (w.min) _mm_prefetch(reinterpret_cast<const char*>(w.min + n * groups) + byte, _MM_HINT_T0);
+  }
 }
 
 template <int MT, int Bits, bool Group16>
-void small_m(const Weights& w, const QuantizedRows& xq, int64_t begin, int64_t end, RowBuffer* rows, float* tile) {
+void small_m(const Weights& w, const QuantizedRows& xq, const std::vector<float>& xsums, int64_t begin, int64_t end,
+             SmallMScratch& s, float* tile) {
   constexpr int NR = MT <= 2 ? 4 : 2;  // MT * NR accumulators stay in registers
   int64_t n = begin;
-  for (; n + NR <= end; n += NR) small_m_rows<MT, NR, Bits, Group16>(w, xq, n, rows, tile + n * MT);
-  for (; n < end; ++n) small_m_rows<MT, 1, Bits, Group16>(w, xq, n, rows, tile + n * MT);
+  for (; n + NR <= end; n += NR) {
+    prefetch_scales(w, n + NR, NR);
+    for (int r = 0; r < NR; ++r) prepare_row(w, xq, xsums, n + r, MT, s, r);
+    small_m_rows<MT, NR, Bits, Group16>(w, xq, n, s, tile + n * MT);
+  }
+  for (; n < end; ++n) {
+    prepare_row(w, xq, xsums, n, MT, s, 0);
+    small_m_rows<MT, 1, Bits, Group16>(w, xq, n, s, tile + n * MT);
+  }
+}
+
+// One activation row and 32-element groups (decode at batch 1, the common case): the scales and mins
+// are read as stored, 8 blocks at a time, inside the block loop, so there is no preparation pass per
+// weight row (at K = 576 a row is only 18 blocks, and that pass cost as much as the dot products).
+template <int NR, int Bits>
+void gemv_rows(const Weights& w, const QuantizedRows& xq, int64_t n0, float* out /* [NR] */) {
+  const int64_t K = w.K, blocks = K / kBlock;
+  constexpr int64_t kBlockBytes = Bits == 8 ? kBlock : 16;
+  const int64_t ahead = NR * (Bits == 8 ? K : K / 2);  // same block, next tile (see small_m_rows)
+  const uint8_t* qs[NR];
+  const uint8_t* qh[NR];
+  const at::Half* sc[NR];
+  const at::Half* mn[NR];
+  for (int r = 0; r < NR; ++r) {
+    qs[r] = qs_row(w, n0 + r);
+    qh[r] = qh_row(w, n0 + r);
+    sc[r] = w.scale + (n0 + r) * blocks;
+    mn[r] = w.min ? w.min + (n0 + r) * blocks : nullptr;
+  }
+  __m256 acc[NR], min_acc[NR];  // min_acc: sum_b min_b xsum_b, or sum_b scale_b xsum_b without mins
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) acc[r] = min_acc[r] = _mm256_setzero_ps();
+  alignas(32) float folded[NR][8];  // scale_b * dx_b for the 8 blocks at hand
+  for (int64_t b0 = 0; b0 < blocks; b0 += 8) {
+    const int64_t nb = std::min<int64_t>(8, blocks - b0);
+    if (nb == 8) {
+      const __m256 dx = _mm256_loadu_ps(xq.d.data() + b0), xs = _mm256_loadu_ps(xq.sums32.data() + b0);
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) {
+        const __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc[r] + b0)));
+        _mm256_store_ps(folded[r], _mm256_mul_ps(s8, dx));
+        const __m256 m8 = mn[r] ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn[r] + b0))) : s8;
+        min_acc[r] = _mm256_fmadd_ps(m8, xs, min_acc[r]);
+      }
+    } else {  // the last blocks of a row whose block count is not a multiple of 8
+      for (int r = 0; r < NR; ++r) {
+        float total = 0.0f;
+        for (int64_t j = 0; j < nb; ++j) {
+          const float s1 = half(sc[r][b0 + j]);
+          folded[r][j] = s1 * xq.d[b0 + j];
+          total += (mn[r] ? half(mn[r][b0 + j]) : s1) * xq.sums32[b0 + j];
+        }
+        min_acc[r] = _mm256_add_ps(min_acc[r], _mm256_setr_ps(total, 0, 0, 0, 0, 0, 0, 0));
+      }
+    }
+    for (int64_t j = 0; j < nb; ++j) {
+      const int64_t b = b0 + j;
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + b * kBlock));
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(qs[r] + ahead + b * kBlockBytes), _MM_HINT_T0);
+        __m256i sign;
+        const __m256i wv = load_codes<Bits>(qs[r], qh[r], b, sign);
+        const __m256i xs = Bits == 8 ? _mm256_sign_epi8(xv, sign) : xv;
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(wv, xs)), _mm256_broadcast_ss(folded[r] + j), acc[r]);
+      }
+    }
+  }
+  const float min_factor = w.min ? 1.0f : -w.offset;  // without mins, min_b = -offset * scale_b
+  for (int r = 0; r < NR; ++r) out[r] = hsum(acc[r]) + min_factor * hsum(min_acc[r]);
+}
+
+template <int Bits>
+void gemv(const Weights& w, const QuantizedRows& xq, int64_t begin, int64_t end, float* out) {
+  constexpr int NR = 4;
+  int64_t n = begin;
+  for (; n + NR <= end; n += NR) {
+    prefetch_scales(w, n + NR, NR);
+    gemv_rows<NR, Bits>(w, xq, n, out + n);
+  }
+  for (; n < end; ++n) gemv_rows<1, Bits>(w, xq, n, out + n);
 }
 
 constexpr int64_t kSmallM = 4;  // up to this many rows, the register path; beyond, the row buffer
@@ -363,20 +501,34 @@ void quant_matmul_impl(const T* x, const Weights& w, const T* bias, T* out, int6
   const QuantizedRows xq = quantize_rows(x, M, K);
   if (M <= kSmallM) {
     // tile: per weight row n, its MT results at [n * M, n * M + M), scattered to out at the end.
+    if (M == 1 && w.group == kBlock) {
+      std::vector<float> row(N);
+      at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+        switch (w.bits) {
+          case 4: gemv<4>(w, xq, begin, end, row.data()); break;
+          case 5: gemv<5>(w, xq, begin, end, row.data()); break;
+          case 6: gemv<6>(w, xq, begin, end, row.data()); break;
+          default: gemv<8>(w, xq, begin, end, row.data()); break;
+        }
+        for (int64_t n = begin; n < end; ++n) store_f(out + n, row[n] + (bias ? load_f(bias + n) : 0.0f));
+      });
+      return;
+    }
     std::vector<float> tile(N * M);
+    const std::vector<float> xsums = group_sums(xq, M, K, w.group);
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-      std::vector<RowBuffer> rows(4, RowBuffer(K));
+      SmallMScratch scratch(K, M, 4);
       float* t = tile.data();
       auto run = [&](auto mt) {
         constexpr int MT = decltype(mt)::value;
         switch (w.bits) {  // 16-element groups: 6-bit (Q6_K) only
-          case 4: small_m<MT, 4, false>(w, xq, begin, end, rows.data(), t); break;
-          case 5: small_m<MT, 5, false>(w, xq, begin, end, rows.data(), t); break;
+          case 4: small_m<MT, 4, false>(w, xq, xsums, begin, end, scratch, t); break;
+          case 5: small_m<MT, 5, false>(w, xq, xsums, begin, end, scratch, t); break;
           case 6:
-            if (w.group == 16) small_m<MT, 6, true>(w, xq, begin, end, rows.data(), t);
-            else small_m<MT, 6, false>(w, xq, begin, end, rows.data(), t);
+            if (w.group == 16) small_m<MT, 6, true>(w, xq, xsums, begin, end, scratch, t);
+            else small_m<MT, 6, false>(w, xq, xsums, begin, end, scratch, t);
             break;
-          default: small_m<MT, 8, false>(w, xq, begin, end, rows.data(), t); break;
+          default: small_m<MT, 8, false>(w, xq, xsums, begin, end, scratch, t); break;
         }
       };
       switch (M) {

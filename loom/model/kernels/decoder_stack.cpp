@@ -1,0 +1,137 @@
+// A decode step through a whole Llama-family decoder stack in one native call: per layer, norm ->
+// q/k/v -> rotary -> cache write -> paged attention -> o -> residual + norm -> gate/up ->
+// activation -> down, calling the same kernels as the module-by-module forward. At the default
+// model's size (30 layers, hidden 576) the Python between those kernels cost as much as the kernels
+// themselves. loom/model/fused_decode.py builds the stack and decides when it applies.
+#include <torch/extension.h>
+
+#include <tuple>
+#include <vector>
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, double offset);
+torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, double eps, double offset);
+void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor act_and_mul(torch::Tensor gate_up, int64_t act);
+void kv_write(torch::Tensor keys, torch::Tensor values, torch::Tensor k, torch::Tensor v, torch::Tensor blocks,
+              torch::Tensor offsets);
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                               torch::Tensor block_tables, torch::Tensor context_lens, double scale, int64_t window);
+torch::Tensor linear_small_batch(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
+bool has_linear_small_batch();
+torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor qs, c10::optional<torch::Tensor> qh, torch::Tensor scale,
+                           c10::optional<torch::Tensor> min, int64_t bits, int64_t group, double offset,
+                           c10::optional<torch::Tensor> bias);
+
+namespace {
+
+constexpr int64_t kSmallBatchRows = 8;  // loom.model.layers.SMALL_BATCH_ROWS
+
+// One packed row segment: PackedWeight._kernel_args (qs, qh, scale, min, bits, group, offset).
+using Segment = std::tuple<torch::Tensor, c10::optional<torch::Tensor>, torch::Tensor, c10::optional<torch::Tensor>,
+                           int64_t, int64_t, double>;
+
+torch::Tensor segment_matmul(const torch::Tensor& x, const Segment& s, const c10::optional<torch::Tensor>& bias) {
+  return quant_matmul(x, std::get<0>(s), std::get<1>(s), std::get<2>(s), std::get<3>(s), std::get<4>(s),
+                      std::get<5>(s), std::get<6>(s), bias);
+}
+
+}  // namespace
+
+// One projection, as loom.model.layers.Linear computes it: packed row segments (one per run of one
+// format), or a dense weight.
+struct Projection {
+  std::vector<Segment> segments;
+  c10::optional<torch::Tensor> weight;
+  c10::optional<torch::Tensor> bias;
+
+  Projection(std::vector<Segment> segments, c10::optional<torch::Tensor> weight, c10::optional<torch::Tensor> bias)
+      : segments(std::move(segments)), weight(std::move(weight)), bias(std::move(bias)) {
+    TORCH_CHECK(this->segments.empty() != !this->weight.has_value(), "a projection is packed or dense, not both");
+  }
+
+  torch::Tensor operator()(const torch::Tensor& x) const {
+    if (segments.empty()) {
+      if (x.scalar_type() == at::kBFloat16 && x.size(0) <= kSmallBatchRows && x.size(1) % 32 == 0 &&
+          has_linear_small_batch())
+        return linear_small_batch(x, *weight, bias);
+      return at::linear(x, *weight, bias);
+    }
+    if (segments.size() == 1) return segment_matmul(x, segments[0], bias);
+    std::vector<torch::Tensor> parts;
+    for (const auto& s : segments) parts.push_back(segment_matmul(x, s, c10::nullopt));
+    auto y = torch::cat(parts, -1);
+    return bias ? y + *bias : y;
+  }
+};
+
+struct DecoderLayer {
+  torch::Tensor input_norm, post_norm;
+  Projection qkv, o, gate_up, down;
+};
+
+class DecoderStack {
+ public:
+  DecoderStack(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, int64_t act, double scale,
+               torch::Tensor final_norm)
+      : num_heads_(num_heads), num_kv_heads_(num_kv_heads), head_dim_(head_dim), eps_(eps), act_(act), scale_(scale),
+        final_norm_(std::move(final_norm)) {}
+
+  void add_layer(torch::Tensor input_norm, torch::Tensor post_norm, Projection qkv, Projection o, Projection gate_up,
+                 Projection down) {
+    layers_.push_back({std::move(input_norm), std::move(post_norm), std::move(qkv), std::move(o), std::move(gate_up),
+                       std::move(down)});
+  }
+
+  // x: the embedded tokens [T, hidden], every row a decode row; cos/sin: [T, head_dim / 2]; keys/values:
+  // the cache's layers; the rest as AttentionMetadata holds them. Returns the final-normed hidden states.
+  torch::Tensor forward(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin,
+                        const std::vector<torch::Tensor>& keys, const std::vector<torch::Tensor>& values,
+                        const torch::Tensor& block_tables, const torch::Tensor& context_lens,
+                        const torch::Tensor& slot_blocks, const torch::Tensor& slot_offsets) const {
+    TORCH_CHECK(keys.size() == layers_.size() && values.size() == layers_.size(), "one cache layer per decoder layer");
+    const int64_t T = x.size(0), q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
+    torch::Tensor residual;
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const DecoderLayer& L = layers_[l];
+      torch::Tensor h;
+      if (l == 0) {
+        h = rms_norm(x, L.input_norm, eps_, 0.0);
+        residual = x;
+      } else {
+        h = add_rms_norm(x, residual, L.input_norm, eps_, 0.0);
+      }
+      const torch::Tensor qkv = L.qkv(h);
+      const torch::Tensor qk = qkv.narrow(1, 0, q_size + kv_size).view({T, num_heads_ + num_kv_heads_, head_dim_});
+      rotary_(qk, cos, sin);
+      const torch::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({T, num_kv_heads_, head_dim_});
+      kv_write(keys[l], values[l], qk.narrow(1, num_heads_, num_kv_heads_), v, slot_blocks, slot_offsets);
+      const torch::Tensor attn = decode_attention(qk.narrow(1, 0, num_heads_), keys[l], values[l], block_tables,
+                                                  context_lens, scale_, 0);
+      h = add_rms_norm(L.o(attn.reshape({T, q_size})), residual, L.post_norm, eps_, 0.0);
+      x = L.down(act_and_mul(L.gate_up(h), act_));
+    }
+    return add_rms_norm(x, residual, final_norm_, eps_, 0.0);
+  }
+
+ private:
+  int64_t num_heads_, num_kv_heads_, head_dim_;
+  double eps_;
+  int64_t act_;
+  double scale_;
+  torch::Tensor final_norm_;
+  std::vector<DecoderLayer> layers_;
+};
+
+void register_decoder_stack(pybind11::module& m) {
+  namespace py = pybind11;
+  py::class_<Projection>(m, "Projection")
+      .def(py::init<std::vector<Segment>, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>>(),
+           py::arg("segments"), py::arg("weight"), py::arg("bias"))
+      .def("__call__", &Projection::operator(), py::arg("x"));
+  py::class_<DecoderStack>(m, "DecoderStack")
+      .def(py::init<int64_t, int64_t, int64_t, double, int64_t, double, torch::Tensor>(), py::arg("num_heads"),
+           py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("act"), py::arg("scale"),
+           py::arg("final_norm"))
+      .def("add_layer", &DecoderStack::add_layer)
+      .def("forward", &DecoderStack::forward, py::call_guard<py::gil_scoped_release>());
+}
