@@ -6,6 +6,7 @@ the tensors live on another device; ``LOOM_DISABLE_KERNELS=1`` forces that path.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
@@ -35,11 +36,13 @@ def _cpu_fingerprint() -> str:
 def _build_key() -> str:
     """Everything that goes into the build command: the sources (their bytes and their paths, which
     ninja's build file records, so two checkouts never share a build directory and rebuild each
-    other's kernels), the flags, torch and the Python it runs in, and the CPU (-march=native code
-    must never be loaded on another CPU)."""
+    other's kernels), the flags, the torch whose headers it compiles against and the Python version
+    (not the interpreter's path: ``.venv/bin/python`` and ``.venv/bin/loom``'s ``python3.11`` must
+    share one build), and the CPU (-march=native code must never be loaded on another CPU)."""
     parts = [p.read_bytes() for p in sorted(_DIR.glob("*.[ch]*"))]
     parts += [str(p).encode() for p in _SOURCES]
-    parts += [" ".join((*_CFLAGS, *_LDFLAGS)).encode(), torch.__version__.encode(), sys.executable.encode()]
+    parts += [" ".join((*_CFLAGS, *_LDFLAGS)).encode(), torch.__version__.encode(), torch.__file__.encode(),
+              sys.version.encode()]
     parts += [platform.machine().encode(), _cpu_fingerprint().encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
@@ -56,14 +59,20 @@ def native_ops() -> ModuleType | None:
     build_dir = cache / "kernels" / _build_key()
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return load(
-            name="loom_cpu_ops",
-            sources=[str(p) for p in _SOURCES],
-            extra_cflags=list(_CFLAGS),
-            extra_ldflags=list(_LDFLAGS),
-            build_directory=str(build_dir),
-            verbose=False,
-        )
+        with open(build_dir / "loom.lock", "w") as lock:
+            # torch guards a build with a `lock` file that a killed build leaves behind, and every later
+            # load waits on it forever. An flock is released by the OS when its holder dies, so whoever
+            # holds it knows that any `lock` file is stale.
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            (build_dir / "lock").unlink(missing_ok=True)
+            return load(
+                name="loom_cpu_ops",
+                sources=[str(p) for p in _SOURCES],
+                extra_cflags=list(_CFLAGS),
+                extra_ldflags=list(_LDFLAGS),
+                build_directory=str(build_dir),
+                verbose=False,
+            )
     except Exception as e:  # no compiler, no ninja, ...: fall back to the PyTorch path
         log.warning("native CPU kernels unavailable (%s); using the PyTorch fallback", e)
         return None

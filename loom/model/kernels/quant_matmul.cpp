@@ -13,6 +13,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -494,6 +496,25 @@ void gemv(const Weights& w, const QuantizedRows& xq, int64_t begin, int64_t end,
 }
 
 constexpr int64_t kSmallM = 4;  // up to this many rows, the register path; beyond, the row buffer
+constexpr int64_t kChunkRows = 64;  // weight rows per unit of work handed to a thread
+
+// fn(begin, end) over [0, N) in chunks that the threads take in turn, not split evenly up front: when
+// another process takes a core for a moment (the server's event loop, a client on the same machine),
+// the other threads carry on with the remaining chunks instead of waiting for the preempted one's share.
+template <typename F>
+void parallel_chunks(int64_t N, const F& fn) {
+  const int64_t chunks = (N + kChunkRows - 1) / kChunkRows;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
+  if (threads <= 1) {
+    fn(0, N);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;)
+      fn(c * kChunkRows, std::min(N, (c + 1) * kChunkRows));
+  });
+}
 
 template <typename T>
 void quant_matmul_impl(const T* x, const Weights& w, const T* bias, T* out, int64_t M, int64_t N) {
@@ -503,7 +524,7 @@ void quant_matmul_impl(const T* x, const Weights& w, const T* bias, T* out, int6
     // tile: per weight row n, its MT results at [n * M, n * M + M), scattered to out at the end.
     if (M == 1 && w.group == kBlock) {
       std::vector<float> row(N);
-      at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+      parallel_chunks(N, [&](int64_t begin, int64_t end) {
         switch (w.bits) {
           case 4: gemv<4>(w, xq, begin, end, row.data()); break;
           case 5: gemv<5>(w, xq, begin, end, row.data()); break;
@@ -516,7 +537,7 @@ void quant_matmul_impl(const T* x, const Weights& w, const T* bias, T* out, int6
     }
     std::vector<float> tile(N * M);
     const std::vector<float> xsums = group_sums(xq, M, K, w.group);
-    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    parallel_chunks(N, [&](int64_t begin, int64_t end) {
       SmallMScratch scratch(K, M, 4);
       float* t = tile.data();
       auto run = [&](auto mt) {
@@ -544,7 +565,7 @@ void quant_matmul_impl(const T* x, const Weights& w, const T* bias, T* out, int6
     });
     return;
   }
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+  parallel_chunks(N, [&](int64_t begin, int64_t end) {
     RowBuffer row(K);
     std::vector<float> col(M);
     for (int64_t n = begin; n < end; ++n) {
