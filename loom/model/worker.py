@@ -152,7 +152,8 @@ class Worker:
         bs = self.kv.block_size
         ids: list[int] = []
         pos: list[int] = []
-        slots: list[int] = []
+        slot_blocks: list[int] = []  # per new token: its cache block and offset in the block
+        slot_offsets: list[int] = []
         offsets: list[int] = [0] * len(scheduled)
         tables: list[list[int]] = []
         lens: list[int] = []
@@ -165,7 +166,8 @@ class Worker:
             ids.extend(s.draft_token_ids)
             for p in range(s.start, s.start + s.num_query_tokens):
                 pos.append(p)
-                slots.append(r.block_ids[p // bs] * bs + p % bs)
+                slot_blocks.append(r.block_ids[p // bs])
+                slot_offsets.append(p % bs)
                 tables.append(r.block_ids)
                 lens.append(p + 1)
         num_decode_rows = len(ids)
@@ -179,15 +181,15 @@ class Worker:
             blocks = r.block_ids[: -(-s.end // bs)]
             for p in range(s.start, s.end):
                 pos.append(p)
-                slots.append(blocks[p // bs] * bs + p % bs)
+                slot_blocks.append(blocks[p // bs])
+                slot_offsets.append(p % bs)
             prefills.append(PrefillChunk(len(ids) - s.num_new_tokens, len(ids), s.start,
                                          torch.tensor(blocks, dtype=torch.int64, device=self.device)))
         width = max((len(t) for t in tables), default=0)
         device = self.device
-        slot_t = torch.tensor(slots, dtype=torch.int64)
         meta = AttentionMetadata(
-            slot_blocks=(slot_t // bs).to(device),
-            slot_offsets=(slot_t % bs).to(device),
+            slot_blocks=torch.tensor(slot_blocks, dtype=torch.int64, device=device),
+            slot_offsets=torch.tensor(slot_offsets, dtype=torch.int64, device=device),
             num_decode_rows=num_decode_rows,
             decode_block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32,
                                              device=device).view(len(tables), width),

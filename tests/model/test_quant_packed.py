@@ -100,7 +100,7 @@ def test_native_kernel_matches_dequantized_matmul(name: str, m: int, dtype: torc
 
 
 @needs_kernel
-@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_1", "q8_0"])
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_1", "q8_0", "q4_k", "q6_k"])
 @pytest.mark.parametrize("m", [1, 2])
 def test_native_kernel_on_rows_of_partial_tiles(name: str, m: int) -> None:
     """18 blocks per row (the default model's K = 576) and 50 rows: the kernels' 8-block chunks

@@ -423,13 +423,15 @@ void small_m(const Weights& w, const QuantizedRows& xq, const std::vector<float>
   }
 }
 
-// One activation row and 32-element groups (decode at batch 1, the common case): the scales and mins
-// are read as stored, 8 blocks at a time, inside the block loop, so there is no preparation pass per
-// weight row (at K = 576 a row is only 18 blocks, and that pass cost as much as the dot products).
-template <int NR, int Bits>
+// One activation row (decode at batch 1) and 32- or 16-element groups: the scales and mins are read as
+// stored, 8 blocks at a time, inside the block loop, so there is no preparation pass per weight row
+// (at K = 576 a row is only 18 blocks, and that pass cost as much as the dot products).
+template <int NR, int Bits, bool Group16>
 void gemv_rows(const Weights& w, const QuantizedRows& xq, int64_t n0, float* out /* [NR] */) {
-  const int64_t K = w.K, blocks = K / kBlock;
+  const int64_t K = w.K, blocks = K / kBlock, groups = K / w.group;
   constexpr int64_t kBlockBytes = Bits == 8 ? kBlock : 16;
+  constexpr int64_t kPlaneBytes = Bits == 5 || Bits == 6 ? 4 * (Bits - 4) : 0;  // bit planes per block
+  constexpr int kLanes = Group16 ? 8 : 1;  // floats per block in `folded`: 8 lanes for 16-element groups
   const int64_t ahead = NR * (Bits == 8 ? K : K / 2);  // same block, next tile (see small_m_rows)
   const uint8_t* qs[NR];
   const uint8_t* qh[NR];
@@ -438,17 +440,18 @@ void gemv_rows(const Weights& w, const QuantizedRows& xq, int64_t n0, float* out
   for (int r = 0; r < NR; ++r) {
     qs[r] = qs_row(w, n0 + r);
     qh[r] = qh_row(w, n0 + r);
-    sc[r] = w.scale + (n0 + r) * blocks;
-    mn[r] = w.min ? w.min + (n0 + r) * blocks : nullptr;
+    sc[r] = w.scale + (n0 + r) * groups;
+    mn[r] = w.min ? w.min + (n0 + r) * groups : nullptr;
   }
-  __m256 acc[NR], min_acc[NR];  // min_acc: sum_b min_b xsum_b, or sum_b scale_b xsum_b without mins
+  const float* xsums = Group16 ? xq.sums16.data() : xq.sums32.data();  // one per group
+  __m256 acc[NR], min_acc[NR];  // min_acc: sum_g min_g xsum_g, or sum_g scale_g xsum_g without mins
 #pragma GCC unroll 8
   for (int r = 0; r < NR; ++r) acc[r] = min_acc[r] = _mm256_setzero_ps();
-  alignas(32) float folded[NR][8];  // scale_b * dx_b for the 8 blocks at hand
+  alignas(32) float folded[NR][8 * kLanes];  // scale * dx for the 8 blocks at hand
   for (int64_t b0 = 0; b0 < blocks; b0 += 8) {
     const int64_t nb = std::min<int64_t>(8, blocks - b0);
-    if (nb == 8) {
-      const __m256 dx = _mm256_loadu_ps(xq.d.data() + b0), xs = _mm256_loadu_ps(xq.sums32.data() + b0);
+    if (nb == 8 && !Group16) {
+      const __m256 dx = _mm256_loadu_ps(xq.d.data() + b0), xs = _mm256_loadu_ps(xsums + b0);
 #pragma GCC unroll 8
       for (int r = 0; r < NR; ++r) {
         const __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc[r] + b0)));
@@ -456,13 +459,35 @@ void gemv_rows(const Weights& w, const QuantizedRows& xq, int64_t n0, float* out
         const __m256 m8 = mn[r] ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn[r] + b0))) : s8;
         min_acc[r] = _mm256_fmadd_ps(m8, xs, min_acc[r]);
       }
+    } else if (nb == 8) {  // 16-element groups: 16 scales, two per block
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r)
+        for (int h = 0; h < 2; ++h) {  // blocks b0 + 4h .. b0 + 4h + 3
+          const int64_t g = 2 * b0 + 8 * h;
+          const __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc[r] + g)));
+          const __m256 m8 = mn[r] ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn[r] + g))) : s8;
+          min_acc[r] = _mm256_fmadd_ps(m8, _mm256_loadu_ps(xsums + g), min_acc[r]);
+          for (int j = 0; j < 4; ++j) {  // lanes 0-3: the block's first group, 4-7: its second
+            const __m256i pick = _mm256_setr_epi32(2 * j, 2 * j, 2 * j, 2 * j, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1);
+            const __m256 lanes = _mm256_permutevar8x32_ps(s8, pick);
+            _mm256_store_ps(folded[r] + (4 * h + j) * 8, _mm256_mul_ps(lanes, _mm256_broadcast_ss(xq.d.data() + b0 + 4 * h + j)));
+          }
+        }
     } else {  // the last blocks of a row whose block count is not a multiple of 8
       for (int r = 0; r < NR; ++r) {
         float total = 0.0f;
         for (int64_t j = 0; j < nb; ++j) {
-          const float s1 = half(sc[r][b0 + j]);
-          folded[r][j] = s1 * xq.d[b0 + j];
-          total += (mn[r] ? half(mn[r][b0 + j]) : s1) * xq.sums32[b0 + j];
+          const float dx = xq.d[b0 + j];
+          for (int e = 0; e < (Group16 ? 2 : 1); ++e) {
+            const int64_t g = Group16 ? 2 * (b0 + j) + e : b0 + j;
+            const float s1 = half(sc[r][g]);
+            total += (mn[r] ? half(mn[r][g]) : s1) * xsums[g];
+            if constexpr (Group16) {
+              for (int l = 0; l < 4; ++l) folded[r][j * 8 + 4 * e + l] = s1 * dx;
+            } else {
+              folded[r][j] = s1 * dx;
+            }
+          }
         }
         min_acc[r] = _mm256_add_ps(min_acc[r], _mm256_setr_ps(total, 0, 0, 0, 0, 0, 0, 0));
       }
@@ -473,26 +498,29 @@ void gemv_rows(const Weights& w, const QuantizedRows& xq, int64_t n0, float* out
 #pragma GCC unroll 8
       for (int r = 0; r < NR; ++r) {
         _mm_prefetch(reinterpret_cast<const char*>(qs[r] + ahead + b * kBlockBytes), _MM_HINT_T0);
+        if constexpr (kPlaneBytes > 0)
+          _mm_prefetch(reinterpret_cast<const char*>(qh[r] + NR * blocks * kPlaneBytes + b * kPlaneBytes), _MM_HINT_T0);
         __m256i sign;
         const __m256i wv = load_codes<Bits>(qs[r], qh[r], b, sign);
         const __m256i xs = Bits == 8 ? _mm256_sign_epi8(xv, sign) : xv;
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(wv, xs)), _mm256_broadcast_ss(folded[r] + j), acc[r]);
+        const __m256 ws = Group16 ? _mm256_load_ps(folded[r] + j * 8) : _mm256_broadcast_ss(folded[r] + j);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(wv, xs)), ws, acc[r]);
       }
     }
   }
-  const float min_factor = w.min ? 1.0f : -w.offset;  // without mins, min_b = -offset * scale_b
+  const float min_factor = w.min ? 1.0f : -w.offset;  // without mins, min_g = -offset * scale_g
   for (int r = 0; r < NR; ++r) out[r] = hsum(acc[r]) + min_factor * hsum(min_acc[r]);
 }
 
-template <int Bits>
+template <int Bits, bool Group16>
 void gemv(const Weights& w, const QuantizedRows& xq, int64_t begin, int64_t end, float* out) {
   constexpr int NR = 4;
   int64_t n = begin;
   for (; n + NR <= end; n += NR) {
     prefetch_scales(w, n + NR, NR);
-    gemv_rows<NR, Bits>(w, xq, n, out + n);
+    gemv_rows<NR, Bits, Group16>(w, xq, n, out + n);
   }
-  for (; n < end; ++n) gemv_rows<1, Bits>(w, xq, n, out + n);
+  for (; n < end; ++n) gemv_rows<1, Bits, Group16>(w, xq, n, out + n);
 }
 
 constexpr int64_t kSmallM = 4;  // up to this many rows, the register path; beyond, the row buffer
@@ -522,14 +550,17 @@ void quant_matmul_impl(const T* x, const Weights& w, const T* bias, T* out, int6
   const QuantizedRows xq = quantize_rows(x, M, K);
   if (M <= kSmallM) {
     // tile: per weight row n, its MT results at [n * M, n * M + M), scattered to out at the end.
-    if (M == 1 && w.group == kBlock) {
+    if (M == 1 && (w.group == kBlock || w.group == 16)) {
       std::vector<float> row(N);
       parallel_chunks(N, [&](int64_t begin, int64_t end) {
-        switch (w.bits) {
-          case 4: gemv<4>(w, xq, begin, end, row.data()); break;
-          case 5: gemv<5>(w, xq, begin, end, row.data()); break;
-          case 6: gemv<6>(w, xq, begin, end, row.data()); break;
-          default: gemv<8>(w, xq, begin, end, row.data()); break;
+        switch (w.bits) {  // 16-element groups: 6-bit (Q6_K) only
+          case 4: gemv<4, false>(w, xq, begin, end, row.data()); break;
+          case 5: gemv<5, false>(w, xq, begin, end, row.data()); break;
+          case 6:
+            if (w.group == 16) gemv<6, true>(w, xq, begin, end, row.data());
+            else gemv<6, false>(w, xq, begin, end, row.data());
+            break;
+          default: gemv<8, false>(w, xq, begin, end, row.data()); break;
         }
         for (int64_t n = begin; n < end; ++n) store_f(out + n, row[n] + (bias ? load_f(bias + n) : 0.0f));
       });
