@@ -26,6 +26,7 @@ from loom.model.quant.packed import INT8_DOT_MAX_ROWS
 if TYPE_CHECKING:
     from loom.model.arch.llama import LlamaForCausalLM
 
+
 def _projections(model: LlamaForCausalLM) -> list[Linear]:
     return [lin for layer in model.layers
             for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
