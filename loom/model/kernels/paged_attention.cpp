@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include "cpu_check.h"
+#include "ops.h"
 
 #include <algorithm>
 #if defined(__AVX2__)
@@ -275,22 +276,6 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   return out;
 }
 
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, double offset);
-torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, double eps, double offset);
-void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
-torch::Tensor act_and_mul(torch::Tensor gate_up, int64_t act);
-void kv_write(torch::Tensor keys, torch::Tensor values, torch::Tensor k, torch::Tensor v, torch::Tensor blocks,
-              torch::Tensor offsets);
-torch::Tensor linear_small_batch(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
-bool has_linear_small_batch();
-torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor qs, c10::optional<torch::Tensor> qh, torch::Tensor scale,
-                           c10::optional<torch::Tensor> min, int64_t bits, int64_t group, double offset,
-                           c10::optional<torch::Tensor> bias);
-torch::Tensor quant_dequantize(torch::Tensor qs, c10::optional<torch::Tensor> qh, torch::Tensor scale,
-                               c10::optional<torch::Tensor> min, int64_t bits, int64_t group, double offset,
-                               int64_t K, at::ScalarType dtype);
-bool has_quant_matmul();
-void register_decoder_stack(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "decode attention over a paged KV cache");

@@ -124,17 +124,14 @@ inline const uint8_t* qh_row(const Weights& w, int64_t n) {
   return w.qh ? w.qh + n * (w.K / kBlock) * 4 * (w.bits - 4) : nullptr;
 }
 
-template <int Bits>
 inline __m256i load_codes(const Weights& w, int64_t n, int64_t b, __m256i& sign) {
-  return load_codes<Bits>(qs_row(w, n), qh_row(w, n), b, sign);
-}
-
-inline __m256i load_codes(const Weights& w, int64_t n, int64_t b, __m256i& sign) {
+  const uint8_t* qs = qs_row(w, n);
+  const uint8_t* qh = qh_row(w, n);
   switch (w.bits) {
-    case 4: return load_codes<4>(w, n, b, sign);
-    case 5: return load_codes<5>(w, n, b, sign);
-    case 6: return load_codes<6>(w, n, b, sign);
-    default: return load_codes<8>(w, n, b, sign);
+    case 4: return load_codes<4>(qs, qh, b, sign);
+    case 5: return load_codes<5>(qs, qh, b, sign);
+    case 6: return load_codes<6>(qs, qh, b, sign);
+    default: return load_codes<8>(qs, qh, b, sign);
   }
 }
 
@@ -549,7 +546,6 @@ void quant_matmul_impl(const T* x, const Weights& w, const T* bias, T* out, int6
   const int64_t K = w.K;
   const QuantizedRows xq = quantize_rows(x, M, K);
   if (M <= kSmallM) {
-    // tile: per weight row n, its MT results at [n * M, n * M + M), scattered to out at the end.
     if (M == 1 && (w.group == kBlock || w.group == 16)) {
       std::vector<float> row(N);
       parallel_chunks(N, [&](int64_t begin, int64_t end) {
@@ -566,6 +562,7 @@ void quant_matmul_impl(const T* x, const Weights& w, const T* bias, T* out, int6
       });
       return;
     }
+    // tile: per weight row n, its MT results at [n * M, n * M + M), scattered to out at the end.
     std::vector<float> tile(N * M);
     const std::vector<float> xsums = group_sums(xq, M, K, w.group);
     parallel_chunks(N, [&](int64_t begin, int64_t end) {
