@@ -5,7 +5,7 @@ module-by-module forward (views, norms, rotary, cache write, attention, four pro
 cost as much as the kernels. The fused stack calls the same kernels from C++, so its output equals
 the module-by-module forward's. It applies when the step holds decode rows only, the attention
 backend is the native CPU one over a plain cache, and every projection runs its native path
-(packed weights up to ``INT8_DOT_MAX_ROWS`` rows, or dense ones); any other step runs the modules.
+(packed weights up to ``NATIVE_MATMUL_MAX_ROWS`` rows, or dense ones); any other step runs the modules.
 ``LOOM_DISABLE_FUSED_DECODE=1`` turns it off (to measure one against the other)."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from loom.model.attention.cpu import CPUAttention
 from loom.model.kernels import native_ops
 from loom.model.kv_cache import KVCache
 from loom.model.layers import Linear
-from loom.model.quant.packed import INT8_DOT_MAX_ROWS
+from loom.model.quant.packed import NATIVE_MATMUL_MAX_ROWS
 
 if TYPE_CHECKING:
     from loom.model.arch.llama import LlamaForCausalLM
@@ -56,7 +56,7 @@ class FusedDecoder:
     def applies(self, x: torch.Tensor, attention: StepAttention) -> bool:
         meta = attention.meta
         return (not meta.prefills and meta.num_decode_rows == x.shape[0] > 0
-                and (not self.packed or x.shape[0] <= INT8_DOT_MAX_ROWS))
+                and (not self.packed or x.shape[0] <= NATIVE_MATMUL_MAX_ROWS))
 
     def __call__(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], attention: StepAttention) -> torch.Tensor:
         meta = attention.meta

@@ -123,6 +123,28 @@ def _check_kernel(name: str, m: int, dtype: torch.dtype, n: int, k: int) -> None
     assert float(err) < (0.02 if dtype == torch.bfloat16 else 0.01)
 
 
+needs_amx = pytest.mark.skipif(
+    native_ops() is None or not native_ops().has_amx_matmul(), reason="no AMX-BF16 on this CPU (or not granted by the OS)"
+)
+
+
+@needs_amx
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k", "int8"])
+@pytest.mark.parametrize("m", [5, 17, 64, 130])
+def test_amx_kernel_equals_the_bf16_product_of_the_dequantized_weight(name: str, m: int) -> None:
+    """bf16 rows on AMX: the weight is dequantized to bf16 in tiles, so the result is the dense bf16
+    product's (fp32 sums) up to the bf16 rounding of the output, for 50 rows (a partial 16-row tile),
+    K = 576 (18 blocks) and 1 to 9 activation tiles (a partial last pass of 4). Fewer rows take the int8 path."""
+    torch.manual_seed(m)
+    packed = PackedWeight.quantize(torch.randn(50, 576) * 0.05, FORMATS[name])
+    x = torch.randn(m, 576).bfloat16()
+    bias = torch.randn(50).bfloat16()
+    got = native_ops().quant_matmul(x, packed.qs, packed.qh, packed.scale, packed.min, packed.fmt.bits,
+                                    packed.group, float(packed.fmt.offset), bias)
+    ref = x.float() @ packed.dequantize(torch.bfloat16).float().T + bias.float()
+    torch.testing.assert_close(got.float(), ref, atol=1e-3 * float(ref.abs().max()), rtol=2**-8)
+
+
 @needs_kernel
 def test_matmul_uses_the_kernel_and_falls_back_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
     packed = PackedWeight.quantize(torch.randn(N, K), FORMATS["q4_k"])

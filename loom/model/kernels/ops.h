@@ -21,4 +21,5 @@ torch::Tensor quant_dequantize(torch::Tensor qs, c10::optional<torch::Tensor> qh
                                c10::optional<torch::Tensor> min, int64_t bits, int64_t group, double offset,
                                int64_t K, at::ScalarType dtype);
 bool has_quant_matmul();
+bool has_amx_matmul();
 void register_decoder_stack(pybind11::module& m);

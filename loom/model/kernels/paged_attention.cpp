@@ -294,5 +294,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qh"), py::arg("scale"), py::arg("min"), py::arg("bits"), py::arg("group"), py::arg("offset"),
         py::arg("K"), py::arg("dtype"));
   m.def("has_quant_matmul", &has_quant_matmul);
+  m.def("has_amx_matmul", &has_amx_matmul, "whether bf16 products over packed weights run on AMX tiles");
   register_decoder_stack(m);
 }

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from loom.model.kernels import native_ops
 from loom.model.quant.formats import BLOCK, QuantFormat
 
-INT8_DOT_MAX_ROWS = 128  # measured crossover against dequantize + dense GEMM (see matmul)
+NATIVE_MATMUL_MAX_ROWS = 128  # measured crossover against dequantize + dense GEMM (see matmul)
 
 
 @functools.cache
@@ -166,11 +166,13 @@ class PackedWeight:
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T (+ b) for x ``[M, K]``. On CPUs that built the native kernels, up to
-        :data:`INT8_DOT_MAX_ROWS` rows run as int8 dot products over the packed weight (decode: the
-        weight is read once, packed); more rows dequantize the weight and use the dense GEMM
-        (prefill: compute-bound, where the GEMM is faster). Other devices always dequantize."""
+        :data:`NATIVE_MATMUL_MAX_ROWS` rows run over the packed weight (decode: the weight is read once,
+        packed): as int8 dot products, or, for 5 rows and more of bf16 on a CPU with AMX, as AMX tile
+        products over the weight unpacked to bf16 in cache. More rows dequantize the weight and use
+        the dense GEMM (prefill: compute-bound, where the GEMM is as fast). Other devices always
+        dequantize."""
         if x.is_cpu and x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16) and (ops := _native()):
-            if x.shape[0] <= INT8_DOT_MAX_ROWS:
+            if x.shape[0] <= NATIVE_MATMUL_MAX_ROWS:
                 return ops.quant_matmul(x, *self._kernel_args, bias)
         return F.linear(x, self.dequantize(x.dtype), bias)
 
