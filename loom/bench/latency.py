@@ -61,7 +61,11 @@ def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
     prompt_lens = [int(n) for n in args.prompt_lens.split(",")]
     opts = dict(engine_opts)
     opts["max_num_seqs"] = max(batch_sizes + [opts.get("max_num_seqs") or 0])
-    opts["max_num_batched_tokens"] = max(prompt_lens + [opts.get("max_num_batched_tokens") or 0])
+    # Room for every prompt of the largest batch in one step, so that a batch starts decoding together:
+    # with less, its first requests decode while the last ones prefill and finish early, and the
+    # timed steps would hold fewer rows than the batch.
+    opts["max_num_batched_tokens"] = max(prompt_lens + [max(batch_sizes) * args.context,
+                                                        opts.get("max_num_batched_tokens") or 0])
     opts["enable_prefix_caching"] = False  # every prompt must really be computed
     if opts.get("num_blocks") is None and opts.get("kv_cache_bytes") is None:
         # Room for the largest batch at its final length: a batch that preempts measures a smaller one.
