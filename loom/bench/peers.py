@@ -105,11 +105,11 @@ def loom_command(gguf: Path, port: int, s: PeerSettings, extra: list[str]) -> Se
     return ServerCommand("loom", argv, startup_timeout=300.0, settings=f"loom serve {shlex.join(argv[2:])}")
 
 
-def llama_cpp_command(binary: str, gguf: Path, port: int, s: PeerSettings) -> ServerCommand:
+def llama_cpp_command(binary: str, gguf: Path, port: int, s: PeerSettings, extra: list[str]) -> ServerCommand:
     argv = [
         binary, "-m", str(gguf), "--host", s.host, "--port", str(port),
         "-t", str(s.threads), "-tb", str(s.threads), "-np", str(s.slots), "-c", str(s.slots * s.context), "-cb",
-        "--no-webui",
+        "--no-webui", *extra,
     ]  # fmt: skip
     return ServerCommand(
         "llama.cpp",
@@ -159,12 +159,13 @@ def transformers_command(python: str, hf_dir: Path, port: int, s: PeerSettings) 
     )
 
 
-def build_command(name: str, gguf: Path, port: int, s: PeerSettings, loom_args: list[str]) -> ServerCommand:
-    """Install the peer if needed and return how to start it."""
+def build_command(name: str, gguf: Path, port: int, s: PeerSettings, extra: dict[str, list[str]]) -> ServerCommand:
+    """Install the peer if needed and return how to start it (``extra``: more arguments per peer)."""
     if name == "loom":
-        return loom_command(gguf, port, s, loom_args)
+        return loom_command(gguf, port, s, extra.get("loom", []))
     if name == "llama.cpp":
-        return llama_cpp_command(run_script("build_llama_cpp.sh", {"PYTHON": sys.executable}), gguf, port, s)
+        binary = run_script("build_llama_cpp.sh", {"PYTHON": sys.executable})
+        return llama_cpp_command(binary, gguf, port, s, extra.get("llama.cpp", []))
     if name == "vllm":
         python = run_script("install_vllm.sh")
         return vllm_command(python, hf_dir_for(gguf, python), port, s)
@@ -233,6 +234,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-gib", type=int, default=PeerSettings.kv_cache_gib, help="vLLM KV cache GiB (default 2)")
     g.add_argument("--port", type=int, default=18200, help="loopback port for the server under test (default 18200)")
     g.add_argument("--loom-args", default="", help="extra arguments for `loom serve`, as one shell-quoted string")
+    g.add_argument("--llama-args", default="",
+                   help="extra arguments for llama-server, as one shell-quoted string (e.g. --no-repack)")
     g.add_argument("--out-dir", help="run files, plots and server logs (default loom-bench-peers-<time>/)")
     g.add_argument("--concurrency", metavar="LEVELS",
                    help="sweep, e.g. 1,16,64: per level every server restarts with that many slots and gets that many "
@@ -256,7 +259,8 @@ def run_peers(names: list[str], gguf: Path, settings: PeerSettings, args: argpar
     for name in names:
         print(f"== {name} ({settings.slots} slots)", flush=True)
         try:
-            cmd = build_command(name, gguf, args.port, settings, shlex.split(args.loom_args))
+            extra = {"loom": shlex.split(args.loom_args), "llama.cpp": shlex.split(args.llama_args)}
+            cmd = build_command(name, gguf, args.port, settings, extra)
         except ValueError as e:
             log.error("%s: cannot install or build: %s", name, e)
             continue

@@ -22,12 +22,13 @@ HERE = Path(__file__).parent
 
 def test_llama_cpp_settings():
     s = PeerSettings(threads=2, slots=4, context=1024)
-    cmd = llama_cpp_command("/b/llama-server", Path("/m.gguf"), 9000, s)
+    cmd = llama_cpp_command("/b/llama-server", Path("/m.gguf"), 9000, s, ["--no-repack"])
     argv = cmd.argv
     assert argv[0] == "/b/llama-server"
     assert argv[argv.index("-t") + 1] == "2" and argv[argv.index("-np") + 1] == "4"
     assert argv[argv.index("-c") + 1] == "4096"  # slots x context
     assert "-cb" in argv and argv[argv.index("--port") + 1] == "9000"
+    assert argv[-1] == "--no-repack"  # --llama-args come last
     assert cmd.ignore_eos
 
 
@@ -133,7 +134,8 @@ def test_concurrency_sweep_restarts_each_peer_per_level(tmp_path, monkeypatch):
 
     started: list[tuple[str, int]] = []
 
-    def fake_command(name, gguf, port, settings, loom_args):
+    def fake_command(name, gguf, port, settings, extra):
+        assert extra == {"loom": [], "llama.cpp": ["--no-repack"]}
         started.append((name, settings.slots))
         return ServerCommand(name, [sys.executable, str(HERE / "bench_fake_server.py"), str(port)], startup_timeout=30)
 
@@ -142,7 +144,7 @@ def test_concurrency_sweep_restarts_each_peer_per_level(tmp_path, monkeypatch):
     gguf.write_bytes(b"GGUF")
     port = free_port()
     args = parse("peers", "--peers", "loom,llama.cpp", "--gguf", str(gguf), "--port", str(port), "--concurrency", "1,3",
-                 "--input-len", "4", "--output-len", "3", "--no-plots", "--no-progress", "--warmup", "0",
+                 "--llama-args", "--no-repack", "--input-len", "4", "--output-len", "3", "--no-plots", "--no-progress", "--warmup", "0",
                  "--out-dir", str(tmp_path / "out"))
     assert peers.main(args) == 0
     assert started == [("loom", 1), ("llama.cpp", 1), ("loom", 3), ("llama.cpp", 3)]
