@@ -144,7 +144,7 @@ def test_concurrency_sweep_restarts_each_peer_per_level(tmp_path, monkeypatch):
     gguf.write_bytes(b"GGUF")
     port = free_port()
     args = parse("peers", "--peers", "loom,llama.cpp", "--gguf", str(gguf), "--port", str(port), "--concurrency", "1,3",
-                 "--llama-args", "--no-repack", "--input-len", "4", "--output-len", "3", "--no-plots", "--no-progress", "--warmup", "0",
+                 "--llama-args=--no-repack", "--input-len", "4", "--output-len", "3", "--no-plots", "--no-progress", "--warmup", "0",
                  "--out-dir", str(tmp_path / "out"))
     assert peers.main(args) == 0
     assert started == [("loom", 1), ("llama.cpp", 1), ("loom", 3), ("llama.cpp", 3)]
