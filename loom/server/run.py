@@ -60,7 +60,7 @@ def serve(engine_config: EngineConfig, config: ServerConfig) -> None:
     On SIGTERM uvicorn stops accepting connections and lets in-flight requests finish for up to
     ``config.graceful_timeout`` seconds; then the engine aborts them (each response still ends
     properly), and the app's lifespan shutdown stops the engine thread."""
-    engine = AsyncEngine(Engine(engine_config))
+    engine = AsyncEngine(lambda: Engine(engine_config))  # built on the engine thread (see AsyncEngine)
     app = build_app(engine, config)
     log.info("serving %s on http://%s:%d", ", ".join(config.served_model_names), config.host, config.port)
     uvicorn_config = uvicorn.Config(

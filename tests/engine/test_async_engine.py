@@ -44,6 +44,30 @@ def wait_for(condition, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+def test_an_engine_built_on_the_engine_thread_serves_and_its_build_errors_reach_the_caller(path):
+    """``AsyncEngine(factory)`` builds the engine on its own thread (so that one thread runs every
+    OpenMP region); a factory that raises makes the constructor raise the same error."""
+    built_on: list[str] = []
+
+    def build() -> Engine:
+        built_on.append(threading.current_thread().name)
+        return Engine(engine_config(str(path), **OPTIONS))
+
+    engine = AsyncEngine(build)
+    try:
+        assert built_on == ["loom-engine"]
+        outs = asyncio.run(collect(engine, PROMPTS[0]))
+        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 12
+    finally:
+        engine.shutdown()
+
+    def broken() -> Engine:
+        raise ValueError("no such model: nowhere.gguf")
+
+    with pytest.raises(ValueError, match="no such model"):
+        AsyncEngine(broken)
+
+
 def test_concurrent_requests_match_the_offline_engine(aengine, path):
     expected = LLM(str(path), **OPTIONS).generate(PROMPTS, GREEDY, use_tqdm=False)
     steps_before = aengine.stats().steps

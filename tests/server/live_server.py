@@ -57,7 +57,8 @@ class LiveServer:
 
 
 def start_server(model: Path | None, config: ServerConfig, **engine_options: Any) -> LiveServer:
-    return serve_engine(AsyncEngine(Engine(engine_config(None if model is None else str(model), **engine_options))), config)
+    built = engine_config(None if model is None else str(model), **engine_options)
+    return serve_engine(AsyncEngine(lambda: Engine(built)), config)
 
 
 def serve_engine(engine: EngineClient, config: ServerConfig) -> LiveServer:
