@@ -144,3 +144,32 @@ def test_native_kernels_refuse_tensors_on_another_device():
         ops.decode_attention(q, cache, cache, tables, lens, SCALE, 0)
     with pytest.raises(RuntimeError, match="take CPU tensors"):
         ops.rms_norm(torch.empty(2, 64, device="meta"), torch.ones(64), 1e-6, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_kernels_read_q_k_v_as_views_of_the_fused_projection(dtype):
+    """The fused decode step hands the kernels q, k and v as views into one [T, (H + 2 Hkv) D]
+    projection (rows strided, heads packed): the results equal those of contiguous copies."""
+    from loom.model.kernels import native_ops
+
+    ops = native_ops()
+    if ops is None:
+        pytest.skip("native kernels not built")
+    torch.manual_seed(0)
+    T, H, HKV, D = 3, 4, 2, 64
+    qkv = torch.randn(T, (H + 2 * HKV) * D).to(dtype)
+    q = qkv[:, : H * D].view(T, H, D)
+    k = qkv[:, H * D : (H + HKV) * D].view(T, HKV, D)
+    v = qkv[:, (H + HKV) * D :].view(T, HKV, D)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    keys, values = torch.randn(4, HKV, BS, D).to(dtype), torch.randn(4, HKV, BS, D).to(dtype)
+    caches = [keys, values, keys.clone(), values.clone()]
+    blocks, offsets = torch.tensor([0, 1, 3]), torch.tensor([2, 0, BS - 1])
+    ops.kv_write(caches[0], caches[1], k, v, blocks, offsets)
+    ops.kv_write(caches[2], caches[3], k.contiguous(), v.contiguous(), blocks, offsets)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    tables = torch.tensor([[0, 2], [1, 3], [3, 0]], dtype=torch.int32)
+    lens = torch.tensor([3, BS + 1, BS], dtype=torch.int32)
+    got = ops.decode_attention(q, caches[0], caches[1], tables, lens, SCALE, 0)
+    assert got.is_contiguous()
+    assert torch.equal(got, ops.decode_attention(q.contiguous(), caches[0], caches[1], tables, lens, SCALE, 0))

@@ -183,8 +183,9 @@ void kv_write(torch::Tensor keys, torch::Tensor values, torch::Tensor k, torch::
   TORCH_CHECK(k.scalar_type() == keys.scalar_type() && v.scalar_type() == keys.scalar_type(), "dtype mismatch");
   TORCH_CHECK(blocks.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong && blocks.numel() == k.size(0) &&
               offsets.numel() == k.size(0), "blocks and offsets must be int64 [T]");
-  k = k.contiguous();
-  v = v.contiguous();
+  // k and v may be views into the step's fused q/k/v rows: only each row's heads must be packed.
+  if (k.stride(2) != 1 || k.stride(1) != k.size(2)) k = k.contiguous();
+  if (v.stride(2) != 1 || v.stride(1) != v.size(2)) v = v.contiguous();
   blocks = blocks.contiguous();
   offsets = offsets.contiguous();
   const int64_t T = k.size(0), H = k.size(1), D = k.size(2), NB = keys.size(0), BS = keys.size(2);
@@ -199,8 +200,8 @@ void kv_write(torch::Tensor keys, torch::Tensor values, torch::Tensor k, torch::
   const auto* vs = static_cast<const char*>(v.data_ptr());
   for (int64_t t = 0; t < T; ++t)
     for (int64_t h = 0; h < H; ++h) {
-      const int64_t dst = ((bp[t] * H + h) * BS + op[t]) * row, src = (t * H + h) * row;
-      std::memcpy(kc + dst, ks + src, row);
-      std::memcpy(vc + dst, vs + src, row);
+      const int64_t dst = ((bp[t] * H + h) * BS + op[t]) * row;
+      std::memcpy(kc + dst, ks + (t * k.stride(0) + h * D) * k.element_size(), row);
+      std::memcpy(vc + dst, vs + (t * v.stride(0) + h * D) * v.element_size(), row);
     }
 }

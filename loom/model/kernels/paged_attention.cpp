@@ -36,7 +36,7 @@ void decode_attention_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* k
                                   const c10::BFloat16* v_cache, const int32_t* block_tables,
                                   const int32_t* context_lens, c10::BFloat16* out, int64_t num_seqs,
                                   int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                                  int64_t max_blocks, float scale, int64_t window) {
+                                  int64_t max_blocks, float scale, int64_t window, int64_t q_row) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t nq = head_dim / 32, nv = head_dim / 16;
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
@@ -53,7 +53,7 @@ void decode_attention_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* k
         std::fill(o, o + group * head_dim, c10::BFloat16(0.f));
         continue;
       }
-      const c10::BFloat16* qs = q + (s * num_heads + h * group) * head_dim;
+      const c10::BFloat16* qs = q + s * q_row + h * group * head_dim;
       for (int64_t i = 0; i < group * nq; ++i) qv[i] = load_bh(qs + i * 32);
       scores.assign(group * stride, -INFINITY);
       const int32_t* table = block_tables + s * max_blocks;
@@ -178,7 +178,7 @@ template <typename T>
 void decode_attention_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t* block_tables,
                              const int32_t* context_lens, T* out, int64_t num_seqs, int64_t num_heads,
                              int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks,
-                             float scale, int64_t window) {
+                             float scale, int64_t window, int64_t q_row) {
   const int64_t group = num_heads / num_kv_heads;
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(group * head_dim), kf(head_dim), acc(group * head_dim), scores;
@@ -192,7 +192,7 @@ void decode_attention_kernel(const T* q, const T* k_cache, const T* v_cache, con
         for (int64_t i = 0; i < group * head_dim; ++i) o[i] = T(0.f);
         continue;
       }
-      const T* qs = q + (s * num_heads + h * group) * head_dim;
+      const T* qs = q + s * q_row + h * group * head_dim;
       for (int64_t i = 0; i < group * head_dim; ++i) qf[i] = float(qs[i]) * scale;
       scores.resize(n * group);  // [group][n]: each head's scores contiguous, for the softmax
       const int32_t* table = block_tables + s * max_blocks;
@@ -249,20 +249,22 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
               "q and the caches must share a dtype");
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && context_lens.scalar_type() == torch::kInt32,
               "block_tables and context_lens must be int32");
-  q = q.contiguous();
+  // The queries may be a view into the step's fused q/k/v rows: only each row's heads must be packed.
+  if (q.stride(2) != 1 || q.stride(1) != q.size(2)) q = q.contiguous();
+  const int64_t q_row = q.stride(0);
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   block_tables = block_tables.contiguous();
   context_lens = context_lens.contiguous();
   const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t num_kv_heads = k_cache.size(1), block_size = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == head_dim && num_heads % num_kv_heads == 0, "head mismatch");
-  auto out = torch::empty_like(q);
+  auto out = torch::empty(q.sizes(), q.options());  // contiguous, whatever q's strides
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
   if (q.scalar_type() == at::kBFloat16 && head_dim % 32 == 0 && head_dim <= 256) {
     decode_attention_bf16_avx512(q.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(),
                                  v_cache.data_ptr<c10::BFloat16>(), block_tables.data_ptr<int32_t>(),
                                  context_lens.data_ptr<int32_t>(), out.data_ptr<c10::BFloat16>(), num_seqs, num_heads,
-                                 num_kv_heads, head_dim, block_size, block_tables.size(1), (float)scale, window);
+                                 num_kv_heads, head_dim, block_size, block_tables.size(1), (float)scale, window, q_row);
     return out;
   }
 #endif
@@ -271,7 +273,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
                                       v_cache.data_ptr<scalar_t>(), block_tables.data_ptr<int32_t>(),
                                       context_lens.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), num_seqs,
                                       num_heads, num_kv_heads, head_dim, block_size, block_tables.size(1),
-                                      (float)scale, window);
+                                      (float)scale, window, q_row);
   });
   return out;
 }
