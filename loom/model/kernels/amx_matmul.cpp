@@ -38,14 +38,6 @@ void load_tile_config() {
   _tile_loadconfig(&cfg);
 }
 
-// n fp16 values at src as floats at dst.
-inline void halves_to_floats(const at::Half* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 live = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
-    _mm512_mask_storeu_ps(dst + i, live, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, src + i)));
-  }
-}
-
 // Row n's scales and mins as floats, one per slice (a block, or half a block for 16-element groups).
 void row_scales(const Weights& w, int64_t n, float* scales, float* mins) {
   const int64_t groups = w.K / w.group, per_group = w.group == 16 ? 1 : w.group / kBlock;

@@ -40,7 +40,6 @@ inline __m256 load8(const c10::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
 
-
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -67,14 +66,6 @@ inline __m256i dot_u8s8(__m256i u, __m256i s) {
 #else
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 #endif
-}
-
-// n fp16 values to fp32, 8 at a time.
-inline void halves_to_floats(const at::Half* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-  for (; i < n; ++i) dst[i] = half(src[i]);
 }
 
 // One weight row, unpacked for the inner loop: codes (|w| for 8-bit), the signs (8-bit only), and
@@ -463,7 +454,6 @@ void gemv(const Weights& w, const QuantizedRows& xq, int64_t begin, int64_t end,
 }
 
 constexpr int64_t kSmallM = 4;  // up to this many rows, the register path; beyond, AMX tiles or the row buffer
-
 
 template <typename T>
 void quant_matmul_impl(const T* x, const Weights& w, const T* bias, T* out, int64_t M, int64_t N) {
