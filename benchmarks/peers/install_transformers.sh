@@ -6,23 +6,12 @@
 # Env:   LOOM_PEERS_DIR (default ~/.cache/loom/peers), TRANSFORMERS_VERSION,
 #        PYTHON (interpreter for the venv, default python3.11 or python3)
 set -euo pipefail
+source "$(dirname "$0")/peer_venv.sh"
 
-PEERS_DIR="${LOOM_PEERS_DIR:-$HOME/.cache/loom/peers}"
 VERSION="${TRANSFORMERS_VERSION:-5.23.0}"
-PY="${PYTHON:-python3.11}"
-command -v "$PY" >/dev/null || PY=python3
-VENV="$PEERS_DIR/transformers/venv"
-STAMP="$VENV/.loom-transformers-$VERSION"
-
-if [[ -f "$STAMP" ]]; then
-    echo "$VENV/bin/python"
-    exit 0
-fi
-mkdir -p "$PEERS_DIR/transformers"
-[[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+peer_venv transformers "$VERSION"
 # torch first and pinned, so nothing pulls another build.
 nice -n 10 "$VENV/bin/python" -m pip install -q "torch==2.13.0" >&2
 nice -n 10 "$VENV/bin/python" -m pip install -q "transformers[serving]==$VERSION" accelerate gguf "torch==2.13.0" >&2
 "$VENV/bin/python" -c "import torch, transformers; print('transformers', transformers.__version__, 'torch', torch.__version__)" >&2
-touch "$STAMP"
-echo "$VENV/bin/python"
+peer_venv_done

