@@ -155,6 +155,7 @@ GIB = 1 << 30
 DTYPES = ("auto", "bfloat16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("auto", "cpu", "torch", "cuda")
+KV_CACHE_DTYPES = ("auto", "bf16", "fp32", "int8")  # loom.model.kv_cache builds each
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,13 @@ class CacheConfig:
     enable_prefix_caching: bool = field(
         default=True, metadata=option("prefix caching of full KV blocks", flag="--no-prefix-caching")
     )
+    kv_cache_dtype: str = field(
+        default="auto",
+        metadata=option(
+            "KV cache element format (auto: the compute dtype; bf16, fp32; int8: int8 codes with an fp16 scale per "
+            "token and head, about half the bytes of bf16)", flag="--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+        ),
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         _check_options(self)

@@ -123,11 +123,13 @@ class Engine:
         self.steps = 0
         self.phase_seconds: dict[str, float] = defaultdict(float)
         self.last_step = StepTiming(0.0, 0.0, 0.0)
+        kv_spec = self.worker.kv.spec
         log.info("engine ready in %.1fs: %s on %s (%s attention), weights %.1f MB (%s), KV cache of %d blocks x %d "
-                 "tokens = %d tokens", time.perf_counter() - t0, self.model_config.architecture, self.worker.device,
-                 self.worker.attention.name, self.worker.weight_bytes / 1e6,
+                 "tokens = %d tokens (%s, %.1f MB)", time.perf_counter() - t0, self.model_config.architecture,
+                 self.worker.device, self.worker.attention.name, self.worker.weight_bytes / 1e6,
                  ", ".join(self.worker.weight_formats) or self.worker.dtype, self.kv.num_blocks,
-                 config.cache.block_size, self.kv.num_blocks * config.cache.block_size)
+                 config.cache.block_size, self.kv.num_blocks * config.cache.block_size,
+                 str(kv_spec.storage_dtype).removeprefix("torch."), self.kv.num_blocks * kv_spec.bytes_per_block / 1e6)
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(

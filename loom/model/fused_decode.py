@@ -4,7 +4,7 @@ At the default model's size (30 layers, hidden 576) the Python between the kerne
 module-by-module forward (views, norms, rotary, cache write, attention, four projections per layer)
 cost as much as the kernels. The fused stack calls the same kernels from C++, so its output equals
 the module-by-module forward's. It applies when the step holds decode rows only, the attention
-backend is the native CPU one over a plain cache, and every projection runs its native path
+backend is the native CPU one over a plain cache in the compute dtype or an int8 cache, and every projection runs its native path
 (packed weights up to ``NATIVE_MATMUL_MAX_ROWS`` rows, or dense ones); any other step runs the modules.
 ``LOOM_DISABLE_FUSED_DECODE=1`` turns it off (to measure one against the other)."""
 
@@ -19,7 +19,7 @@ import torch
 from loom.model.attention import StepAttention
 from loom.model.attention.cpu import CPUAttention
 from loom.model.kernels import native_ops
-from loom.model.kv_cache import KVCache
+from loom.model.kv_cache import Int8KVCache, KVCache
 from loom.model.layers import Linear
 from loom.model.quant.packed import NATIVE_MATMUL_MAX_ROWS
 
@@ -61,9 +61,10 @@ class FusedDecoder:
     def __call__(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], attention: StepAttention) -> torch.Tensor:
         meta = attention.meta
         cos, sin = cos_sin
-        return self.stack.forward(x, cos.squeeze(1), sin.squeeze(1), self.kv.keys, self.kv.values,
-                                  meta.decode_block_tables, meta.decode_context_lens, meta.slot_blocks,
-                                  meta.slot_offsets)
+        kv = self.kv
+        return self.stack.forward(x, cos.squeeze(1), sin.squeeze(1), kv.keys, kv.values, kv.key_scales,
+                                  kv.value_scales, meta.decode_block_tables, meta.decode_context_lens,
+                                  meta.slot_blocks, meta.slot_offsets)
 
 
 def fused_decoder(model: LlamaForCausalLM, built: FusedDecoder | None, x: torch.Tensor,
@@ -72,7 +73,8 @@ def fused_decoder(model: LlamaForCausalLM, built: FusedDecoder | None, x: torch.
     this step can run on it, else None."""
     backend = attention.backend
     if (os.environ.get("LOOM_DISABLE_FUSED_DECODE") == "1" or not isinstance(backend, CPUAttention)
-            or type(backend.kv) is not KVCache or x.dtype not in (torch.float32, torch.bfloat16)):
+            or type(backend.kv) not in (KVCache, Int8KVCache) or x.dtype not in (torch.float32, torch.bfloat16)
+            or not (backend.kv.spec.quantized or backend.kv.dtype == x.dtype)):
         return None
     if built is None or built.kv is not backend.kv:
         ops = native_ops()

@@ -17,7 +17,7 @@ from loom.model.arch import model_class
 from loom.model.arch.base import CausalLM, quantize_model
 from loom.model.attention import AttentionMetadata, PrefillChunk, StepAttention, make_attention_backend
 from loom.model.device import keep_freed_memory, kv_cache_budget, resolve_device, resolve_dtype, set_threads, synchronize
-from loom.model.kv_cache import KVCache, KVCacheSpec
+from loom.model.kv_cache import KVCacheSpec, make_kv_cache
 from loom.model.quant.formats import FORMATS, NONE
 from loom.model.quant.gguf_blocks import gguf_packed_weights
 from loom.model.quant.packed import PackedWeight
@@ -84,8 +84,9 @@ class Worker:
         self.eos_token_ids = eos_token_ids
         self.model = load_model(model_config, model_dir, self.dtype, self.device, config.quantization, gguf)
         c = model_config
-        spec = KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, config.cache.block_size, self.dtype)
-        self.kv = KVCache(spec, self._num_blocks(config, spec, max_model_len), self.device)
+        spec = KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, config.cache.block_size, self.dtype,
+                           config.cache.kv_cache_dtype)
+        self.kv = make_kv_cache(spec, self._num_blocks(config, spec, max_model_len), self.device)
         self.attention = make_attention_backend(config.attention_backend, self.kv)
         self.sampler = Sampler(seed=config.seed)
         self.phase_seconds: dict[str, float] = defaultdict(float)  # prepare / forward / sample

@@ -1,6 +1,7 @@
 """Attention backends over the paged cache (the native ``cpu`` kernel and the pure ``torch``
 path) against plain SDPA on each sequence's keys: single-token decodes, decode rows verifying
-draft tokens (causal inside the new tokens), and prefill chunks with context."""
+draft tokens (causal inside the new tokens), and prefill chunks with context; for the int8 cache,
+the kernel against the torch reference path over the same codes."""
 
 from __future__ import annotations
 
@@ -9,15 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from loom.model.attention import AttentionMetadata, PrefillChunk, make_attention_backend
-from loom.model.kv_cache import KVCache, KVCacheSpec
+from loom.model.kv_cache import KVCache, KVCacheSpec, make_kv_cache
 
 BS = 4
 SCALE = 0.25
 BACKENDS = ["cpu", "torch"]
 
 
-def make_cache(dtype, hkv=2, d=16, num_blocks=64) -> KVCache:
-    return KVCache(KVCacheSpec(1, hkv, d, BS, dtype), num_blocks, torch.device("cpu"))
+def make_cache(dtype, hkv=2, d=16, num_blocks=64, cache_dtype="auto") -> KVCache:
+    return make_kv_cache(KVCacheSpec(1, hkv, d, BS, dtype, cache_dtype), num_blocks, torch.device("cpu"))
 
 
 def reference(q, keys, values, window):
@@ -50,8 +51,8 @@ def random_sequences(kv: KVCache, lens: list[int], seed=0):
     hkv, d = kv.spec.num_kv_heads, kv.spec.head_dim
     for n in lens:
         table = [perm.pop() for _ in range(-(-n // BS))]
-        k = torch.randn(n, hkv, d, generator=g).to(kv.dtype)
-        v = torch.randn(n, hkv, d, generator=g).to(kv.dtype)
+        k = torch.randn(n, hkv, d, generator=g).to(kv.spec.dtype)
+        v = torch.randn(n, hkv, d, generator=g).to(kv.spec.dtype)
         pos = torch.arange(n)
         kv.write(0, k, v, torch.tensor(table)[pos // BS], pos % BS)
         tables.append(table)
@@ -171,3 +172,60 @@ def test_native_kernels_read_q_k_v_as_views_of_the_fused_projection(dtype):
     got = ops.decode_attention(q, caches[0], caches[1], tables, lens, SCALE, 0)
     assert got.is_contiguous()
     assert torch.equal(got, ops.decode_attention(q.contiguous(), caches[0], caches[1], tables, lens, SCALE, 0))
+
+
+@pytest.mark.parametrize("dtype,d,window", [(torch.float32, 64, 0), (torch.bfloat16, 64, 0), (torch.bfloat16, 128, 5),
+                                             (torch.float32, 16, 0), (torch.bfloat16, 48, 3)])
+def test_int8_cache_kernel_matches_the_torch_reference_path(dtype, d, window):
+    """Over the same int8 codes and scales, the native kernel (AVX-512 for head_dim % 32 == 0, the
+    portable one otherwise) equals the torch path, which dequantizes and runs SDPA; both stay within
+    int8's error of attention over the exact keys."""
+    kv = make_cache(dtype, hkv=2, d=d, cache_dtype="int8")
+    lens = [1, 5, 16, 17, 40]
+    tables, keys, values = random_sequences(kv, lens)
+    q = torch.randn(len(lens), 6, d, generator=torch.Generator().manual_seed(1)).to(dtype)
+    meta = decode_meta(kv, [(t, n) for t, n in zip(tables, lens)], [(t, n - 1) for t, n in zip(tables, lens)])
+    new_k, new_v = torch.stack([k[-1] for k in keys]), torch.stack([v[-1] for v in values])
+    cpu = make_attention_backend("cpu", kv).forward(0, q, new_k, new_v, meta, SCALE, window)
+    ref = make_attention_backend("torch", kv).forward(0, q, new_k, new_v, meta, SCALE, window)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    assert torch.allclose(cpu.float(), ref.float(), atol=tol), (cpu.float() - ref.float()).abs().max()
+    for i, n in enumerate(lens):
+        exact = reference(q[i], keys[i], values[i], window)
+        assert torch.allclose(cpu[i].float(), exact, atol=0.05), (i, (cpu[i].float() - exact).abs().max())
+
+
+def test_int8_cache_prefill_attends_to_the_keys_as_stored():
+    """A lossy cache's first chunk attends to its own keys read back from the cache, so that the
+    prompt's output does not depend on where chunks or cached prefixes begin."""
+    torch.manual_seed(0)
+    h, hkv, d, n = 4, 2, 16, 9
+    kv = make_cache(torch.float32, hkv=hkv, d=d, num_blocks=8, cache_dtype="int8")
+    keys, values, q = torch.randn(n, hkv, d), torch.randn(n, hkv, d), torch.randn(n, h, d)
+    blocks, pos = torch.tensor([3, 1, 6]), torch.arange(n)
+    meta = AttentionMetadata(
+        slot_blocks=blocks[pos // BS], slot_offsets=pos % BS, num_decode_rows=0,
+        decode_block_tables=torch.zeros(0, 0, dtype=torch.int32), decode_context_lens=torch.zeros(0, dtype=torch.int32),
+        prefills=[PrefillChunk(0, n, 0, blocks)],
+    )
+    out = make_attention_backend("cpu", kv).forward(0, q, keys, values, meta, SCALE)
+    stored_k, stored_v = kv.gather(0, blocks, n)
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1), stored_k.repeat_interleave(2, 0),
+                                         stored_v.repeat_interleave(2, 0), is_causal=True, scale=SCALE)
+    assert torch.allclose(out, ref.transpose(0, 1), atol=1e-5)
+    assert not torch.equal(stored_k.transpose(0, 1), keys)  # the stored keys are not the exact ones
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plain_cache_in_bf16_under_fp32_compute(backend):
+    kv = make_cache(torch.float32, d=64, cache_dtype="bf16")
+    lens = [3, 20]
+    tables, keys, values = random_sequences(kv, lens)
+    q = torch.randn(len(lens), 4, 64, generator=torch.Generator().manual_seed(1))
+    meta = decode_meta(kv, [(t, n) for t, n in zip(tables, lens)], [(t, n - 1) for t, n in zip(tables, lens)])
+    out = make_attention_backend(backend, kv).forward(0, q, torch.stack([k[-1] for k in keys]),
+                                                      torch.stack([v[-1] for v in values]), meta, SCALE, 0)
+    assert out.dtype == torch.float32
+    for i, n in enumerate(lens):
+        ref = reference(q[i], keys[i].bfloat16(), values[i].bfloat16(), 0)
+        assert torch.allclose(out[i], ref, atol=2e-2)

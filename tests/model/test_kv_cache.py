@@ -1,4 +1,5 @@
-"""The KV cache object: exact bytes per block, write / gather / copy_block, lazily zeroed storage."""
+"""The KV cache object: exact bytes per block, write / gather / copy_block, lazily zeroed storage, and the
+formats of ``--kv-cache-dtype`` (a plain cache in another dtype than the compute dtype, int8)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import re
 import pytest
 import torch
 
-from loom.model.kv_cache import KVCache, KVCacheSpec
+from loom.model.kv_cache import Int8KVCache, KVCache, KVCacheSpec, make_kv_cache, quantize_int8
 
 
 def test_bytes_per_block_is_exact_for_each_dtype():
@@ -84,3 +85,71 @@ def test_cpu_storage_is_private_and_advised_for_huge_pages():
         raise AssertionError("the cache's mapping is not in /proc/self/smaps")
     assert perms.endswith("p"), perms  # private, not shared
     assert "hg" in flags, flags  # MADV_HUGEPAGE
+
+
+def test_bytes_per_block_of_each_format():
+    bf16 = KVCacheSpec(30, 3, 64, 16, torch.bfloat16)
+    assert KVCacheSpec(30, 3, 64, 16, torch.bfloat16, "fp32").bytes_per_block == 2 * bf16.bytes_per_block
+    assert KVCacheSpec(30, 3, 64, 16, torch.float32, "bf16").bytes_per_block == bf16.bytes_per_block
+    int8 = KVCacheSpec(30, 3, 64, 16, torch.bfloat16, "int8")
+    assert int8.bytes_per_token == 2 * 30 * 3 * (64 + 2)  # codes and one fp16 scale per token and head
+    budget = 64 << 20
+    assert int8.num_blocks_for(budget) / bf16.num_blocks_for(budget) > 1.9
+    with pytest.raises(ValueError, match="unknown KV cache dtype 'int3'"):
+        KVCacheSpec(30, 3, 64, 16, torch.bfloat16, "int3")
+
+
+def test_int8_quantization_error_is_half_a_step_per_element():
+    x = torch.randn(50, 3, 64) * torch.logspace(-3, 2, 50)[:, None, None]
+    x[7, 1] = 0  # an all-zero row: scale 0, codes 0
+    codes, scale = quantize_int8(x)
+    assert codes.dtype == torch.int8 and scale.dtype == torch.float16 and scale.shape == (50, 3)
+    assert torch.equal(scale, (x.abs().amax(-1) / 127).half())
+    back = codes.float() * scale.float()[..., None]
+    step = scale.float()[..., None]
+    assert bool(((back - x).abs() <= step / 2 + 1e-6 * x.abs()).all())
+    assert int(codes[7, 1].abs().sum()) == 0 and float(scale[7, 1]) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_cache_write_gather_and_copy_block(dtype):
+    """The native write stores the same codes and scales as the PyTorch path, bit for bit; reads
+    dequantize in the compute dtype; copy_block copies the scales with the codes."""
+    spec = KVCacheSpec(2, 3, 64, 16, dtype, "int8")
+    kv = make_kv_cache(spec, 8, torch.device("cpu"))
+    assert isinstance(kv, Int8KVCache) and kv.dtype == torch.int8 and kv.lossy
+    torch.manual_seed(0)
+    k, v = (torch.randn(20, 3, 64) * 4).to(dtype), torch.randn(20, 3, 64).to(dtype)
+    slots = torch.randperm(16 * 8)[:20]
+    blocks, offsets = slots // 16, slots % 16
+    kv.write(1, k, v, blocks, offsets)
+    ref = Int8KVCache(spec, 8, torch.device("cpu"))
+    ref._native_write = None
+    ref.write(1, k, v, blocks, offsets)
+    if kv._native_write is not None:  # the native path ran: it must agree with the PyTorch one
+        for a, b in zip(kv.keys + kv.values + kv.key_scales + kv.value_scales,
+                        ref.keys + ref.values + ref.key_scales + ref.value_scales):
+            assert torch.equal(a, b)
+    codes, scale = quantize_int8(k)
+    assert torch.equal(kv.keys[1][blocks, :, offsets], codes) and torch.equal(kv.key_scales[1][blocks, :, offsets], scale)
+    table = torch.arange(8)
+    gk, gv = kv.gather(1, table, 128)
+    assert gk.dtype == dtype
+    got_k = gk.transpose(0, 1)[slots]
+    assert torch.allclose(got_k.float(), k.float(), atol=float(scale.float().max()) / 2 + 0.05)
+    kv.copy_block(int(blocks[0]), 7 if int(blocks[0]) != 7 else 6)
+    dst = 7 if int(blocks[0]) != 7 else 6
+    for layer in (kv.keys, kv.values, kv.key_scales, kv.value_scales):
+        assert torch.equal(layer[1][dst], layer[1][int(blocks[0])])
+
+
+def test_plain_cache_in_another_dtype_than_the_compute_dtype():
+    """bf16 storage under fp32 compute: writes round to bf16, reads come back as fp32, and the cache
+    counts as lossy (prefill then attends to the keys as stored)."""
+    kv = make_kv_cache(KVCacheSpec(1, 2, 8, 4, torch.float32, "bf16"), 4, torch.device("cpu"))
+    assert kv.dtype == torch.bfloat16 and kv.lossy
+    k = torch.randn(3, 2, 8)
+    kv.write(0, k, k, torch.tensor([2, 2, 2]), torch.arange(3))
+    gk, _ = kv.gather(0, torch.tensor([2]), 3)
+    assert gk.dtype == torch.float32 and torch.equal(gk, k.bfloat16().float().transpose(0, 1))
+    assert not make_kv_cache(KVCacheSpec(1, 2, 8, 4, torch.bfloat16, "fp32"), 4, torch.device("cpu")).lossy

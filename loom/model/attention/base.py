@@ -72,10 +72,11 @@ class AttentionBackend(ABC):
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk, scale: float,
         window: int,
     ) -> torch.Tensor:
-        """Causal attention of one chunk's queries over its context plus itself (SDPA)."""
+        """Causal attention of one chunk's queries over its context plus itself (SDPA). A lossy cache's
+        chunk attends to its own keys as read back from the cache."""
         n = q.shape[0]
         total = chunk.start_pos + n
-        if chunk.start_pos == 0:
+        if chunk.start_pos == 0 and not self.kv.lossy:
             kh, vh = k.transpose(0, 1), v.transpose(0, 1)
         else:
             kh, vh = self.kv.gather(layer, chunk.block_ids, total)

@@ -1,5 +1,5 @@
 """The CPU backend: decode rows go through the native AVX-512 paged kernel, which reads keys and
-values in place through the block table (no gather copy); prefill chunks use SDPA."""
+values in place through the block table (no gather copy), int8 codes included; prefill chunks use SDPA."""
 
 from __future__ import annotations
 
@@ -24,5 +24,11 @@ class CPUAttention(AttentionBackend):
         self._decode = ops.decode_attention
 
     def decode(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, scale: float, window: int) -> torch.Tensor:
-        return self._decode(q, self.kv.keys[layer], self.kv.values[layer], meta.decode_block_tables,
-                            meta.decode_context_lens, scale, window)
+        kv = self.kv
+        if kv.spec.quantized:
+            return self._decode(q, kv.keys[layer], kv.values[layer], meta.decode_block_tables, meta.decode_context_lens,
+                                scale, window, kv.key_scales[layer], kv.value_scales[layer])
+        # A plain cache in another dtype than the compute dtype: the kernel computes in the cache's.
+        out = self._decode(q.to(kv.dtype), kv.keys[layer], kv.values[layer], meta.decode_block_tables,
+                           meta.decode_context_lens, scale, window)
+        return out.to(q.dtype)

@@ -71,12 +71,17 @@ class DecoderStack {
   }
 
   // x: the embedded tokens [T, hidden], every row a decode row; cos/sin: [T, head_dim / 2]; keys/values:
-  // the cache's layers; the rest as AttentionMetadata holds them. Returns the final-normed hidden states.
+  // the cache's layers, key_scales/value_scales an int8 cache's scales (empty for a plain cache); the
+  // rest as AttentionMetadata holds them. Returns the final-normed hidden states.
   torch::Tensor forward(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin,
                         const std::vector<torch::Tensor>& keys, const std::vector<torch::Tensor>& values,
+                        const std::vector<torch::Tensor>& key_scales, const std::vector<torch::Tensor>& value_scales,
                         const torch::Tensor& block_tables, const torch::Tensor& context_lens,
                         const torch::Tensor& slot_blocks, const torch::Tensor& slot_offsets) const {
     TORCH_CHECK(keys.size() == layers_.size() && values.size() == layers_.size(), "one cache layer per decoder layer");
+    const bool scaled = !key_scales.empty();
+    TORCH_CHECK(!scaled || (key_scales.size() == layers_.size() && value_scales.size() == layers_.size()),
+                "one scale layer per decoder layer");
     const int64_t T = x.size(0), q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
     torch::Tensor residual;
     for (size_t l = 0; l < layers_.size(); ++l) {
@@ -92,9 +97,11 @@ class DecoderStack {
       const torch::Tensor qk = qkv.narrow(1, 0, q_size + kv_size).view({T, num_heads_ + num_kv_heads_, head_dim_});
       rotary_(qk, cos, sin);
       const torch::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({T, num_kv_heads_, head_dim_});
-      kv_write(keys[l], values[l], qk.narrow(1, num_heads_, num_kv_heads_), v, slot_blocks, slot_offsets);
+      c10::optional<torch::Tensor> ks, vs;
+      if (scaled) ks = key_scales[l], vs = value_scales[l];
+      kv_write(keys[l], values[l], qk.narrow(1, num_heads_, num_kv_heads_), v, slot_blocks, slot_offsets, ks, vs);
       const torch::Tensor attn = decode_attention(qk.narrow(1, 0, num_heads_), keys[l], values[l], block_tables,
-                                                  context_lens, scale_, 0);
+                                                  context_lens, scale_, 0, ks, vs);
       h = add_rms_norm(L.o(attn.reshape({T, q_size})), residual, L.post_norm, eps_, 0.0);
       x = L.down(act_and_mul(L.gate_up(h), act_));
     }

@@ -7,6 +7,7 @@
 
 #include "cpu_check.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -172,15 +173,47 @@ torch::Tensor act_and_mul(torch::Tensor gate_up, int64_t act) {
 // keys/values: one layer of the cache [num_blocks, num_kv_heads, block_size, head_dim]; k/v: this
 // step's [T, num_kv_heads, head_dim]; slot t goes to (blocks[t], :, offsets[t]). One call for both
 // (PyTorch's indexed assignment costs ~20 us per tensor per layer at decode sizes).
+namespace {
+
+// Symmetric int8 codes of one row of D values with its fp16 scale (max |x| / 127), rounded half to
+// even against the stored scale: the same codes as loom.model.kv_cache.quantize_int8.
+template <typename T>
+void quantize_row_int8(const T* x, int64_t D, int8_t* codes, at::Half* scale) {
+  float amax = 0.f;
+  for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(float(x[d])));
+  const at::Half s = at::Half(amax / 127.f);
+  *scale = s;
+  const float sf = float(s);
+  for (int64_t d = 0; d < D; ++d) {
+    const float c = sf > 0.f ? std::nearbyint(float(x[d]) / sf) : 0.f;
+    codes[d] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, c)));
+  }
+}
+
+}  // namespace
+
+// keys/values: one cache layer [blocks, heads, block_size, head_dim]; k, v: [T, heads, head_dim];
+// blocks/offsets: int64 [T]. An int8 cache takes key_scales/value_scales [blocks, heads, block_size]
+// (fp16) and stores codes and scales; any other cache stores k and v as they are (same dtype).
 void kv_write(torch::Tensor keys, torch::Tensor values, torch::Tensor k, torch::Tensor v, torch::Tensor blocks,
-              torch::Tensor offsets) {
+              torch::Tensor offsets, c10::optional<torch::Tensor> key_scales,
+              c10::optional<torch::Tensor> value_scales) {
   LOOM_CHECK_CPU(keys);
   LOOM_CHECK_CPU(k);
   TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && keys.sizes() == values.sizes() && keys.dim() == 4,
               "cache layers must be contiguous [blocks, heads, block_size, head_dim]");
   TORCH_CHECK(k.dim() == 3 && k.sizes() == v.sizes() && k.size(1) == keys.size(1) && k.size(2) == keys.size(3),
               "k and v must be [T, num_kv_heads, head_dim]");
-  TORCH_CHECK(k.scalar_type() == keys.scalar_type() && v.scalar_type() == keys.scalar_type(), "dtype mismatch");
+  const bool int8 = keys.scalar_type() == at::kChar;
+  TORCH_CHECK(int8 == key_scales.has_value() && int8 == value_scales.has_value(),
+              "an int8 cache needs key and value scales, any other none");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() && (int8 || k.scalar_type() == keys.scalar_type()),
+              "dtype mismatch");
+  if (int8) {
+    for (const auto* sc : {&*key_scales, &*value_scales})
+      TORCH_CHECK(sc->scalar_type() == at::kHalf && sc->is_contiguous() && sc->sizes() == keys.sizes().slice(0, 3),
+                  "scales must be contiguous fp16 [blocks, heads, block_size]");
+  }
   TORCH_CHECK(blocks.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong && blocks.numel() == k.size(0) &&
               offsets.numel() == k.size(0), "blocks and offsets must be int64 [T]");
   // k and v may be views into the step's fused q/k/v rows: only each row's heads must be packed.
@@ -189,11 +222,28 @@ void kv_write(torch::Tensor keys, torch::Tensor values, torch::Tensor k, torch::
   blocks = blocks.contiguous();
   offsets = offsets.contiguous();
   const int64_t T = k.size(0), H = k.size(1), D = k.size(2), NB = keys.size(0), BS = keys.size(2);
-  const int64_t row = D * k.element_size();
   const auto* bp = blocks.data_ptr<int64_t>();
   const auto* op = offsets.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t)
     TORCH_CHECK(bp[t] >= 0 && bp[t] < NB && op[t] >= 0 && op[t] < BS, "slot out of range");
+  if (int8) {
+    auto* kc = keys.data_ptr<int8_t>();
+    auto* vc = values.data_ptr<int8_t>();
+    auto* ks = key_scales->data_ptr<at::Half>();
+    auto* vs = value_scales->data_ptr<at::Half>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "kv_write_int8", [&] {
+      const auto* kp = k.data_ptr<scalar_t>();
+      const auto* vp = v.data_ptr<scalar_t>();
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t slot = (bp[t] * H + h) * BS + op[t];
+          quantize_row_int8(kp + t * k.stride(0) + h * D, D, kc + slot * D, ks + slot);
+          quantize_row_int8(vp + t * v.stride(0) + h * D, D, vc + slot * D, vs + slot);
+        }
+    });
+    return;
+  }
+  const int64_t row = D * k.element_size();
   auto* kc = static_cast<char*>(keys.data_ptr());
   auto* vc = static_cast<char*>(values.data_ptr());
   const auto* ks = static_cast<const char*>(k.data_ptr());

@@ -5,13 +5,14 @@
 #include <torch/extension.h>
 
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                               torch::Tensor block_tables, torch::Tensor context_lens, double scale, int64_t window);
+                               torch::Tensor block_tables, torch::Tensor context_lens, double scale, int64_t window,
+                               c10::optional<torch::Tensor> k_scales, c10::optional<torch::Tensor> v_scales);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, double offset);
 torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, double eps, double offset);
 void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor act_and_mul(torch::Tensor gate_up, int64_t act);
 void kv_write(torch::Tensor keys, torch::Tensor values, torch::Tensor k, torch::Tensor v, torch::Tensor blocks,
-              torch::Tensor offsets);
+              torch::Tensor offsets, c10::optional<torch::Tensor> key_scales, c10::optional<torch::Tensor> value_scales);
 torch::Tensor linear_small_batch(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 bool has_linear_small_batch();
 torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor qs, c10::optional<torch::Tensor> qh, torch::Tensor scale,

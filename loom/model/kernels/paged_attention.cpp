@@ -15,6 +15,7 @@
 #include <immintrin.h>
 #endif
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -28,6 +29,82 @@ using loom_simd::load_bf16;
 using loom_simd::load_bh;
 using loom_simd::exp_ps;
 using loom_simd::reduce16;
+
+// Softmax numerators of `rows` rows of `stride` scores (a multiple of 16, padded with -inf, which
+// contributes exp(-inf) = 0), in place; inv[r] = 1 / the row's sum. Weights below e^-64 of the
+// row's largest are flushed to 0: they are far below fp32's resolution of the sum, and exp_ps would
+// return ~1e-38 for them, whose products with the values are denormals (a microcode assist each,
+// which made a peaked softmax 10x slower).
+void softmax_padded(float* scores, int64_t rows, int64_t stride, float* inv) {
+  const __m512 cutoff = _mm512_set1_ps(-64.f);
+  for (int64_t g = 0; g < rows; ++g) {
+    float* sc = scores + g * stride;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < stride; i += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sc + i));
+    const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < stride; i += 16) {
+      const __m512 x = _mm512_sub_ps(_mm512_loadu_ps(sc + i), vmax);
+      const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, cutoff, _CMP_GT_OQ), exp_ps(x));
+      _mm512_storeu_ps(sc + i, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    inv[g] = 1.f / _mm512_reduce_add_ps(sum);
+  }
+}
+
+// 16 values of a value row in fp32: bf16 widened, int8 codes sign-extended (their scale is applied
+// by the caller, folded into the softmax weights).
+inline __m512 load_row16(const c10::BFloat16* p) { return load_bf16(p); }
+inline __m512 load_row16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Pass 2 for G query heads of a group: acc[g * nv + j] = sum_t w[g * stride + t] * rows[t][16j..16j+16)
+// over n tokens. The G x CH accumulators of CH 16-lane chunks stay in registers (compile-time
+// sizes), so each token costs CH loads and G x CH FMAs and no accumulator traffic through memory.
+template <int G, int CH, typename V>
+void weighted_rows(const V* const* rows, const float* w, int64_t stride, int64_t n, int64_t nv, __m512* acc) {
+  for (int64_t j0 = 0; j0 < nv; j0 += CH) {
+    __m512 a[G][CH];
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < CH; ++c) a[g][c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; ++t) {
+      __m512 v[CH];
+      for (int c = 0; c < CH; ++c) v[c] = load_row16(rows[t] + (j0 + c) * 16);
+      for (int g = 0; g < G; ++g) {
+        const __m512 p = _mm512_set1_ps(w[g * stride + t]);
+        for (int c = 0; c < CH; ++c) a[g][c] = _mm512_fmadd_ps(p, v[c], a[g][c]);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < CH; ++c) acc[g * nv + j0 + c] = a[g][c];
+  }
+}
+
+template <int G, typename V>
+void weighted_rows_of(const V* const* rows, const float* w, int64_t stride, int64_t n, int64_t nv, __m512* acc) {
+  if (nv % 4 == 0) weighted_rows<G, 4>(rows, w, stride, n, nv, acc);
+  else weighted_rows<G, 2>(rows, w, stride, n, nv, acc);  // head_dim is a multiple of 32: nv is even
+}
+
+// All `group` heads, up to 6 at a time (6 x 4 accumulators + 4 values fit AVX-512's 32 registers).
+template <typename V>
+void weighted_values(const V* const* rows, const float* w, int64_t stride, int64_t n, int64_t nv, int64_t group,
+                     __m512* acc) {
+  for (int64_t g0 = 0; g0 < group; g0 += 6) {
+    const float* wg = w + g0 * stride;
+    __m512* ag = acc + g0 * nv;
+    switch (std::min<int64_t>(6, group - g0)) {
+      case 1: weighted_rows_of<1>(rows, wg, stride, n, nv, ag); break;
+      case 2: weighted_rows_of<2>(rows, wg, stride, n, nv, ag); break;
+      case 3: weighted_rows_of<3>(rows, wg, stride, n, nv, ag); break;
+      case 4: weighted_rows_of<4>(rows, wg, stride, n, nv, ag); break;
+      case 5: weighted_rows_of<5>(rows, wg, stride, n, nv, ag); break;
+      default: weighted_rows_of<6>(rows, wg, stride, n, nv, ag); break;
+    }
+  }
+}
 
 // The bf16 fast path (head_dim a multiple of 32, up to 256). Scores: VDPBF16PS dot products of
 // up to 16 keys of a block at once, reduced together; softmax with a vectorised exp; values
@@ -43,6 +120,7 @@ void decode_attention_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* k
     std::vector<__m512bh> qv(group * nq);
     std::vector<__m512> acc(group * nv);
     std::vector<float> scores;  // [group][n padded to 16]
+    std::vector<const c10::BFloat16*> rows;  // each visible token's value row
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = task / num_kv_heads, h = task % num_kv_heads;
       const int64_t len = context_lens[s];
@@ -65,17 +143,6 @@ void decode_attention_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* k
         const c10::BFloat16* kb =
             k_cache + (((int64_t)table[t / block_size] * num_kv_heads + h) * block_size + off) * head_dim;
         const __mmask16 valid = (__mmask16)((1u << cnt) - 1);
-        // The loads are what bounds this kernel: prefetch the next keys, and this chunk's values
-        // into L2 for pass 2, while the dot products of this chunk run.
-        const int64_t next = t + cnt;
-        if (next < len) {
-          const char* nk = reinterpret_cast<const char*>(
-              k_cache + (((int64_t)table[next / block_size] * num_kv_heads + h) * block_size + next % block_size) * head_dim);
-          const int64_t ncnt = std::min<int64_t>({16, block_size - next % block_size, len - next});
-          for (int64_t b = 0; b < ncnt * head_dim * 2; b += 64) _mm_prefetch(nk + b, _MM_HINT_T0);
-        }
-        const char* vb = reinterpret_cast<const char*>(v_cache + (kb - k_cache));
-        for (int64_t b = 0; b < cnt * head_dim * 2; b += 64) _mm_prefetch(vb + b, _MM_HINT_T1);
         for (int64_t g = 0; g < group; ++g) {
           __m512 dots[16];
           for (int64_t j = 0; j < 16; ++j) {
@@ -89,33 +156,14 @@ void decode_attention_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* k
         }
         t += cnt;
       }
-      // Softmax per head (the -inf padding contributes exp(-inf) = 0).
       std::vector<float> inv(group);
-      for (int64_t g = 0; g < group; ++g) {
-        float* sc = scores.data() + g * stride;
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        for (int64_t i = 0; i < stride; i += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sc + i));
-        const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t i = 0; i < stride; i += 16) {
-          const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sc + i), vmax));
-          _mm512_storeu_ps(sc + i, e);
-          sum = _mm512_add_ps(sum, e);
-        }
-        inv[g] = 1.f / _mm512_reduce_add_ps(sum);
-      }
+      softmax_padded(scores.data(), group, stride, inv.data());
       // Pass 2: weighted sum of values in fp32.
-      for (auto& a : acc) a = _mm512_setzero_ps();
-      for (int64_t t = first; t < len; ++t) {
-        const c10::BFloat16* vr =
+      rows.resize(n);
+      for (int64_t t = first; t < len; ++t)
+        rows[t - first] =
             v_cache + (((int64_t)table[t / block_size] * num_kv_heads + h) * block_size + t % block_size) * head_dim;
-        __m512 vv[16];
-        for (int64_t j = 0; j < nv; ++j) vv[j] = load_bf16(vr + j * 16);
-        for (int64_t g = 0; g < group; ++g) {
-          const __m512 p = _mm512_set1_ps(scores[g * stride + (t - first)]);
-          for (int64_t j = 0; j < nv; ++j) acc[g * nv + j] = _mm512_fmadd_ps(p, vv[j], acc[g * nv + j]);
-        }
-      }
+      weighted_values(rows.data(), scores.data(), stride, n, nv, group, acc.data());
       for (int64_t g = 0; g < group; ++g) {
         const __m512 vinv = _mm512_set1_ps(inv[g]);
         for (int64_t j = 0; j < nv; ++j) {
@@ -127,6 +175,106 @@ void decode_attention_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* k
     }
   });
 }
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+template <typename T>
+inline __m512 load16(const T* p) {
+  if constexpr (std::is_same_v<T, float>) return _mm512_loadu_ps(p);
+  else return load_bf16(p);
+}
+
+template <typename T>
+inline void store16(T* p, __m512 v) {
+  if constexpr (std::is_same_v<T, float>) _mm512_storeu_ps(p, v);
+  else loom_simd::store_bf16(p, v);
+}
+
+// The int8 cache (int8 codes, an fp16 scale per token and head; head_dim a multiple of 32, up to
+// 256). Each query head becomes int16 codes with one fp32 scale (16 bits: finer than bf16), so a
+// score is an integer dot product (VPDPWSSD over the sign-extended key codes) times the query's,
+// the key's and the softmax scale. Values are widened to fp32 in registers, their scale folded into
+// the softmax weight. q and the output are fp32 or bf16.
+template <typename T>
+void decode_attention_int8_avx512(const T* q, const int8_t* k_cache, const int8_t* v_cache, const at::Half* k_scales,
+                                  const at::Half* v_scales, const int32_t* block_tables, const int32_t* context_lens,
+                                  T* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                  int64_t block_size, int64_t max_blocks, float scale, int64_t window, int64_t q_row) {
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t nk = head_dim / 32, nv = head_dim / 16;
+  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<__m512i> qv(group * nk);
+    std::vector<float> qscale(group), inv(group);
+    std::vector<__m512> acc(group * nv);
+    std::vector<float> scores;  // [group][n padded to 16]
+    std::vector<const int8_t*> rows;  // each visible token's value row
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t s = task / num_kv_heads, h = task % num_kv_heads;
+      const int64_t len = context_lens[s];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t n = len - first, stride = (n + 15) / 16 * 16;
+      T* o = out + (s * num_heads + h * group) * head_dim;
+      if (n <= 0) {
+        std::fill(o, o + group * head_dim, T(0.f));
+        continue;
+      }
+      const T* qs = q + s * q_row + h * group * head_dim;
+      for (int64_t g = 0; g < group; ++g) {
+        const T* qg = qs + g * head_dim;
+        __m512 amax = _mm512_setzero_ps();
+        for (int64_t i = 0; i < nv; ++i) amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(qg + i * 16)));
+        const float m = _mm512_reduce_max_ps(amax);
+        qscale[g] = m / 32767.f * scale;
+        const __m512 to_codes = _mm512_set1_ps(m > 0.f ? 32767.f / m : 0.f);
+        for (int64_t c = 0; c < nk; ++c) {
+          const __m256i lo = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(load16(qg + c * 32), to_codes)));
+          const __m256i hi = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(load16(qg + c * 32 + 16), to_codes)));
+          qv[g * nk + c] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        }
+      }
+      scores.assign(group * stride, -INFINITY);
+      const int32_t* table = block_tables + s * max_blocks;
+      // Pass 1: scores, at most 16 keys of one block per reduction.
+      for (int64_t t = first; t < len;) {
+        const int64_t off = t % block_size;
+        const int64_t cnt = std::min<int64_t>({16, block_size - off, len - t});
+        const int64_t slot = ((int64_t)table[t / block_size] * num_kv_heads + h) * block_size + off;
+        const int8_t* kb = k_cache + slot * head_dim;
+        const __mmask16 valid = (__mmask16)((1u << cnt) - 1);
+        const __m512 kscale = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, k_scales + slot));
+        for (int64_t g = 0; g < group; ++g) {
+          __m512 dots[16];
+          for (int64_t j = 0; j < 16; ++j) {
+            __m512i d = _mm512_setzero_si512();
+            if (j < cnt)
+              for (int64_t c = 0; c < nk; ++c) {
+                const __m512i k16 = _mm512_cvtepi8_epi16(
+                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kb + j * head_dim + c * 32)));
+                d = _mm512_dpwssd_epi32(d, k16, qv[g * nk + c]);
+              }
+            dots[j] = _mm512_cvtepi32_ps(d);
+          }
+          const __m512 sc = _mm512_mul_ps(_mm512_mul_ps(reduce16(dots), kscale), _mm512_set1_ps(qscale[g]));
+          _mm512_mask_storeu_ps(scores.data() + g * stride + (t - first), valid, sc);
+        }
+        t += cnt;
+      }
+      softmax_padded(scores.data(), group, stride, inv.data());
+      // Pass 2: weighted sum of values in fp32, each token's scale folded into its weights.
+      rows.resize(n);
+      for (int64_t t = first; t < len; ++t) {
+        const int64_t slot = ((int64_t)table[t / block_size] * num_kv_heads + h) * block_size + t % block_size;
+        rows[t - first] = v_cache + slot * head_dim;
+        const float vscale = float(v_scales[slot]);
+        for (int64_t g = 0; g < group; ++g) scores[g * stride + (t - first)] *= vscale;
+      }
+      weighted_values(rows.data(), scores.data(), stride, n, nv, group, acc.data());
+      for (int64_t g = 0; g < group; ++g) {
+        const __m512 vinv = _mm512_set1_ps(inv[g]);
+        for (int64_t j = 0; j < nv; ++j) store16(o + g * head_dim + j * 16, _mm512_mul_ps(acc[g * nv + j], vinv));
+      }
+    }
+  });
+}
+#endif
 #endif
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -174,11 +322,13 @@ inline float softmax_numerators(float* sc, int64_t n) {
   return sum;
 }
 
-template <typename T>
-void decode_attention_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t* block_tables,
-                             const int32_t* context_lens, T* out, int64_t num_seqs, int64_t num_heads,
-                             int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks,
-                             float scale, int64_t window, int64_t q_row) {
+// The portable kernel: any cache element C (the compute dtype, or int8 codes with fp16 scales per
+// token and head: k_scales/v_scales, null for a plain cache), converted to fp32 row by row.
+template <typename T, typename C>
+void decode_attention_kernel(const T* q, const C* k_cache, const C* v_cache, const at::Half* k_scales,
+                             const at::Half* v_scales, const int32_t* block_tables, const int32_t* context_lens,
+                             T* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                             int64_t block_size, int64_t max_blocks, float scale, int64_t window, int64_t q_row) {
   const int64_t group = num_heads / num_kv_heads;
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(group * head_dim), kf(head_dim), acc(group * head_dim), scores;
@@ -197,9 +347,11 @@ void decode_attention_kernel(const T* q, const T* k_cache, const T* v_cache, con
       scores.resize(n * group);  // [group][n]: each head's scores contiguous, for the softmax
       const int32_t* table = block_tables + s * max_blocks;
       for (int64_t t = first; t < len; ++t) {
-        const T* kr = k_cache + (((int64_t)table[t / block_size] * num_kv_heads + h) * block_size + t % block_size) * head_dim;
+        const int64_t slot = ((int64_t)table[t / block_size] * num_kv_heads + h) * block_size + t % block_size;
+        const C* kr = k_cache + slot * head_dim;
+        const float ks = k_scales ? float(k_scales[slot]) : 1.f;
 #pragma omp simd
-        for (int64_t d = 0; d < head_dim; ++d) kf[d] = float(kr[d]);
+        for (int64_t d = 0; d < head_dim; ++d) kf[d] = float(kr[d]) * ks;
         for (int64_t g = 0; g < group; ++g) {
           const float* qg = qf.data() + g * head_dim;
           float dot = 0.f;
@@ -212,9 +364,11 @@ void decode_attention_kernel(const T* q, const T* k_cache, const T* v_cache, con
       for (int64_t g = 0; g < group; ++g) sum[g] = softmax_numerators(scores.data() + g * n, n);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = first; t < len; ++t) {
-        const T* vr = v_cache + (((int64_t)table[t / block_size] * num_kv_heads + h) * block_size + t % block_size) * head_dim;
+        const int64_t slot = ((int64_t)table[t / block_size] * num_kv_heads + h) * block_size + t % block_size;
+        const C* vr = v_cache + slot * head_dim;
+        const float vs = v_scales ? float(v_scales[slot]) : 1.f;
 #pragma omp simd
-        for (int64_t d = 0; d < head_dim; ++d) kf[d] = float(vr[d]);
+        for (int64_t d = 0; d < head_dim; ++d) kf[d] = float(vr[d]) * vs;
         for (int64_t g = 0; g < group; ++g) {
           const float p = scores[g * n + (t - first)];
           float* ag = acc.data() + g * head_dim;
@@ -235,18 +389,31 @@ void decode_attention_kernel(const T* q, const T* k_cache, const T* v_cache, con
 // q: [num_seqs, num_heads, head_dim]; caches: [num_blocks, num_kv_heads, block_size, head_dim]
 // (a block holds each head's tokens contiguously, so one (sequence, head) task streams memory);
 // block_tables: int32 [num_seqs, max_blocks]; context_lens: int32 [num_seqs] (keys visible,
-// including the current token). window > 0 limits attention to the last `window` keys.
+// including the current token). window > 0 limits attention to the last `window` keys. A plain
+// cache shares q's dtype; an int8 cache comes with fp16 k_scales/v_scales [num_blocks,
+// num_kv_heads, block_size] (one per token and head).
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                torch::Tensor block_tables, torch::Tensor context_lens, double scale,
-                               int64_t window) {
+                               int64_t window, c10::optional<torch::Tensor> k_scales,
+                               c10::optional<torch::Tensor> v_scales) {
   LOOM_CHECK_CPU(q);
   LOOM_CHECK_CPU(k_cache);
   LOOM_CHECK_CPU(v_cache);
   LOOM_CHECK_CPU(block_tables);
   LOOM_CHECK_CPU(context_lens);
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
-              "q and the caches must share a dtype");
+  const bool int8 = k_cache.scalar_type() == at::kChar;
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() && (int8 || q.scalar_type() == k_cache.scalar_type()),
+              "q and a plain cache must share a dtype");
+  TORCH_CHECK(int8 == k_scales.has_value() && int8 == v_scales.has_value(),
+              "an int8 cache needs k_scales and v_scales, any other none");
+  if (int8) {
+    for (const auto* sc : {&*k_scales, &*v_scales}) {
+      LOOM_CHECK_CPU(*sc);
+      TORCH_CHECK(sc->scalar_type() == at::kHalf && sc->is_contiguous() && sc->sizes() == k_cache.sizes().slice(0, 3),
+                  "scales must be contiguous fp16 [num_blocks, num_kv_heads, block_size]");
+    }
+  }
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && context_lens.scalar_type() == torch::kInt32,
               "block_tables and context_lens must be int32");
   // The queries may be a view into the step's fused q/k/v rows: only each row's heads must be packed.
@@ -259,33 +426,65 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   const int64_t num_kv_heads = k_cache.size(1), block_size = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == head_dim && num_heads % num_kv_heads == 0, "head mismatch");
   auto out = torch::empty(q.sizes(), q.options());  // contiguous, whatever q's strides
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int32_t* lens = context_lens.data_ptr<int32_t>();
+  const int64_t max_blocks = block_tables.size(1);
+  if (int8) {
+    const auto* ks = k_scales->data_ptr<at::Half>();
+    const auto* vs = v_scales->data_ptr<at::Half>();
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    const auto run = [&](auto* q_ptr, auto* out_ptr) {
+      decode_attention_int8_avx512(q_ptr, k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(), ks, vs, tables, lens,
+                                   out_ptr, num_seqs, num_heads, num_kv_heads, head_dim, block_size, max_blocks,
+                                   (float)scale, window, q_row);
+    };
+    if (head_dim % 32 == 0 && head_dim <= 256 && q.scalar_type() == at::kBFloat16) {
+      run(q.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>());
+      return out;
+    }
+    if (head_dim % 32 == 0 && head_dim <= 256 && q.scalar_type() == at::kFloat) {
+      run(q.data_ptr<float>(), out.data_ptr<float>());
+      return out;
+    }
+#endif
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention_int8", [&] {
+      decode_attention_kernel<scalar_t, int8_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<int8_t>(),
+                                                v_cache.data_ptr<int8_t>(), ks, vs, tables, lens,
+                                                out.data_ptr<scalar_t>(), num_seqs, num_heads, num_kv_heads, head_dim,
+                                                block_size, max_blocks, (float)scale, window, q_row);
+    });
+    return out;
+  }
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
   if (q.scalar_type() == at::kBFloat16 && head_dim % 32 == 0 && head_dim <= 256) {
     decode_attention_bf16_avx512(q.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(),
-                                 v_cache.data_ptr<c10::BFloat16>(), block_tables.data_ptr<int32_t>(),
-                                 context_lens.data_ptr<int32_t>(), out.data_ptr<c10::BFloat16>(), num_seqs, num_heads,
-                                 num_kv_heads, head_dim, block_size, block_tables.size(1), (float)scale, window, q_row);
+                                 v_cache.data_ptr<c10::BFloat16>(), tables, lens, out.data_ptr<c10::BFloat16>(),
+                                 num_seqs, num_heads, num_kv_heads, head_dim, block_size, max_blocks, (float)scale,
+                                 window, q_row);
     return out;
   }
 #endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
-    decode_attention_kernel<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
-                                      v_cache.data_ptr<scalar_t>(), block_tables.data_ptr<int32_t>(),
-                                      context_lens.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), num_seqs,
-                                      num_heads, num_kv_heads, head_dim, block_size, block_tables.size(1),
-                                      (float)scale, window, q_row);
+    decode_attention_kernel<scalar_t, scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
+                                                v_cache.data_ptr<scalar_t>(), nullptr, nullptr, tables, lens,
+                                                out.data_ptr<scalar_t>(), num_seqs, num_heads, num_kv_heads, head_dim,
+                                                block_size, max_blocks, (float)scale, window, q_row);
   });
   return out;
 }
 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "decode attention over a paged KV cache");
+  m.def("decode_attention", &decode_attention, "decode attention over a paged KV cache", py::arg("q"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"),
+        py::arg("window"), py::arg("k_scales") = py::none(), py::arg("v_scales") = py::none());
   m.def("rms_norm", &rms_norm, "RMSNorm");
   m.def("add_rms_norm", &add_rms_norm, "residual += x, then RMSNorm of the residual");
   m.def("rotary_", &rotary_, "rotate-half rotary embedding, in place");
   m.def("act_and_mul", &act_and_mul, "act(gate) * up");
-  m.def("kv_write", &kv_write, "store this step's keys and values in one layer of the paged cache");
+  m.def("kv_write", &kv_write, "store this step's keys and values in one layer of the paged cache", py::arg("keys"),
+        py::arg("values"), py::arg("k"), py::arg("v"), py::arg("blocks"), py::arg("offsets"),
+        py::arg("key_scales") = py::none(), py::arg("value_scales") = py::none());
   m.def("linear_small_batch", &linear_small_batch, "bf16 x W^T (+ b) for 1..8 rows", py::arg("x"), py::arg("w"),
         py::arg("bias") = py::none());
   m.def("has_linear_small_batch", &has_linear_small_batch);
