@@ -178,8 +178,8 @@ class CacheConfig:
     kv_cache_dtype: str = field(
         default="auto",
         metadata=option(
-            "KV cache element format (auto: the compute dtype; bf16, fp32; int8: int8 codes with an fp16 scale per "
-            "token and head, about half the bytes of bf16)", flag="--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+            "KV cache element format (auto: the compute dtype; bf16, fp32; int8: int8 codes with fp16 scales, "
+            "0.54x the bytes of bf16 at head_dim 64)", flag="--kv-cache-dtype", choices=KV_CACHE_DTYPES,
         ),
     )  # fmt: skip
 

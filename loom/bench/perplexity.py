@@ -1,6 +1,8 @@
 """``loom bench perplexity``: what each quantization mode costs in quality, beside the bytes it saves.
 
-Every mode is compared with the reference, the same model unquantized in fp32, in two ways:
+Weight modes (``--modes``) are compared with the same model unquantized in fp32; KV cache modes
+(``--kv-modes``) with the engine as configured over its default cache (the compute dtype). Each
+mode is compared with its reference in three ways:
 
 1. perplexity over a text file, by rolling windows (the Hugging Face sliding-window recipe): the
    text is tokenized once, windows of ``window`` tokens start every ``stride`` tokens, and each
@@ -8,7 +10,8 @@ Every mode is compared with the reference, the same model unquantized in fp32, i
    scored exactly once and, past the first window, with ``window - stride`` tokens of context;
 2. greedy agreement: non-overlapping 64-token slices of the same text are continued greedily for
    ``T`` tokens, and a prompt agrees when its ``T`` tokens equal the reference's exactly (the mean
-   common prefix says how far they agree when they do not).
+   common prefix says how far they agree when they do not);
+3. the mean absolute difference of the scored tokens' logprobs.
 
 One engine is loaded at a time: a mode is built, measured and dropped before the next loads."""
 
@@ -27,16 +30,20 @@ from loom.bench.loader import SHAREGPT_FILE
 
 PROMPT_LEN = 64  # tokens of each greedy-agreement prompt
 REFERENCE = {"quantization": "none", "dtype": "float32"}
+KV_REFERENCE = {"kv_cache_dtype": "auto"}
 
 
 @dataclass
 class ModeResult:
-    mode: str  # the quantization name, or "reference"
+    mode: str  # the quantization or KV cache dtype name, or "reference"
     quantization: str
+    kv_cache_dtype: str
     dtype: str  # the compute dtype the engine resolved
     weight_bytes: int
+    kv_bytes_per_token: int
     perplexity: float
     delta_pct: float  # perplexity vs the reference's, in percent
+    logprob_mae: float  # mean |logprob - the reference's| over the scored tokens
     agreement: int | None  # prompts whose greedy output equals the reference's; None without prompts
     mean_common_prefix: float | None  # tokens, mean over the prompts
     seconds: float  # load and measurement
@@ -82,8 +89,7 @@ def token_nlls(llm: Any, ids: list[int], window: int, stride: int) -> list[float
     return nlls
 
 
-def perplexity(llm: Any, ids: list[int], window: int, stride: int) -> float:
-    nlls = token_nlls(llm, ids, window, stride)
+def perplexity(nlls: list[float]) -> float:
     return math.exp(sum(nlls) / len(nlls))
 
 
@@ -118,14 +124,32 @@ def read_text(path: Path) -> str:
         raise ValueError(f"{path}: not a ShareGPT JSON file ({e!r})") from None
 
 
-def parse_modes(text: str | None) -> list[str]:
-    from loom.model.quant.formats import QUANTIZATION_CHOICES
-
+def parse_modes(text: str | None, choices: tuple[str, ...], flag: str, what: str) -> list[str]:
     modes = [m.strip() for m in (text or "").split(",") if m.strip()]
     for m in modes:
-        if m not in QUANTIZATION_CHOICES:
-            raise ValueError(f"unknown quantization mode {m!r} in --modes; expected one of {', '.join(QUANTIZATION_CHOICES)}")
+        if m not in choices:
+            raise ValueError(f"unknown {what} {m!r} in {flag}; expected one of {', '.join(choices)}")
     return modes
+
+
+def plan_runs(args: argparse.Namespace, engine_opts: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, engine options) of each run, the reference first."""
+    from loom.config import KV_CACHE_DTYPES
+    from loom.model.quant.formats import QUANTIZATION_CHOICES
+
+    if args.kv_modes is not None:
+        if args.modes is not None:
+            raise ValueError("pass --modes (weight formats) or --kv-modes (KV cache formats), not both")
+        own = [engine_opts["kv_cache_dtype"]] if engine_opts.get("kv_cache_dtype") else []
+        kv_modes = parse_modes(args.kv_modes, KV_CACHE_DTYPES, "--kv-modes", "KV cache dtype")
+        modes = [m for m in dict.fromkeys(own + kv_modes) if m != "auto"]
+        if not modes:
+            raise ValueError("--kv-modes names no format besides auto, the reference")
+        return [("reference", {**engine_opts, **KV_REFERENCE})] + [(m, {**engine_opts, "kv_cache_dtype": m}) for m in modes]
+    # The engine's --quantization if given, and --modes; the default mode (auto) when neither is.
+    own = [engine_opts["quantization"]] if engine_opts.get("quantization") else []
+    modes = list(dict.fromkeys(own + parse_modes(args.modes, QUANTIZATION_CHOICES, "--modes", "quantization mode")))
+    return [("reference", {**engine_opts, **REFERENCE})] + [(m, {**engine_opts, "quantization": m}) for m in modes or ["auto"]]
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -166,15 +190,13 @@ def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
     from loom.engine import LLM
 
     check_args(args)
-    # The engine's --quantization if given, and --modes; the default mode (auto) when neither is.
-    own = [engine_opts["quantization"]] if engine_opts.get("quantization") else []
-    modes = list(dict.fromkeys(own + parse_modes(args.modes))) or ["auto"]
+    runs = plan_runs(args, engine_opts)
     text = read_text(Path(args.text))
-    runs = [("reference", {**engine_opts, **REFERENCE})] + [(m, {**engine_opts, "quantization": m}) for m in modes]
 
     plan: Plan | None = None
     results: list[ModeResult] = []
     ref_outputs: list[list[int]] = []
+    ref_nlls: list[float] = []
     for label, opts in runs:  # the reference first: every mode is compared with it
         t0 = time.perf_counter()
         llm = LLM(args.model, **opts)
@@ -188,26 +210,30 @@ def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
             if len(plan.prompts) < args.agreement_prompts:
                 print(f"note: the text holds only {len(plan.prompts)} non-overlapping {PROMPT_LEN}-token prompts "
                       f"(--agreement-prompts {args.agreement_prompts})")
-        ppl = perplexity(llm, plan.ids, plan.window, plan.stride)
+        nlls = token_nlls(llm, plan.ids, plan.window, plan.stride)
         outputs = greedy_outputs(llm, plan.prompts, args.agreement_tokens) if plan.prompts else []
         if not results:
-            ref_outputs = outputs
+            ref_outputs, ref_nlls = outputs, nlls
         same, prefix = agreement(outputs, ref_outputs)
+        ppl = perplexity(nlls)
         ref_ppl = results[0].perplexity if results else ppl
-        results.append(ModeResult(label, opts["quantization"], llm.model_info().dtype, llm.engine.worker.weight_bytes,
-                                  ppl, (ppl / ref_ppl - 1) * 100, same, prefix, time.perf_counter() - t0))
+        worker = llm.engine.worker
+        results.append(ModeResult(
+            label, opts.get("quantization") or "auto", opts.get("kv_cache_dtype") or "auto", llm.model_info().dtype,
+            worker.weight_bytes, worker.kv.spec.bytes_per_token, ppl, (ppl / ref_ppl - 1) * 100,
+            sum(abs(a - b) for a, b in zip(nlls, ref_nlls)) / len(nlls), same, prefix, time.perf_counter() - t0))
         print(f"{label}: measured in {results[-1].seconds:.1f} s")
         del llm
         gc.collect()
     assert plan is not None
 
-    print(f"\n{'mode':>10} {'dtype':>9} {'weight MB':>10} {'perplexity':>11} {'Δ vs ref':>9} {'agreement':>10} "
-          f"{'common prefix':>14} {'s':>7}")
+    print(f"\n{'mode':>10} {'dtype':>9} {'weight MB':>10} {'KV B/token':>10} {'perplexity':>11} {'Δ vs ref':>9} "
+          f"{'logprob MAE':>11} {'agreement':>10} {'common prefix':>14} {'s':>7}")
     for r in results:
         agree = "-" if r.agreement is None else f"{r.agreement}/{len(plan.prompts)}"
         prefix = "-" if r.mean_common_prefix is None else f"{r.mean_common_prefix:.1f}"
-        print(f"{r.mode:>10} {r.dtype:>9} {r.weight_bytes / 1e6:>10.1f} {r.perplexity:>11.3f} {r.delta_pct:>+8.2f}% "
-              f"{agree:>10} {prefix:>14} {r.seconds:>7.1f}")
+        print(f"{r.mode:>10} {r.dtype:>9} {r.weight_bytes / 1e6:>10.1f} {r.kv_bytes_per_token:>10} {r.perplexity:>11.3f} "
+              f"{r.delta_pct:>+8.2f}% {r.logprob_mae:>11.4f} {agree:>10} {prefix:>14} {r.seconds:>7.1f}")
     if args.output_json:
         report = {"model": args.model, "text": args.text, "tokens": len(plan.ids), "scored_tokens": len(plan.ids) - 1,
                   "window": plan.window, "stride": plan.stride, "agreement_prompts": len(plan.prompts),
@@ -220,6 +246,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", default=None, metavar="A,B,...",
                    help="quantization modes to measure, comma-separated, besides --quantization if given "
                         "(default: --quantization's default, auto); the fp32 unquantized reference is always measured")
+    p.add_argument("--kv-modes", default=None, metavar="A,B,...",
+                   help="measure KV cache formats instead (--kv-cache-dtype values, comma-separated, besides "
+                        "--kv-cache-dtype if given) against the engine as configured over its default cache")
     p.add_argument("--text", default=str(SHAREGPT_FILE), metavar="FILE",
                    help="UTF-8 text to score, or a ShareGPT .json file (its turns, in order; default: "
                         "../shared/data/sharegpt/ShareGPT_V3_filtered_500.json)")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from loom.bench import client, metrics, plots, report, results
+from loom.bench import client, metrics, plots, report, results, server_stats
 from loom.bench.prompts import PreparedRequest
 
 log = logging.getLogger(__name__)
@@ -90,10 +90,10 @@ def run_benchmark(
             bar.set_postfix(failed=failed)
 
     try:
-        res = asyncio.run(client.run(prepared, cfg, on_done))
+        res, server = asyncio.run(_run_sampled(prepared, cfg, on_done))
     finally:
         bar.close()
-    summary = metrics.summarize(res, slo)
+    summary = {**metrics.summarize(res, slo), "server": server.to_json()}
     # The load average includes the server under test during the run; before it, only other work.
     host = {"cpus": os.cpu_count(), "load_avg_before": list(load_before), "load_avg_after": list(os.getloadavg())}
     full_config = {**config, "label": label, "client": _client_json(cfg), "slo": slo.to_json(), "host": host}
@@ -103,11 +103,28 @@ def run_benchmark(
         plots.plot_latency_cdfs([(label, res.records)], outputs.plots_dir / "latency_cdf.png")
         plots.plot_timeline(label, res.records, res.duration, outputs.plots_dir / "timeline.png")
     report.print_summary(label, summary)
+    if server.peak_running is not None:
+        usage = "-" if server.peak_kv_usage is None else f"{server.peak_kv_usage:.0%}"
+        preempted = "-" if server.preemptions is None else f"{server.preemptions:.0f}"
+        print(f"server (/metrics): peak running {server.peak_running:.0f}, peak KV cache usage {usage}, "
+              f"preemptions {preempted}")
     first_error = next((r.error for r in res.records if not r.ok), None)
     if first_error:
         log.warning("%d request(s) failed; first error: %s", summary["failed"], first_error)
     print(f"run file: {outputs.json_path}" + (f"; plots: {outputs.plots_dir}" if outputs.plots_dir else ""))
     return results.RunFile(config=full_config, summary=summary, requests=res.records)
+
+
+async def _run_sampled(prepared: Sequence[PreparedRequest], cfg: client.ClientConfig,
+                       on_done: Any) -> tuple[client.RunResult, server_stats.ServerStats]:
+    """The replay, with the server's own /metrics scraped alongside it."""
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(server_stats.sample(cfg.base_url, cfg.headers, stop))
+    try:
+        res = await client.run(prepared, cfg, on_done)
+    finally:
+        stop.set()
+    return res, await sampler
 
 
 def _client_json(cfg: client.ClientConfig) -> dict[str, Any]:

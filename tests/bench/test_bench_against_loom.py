@@ -42,3 +42,8 @@ def test_replay_against_real_loom_server(tiny_model, tmp_path):
         assert abs(r["e2e"] - (r["finished"] - r["sent"])) < 1e-3
         assert abs(r["tpot"] - (r["e2e"] - r["ttft"]) / (r["output_tokens"] - 1)) < 1e-6
     assert s["slo_attainment"] == 1.0 and abs(s["goodput"] - s["request_throughput"]) < 1e-9
+    # The server's own /metrics, scraped during the run (every 0.25 s: this run is too short for the
+    # peaks to be certain to catch a request in flight, but loom's names must be found).
+    server_side = s["server"]
+    assert server_side["scrapes"] >= 2 and 0 <= server_side["peak_running"] <= 12
+    assert 0 <= server_side["peak_kv_usage"] <= 1 and server_side["preemptions"] == 0

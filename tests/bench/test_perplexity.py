@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from loom.bench.perplexity import perplexity, rolling_windows
+from loom.bench.perplexity import perplexity, rolling_windows, token_nlls
 from loom.cli import main
 from loom.engine import LLM
 
@@ -51,7 +51,7 @@ def test_perplexity_matches_transformers_on_the_same_windows(llama, window, stri
     _, ref, llm = llama
     rng = random.Random(window + stride)
     ids = [rng.randrange(100, ref.config.vocab_size) for _ in range(300)]
-    got = perplexity(llm, ids, window, stride)
+    got = perplexity(token_nlls(llm, ids, window, stride))
     assert got == pytest.approx(hf_rolling_perplexity(ref, ids, window, stride), rel=1e-3)
     if window == len(ids):  # one window: the plain perplexity of the whole sequence
         with torch.inference_mode():
@@ -91,8 +91,24 @@ def test_cli_end_to_end(tiny_model, tmp_path):
         assert same["delta_pct"] == 0 and same["perplexity"] == ref["perplexity"]
         assert same["agreement"] == 3 and same["mean_common_prefix"] == 8
         assert same["weight_bytes"] == ref["weight_bytes"]
-    assert int8["weight_bytes"] < ref["weight_bytes"] and int8["perplexity"] > 0
+    assert none["logprob_mae"] == 0
+    assert int8["weight_bytes"] < ref["weight_bytes"] and int8["perplexity"] > 0 and int8["logprob_mae"] > 0
     assert 0 <= int8["agreement"] <= 3 and 0 <= int8["mean_common_prefix"] <= 8
+
+
+def test_cli_kv_modes_compare_cache_formats_with_the_default_cache(tiny_model, tmp_path):
+    text, out = tmp_path / "text.txt", tmp_path / "p.json"
+    text.write_text(TEXT)
+    rc = main(["bench", "perplexity", "--model", str(tiny_model("llama")), "--dtype", "float32", "--kv-modes",
+               "fp32,int8", "--text", str(text), "--window", "128", "--agreement-prompts", "2", "--agreement-tokens",
+               "8", "--output-json", str(out)])
+    assert rc == 0
+    ref, fp32, int8 = json.loads(out.read_text())["modes"]
+    assert [m["kv_cache_dtype"] for m in (ref, fp32, int8)] == ["auto", "fp32", "int8"]
+    assert fp32["delta_pct"] == 0 and fp32["logprob_mae"] == 0 and fp32["agreement"] == 2  # fp32 is the default here
+    assert fp32["weight_bytes"] == int8["weight_bytes"]
+    assert int8["kv_bytes_per_token"] < fp32["kv_bytes_per_token"] / 3
+    assert 0 < int8["logprob_mae"] < 0.05 and abs(int8["delta_pct"]) < 2
 
 
 def test_short_text_has_fewer_agreement_prompts(tiny_model, tmp_path, capsys):
@@ -109,6 +125,9 @@ def test_short_text_has_fewer_agreement_prompts(tiny_model, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra,message", [
     (["--modes", "int8,q3_x"], "unknown quantization mode 'q3_x'"),
+    (["--kv-modes", "int8,int3"], "unknown KV cache dtype 'int3' in --kv-modes"),
+    (["--kv-modes", "int8", "--modes", "int8"], "--modes (weight formats) or --kv-modes"),
+    (["--kv-modes", "auto"], "names no format besides auto"),
     (["--text", "/nonexistent/text.txt"], "text file not found"),
     (["--window", "64", "--stride", "64"], "--stride must be between 1 and window - 1"),
 ])  # fmt: skip

@@ -92,9 +92,10 @@ def test_bytes_per_block_of_each_format():
     assert KVCacheSpec(30, 3, 64, 16, torch.bfloat16, "fp32").bytes_per_block == 2 * bf16.bytes_per_block
     assert KVCacheSpec(30, 3, 64, 16, torch.float32, "bf16").bytes_per_block == bf16.bytes_per_block
     int8 = KVCacheSpec(30, 3, 64, 16, torch.bfloat16, "int8")
-    assert int8.bytes_per_token == 2 * 30 * 3 * (64 + 2)  # codes and one fp16 scale per token and head
+    # A key's 64 codes and 4 fp16 scales (one per 16 dims), a value's 64 codes and one scale.
+    assert int8.bytes_per_token == 30 * 3 * (64 + 4 * 2 + 64 + 2)
     budget = 64 << 20
-    assert int8.num_blocks_for(budget) / bf16.num_blocks_for(budget) > 1.9
+    assert int8.num_blocks_for(budget) / bf16.num_blocks_for(budget) == pytest.approx(256 / 138, rel=0.01)
     with pytest.raises(ValueError, match="unknown KV cache dtype 'int3'"):
         KVCacheSpec(30, 3, 64, 16, torch.bfloat16, "int3")
 
@@ -102,6 +103,7 @@ def test_bytes_per_block_of_each_format():
 def test_int8_quantization_error_is_half_a_step_per_element():
     x = torch.randn(50, 3, 64) * torch.logspace(-3, 2, 50)[:, None, None]
     x[7, 1] = 0  # an all-zero row: scale 0, codes 0
+    x[9, 0, 5] = 1e4  # an outlier channel: with groups of 16 it coarsens its own group only
     codes, scale = quantize_int8(x)
     assert codes.dtype == torch.int8 and scale.dtype == torch.float16 and scale.shape == (50, 3)
     assert torch.equal(scale, (x.abs().amax(-1) / 127).half())
@@ -109,6 +111,12 @@ def test_int8_quantization_error_is_half_a_step_per_element():
     step = scale.float()[..., None]
     assert bool(((back - x).abs() <= step / 2 + 1e-6 * x.abs()).all())
     assert int(codes[7, 1].abs().sum()) == 0 and float(scale[7, 1]) == 0
+    codes, scale = quantize_int8(x, 16)
+    assert scale.shape == (50, 3, 4) and torch.equal(scale, (x.unflatten(-1, (4, 16)).abs().amax(-1) / 127).half())
+    back = (codes.float().unflatten(-1, (4, 16)) * scale.float()[..., None]).flatten(-2)
+    step = scale.float().repeat_interleave(16, -1)
+    assert bool(((back - x).abs() <= step / 2 + 1e-6 * x.abs()).all())
+    assert float((back[9, 0, 16:] - x[9, 0, 16:]).abs().max()) < 0.05
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -130,13 +138,19 @@ def test_int8_cache_write_gather_and_copy_block(dtype):
         for a, b in zip(kv.keys + kv.values + kv.key_scales + kv.value_scales,
                         ref.keys + ref.values + ref.key_scales + ref.value_scales):
             assert torch.equal(a, b)
-    codes, scale = quantize_int8(k)
-    assert torch.equal(kv.keys[1][blocks, :, offsets], codes) and torch.equal(kv.key_scales[1][blocks, :, offsets], scale)
-    table = torch.arange(8)
-    gk, gv = kv.gather(1, table, 128)
-    assert gk.dtype == dtype
-    got_k = gk.transpose(0, 1)[slots]
-    assert torch.allclose(got_k.float(), k.float(), atol=float(scale.float().max()) / 2 + 0.05)
+    codes, scale = quantize_int8(k, 16)
+    # Keys pair-major within each block: dims 2i, 2i + 1 of the block's 16 tokens in one run of 32
+    # codes, and a scale per 16 dims; values as they come, with one scale.
+    pair_major = kv.keys[1].view(8, 3, 32, 16, 2)
+    assert torch.equal(pair_major[blocks, :, :, offsets], codes.view(20, 3, 32, 2))
+    assert kv.key_scales[1].shape == (8, 3, 4, 16) and torch.equal(kv.key_scales[1][blocks, :, :, offsets], scale)
+    v_codes, v_scale = quantize_int8(v)
+    assert torch.equal(kv.values[1][blocks, :, offsets], v_codes)
+    gk, gv = kv.gather(1, torch.arange(8), 128)
+    assert gk.dtype == gv.dtype == dtype
+    expected = (codes.float() * scale.float().repeat_interleave(16, -1)).to(dtype)
+    assert torch.equal(gk.transpose(0, 1)[slots], expected)
+    assert torch.equal(gv.transpose(0, 1)[slots], (v_codes.float() * v_scale.float()[..., None]).to(dtype))
     kv.copy_block(int(blocks[0]), 7 if int(blocks[0]) != 7 else 6)
     dst = 7 if int(blocks[0]) != 7 else 6
     for layer in (kv.keys, kv.values, kv.key_scales, kv.value_scales):

@@ -175,26 +175,35 @@ torch::Tensor act_and_mul(torch::Tensor gate_up, int64_t act) {
 // (PyTorch's indexed assignment costs ~20 us per tensor per layer at decode sizes).
 namespace {
 
-// Symmetric int8 codes of one row of D values with its fp16 scale (max |x| / 127), rounded half to
-// even against the stored scale: the same codes as loom.model.kv_cache.quantize_int8.
+// Symmetric int8 codes of one row of D values, in groups of `group` values each with its fp16 scale
+// (max |x| / 127) at scale[i * scale_stride], rounded half to even against the stored scale: the
+// same codes as loom.model.kv_cache.quantize_int8. Code d goes to codes[(d / 2) * pair_stride + d %
+// 2]: pair_stride 2 stores the row as it is, 2 * block_size stores a key pair-major within its block
+// (what the decode kernel reads).
 template <typename T>
-void quantize_row_int8(const T* x, int64_t D, int8_t* codes, at::Half* scale) {
-  float amax = 0.f;
-  for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(float(x[d])));
-  const at::Half s = at::Half(amax / 127.f);
-  *scale = s;
-  const float sf = float(s);
-  for (int64_t d = 0; d < D; ++d) {
-    const float c = sf > 0.f ? std::nearbyint(float(x[d]) / sf) : 0.f;
-    codes[d] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, c)));
+void quantize_row_int8(const T* x, int64_t D, int64_t group, int8_t* codes, int64_t pair_stride, at::Half* scale,
+                       int64_t scale_stride) {
+  for (int64_t g0 = 0; g0 < D; g0 += group) {
+    float amax = 0.f;
+    for (int64_t d = g0; d < g0 + group; ++d) amax = std::max(amax, std::fabs(float(x[d])));
+    const at::Half s = at::Half(amax / 127.f);
+    scale[g0 / group * scale_stride] = s;
+    const float sf = float(s);
+    for (int64_t d = g0; d < g0 + group; ++d) {
+      const float c = sf > 0.f ? std::nearbyint(float(x[d]) / sf) : 0.f;
+      codes[(d >> 1) * pair_stride + (d & 1)] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, c)));
+    }
   }
 }
+
+constexpr int64_t kInt8KeyGroup = 16;  // dims per key scale: loom.model.kv_cache.INT8_KEY_GROUP
 
 }  // namespace
 
 // keys/values: one cache layer [blocks, heads, block_size, head_dim]; k, v: [T, heads, head_dim];
-// blocks/offsets: int64 [T]. An int8 cache takes key_scales/value_scales [blocks, heads, block_size]
-// (fp16) and stores codes and scales; any other cache stores k and v as they are (same dtype).
+// blocks/offsets: int64 [T]. An int8 cache takes fp16 key_scales [blocks, heads, head_dim / 16,
+// block_size] and value_scales [blocks, heads, block_size] and stores codes and scales, the keys
+// pair-major within each block (see quantize_row_int8); any other cache stores k and v as they are.
 void kv_write(torch::Tensor keys, torch::Tensor values, torch::Tensor k, torch::Tensor v, torch::Tensor blocks,
               torch::Tensor offsets, c10::optional<torch::Tensor> key_scales,
               c10::optional<torch::Tensor> value_scales) {
@@ -210,9 +219,14 @@ void kv_write(torch::Tensor keys, torch::Tensor values, torch::Tensor k, torch::
   TORCH_CHECK(k.scalar_type() == v.scalar_type() && (int8 || k.scalar_type() == keys.scalar_type()),
               "dtype mismatch");
   if (int8) {
-    for (const auto* sc : {&*key_scales, &*value_scales})
-      TORCH_CHECK(sc->scalar_type() == at::kHalf && sc->is_contiguous() && sc->sizes() == keys.sizes().slice(0, 3),
-                  "scales must be contiguous fp16 [blocks, heads, block_size]");
+    const int64_t nb = keys.size(0), h = keys.size(1), bs = keys.size(2), d = keys.size(3);
+    TORCH_CHECK(d % kInt8KeyGroup == 0, "an int8 cache needs head_dim to be a multiple of ", kInt8KeyGroup);
+    TORCH_CHECK(key_scales->scalar_type() == at::kHalf && key_scales->is_contiguous() &&
+                key_scales->sizes() == at::IntArrayRef({nb, h, d / kInt8KeyGroup, bs}),
+                "key_scales must be contiguous fp16 [blocks, heads, head_dim / 16, block_size]");
+    TORCH_CHECK(value_scales->scalar_type() == at::kHalf && value_scales->is_contiguous() &&
+                value_scales->sizes() == at::IntArrayRef({nb, h, bs}),
+                "value_scales must be contiguous fp16 [blocks, heads, block_size]");
   }
   TORCH_CHECK(blocks.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong && blocks.numel() == k.size(0) &&
               offsets.numel() == k.size(0), "blocks and offsets must be int64 [T]");
@@ -236,9 +250,10 @@ void kv_write(torch::Tensor keys, torch::Tensor values, torch::Tensor k, torch::
       const auto* vp = v.data_ptr<scalar_t>();
       for (int64_t t = 0; t < T; ++t)
         for (int64_t h = 0; h < H; ++h) {
-          const int64_t slot = (bp[t] * H + h) * BS + op[t];
-          quantize_row_int8(kp + t * k.stride(0) + h * D, D, kc + slot * D, ks + slot);
-          quantize_row_int8(vp + t * v.stride(0) + h * D, D, vc + slot * D, vs + slot);
+          const int64_t slab = (bp[t] * H + h) * BS, slot = slab + op[t];
+          quantize_row_int8(kp + t * k.stride(0) + h * D, D, kInt8KeyGroup, kc + slab * D + op[t] * 2, 2 * BS,
+                            ks + slab * (D / kInt8KeyGroup) + op[t], BS);
+          quantize_row_int8(vp + t * v.stride(0) + h * D, D, D, vc + slot * D, 2, vs + slot, 1);
         }
     });
     return;

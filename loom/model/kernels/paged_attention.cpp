@@ -24,6 +24,8 @@
 
 namespace {
 
+constexpr int64_t kInt8KeyGroup = 16;  // dims per key scale of the int8 cache: loom.model.kv_cache.INT8_KEY_GROUP
+
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 using loom_simd::load_bf16;
 using loom_simd::load_bh;
@@ -188,20 +190,68 @@ inline void store16(T* p, __m512 v) {
   else loom_simd::store_bf16(p, v);
 }
 
-// The int8 cache (int8 codes, an fp16 scale per token and head; head_dim a multiple of 32, up to
-// 256). Each query head becomes int16 codes with one fp32 scale (16 bits: finer than bf16), so a
-// score is an integer dot product (VPDPWSSD over the sign-extended key codes) times the query's,
-// the key's and the softmax scale. Values are widened to fp32 in registers, their scale folded into
-// the softmax weight. q and the output are fp32 or bf16.
+// Scores (before the query's and the softmax scale) of up to 16 keys (those in `valid`, from offset
+// `off` of a block-head slab of the int8 cache) for G query heads at once. Keys are stored
+// pair-major (dims 2i and 2i+1 of the slab's tokens in one 2 x block_size run), so one load and sign
+// extension per pair of dims serves every head (VPDPWSSD against the head's broadcast int16 pair)
+// and the lanes come out as keys, with no horizontal reduction. Each group of kInt8KeyGroup dims
+// has its own scale per key (k_scales: [groups][block_size] for the slab), applied to its integer
+// partial sums: out[g] lane j = sum_group scale_j,group * sum_{d in group} k_j[d] q_g[d].
+template <int G>
+void int8_key_dots(const int8_t* slab, const at::Half* k_scales, int64_t block_size, int64_t off, __mmask16 valid,
+                   int64_t pairs, const int32_t* qpairs, __m512* out) {
+  __m512 f[G];
+  for (int g = 0; g < G; ++g) f[g] = _mm512_setzero_ps();
+  constexpr int64_t group_pairs = kInt8KeyGroup / 2;
+  for (int64_t i0 = 0; i0 < pairs; i0 += group_pairs) {
+    __m512i a[G];
+    for (int g = 0; g < G; ++g) a[g] = _mm512_setzero_si512();
+    for (int64_t i = i0; i < i0 + group_pairs; ++i) {
+      const __m512i k = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi16(valid, slab + (i * block_size + off) * 2));
+      for (int g = 0; g < G; ++g) a[g] = _mm512_dpwssd_epi32(a[g], k, _mm512_set1_epi32(qpairs[g * pairs + i]));
+    }
+    const __m512 scale =
+        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, k_scales + (i0 / group_pairs) * block_size + off));
+    for (int g = 0; g < G; ++g) f[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[g]), scale, f[g]);
+  }
+  for (int g = 0; g < G; ++g) out[g] = f[g];
+}
+
+// All `group` heads, up to 8 at a time.
+void int8_key_dots_all(const int8_t* slab, const at::Half* k_scales, int64_t block_size, int64_t off, __mmask16 valid,
+                       int64_t pairs, const int32_t* qpairs, int64_t group, __m512* out) {
+  for (int64_t g0 = 0; g0 < group; g0 += 8) {
+    const int32_t* qp = qpairs + g0 * pairs;
+    __m512* o = out + g0;
+    switch (std::min<int64_t>(8, group - g0)) {
+      case 1: int8_key_dots<1>(slab, k_scales, block_size, off, valid, pairs, qp, o); break;
+      case 2: int8_key_dots<2>(slab, k_scales, block_size, off, valid, pairs, qp, o); break;
+      case 3: int8_key_dots<3>(slab, k_scales, block_size, off, valid, pairs, qp, o); break;
+      case 4: int8_key_dots<4>(slab, k_scales, block_size, off, valid, pairs, qp, o); break;
+      case 5: int8_key_dots<5>(slab, k_scales, block_size, off, valid, pairs, qp, o); break;
+      case 6: int8_key_dots<6>(slab, k_scales, block_size, off, valid, pairs, qp, o); break;
+      case 7: int8_key_dots<7>(slab, k_scales, block_size, off, valid, pairs, qp, o); break;
+      default: int8_key_dots<8>(slab, k_scales, block_size, off, valid, pairs, qp, o); break;
+    }
+  }
+}
+
+// The int8 cache (int8 codes; keys pair-major within a block with an fp16 scale per token, head and
+// group of 16 dims, values token-major with one per token and head; head_dim a multiple of 32, up
+// to 256). Each query head becomes int16 codes with one fp32 scale (16 bits: finer than bf16), so a
+// score is integer dot products scaled per key group (int8_key_dots) times the query's and the
+// softmax scale. Values are widened to fp32 in registers, their scale folded into the softmax
+// weight. q and the output are fp32 or bf16.
 template <typename T>
 void decode_attention_int8_avx512(const T* q, const int8_t* k_cache, const int8_t* v_cache, const at::Half* k_scales,
                                   const at::Half* v_scales, const int32_t* block_tables, const int32_t* context_lens,
                                   T* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                   int64_t block_size, int64_t max_blocks, float scale, int64_t window, int64_t q_row) {
   const int64_t group = num_heads / num_kv_heads;
-  const int64_t nk = head_dim / 32, nv = head_dim / 16;
+  const int64_t nk = head_dim / 32, nv = head_dim / 16, pairs = head_dim / 2;
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<__m512i> qv(group * nk);
+    std::vector<int32_t> qpairs(group * pairs);  // each head's int16 codes, two per int32
+    std::vector<__m512> dots(group);
     std::vector<float> qscale(group), inv(group);
     std::vector<__m512> acc(group * nv);
     std::vector<float> scores;  // [group][n padded to 16]
@@ -227,32 +277,21 @@ void decode_attention_int8_avx512(const T* q, const int8_t* k_cache, const int8_
         for (int64_t c = 0; c < nk; ++c) {
           const __m256i lo = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(load16(qg + c * 32), to_codes)));
           const __m256i hi = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(load16(qg + c * 32 + 16), to_codes)));
-          qv[g * nk + c] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+          _mm512_storeu_si512(qpairs.data() + g * pairs + c * 16, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
         }
       }
       scores.assign(group * stride, -INFINITY);
       const int32_t* table = block_tables + s * max_blocks;
-      // Pass 1: scores, at most 16 keys of one block per reduction.
+      // Pass 1: scores, at most 16 keys of one block at a time.
       for (int64_t t = first; t < len;) {
         const int64_t off = t % block_size;
         const int64_t cnt = std::min<int64_t>({16, block_size - off, len - t});
-        const int64_t slot = ((int64_t)table[t / block_size] * num_kv_heads + h) * block_size + off;
-        const int8_t* kb = k_cache + slot * head_dim;
+        const int64_t slab = ((int64_t)table[t / block_size] * num_kv_heads + h) * block_size;
         const __mmask16 valid = (__mmask16)((1u << cnt) - 1);
-        const __m512 kscale = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, k_scales + slot));
+        int8_key_dots_all(k_cache + slab * head_dim, k_scales + slab * (head_dim / kInt8KeyGroup), block_size, off,
+                          valid, pairs, qpairs.data(), group, dots.data());
         for (int64_t g = 0; g < group; ++g) {
-          __m512 dots[16];
-          for (int64_t j = 0; j < 16; ++j) {
-            __m512i d = _mm512_setzero_si512();
-            if (j < cnt)
-              for (int64_t c = 0; c < nk; ++c) {
-                const __m512i k16 = _mm512_cvtepi8_epi16(
-                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kb + j * head_dim + c * 32)));
-                d = _mm512_dpwssd_epi32(d, k16, qv[g * nk + c]);
-              }
-            dots[j] = _mm512_cvtepi32_ps(d);
-          }
-          const __m512 sc = _mm512_mul_ps(_mm512_mul_ps(reduce16(dots), kscale), _mm512_set1_ps(qscale[g]));
+          const __m512 sc = _mm512_mul_ps(dots[g], _mm512_set1_ps(qscale[g]));
           _mm512_mask_storeu_ps(scores.data() + g * stride + (t - first), valid, sc);
         }
         t += cnt;
@@ -322,8 +361,8 @@ inline float softmax_numerators(float* sc, int64_t n) {
   return sum;
 }
 
-// The portable kernel: any cache element C (the compute dtype, or int8 codes with fp16 scales per
-// token and head: k_scales/v_scales, null for a plain cache), converted to fp32 row by row.
+// The portable kernel: any cache element C (the compute dtype, or int8 codes with fp16 scales:
+// k_scales/v_scales, null for a plain cache; keys pair-major), converted to fp32 row by row.
 template <typename T, typename C>
 void decode_attention_kernel(const T* q, const C* k_cache, const C* v_cache, const at::Half* k_scales,
                              const at::Half* v_scales, const int32_t* block_tables, const int32_t* context_lens,
@@ -347,11 +386,18 @@ void decode_attention_kernel(const T* q, const C* k_cache, const C* v_cache, con
       scores.resize(n * group);  // [group][n]: each head's scores contiguous, for the softmax
       const int32_t* table = block_tables + s * max_blocks;
       for (int64_t t = first; t < len; ++t) {
-        const int64_t slot = ((int64_t)table[t / block_size] * num_kv_heads + h) * block_size + t % block_size;
-        const C* kr = k_cache + slot * head_dim;
-        const float ks = k_scales ? float(k_scales[slot]) : 1.f;
+        const int64_t off = t % block_size;
+        const int64_t slot = ((int64_t)table[t / block_size] * num_kv_heads + h) * block_size + off;
+        if constexpr (std::is_same_v<C, int8_t>) {  // int8 keys: pair-major, a scale per group of dims
+          const int8_t* slab = k_cache + (slot - off) * head_dim;
+          const at::Half* ks = k_scales + (slot - off) * (head_dim / kInt8KeyGroup) + off;
+          for (int64_t d = 0; d < head_dim; ++d)
+            kf[d] = float(slab[((d >> 1) * block_size + off) * 2 + (d & 1)]) * float(ks[d / kInt8KeyGroup * block_size]);
+        } else {
+          const C* kr = k_cache + slot * head_dim;
 #pragma omp simd
-        for (int64_t d = 0; d < head_dim; ++d) kf[d] = float(kr[d]) * ks;
+          for (int64_t d = 0; d < head_dim; ++d) kf[d] = float(kr[d]);
+        }
         for (int64_t g = 0; g < group; ++g) {
           const float* qg = qf.data() + g * head_dim;
           float dot = 0.f;
@@ -390,7 +436,8 @@ void decode_attention_kernel(const T* q, const C* k_cache, const C* v_cache, con
 // (a block holds each head's tokens contiguously, so one (sequence, head) task streams memory);
 // block_tables: int32 [num_seqs, max_blocks]; context_lens: int32 [num_seqs] (keys visible,
 // including the current token). window > 0 limits attention to the last `window` keys. A plain
-// cache shares q's dtype; an int8 cache comes with fp16 k_scales/v_scales [num_blocks,
+// cache shares q's dtype; an int8 cache comes with fp16 k_scales [num_blocks, num_kv_heads,
+// head_dim / 16, block_size] (one per token, head and group of 16 dims) and v_scales [num_blocks,
 // num_kv_heads, block_size] (one per token and head).
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                torch::Tensor block_tables, torch::Tensor context_lens, double scale,
@@ -408,11 +455,16 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   TORCH_CHECK(int8 == k_scales.has_value() && int8 == v_scales.has_value(),
               "an int8 cache needs k_scales and v_scales, any other none");
   if (int8) {
-    for (const auto* sc : {&*k_scales, &*v_scales}) {
-      LOOM_CHECK_CPU(*sc);
-      TORCH_CHECK(sc->scalar_type() == at::kHalf && sc->is_contiguous() && sc->sizes() == k_cache.sizes().slice(0, 3),
-                  "scales must be contiguous fp16 [num_blocks, num_kv_heads, block_size]");
-    }
+    LOOM_CHECK_CPU(*k_scales);
+    LOOM_CHECK_CPU(*v_scales);
+    const int64_t nb = k_cache.size(0), hkv = k_cache.size(1), bs = k_cache.size(2), d = k_cache.size(3);
+    TORCH_CHECK(d % kInt8KeyGroup == 0, "an int8 cache needs head_dim to be a multiple of ", kInt8KeyGroup);
+    TORCH_CHECK(k_scales->scalar_type() == at::kHalf && k_scales->is_contiguous() &&
+                k_scales->sizes() == at::IntArrayRef({nb, hkv, d / kInt8KeyGroup, bs}),
+                "k_scales must be contiguous fp16 [num_blocks, num_kv_heads, head_dim / 16, block_size]");
+    TORCH_CHECK(v_scales->scalar_type() == at::kHalf && v_scales->is_contiguous() &&
+                v_scales->sizes() == at::IntArrayRef({nb, hkv, bs}),
+                "v_scales must be contiguous fp16 [num_blocks, num_kv_heads, block_size]");
   }
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && context_lens.scalar_type() == torch::kInt32,
               "block_tables and context_lens must be int32");

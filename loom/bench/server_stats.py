@@ -1,0 +1,74 @@
+"""What the server under test says about itself during a run, from its Prometheus ``/metrics``: the
+peak number of running requests, the peak KV cache usage and the preemptions during the run. loom's
+and vLLM's metric names are known; a server that exports neither (llama.cpp) yields no figures."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+RUNNING = ("loom_num_requests_running", "vllm:num_requests_running")
+KV_USAGE = ("loom_kv_cache_usage_ratio", "vllm:kv_cache_usage_perc")  # both a fraction of 1
+PREEMPTIONS = ("loom_num_preemptions_total", "vllm:num_preemptions_total")
+INTERVAL = 0.25  # seconds between scrapes
+
+
+def scrape_values(text: str) -> dict[str, float]:
+    """Each sample name of a Prometheus text page with its value, summed over label sets."""
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            values[s.name] = values.get(s.name, 0.0) + s.value
+    return values
+
+
+def first_of(values: dict[str, float], names: tuple[str, ...]) -> float | None:
+    return next((values[n] for n in names if n in values), None)
+
+
+@dataclass
+class ServerStats:
+    scrapes: int = 0
+    peak_running: float | None = None
+    peak_kv_usage: float | None = None
+    preemptions: float | None = None  # during the run: the last scrape's count less the first's
+    _first_preemptions: float | None = None
+
+    def add(self, values: dict[str, float]) -> None:
+        self.scrapes += 1
+        running, usage, preempted = (first_of(values, n) for n in (RUNNING, KV_USAGE, PREEMPTIONS))
+        if running is not None:
+            self.peak_running = max(running, self.peak_running or 0.0)
+        if usage is not None:
+            self.peak_kv_usage = max(usage, self.peak_kv_usage or 0.0)
+        if preempted is not None:
+            if self._first_preemptions is None:
+                self._first_preemptions = preempted
+            self.preemptions = preempted - self._first_preemptions
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+
+
+async def sample(base_url: str, headers: dict[str, str], stop: asyncio.Event) -> ServerStats:
+    """Scrape ``base_url/metrics`` every ``INTERVAL`` seconds until ``stop`` is set, and once more then.
+    A server without ``/metrics`` (or with unknown names) leaves the figures None."""
+    stats = ServerStats()
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=10.0) as client:
+        while True:
+            try:
+                r = await client.get("/metrics")
+                if r.status_code == 200:
+                    stats.add(scrape_values(r.text))
+            except (httpx.HTTPError, ValueError):
+                pass  # no metrics endpoint, or one that is not Prometheus text: no figures
+            if stop.is_set():
+                return stats
+            try:
+                await asyncio.wait_for(stop.wait(), INTERVAL)
+            except TimeoutError:
+                pass

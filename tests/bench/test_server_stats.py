@@ -1,0 +1,38 @@
+"""The /metrics sampler of `loom bench serve`: loom's and vLLM's names, peaks, and preemptions
+counted from the first scrape; a server without known metrics gives no figures."""
+
+from __future__ import annotations
+
+from loom.bench.server_stats import ServerStats, scrape_values
+
+LOOM_PAGE = """# HELP loom_num_requests_running Requests in the running batch.
+# TYPE loom_num_requests_running gauge
+loom_num_requests_running {running}
+# TYPE loom_kv_cache_usage_ratio gauge
+loom_kv_cache_usage_ratio {usage}
+# TYPE loom_num_preemptions counter
+loom_num_preemptions_total {preempted}
+"""
+
+VLLM_PAGE = """# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{{engine="0",model_name="m"}} {running}
+# TYPE vllm:num_preemptions counter
+vllm:num_preemptions_total{{engine="0",model_name="m"}} {preempted}
+"""
+
+
+def test_peaks_and_preemptions_during_the_run():
+    stats = ServerStats()
+    for running, usage, preempted in [(0, 0.0, 5), (7, 0.5, 5), (12, 0.9, 8), (3, 0.2, 9)]:
+        stats.add(scrape_values(LOOM_PAGE.format(running=running, usage=usage, preempted=preempted)))
+    assert stats.to_json() == {"scrapes": 4, "peak_running": 12, "peak_kv_usage": 0.9, "preemptions": 4}
+
+
+def test_vllm_names_and_unknown_servers():
+    stats = ServerStats()
+    for running, preempted in [(2, 0), (40, 3)]:
+        stats.add(scrape_values(VLLM_PAGE.format(running=running, preempted=preempted)))
+    assert (stats.peak_running, stats.preemptions, stats.peak_kv_usage) == (40, 3, None)
+    other = ServerStats()
+    other.add(scrape_values("# TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing 3\n"))
+    assert other.to_json() == {"scrapes": 1, "peak_running": None, "peak_kv_usage": None, "preemptions": None}
