@@ -22,9 +22,9 @@ class LLM:
     """Run many prompts through the engine at once, continuously batched.
 
     Keyword arguments are engine options (``loom.config.engine_options()`` lists them): ``dtype``,
-    ``device``, ``attention_backend``, ``num_threads``, ``max_model_len``, ``seed``, ``block_size``,
-    ``num_blocks``, ``kv_cache_bytes``, ``enable_prefix_caching``, ``max_num_batched_tokens``,
-    ``max_num_seqs``, ``policy``, ``max_waiting``."""
+    ``quantization``, ``device``, ``attention_backend``, ``num_threads``, ``max_model_len``, ``seed``,
+    ``block_size``, ``num_blocks``, ``kv_cache_bytes``, ``kv_cache_dtype``, ``enable_prefix_caching``,
+    ``max_num_batched_tokens``, ``max_num_seqs``, ``policy``, ``max_waiting``."""
 
     def __init__(self, model: str | None = None, **options: Any) -> None:
         self.engine = Engine(engine_config(model, **options))
