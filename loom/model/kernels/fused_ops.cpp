@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include "cpu_check.h"
+#include "int8_kv.h"
 
 #include <algorithm>
 #include <cmath>
@@ -196,8 +197,6 @@ void quantize_row_int8(const T* x, int64_t D, int64_t group, int8_t* codes, int6
   }
 }
 
-constexpr int64_t kInt8KeyGroup = 16;  // dims per key scale: loom.model.kv_cache.INT8_KEY_GROUP
-
 }  // namespace
 
 // keys/values: one cache layer [blocks, heads, block_size, head_dim]; k, v: [T, heads, head_dim];
@@ -218,16 +217,7 @@ void kv_write(torch::Tensor keys, torch::Tensor values, torch::Tensor k, torch::
               "an int8 cache needs key and value scales, any other none");
   TORCH_CHECK(k.scalar_type() == v.scalar_type() && (int8 || k.scalar_type() == keys.scalar_type()),
               "dtype mismatch");
-  if (int8) {
-    const int64_t nb = keys.size(0), h = keys.size(1), bs = keys.size(2), d = keys.size(3);
-    TORCH_CHECK(d % kInt8KeyGroup == 0, "an int8 cache needs head_dim to be a multiple of ", kInt8KeyGroup);
-    TORCH_CHECK(key_scales->scalar_type() == at::kHalf && key_scales->is_contiguous() &&
-                key_scales->sizes() == at::IntArrayRef({nb, h, d / kInt8KeyGroup, bs}),
-                "key_scales must be contiguous fp16 [blocks, heads, head_dim / 16, block_size]");
-    TORCH_CHECK(value_scales->scalar_type() == at::kHalf && value_scales->is_contiguous() &&
-                value_scales->sizes() == at::IntArrayRef({nb, h, bs}),
-                "value_scales must be contiguous fp16 [blocks, heads, block_size]");
-  }
+  if (int8) check_int8_kv_scales(keys, *key_scales, *value_scales);
   TORCH_CHECK(blocks.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong && blocks.numel() == k.size(0) &&
               offsets.numel() == k.size(0), "blocks and offsets must be int64 [T]");
   // k and v may be views into the step's fused q/k/v rows: only each row's heads must be packed.

@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include "cpu_check.h"
+#include "int8_kv.h"
 #include "ops.h"
 
 #include <algorithm>
@@ -23,8 +24,6 @@
 #endif
 
 namespace {
-
-constexpr int64_t kInt8KeyGroup = 16;  // dims per key scale of the int8 cache: loom.model.kv_cache.INT8_KEY_GROUP
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 using loom_simd::load_bf16;
@@ -454,18 +453,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
               "q and a plain cache must share a dtype");
   TORCH_CHECK(int8 == k_scales.has_value() && int8 == v_scales.has_value(),
               "an int8 cache needs k_scales and v_scales, any other none");
-  if (int8) {
-    LOOM_CHECK_CPU(*k_scales);
-    LOOM_CHECK_CPU(*v_scales);
-    const int64_t nb = k_cache.size(0), hkv = k_cache.size(1), bs = k_cache.size(2), d = k_cache.size(3);
-    TORCH_CHECK(d % kInt8KeyGroup == 0, "an int8 cache needs head_dim to be a multiple of ", kInt8KeyGroup);
-    TORCH_CHECK(k_scales->scalar_type() == at::kHalf && k_scales->is_contiguous() &&
-                k_scales->sizes() == at::IntArrayRef({nb, hkv, d / kInt8KeyGroup, bs}),
-                "k_scales must be contiguous fp16 [num_blocks, num_kv_heads, head_dim / 16, block_size]");
-    TORCH_CHECK(v_scales->scalar_type() == at::kHalf && v_scales->is_contiguous() &&
-                v_scales->sizes() == at::IntArrayRef({nb, hkv, bs}),
-                "v_scales must be contiguous fp16 [num_blocks, num_kv_heads, block_size]");
-  }
+  if (int8) check_int8_kv_scales(k_cache, *k_scales, *v_scales);
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && context_lens.scalar_type() == torch::kInt32,
               "block_tables and context_lens must be int32");
   // The queries may be a view into the step's fused q/k/v rows: only each row's heads must be packed.
@@ -481,9 +469,9 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int32_t* lens = context_lens.data_ptr<int32_t>();
   const int64_t max_blocks = block_tables.size(1);
+  const at::Half* ks = int8 ? k_scales->data_ptr<at::Half>() : nullptr;
+  const at::Half* vs = int8 ? v_scales->data_ptr<at::Half>() : nullptr;
   if (int8) {
-    const auto* ks = k_scales->data_ptr<at::Half>();
-    const auto* vs = v_scales->data_ptr<at::Half>();
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
     const auto run = [&](auto* q_ptr, auto* out_ptr) {
       decode_attention_int8_avx512(q_ptr, k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(), ks, vs, tables, lens,
@@ -499,28 +487,24 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
       return out;
     }
 #endif
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention_int8", [&] {
-      decode_attention_kernel<scalar_t, int8_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<int8_t>(),
-                                                v_cache.data_ptr<int8_t>(), ks, vs, tables, lens,
-                                                out.data_ptr<scalar_t>(), num_seqs, num_heads, num_kv_heads, head_dim,
-                                                block_size, max_blocks, (float)scale, window, q_row);
-    });
-    return out;
-  }
+  } else {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-  if (q.scalar_type() == at::kBFloat16 && head_dim % 32 == 0 && head_dim <= 256) {
-    decode_attention_bf16_avx512(q.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(),
-                                 v_cache.data_ptr<c10::BFloat16>(), tables, lens, out.data_ptr<c10::BFloat16>(),
-                                 num_seqs, num_heads, num_kv_heads, head_dim, block_size, max_blocks, (float)scale,
-                                 window, q_row);
-    return out;
-  }
+    if (q.scalar_type() == at::kBFloat16 && head_dim % 32 == 0 && head_dim <= 256) {
+      decode_attention_bf16_avx512(q.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(),
+                                   v_cache.data_ptr<c10::BFloat16>(), tables, lens, out.data_ptr<c10::BFloat16>(),
+                                   num_seqs, num_heads, num_kv_heads, head_dim, block_size, max_blocks, (float)scale,
+                                   window, q_row);
+      return out;
+    }
 #endif
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
-    decode_attention_kernel<scalar_t, scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
-                                                v_cache.data_ptr<scalar_t>(), nullptr, nullptr, tables, lens,
-                                                out.data_ptr<scalar_t>(), num_seqs, num_heads, num_kv_heads, head_dim,
-                                                block_size, max_blocks, (float)scale, window, q_row);
+    const auto portable = [&](const auto* k, const auto* v) {
+      decode_attention_kernel(q.data_ptr<scalar_t>(), k, v, ks, vs, tables, lens, out.data_ptr<scalar_t>(), num_seqs,
+                              num_heads, num_kv_heads, head_dim, block_size, max_blocks, (float)scale, window, q_row);
+    };
+    if (int8) portable(k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>());
+    else portable(k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>());
   });
   return out;
 }
