@@ -4,8 +4,9 @@ At the default model's size (30 layers, hidden 576) the Python between the kerne
 module-by-module forward (views, norms, rotary, cache write, attention, four projections per layer)
 cost as much as the kernels. The fused stack calls the same kernels from C++, so its output equals
 the module-by-module forward's. It applies when the step holds decode rows only, the attention
-backend is the native CPU one over a plain cache in the compute dtype or an int8 cache, and every projection runs its native path
-(packed weights up to ``NATIVE_MATMUL_MAX_ROWS`` rows, or dense ones); any other step runs the modules.
+backend is the native CPU one over a plain cache in the compute dtype or an int8 cache, and every
+projection runs its native path (packed weights up to ``NATIVE_MATMUL_MAX_ROWS`` rows, or dense
+ones); any other step runs the modules.
 ``LOOM_DISABLE_FUSED_DECODE=1`` turns it off (to measure one against the other)."""
 
 from __future__ import annotations
