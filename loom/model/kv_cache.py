@@ -164,6 +164,8 @@ class Int8KVCache(KVCache):
         key_shape = (n, h, spec.head_dim // INT8_KEY_GROUP, bs)
         self.key_scales = [zeros(key_shape, INT8_SCALE_DTYPE, device) for _ in range(spec.num_layers)]
         self.value_scales = [zeros((n, h, bs), INT8_SCALE_DTYPE, device) for _ in range(spec.num_layers)]
+        ops = native_ops() if device.type == "cpu" and spec.dtype in (torch.float32, torch.bfloat16) else None
+        self._native_gather = ops.kv_gather_int8 if ops is not None else None
 
     @property
     def lossy(self) -> bool:
@@ -180,6 +182,12 @@ class Int8KVCache(KVCache):
         vc, vs = quantize_int8(v)
         self.values[layer][blocks, :, offsets] = vc
         self.value_scales[layer][blocks, :, offsets] = vs
+
+    def gather(self, layer: int, block_ids: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._native_gather is None:
+            return super().gather(layer, block_ids, length)
+        return self._native_gather(self.keys[layer], self.values[layer], self.key_scales[layer],
+                                   self.value_scales[layer], block_ids, length, self.spec.dtype)
 
     @staticmethod
     def _pair_major(codes: torch.Tensor) -> torch.Tensor:

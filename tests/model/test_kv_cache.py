@@ -151,6 +151,10 @@ def test_int8_cache_write_gather_and_copy_block(dtype):
     expected = (codes.float() * scale.float().repeat_interleave(16, -1)).to(dtype)
     assert torch.equal(gk.transpose(0, 1)[slots], expected)
     assert torch.equal(gv.transpose(0, 1)[slots], (v_codes.float() * v_scale.float()[..., None]).to(dtype))
+    if kv._native_gather is not None:  # the one-pass native read equals the PyTorch path, bit for bit
+        table = torch.tensor([5, 2, 7])
+        for got, want in zip(kv.gather(1, table, 40), KVCache.gather(kv, 1, table, 40)):
+            assert got.shape == (3, 40, 64) and torch.equal(got, want)
     kv.copy_block(int(blocks[0]), 7 if int(blocks[0]) != 7 else 6)
     dst = 7 if int(blocks[0]) != 7 else 6
     for layer in (kv.keys, kv.values, kv.key_scales, kv.value_scales):

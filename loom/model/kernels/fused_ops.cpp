@@ -260,3 +260,52 @@ void kv_write(torch::Tensor keys, torch::Tensor values, torch::Tensor k, torch::
       std::memcpy(vc + dst, vs + (t * v.stride(0) + h * D) * v.element_size(), row);
     }
 }
+
+// One sequence's first `length` keys and values from an int8 cache layer, dequantized to `dtype`,
+// each [heads, length, head_dim]: the blocks `block_ids` (int64) in order. One pass over the codes,
+// where the PyTorch path (Int8KVCache._read) makes several; the results are the same, bit for bit.
+std::tuple<torch::Tensor, torch::Tensor> kv_gather_int8(torch::Tensor keys, torch::Tensor values,
+                                                        torch::Tensor key_scales, torch::Tensor value_scales,
+                                                        torch::Tensor block_ids, int64_t length,
+                                                        at::ScalarType dtype) {
+  LOOM_CHECK_CPU(keys);
+  LOOM_CHECK_CPU(block_ids);
+  TORCH_CHECK(keys.scalar_type() == at::kChar && values.scalar_type() == at::kChar && keys.dim() == 4 &&
+              keys.is_contiguous() && values.is_contiguous() && keys.sizes() == values.sizes(),
+              "an int8 cache layer is contiguous int8 [blocks, heads, block_size, head_dim]");
+  check_int8_kv_scales(keys, key_scales, value_scales);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dequantize to float32 or bfloat16");
+  block_ids = block_ids.to(at::kLong).contiguous();
+  const int64_t NB = keys.size(0), H = keys.size(1), BS = keys.size(2), D = keys.size(3), G = D / kInt8KeyGroup;
+  const int64_t n = block_ids.numel();
+  TORCH_CHECK(0 <= length && length <= n * BS, "length exceeds the blocks");
+  const int64_t* ids = block_ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(ids[i] >= 0 && ids[i] < NB, "block out of range");
+  auto k = torch::empty({H, length, D}, keys.options().dtype(dtype));
+  auto v = torch::empty({H, length, D}, keys.options().dtype(dtype));
+  const int8_t* kc = keys.data_ptr<int8_t>();
+  const int8_t* vc = values.data_ptr<int8_t>();
+  const at::Half* ks = key_scales.data_ptr<at::Half>();
+  const at::Half* vs = value_scales.data_ptr<at::Half>();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "kv_gather_int8", [&] {
+    scalar_t* ko = k.data_ptr<scalar_t>();
+    scalar_t* vo = v.data_ptr<scalar_t>();
+    at::parallel_for(0, H * n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t h = task / n, b = task % n, slab = ids[b] * H + h;
+        for (int64_t o = 0; o < BS && b * BS + o < length; ++o) {
+          const int64_t t = b * BS + o;
+          scalar_t* kr = ko + (h * length + t) * D;
+          scalar_t* vr = vo + (h * length + t) * D;
+          const float vscale = float(vs[slab * BS + o]);
+          for (int64_t d = 0; d < D; ++d) {
+            const float kscale = float(ks[(slab * G + d / kInt8KeyGroup) * BS + o]);
+            kr[d] = scalar_t(float(kc[slab * BS * D + ((d >> 1) * BS + o) * 2 + (d & 1)]) * kscale);
+            vr[d] = scalar_t(float(vc[(slab * BS + o) * D + d]) * vscale);
+          }
+        }
+      }
+    });
+  });
+  return {k, v};
+}

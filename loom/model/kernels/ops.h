@@ -13,6 +13,9 @@ void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor act_and_mul(torch::Tensor gate_up, int64_t act);
 void kv_write(torch::Tensor keys, torch::Tensor values, torch::Tensor k, torch::Tensor v, torch::Tensor blocks,
               torch::Tensor offsets, c10::optional<torch::Tensor> key_scales, c10::optional<torch::Tensor> value_scales);
+std::tuple<torch::Tensor, torch::Tensor> kv_gather_int8(torch::Tensor keys, torch::Tensor values,
+                                                        torch::Tensor key_scales, torch::Tensor value_scales,
+                                                        torch::Tensor block_ids, int64_t length, at::ScalarType dtype);
 torch::Tensor linear_small_batch(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 bool has_linear_small_batch();
 torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor qs, c10::optional<torch::Tensor> qh, torch::Tensor scale,

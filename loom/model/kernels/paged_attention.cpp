@@ -521,6 +521,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kv_write", &kv_write, "store this step's keys and values in one layer of the paged cache", py::arg("keys"),
         py::arg("values"), py::arg("k"), py::arg("v"), py::arg("blocks"), py::arg("offsets"),
         py::arg("key_scales") = py::none(), py::arg("value_scales") = py::none());
+  m.def("kv_gather_int8", &kv_gather_int8, "one sequence's keys and values from an int8 cache layer, dequantized",
+        py::arg("keys"), py::arg("values"), py::arg("key_scales"), py::arg("value_scales"), py::arg("block_ids"),
+        py::arg("length"), py::arg("dtype"));
   m.def("linear_small_batch", &linear_small_batch, "bf16 x W^T (+ b) for 1..8 rows", py::arg("x"), py::arg("w"),
         py::arg("bias") = py::none());
   m.def("has_linear_small_batch", &has_linear_small_batch);
