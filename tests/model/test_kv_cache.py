@@ -128,6 +128,8 @@ def test_int8_cache_write_gather_and_copy_block(dtype):
     assert isinstance(kv, Int8KVCache) and kv.dtype == torch.int8 and kv.lossy
     torch.manual_seed(0)
     k, v = (torch.randn(20, 3, 64) * 4).to(dtype), torch.randn(20, 3, 64).to(dtype)
+    k[3], v[3] = 0, 0  # zero rows: scale 0, codes 0
+    k[4, 1, 7], v[5, 2, 60] = 1e3, -1e3  # outliers
     slots = torch.randperm(16 * 8)[:20]
     blocks, offsets = slots // 16, slots % 16
     kv.write(1, k, v, blocks, offsets)
