@@ -7,6 +7,7 @@
 // transpose) and the activations, repacked once per call into pairs, are the B operand, so a tile
 // of C holds 16 outputs x 16 activation rows. Values match dequantize + a bf16 GEMM (fp32 sums).
 #include "quant_codes.h"
+#include "static_count.h"
 
 #if defined(LOOM_QUANT_KERNELS) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <sys/syscall.h>
@@ -253,12 +254,9 @@ void amx_rows(const Weights& w, const uint32_t* xp, const c10::BFloat16* bias, c
     unpacker.start(n0, rows);
     for (int64_t t0 = 0; t0 < tiles; t0 += kMaxCTiles) {
       const auto* unpack = t0 == 0 ? &unpacker : nullptr;  // the first pass fills the panel
-      switch (std::min<int64_t>(kMaxCTiles, tiles - t0)) {
-        case 1: panel_product<1>(panel, xp, t0, blocks, c, unpack); break;
-        case 2: panel_product<2>(panel, xp, t0, blocks, c, unpack); break;
-        case 3: panel_product<3>(panel, xp, t0, blocks, c, unpack); break;
-        default: panel_product<4>(panel, xp, t0, blocks, c, unpack); break;
-      }
+      with_count<kMaxCTiles>(tiles - t0, [&](auto n) {
+        panel_product<decltype(n)::value>(panel, xp, t0, blocks, c, unpack);
+      });
       // c[t][r][i] is output n0 + r of activation row (t0 + t) * 16 + i.
       for (int64_t t = 0; t < std::min<int64_t>(kMaxCTiles, tiles - t0); ++t) {
         __m512 cols[kTile];

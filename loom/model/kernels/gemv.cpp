@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include "cpu_check.h"
+#include "static_count.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include "avx512_bf16.h"
@@ -74,16 +75,7 @@ torch::Tensor linear_small_batch(torch::Tensor x, torch::Tensor w, c10::optional
   auto xp = x.data_ptr<c10::BFloat16>();
   auto wp = w.data_ptr<c10::BFloat16>();
   auto op = out.data_ptr<c10::BFloat16>();
-  switch (M) {
-    case 1: gemv<1>(xp, wp, bp, op, K, N); break;
-    case 2: gemv<2>(xp, wp, bp, op, K, N); break;
-    case 3: gemv<3>(xp, wp, bp, op, K, N); break;
-    case 4: gemv<4>(xp, wp, bp, op, K, N); break;
-    case 5: gemv<5>(xp, wp, bp, op, K, N); break;
-    case 6: gemv<6>(xp, wp, bp, op, K, N); break;
-    case 7: gemv<7>(xp, wp, bp, op, K, N); break;
-    default: gemv<8>(xp, wp, bp, op, K, N); break;
-  }
+  with_count<8>(M, [&](auto m) { gemv<decltype(m)::value>(xp, wp, bp, op, K, N); });
   return out;
 }
 

@@ -9,6 +9,7 @@
 
 #include "cpu_check.h"
 #include "int8_kv.h"
+#include "static_count.h"
 #include "ops.h"
 
 #include <algorithm>
@@ -96,14 +97,9 @@ void weighted_values(const V* const* rows, const float* w, int64_t stride, int64
   for (int64_t g0 = 0; g0 < group; g0 += 6) {
     const float* wg = w + g0 * stride;
     __m512* ag = acc + g0 * nv;
-    switch (std::min<int64_t>(6, group - g0)) {
-      case 1: weighted_rows_of<1>(rows, wg, stride, n, nv, ag); break;
-      case 2: weighted_rows_of<2>(rows, wg, stride, n, nv, ag); break;
-      case 3: weighted_rows_of<3>(rows, wg, stride, n, nv, ag); break;
-      case 4: weighted_rows_of<4>(rows, wg, stride, n, nv, ag); break;
-      case 5: weighted_rows_of<5>(rows, wg, stride, n, nv, ag); break;
-      default: weighted_rows_of<6>(rows, wg, stride, n, nv, ag); break;
-    }
+    with_count<6>(group - g0, [&](auto g) {
+      weighted_rows_of<decltype(g)::value>(rows, wg, stride, n, nv, ag);
+    });
   }
 }
 
@@ -222,16 +218,9 @@ void int8_key_dots_all(const int8_t* slab, const at::Half* k_scales, int64_t blo
   for (int64_t g0 = 0; g0 < group; g0 += 8) {
     const int32_t* qp = qpairs + g0 * pairs;
     __m512* o = out + g0;
-    switch (std::min<int64_t>(8, group - g0)) {
-      case 1: int8_key_dots<1>(slab, k_scales, block_size, off, valid, pairs, qp, o); break;
-      case 2: int8_key_dots<2>(slab, k_scales, block_size, off, valid, pairs, qp, o); break;
-      case 3: int8_key_dots<3>(slab, k_scales, block_size, off, valid, pairs, qp, o); break;
-      case 4: int8_key_dots<4>(slab, k_scales, block_size, off, valid, pairs, qp, o); break;
-      case 5: int8_key_dots<5>(slab, k_scales, block_size, off, valid, pairs, qp, o); break;
-      case 6: int8_key_dots<6>(slab, k_scales, block_size, off, valid, pairs, qp, o); break;
-      case 7: int8_key_dots<7>(slab, k_scales, block_size, off, valid, pairs, qp, o); break;
-      default: int8_key_dots<8>(slab, k_scales, block_size, off, valid, pairs, qp, o); break;
-    }
+    with_count<8>(group - g0, [&](auto g) {
+      int8_key_dots<decltype(g)::value>(slab, k_scales, block_size, off, valid, pairs, qp, o);
+    });
   }
 }
 

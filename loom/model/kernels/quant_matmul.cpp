@@ -22,6 +22,7 @@
 
 #include "cpu_check.h"
 #include "quant_codes.h"
+#include "static_count.h"
 
 #ifdef LOOM_QUANT_KERNELS
 
@@ -211,12 +212,8 @@ template <bool Signed, bool Group16>
 void rows_dot(const RowBuffer& row, const QuantizedRows& xq, int64_t M, int64_t K, float* out) {
   int64_t m = 0;
   for (; m + 4 <= M; m += 4) row_dot<4, Signed, Group16>(row, xq, m, K, out + m);
-  switch (M - m) {
-    case 3: row_dot<3, Signed, Group16>(row, xq, m, K, out + m); break;
-    case 2: row_dot<2, Signed, Group16>(row, xq, m, K, out + m); break;
-    case 1: row_dot<1, Signed, Group16>(row, xq, m, K, out + m); break;
-    default: break;
-  }
+  if (M > m)
+    with_count<3>(M - m, [&](auto r) { row_dot<decltype(r)::value, Signed, Group16>(row, xq, m, K, out + m); });
 }
 
 // Few activation rows (decode). Per weight row, what the inner loop needs besides the codes is
@@ -499,12 +496,7 @@ void quant_matmul_impl(const T* x, const Weights& w, const T* bias, T* out, int6
           default: small_m<MT, 8, false>(w, xq, xsums, begin, end, scratch, t); break;
         }
       };
-      switch (M) {
-        case 1: run(std::integral_constant<int, 1>{}); break;
-        case 2: run(std::integral_constant<int, 2>{}); break;
-        case 3: run(std::integral_constant<int, 3>{}); break;
-        default: run(std::integral_constant<int, 4>{}); break;
-      }
+      with_count<4>(M, run);
       for (int64_t n = begin; n < end; ++n) {
         const float b = bias ? load_f(bias + n) : 0.0f;
         for (int64_t m = 0; m < M; ++m) store_f(out + m * N + n, tile[n * M + m] + b);
