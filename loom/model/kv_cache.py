@@ -79,7 +79,7 @@ class KVCache:
         shape = (num_blocks, spec.num_kv_heads, spec.block_size, spec.head_dim)
         self.keys = [zeros(shape, spec.storage_dtype, device) for _ in range(spec.num_layers)]
         self.values = [zeros(shape, spec.storage_dtype, device) for _ in range(spec.num_layers)]
-        # A quantized format's scales, one per (block, head, token), read by the kernels beside the codes.
+        # A quantized format's scales (Int8KVCache's shapes), read by the kernels beside the codes.
         self.key_scales: list[torch.Tensor] = []
         self.value_scales: list[torch.Tensor] = []
         ops = native_ops() if device.type == "cpu" else None
@@ -166,10 +166,6 @@ class Int8KVCache(KVCache):
         self.value_scales = [zeros((n, h, bs), INT8_SCALE_DTYPE, device) for _ in range(spec.num_layers)]
         ops = native_ops() if device.type == "cpu" and spec.dtype in (torch.float32, torch.bfloat16) else None
         self._native_gather = ops.kv_gather_int8 if ops is not None else None
-
-    @property
-    def lossy(self) -> bool:
-        return True
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor) -> None:
         if self._native_write is not None:

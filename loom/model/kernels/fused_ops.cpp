@@ -187,19 +187,16 @@ void quantize_row_int8(const T* x, int64_t D, int64_t group, int8_t* codes, int6
 #ifdef LOOM_AVX512_BF16
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
     if (group % 16 == 0) {  // 16 values at a time; the same division and rounding (MXCSR: half to even)
-      const auto load = [](const T* p) {
-        if constexpr (std::is_same_v<T, float>) return _mm512_loadu_ps(p);
-        else return loom_simd::load_bf16(p);
-      };
+      using loom_simd::load16;
       for (int64_t g0 = 0; g0 < D; g0 += group) {
         __m512 amax = _mm512_setzero_ps();
-        for (int64_t d = g0; d < g0 + group; d += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load(x + d)));
+        for (int64_t d = g0; d < g0 + group; d += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(x + d)));
         const at::Half s = at::Half(_mm512_reduce_max_ps(amax) / 127.f);
         scale[g0 / group * scale_stride] = s;
         const float sf = float(s);
         const __m512 vs = _mm512_set1_ps(sf);
         for (int64_t d = g0; d < g0 + group; d += 16) {
-          __m512i c = sf > 0.f ? _mm512_cvtps_epi32(_mm512_div_ps(load(x + d), vs)) : _mm512_setzero_si512();
+          __m512i c = sf > 0.f ? _mm512_cvtps_epi32(_mm512_div_ps(load16(x + d), vs)) : _mm512_setzero_si512();
           c = _mm512_max_epi32(_mm512_min_epi32(c, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
           const __m128i bytes = _mm512_cvtepi32_epi8(c);
           if (pair_stride == 2) {

@@ -31,6 +31,8 @@ using loom_simd::load_bf16;
 using loom_simd::load_bh;
 using loom_simd::exp_ps;
 using loom_simd::reduce16;
+using loom_simd::load16;
+using loom_simd::store16;
 
 // Softmax numerators of `rows` rows of `stride` scores (a multiple of 16, padded with -inf, which
 // contributes exp(-inf) = 0), in place; inv[r] = 1 / the row's sum. Weights below e^-64 of the
@@ -55,13 +57,6 @@ void softmax_padded(float* scores, int64_t rows, int64_t stride, float* inv) {
   }
 }
 
-// 16 values of a value row in fp32: bf16 widened, int8 codes sign-extended (their scale is applied
-// by the caller, folded into the softmax weights).
-inline __m512 load_row16(const c10::BFloat16* p) { return load_bf16(p); }
-inline __m512 load_row16(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-
 // Pass 2 for G query heads of a group: acc[g * nv + j] = sum_t w[g * stride + t] * rows[t][16j..16j+16)
 // over n tokens. The G x CH accumulators of CH 16-lane chunks stay in registers (compile-time
 // sizes), so each token costs CH loads and G x CH FMAs and no accumulator traffic through memory.
@@ -73,7 +68,7 @@ void weighted_rows(const V* const* rows, const float* w, int64_t stride, int64_t
       for (int c = 0; c < CH; ++c) a[g][c] = _mm512_setzero_ps();
     for (int64_t t = 0; t < n; ++t) {
       __m512 v[CH];
-      for (int c = 0; c < CH; ++c) v[c] = load_row16(rows[t] + (j0 + c) * 16);
+      for (int c = 0; c < CH; ++c) v[c] = load16(rows[t] + (j0 + c) * 16);  // an int8 row's scale is in w
       for (int g = 0; g < G; ++g) {
         const __m512 p = _mm512_set1_ps(w[g * stride + t]);
         for (int c = 0; c < CH; ++c) a[g][c] = _mm512_fmadd_ps(p, v[c], a[g][c]);
@@ -173,17 +168,6 @@ void decode_attention_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* k
   });
 }
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-template <typename T>
-inline __m512 load16(const T* p) {
-  if constexpr (std::is_same_v<T, float>) return _mm512_loadu_ps(p);
-  else return load_bf16(p);
-}
-
-template <typename T>
-inline void store16(T* p, __m512 v) {
-  if constexpr (std::is_same_v<T, float>) _mm512_storeu_ps(p, v);
-  else loom_simd::store_bf16(p, v);
-}
 
 // Scores (before the query's and the softmax scale) of up to 16 keys (those in `valid`, from offset
 // `off` of a block-head slab of the int8 cache) for G query heads at once. Keys are stored
