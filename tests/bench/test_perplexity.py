@@ -131,8 +131,10 @@ def test_short_text_has_fewer_agreement_prompts(tiny_model, tmp_path, capsys):
     (["--text", "/nonexistent/text.txt"], "text file not found"),
     (["--window", "64", "--stride", "64"], "--stride must be between 1 and window - 1"),
 ])  # fmt: skip
-def test_bad_arguments_exit_2(tiny_model, extra, message, capsys):
-    assert main(["bench", "perplexity", "--model", str(tiny_model("llama")), *extra]) == 2
+def test_bad_arguments_exit_2(tiny_model, tmp_path, extra, message, capsys):
+    text = tmp_path / "text.txt"  # a text of its own, so that only `extra` is wrong (a later --text wins)
+    text.write_text(TEXT)
+    assert main(["bench", "perplexity", "--model", str(tiny_model("llama")), "--text", str(text), *extra]) == 2
     assert message in capsys.readouterr().err
 
 
