@@ -155,7 +155,7 @@ GIB = 1 << 30
 DTYPES = ("auto", "bfloat16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("auto", "cpu", "torch", "cuda")
-KV_CACHE_DTYPES = ("auto", "bf16", "fp32", "int8")  # loom.model.kv_cache builds each
+KV_CACHE_DTYPES = ("auto", "bf16", "fp32", "int8", "int4", "int2")  # loom.model.kv_cache builds each
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,22 @@ class CacheConfig:
         default="auto",
         metadata=option(
             "KV cache element format (auto: the compute dtype; bf16, fp32; int8: int8 codes with fp16 scales, "
-            "0.54x the bytes of bf16 at head_dim 64)", flag="--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+            "0.54x the bytes of bf16 at head_dim 64; int4, int2: KIVI, keys per channel and values per token, "
+            "asymmetric, with a full-precision residual)", flag="--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+        ),
+    )  # fmt: skip
+    kv_residual_tokens: int = field(
+        default=128,
+        metadata=option(
+            "int4/int2 KV cache: the newest tokens of each sequence kept in full precision until this many have "
+            "gathered, then quantized together (a multiple of --block-size)", flag="--kv-residual-tokens", minimum=1,
+        ),
+    )  # fmt: skip
+    kv_quant_group: int = field(
+        default=32,
+        metadata=option(
+            "int4/int2 KV cache: channels per value scale and zero point (keys have one per channel per block)",
+            flag="--kv-quant-group", minimum=16,
         ),
     )  # fmt: skip
 

@@ -46,6 +46,7 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache on first admission
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # hashes of this request's full blocks
+    residual_slot: int = -1  # its full-precision residual, with a KIVI cache (while it holds blocks)
     # Speculative tokens a proposer guessed to follow this request's tokens; the next step
     # verifies them (then they are cleared).
     draft_token_ids: list[int] = field(default_factory=list)

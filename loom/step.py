@@ -50,8 +50,10 @@ class StepPlan:
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
-    # KV blocks to copy before the forward pass: the partial last block of a forked sample.
+    # KV blocks to copy before the forward pass: the partial last block of a forked sample (with
+    # a KIVI cache, its residual slot instead).
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    slot_copies: list[tuple[int, int]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.scheduled)

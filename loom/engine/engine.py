@@ -112,7 +112,9 @@ class Engine:
         self.eos_token_ids = tuple(self.model_config.eos_token_ids) or tuple(self.tokenizer.eos_token_ids)
         self.worker = Worker(config, self.model_config, self.model_dir, self.max_model_len, self.eos_token_ids,
                              gguf_file(config.model))
-        self.kv = KVCacheManager(self.worker.kv.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        kv = self.worker.kv
+        self.kv = KVCacheManager(kv.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
+                                 kv.spec.residual_tokens, kv.num_slots)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.eos_token_ids)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.proposer = proposer
@@ -124,12 +126,15 @@ class Engine:
         self.phase_seconds: dict[str, float] = defaultdict(float)
         self.last_step = StepTiming(0.0, 0.0, 0.0)
         kv_spec = self.worker.kv.spec
+        residual = (f" + {kv.num_slots} residual slots x {kv_spec.residual_tokens} tokens "
+                    f"({kv.num_slots * kv_spec.bytes_per_residual_slot / 1e6:.1f} MB)" if kv.num_slots else "")
         log.info("engine ready in %.1fs: %s on %s (%s attention), weights %.1f MB (%s), KV cache of %d blocks x %d "
-                 "tokens = %d tokens (%s, %.1f MB)", time.perf_counter() - t0, self.model_config.architecture,
+                 "tokens = %d tokens (%s, %.1f MB)%s", time.perf_counter() - t0, self.model_config.architecture,
                  self.worker.device, self.worker.attention.name, self.worker.weight_bytes / 1e6,
                  ", ".join(self.worker.weight_formats) or self.worker.dtype, self.kv.num_blocks,
                  config.cache.block_size, self.kv.num_blocks * config.cache.block_size,
-                 str(kv_spec.storage_dtype).removeprefix("torch."), self.kv.num_blocks * kv_spec.bytes_per_block / 1e6)
+                 kv_spec.cache_dtype if kv_spec.quantized else str(kv_spec.storage_dtype).removeprefix("torch."),
+                 self.kv.num_blocks * kv_spec.bytes_per_block / 1e6, residual)
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(

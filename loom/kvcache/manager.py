@@ -3,6 +3,8 @@ and rolling back the tail (rejected speculative tokens)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from loom.kvcache.block_pool import BlockKey, BlockPool
 from loom.request import Request
 
@@ -11,10 +13,38 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@dataclass(frozen=True)
+class ForkCopies:
+    """What a fork copies before the next forward pass: the parent's partial last block, or with a
+    residual its residual slot (the open group)."""
+
+    block: tuple[int, int] | None = None
+    slot: tuple[int, int] | None = None
+
+
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    """``residual_tokens > 0`` (a KIVI cache): each request holding blocks also holds one of
+    ``num_slots`` residual slots, where its newest positions gather until their group of
+    ``residual_tokens`` is complete and quantized into the blocks. Only blocks of complete groups
+    are shared (prefix cache, forks); a fork copies the open group's slot."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 residual_tokens: int = 0, num_slots: int = 0) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.residual_tokens = residual_tokens
+        self.free_slots = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+
+    def _sealed(self, num_tokens: int) -> int:
+        """Tokens of the complete groups among the first ``num_tokens`` (all of them without a residual)."""
+        r = self.residual_tokens
+        return num_tokens // r * r if r else num_tokens
+
+    def max_drafts(self, end: int) -> int:
+        """Draft tokens that may follow position ``end - 1``: with a residual, none may complete a
+        group, since a quantized group cannot be rolled back."""
+        r = self.residual_tokens
+        return r - 1 - end % r if r else 1 << 30
 
     @property
     def num_free_blocks(self) -> int:
@@ -40,7 +70,7 @@ class KVCacheManager:
         if not self.pool.enable_prefix_caching or req.params.prompt_logprobs is not None or req.embed:
             return []
         hits: list[int] = []
-        max_blocks = (req.num_tokens - 1) // self.block_size
+        max_blocks = self._sealed(req.num_tokens - 1) // self.block_size
         for i in range(max_blocks):
             key = self._key(req, i)
             block = self.pool.lookup(key)
@@ -48,6 +78,8 @@ class KVCacheManager:
                 break
             req.block_hashes.append(key.hash)
             hits.append(block)
+        whole = self._sealed(len(hits) * self.block_size) // self.block_size  # the open group starts in the slot
+        del req.block_hashes[whole:], hits[whole:]
         return hits
 
     def blocks_needed(self, req: Request, num_tokens: int, num_hits: int = 0) -> int:
@@ -63,6 +95,10 @@ class KVCacheManager:
         hits_now_free = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
         if needed + hits_now_free > self.pool.num_free_blocks:
             return False
+        if self.residual_tokens and req.residual_slot < 0:
+            if not self.free_slots:
+                return False
+            req.residual_slot = self.free_slots.pop()
         for b in hits:
             self.pool.touch(b)
         req.block_ids.extend(hits)
@@ -72,7 +108,7 @@ class KVCacheManager:
 
     def cache_full_blocks(self, req: Request) -> None:
         """Register the blocks full of computed (accepted) tokens with the prefix index."""
-        num_full = req.num_computed_tokens // self.block_size
+        num_full = self._sealed(req.num_computed_tokens) // self.block_size
         for i in range(len(req.block_hashes), num_full):
             key = self._key(req, i)
             req.block_hashes.append(key.hash)
@@ -92,23 +128,34 @@ class KVCacheManager:
         self.pool.free(list(reversed(req.block_ids)))
         req.block_ids.clear()
         req.block_hashes.clear()
+        if req.residual_slot >= 0:
+            self.free_slots.append(req.residual_slot)
+            req.residual_slot = -1
 
-    def fork(self, parent: Request, child: Request) -> tuple[int, int] | None:
-        """Share ``parent``'s full blocks with ``child``. Returns (src, dst) of the partial last
-        block that must be copied, or None when the sequence ends on a block boundary.
-        Raises MemoryError when no block is free for the copy."""
-        full = parent.num_computed_tokens // self.block_size
+    def fork(self, parent: Request, child: Request) -> ForkCopies:
+        """Share ``parent``'s full blocks (of complete groups, with a residual) with ``child``, and
+        say what must be copied: the partial last block, or with a residual the slot, where the
+        open group lives (the child gets fresh blocks for it). Raises MemoryError when no block or
+        slot is free for the copy."""
+        n = parent.num_computed_tokens
+        full = self._sealed(n) // self.block_size
         shared = parent.block_ids[:full]
         for b in shared:
             self.pool.touch(b)
         child.block_ids = list(shared)
         child.block_hashes = list(parent.block_hashes[:full])
-        if parent.num_computed_tokens % self.block_size == 0:
-            return None
         try:
+            if self.residual_tokens:
+                if not self.free_slots:
+                    raise MemoryError("no free residual slot")
+                child.block_ids.extend(self.pool.allocate(cdiv(n, self.block_size) - full))
+                child.residual_slot = self.free_slots.pop()
+                return ForkCopies(slot=(parent.residual_slot, child.residual_slot))
+            if n % self.block_size == 0:
+                return ForkCopies()
             (dst,) = self.pool.allocate(1)
         except MemoryError:
             self.free(child)
             raise
         child.block_ids.append(dst)
-        return parent.block_ids[full], dst
+        return ForkCopies(block=(parent.block_ids[full], dst))

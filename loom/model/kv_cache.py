@@ -5,7 +5,8 @@ head_dim]``), so one head's keys within a block are contiguous for the decode ke
 tables (which blocks a sequence owns) live in ``loom/kvcache``; this object only stores.
 
 Formats (``--kv-cache-dtype``): ``auto`` stores the compute dtype, ``bf16`` / ``fp32`` store that
-dtype whatever the compute dtype, and ``int8`` stores int8 codes with fp16 scales (``Int8KVCache``).
+dtype whatever the compute dtype, ``int8`` stores int8 codes with fp16 scales (``Int8KVCache``), and
+``int4`` / ``int2`` store KIVI's asymmetric codes with a full-precision residual (``KiviKVCache``).
 Reads (``gather``) always return the compute dtype."""
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ PLAIN_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 INT8 = "int8"
 INT8_SCALE_DTYPE = torch.float16
 INT8_KEY_GROUP = 16  # dims per key scale of the int8 cache (one scale per token and head for values)
+KIVI_BITS = {"int4": 4, "int2": 2}
+KIVI_SCALE_DTYPE = torch.float16  # KIVI's scales and zero points
 
 
 @dataclass(frozen=True)
@@ -34,39 +37,112 @@ class KVCacheSpec:
     block_size: int
     dtype: torch.dtype  # the compute dtype: what attention reads back
     cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES
+    residual_tokens: int = 0  # KIVI formats: tokens gathered in full precision before they are quantized
+    value_group: int = 32  # KIVI formats: channels per value scale and zero point (at most head_dim)
 
     def __post_init__(self) -> None:
         if self.cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"unknown KV cache dtype {self.cache_dtype!r} (choose {', '.join(KV_CACHE_DTYPES)})")
+        if self.kivi:
+            if self.residual_tokens < self.block_size or self.residual_tokens % self.block_size:
+                raise ValueError(f"the {self.cache_dtype} KV cache needs --kv-residual-tokens to be a multiple of "
+                                 f"--block-size {self.block_size}, not {self.residual_tokens}")
+            g = self.value_group_size
+            if g % 16 or self.head_dim % g:
+                raise ValueError(f"the {self.cache_dtype} KV cache needs --kv-quant-group to be a multiple of 16 that "
+                                 f"divides head_dim {self.head_dim} (or at least head_dim), not {self.value_group}")
+            if self.block_size % 16:
+                raise ValueError(f"the {self.cache_dtype} KV cache needs --block-size to be a multiple of 16, "
+                                 f"not {self.block_size}")
+
+    @property
+    def kivi(self) -> bool:
+        return self.cache_dtype in KIVI_BITS
+
+    @property
+    def bits(self) -> int:
+        """Bits per code of a KIVI format."""
+        return KIVI_BITS[self.cache_dtype]
+
+    @property
+    def value_group_size(self) -> int:
+        return min(self.value_group, self.head_dim)
 
     @property
     def storage_dtype(self) -> torch.dtype:
         """The element type of the key and value tensors."""
         if self.cache_dtype == INT8:
             return torch.int8
+        if self.kivi:
+            return torch.uint8  # packed codes
         return PLAIN_DTYPES.get(self.cache_dtype, self.dtype)
 
     @property
     def quantized(self) -> bool:
-        return self.cache_dtype == INT8
-
-    @property
-    def bytes_per_token(self) -> int:
-        per_head = 2 * self.head_dim * self.storage_dtype.itemsize  # a key and a value
-        if self.quantized:  # their scales
-            per_head += (self.head_dim // INT8_KEY_GROUP + 1) * INT8_SCALE_DTYPE.itemsize
-        return self.num_layers * self.num_kv_heads * per_head
+        return self.cache_dtype == INT8 or self.kivi
 
     @property
     def bytes_per_block(self) -> int:
-        return self.block_size * self.bytes_per_token
+        bs, d = self.block_size, self.head_dim
+        if self.kivi:
+            codes = 2 * bs * d * self.bits // 8  # a key and a value
+            per_head = codes + 2 * KIVI_SCALE_DTYPE.itemsize * (d + bs * d // self.value_group_size)
+        else:
+            per_head = 2 * bs * d * self.storage_dtype.itemsize
+            if self.quantized:  # int8 scales
+                per_head += bs * (d // INT8_KEY_GROUP + 1) * INT8_SCALE_DTYPE.itemsize
+        return self.num_layers * self.num_kv_heads * per_head
 
-    def num_blocks_for(self, budget_bytes: int) -> int:
-        n = budget_bytes // self.bytes_per_block
+    @property
+    def bytes_per_token(self) -> float:
+        """Bytes of the blocks per token (the residual of a KIVI format not included)."""
+        return self.bytes_per_block / self.block_size
+
+    @property
+    def bytes_per_residual_slot(self) -> int:
+        """A KIVI format's full-precision residual of one sequence (0 for other formats)."""
+        if not self.kivi:
+            return 0
+        return 2 * self.num_layers * self.num_kv_heads * self.residual_tokens * self.head_dim * self.dtype.itemsize
+
+    def num_blocks_for(self, budget_bytes: int, num_slots: int = 0) -> int:
+        """Blocks that fit ``budget_bytes`` after ``num_slots`` residual slots."""
+        residual = num_slots * self.bytes_per_residual_slot
+        n = (budget_bytes - residual) // self.bytes_per_block
         if n < 1:
+            if residual:
+                raise ValueError(
+                    f"a KV cache budget of {budget_bytes / 2**20:.1f} MiB holds no block after the {self.cache_dtype} "
+                    f"residual of {num_slots} sequences x {self.residual_tokens} tokens ({residual / 2**20:.1f} MiB); "
+                    "lower --max-num-seqs or --kv-residual-tokens, or raise --kv-cache-memory")
             raise ValueError(f"a KV cache budget of {budget_bytes} bytes holds no block "
                              f"({self.bytes_per_block} bytes each)")
         return int(n)
+
+
+@dataclass(frozen=True)
+class SequenceWrite:
+    """One sequence's share of a step's writes: flat batch rows ``first_row ..`` hold its positions
+    ``start .. end - 1``; ``block_ids`` is its block table and ``slot`` its residual slot."""
+
+    first_row: int
+    start: int
+    end: int
+    block_ids: list[int]
+    slot: int
+
+
+@dataclass(frozen=True)
+class ResidualWrites:
+    """Where a step's keys and values go in a cache with a full-precision residual (built once per
+    step, used by every layer). A group of ``residual_tokens`` positions completed in this step is
+    assembled in a buffer from the residual (the positions of earlier steps) and from this step's
+    rows, quantized, and written to ``seal_blocks``; the other rows go to the residual."""
+
+    seal_blocks: torch.Tensor  # int64 [n]: the blocks of the sealed groups, in order
+    seal_from_residual: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # buffer row, residual block, offset
+    seal_from_step: tuple[torch.Tensor, torch.Tensor]  # buffer row, step row
+    open_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # step row, residual block, offset
 
 
 class KVCache:
@@ -76,14 +152,21 @@ class KVCache:
         self.spec = spec
         self.num_blocks = num_blocks
         self.device = device
-        shape = (num_blocks, spec.num_kv_heads, spec.block_size, spec.head_dim)
-        self.keys = [zeros(shape, spec.storage_dtype, device) for _ in range(spec.num_layers)]
-        self.values = [zeros(shape, spec.storage_dtype, device) for _ in range(spec.num_layers)]
-        # A quantized format's scales (Int8KVCache's shapes), read by the kernels beside the codes.
+        key_shape, value_shape = self._shapes(num_blocks)
+        self.keys = [zeros(key_shape, spec.storage_dtype, device) for _ in range(spec.num_layers)]
+        self.values = [zeros(value_shape, spec.storage_dtype, device) for _ in range(spec.num_layers)]
+        # A quantized format's scales (and KIVI's zero points), read by the kernels beside the codes.
         self.key_scales: list[torch.Tensor] = []
         self.value_scales: list[torch.Tensor] = []
+        self.key_zeros: list[torch.Tensor] = []
+        self.value_zeros: list[torch.Tensor] = []
         ops = native_ops() if device.type == "cpu" else None
         self._native_write = ops.kv_write if ops is not None else None  # one call per layer for k and v
+
+    def _shapes(self, num_blocks: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of one layer's keys and values."""
+        shape = (num_blocks, self.spec.num_kv_heads, self.spec.block_size, self.spec.head_dim)
+        return shape, shape
 
     @property
     def block_size(self) -> int:
@@ -101,8 +184,24 @@ class KVCache:
         chunks or cached prefixes begin."""
         return self.spec.storage_dtype not in (self.spec.dtype, torch.float32)
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor) -> None:
-        """Store this step's keys and values ``[T, num_kv_heads, head_dim]`` at (block, offset) slots."""
+    @property
+    def num_slots(self) -> int:
+        """Residual slots (one per sequence that holds blocks); 0 without a residual."""
+        return 0
+
+    def plan_residual_writes(self, seqs: list[SequenceWrite]) -> ResidualWrites | None:
+        """The step's residual writes (None: the cache has no residual)."""
+        return None
+
+    def open_group(self, layer: int, slot: int, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A residual's keys and values ``[heads, n, head_dim]`` from the start of the group of
+        ``position`` up to it (a copy)."""
+        raise ValueError("this KV cache has no residual")
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
+              residual: ResidualWrites | None = None) -> None:
+        """Store this step's keys and values ``[T, num_kv_heads, head_dim]`` at (block, offset) slots
+        (a cache with a residual places them by ``residual`` instead)."""
         k, v = k.to(self.dtype), v.to(self.dtype)
         if self._native_write is not None:
             self._native_write(self.keys[layer], self.values[layer], k, v, blocks, offsets)
@@ -110,14 +209,17 @@ class KVCache:
         self.keys[layer][blocks, :, offsets] = k
         self.values[layer][blocks, :, offsets] = v
 
-    def gather(self, layer: int, block_ids: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One sequence's first ``length`` keys and values, each ``[num_kv_heads, length, head_dim]``."""
+    def gather(self, layer: int, block_ids: torch.Tensor, length: int, slot: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sequence's first ``length`` keys and values, each ``[num_kv_heads, length, head_dim]``
+        (``slot``: its residual slot, where the cache has a residual)."""
         k, v = self._read(layer, block_ids)
         return k.transpose(0, 1).flatten(1, 2)[:, :length], v.transpose(0, 1).flatten(1, 2)[:, :length]
 
-    def gather_batch(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather_batch(self, layer: int, block_tables: torch.Tensor, context_lens: torch.Tensor | None = None,
+                     slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the blocks of each row of ``block_tables`` ``[R, nb]``, as
-        ``[R, num_kv_heads, nb * block_size, head_dim]`` (padding slots included)."""
+        ``[R, num_kv_heads, nb * block_size, head_dim]`` (padding slots included). A cache with a
+        residual needs each row's ``context_lens`` and residual ``slots``."""
         k, v = self._read(layer, block_tables.long())
         return k.transpose(1, 2).flatten(2, 3), v.transpose(1, 2).flatten(2, 3)
 
@@ -126,8 +228,13 @@ class KVCache:
         return self.keys[layer][index].to(self.spec.dtype), self.values[layer][index].to(self.spec.dtype)
 
     def copy_block(self, src: int, dst: int) -> None:
-        for cache in (*self.keys, *self.values, *self.key_scales, *self.value_scales):
+        for cache in (*self.keys, *self.values, *self.key_scales, *self.value_scales, *self.key_zeros,
+                      *self.value_zeros):
             cache[dst].copy_(cache[src])
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        """Copy one residual slot to another (a forked sample's open group)."""
+        raise ValueError("this KV cache has no residual slots")
 
 
 def quantize_int8(x: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +274,8 @@ class Int8KVCache(KVCache):
         ops = native_ops() if device.type == "cpu" and spec.dtype in (torch.float32, torch.bfloat16) else None
         self._native_gather = ops.kv_gather_int8 if ops is not None else None
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor) -> None:
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
+              residual: ResidualWrites | None = None) -> None:
         if self._native_write is not None:
             self._native_write(self.keys[layer], self.values[layer], k, v, blocks, offsets,
                                self.key_scales[layer], self.value_scales[layer])
@@ -179,7 +287,7 @@ class Int8KVCache(KVCache):
         self.values[layer][blocks, :, offsets] = vc
         self.value_scales[layer][blocks, :, offsets] = vs
 
-    def gather(self, layer: int, block_ids: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather(self, layer: int, block_ids: torch.Tensor, length: int, slot: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
         if self._native_gather is None:
             return super().gather(layer, block_ids, length)
         return self._native_gather(self.keys[layer], self.values[layer], self.key_scales[layer],
@@ -198,6 +306,192 @@ class Int8KVCache(KVCache):
         return (key_codes.float() * key_scales.float()).to(self.spec.dtype), values.to(self.spec.dtype)
 
 
-def make_kv_cache(spec: KVCacheSpec, num_blocks: int, device: torch.device) -> KVCache:
-    """The cache object for ``spec.cache_dtype``."""
-    return (Int8KVCache if spec.quantized else KVCache)(spec, num_blocks, device)
+def quantize_asym(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KIVI's asymmetric codes of ``x`` over its last dim: ``codes = round((x - zero) / scale)`` in
+    ``[0, 2^bits - 1]`` with ``zero = min`` and ``scale = (max - min) / (2^bits - 1)``, both stored in
+    fp16 and the codes rounded against the stored values. Returns the uint8 codes (unpacked, the
+    shape of ``x``) and the scales and zero points (``x``'s shape without its last dim)."""
+    xf = x.float()
+    levels = (1 << bits) - 1
+    lo, hi = xf.amin(dim=-1), xf.amax(dim=-1)
+    scale, zero = ((hi - lo) / levels).to(KIVI_SCALE_DTYPE), lo.to(KIVI_SCALE_DTYPE)
+    s, z = scale.float()[..., None], zero.float()[..., None]
+    codes = torch.where(s > 0, (xf - z) / s, torch.zeros_like(xf)).round().clamp(0, levels).to(torch.uint8)
+    return codes, scale, zero
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``8 / bits`` codes per byte along the last dim, the first in the lowest bits."""
+    per = 8 // bits
+    c = codes.unflatten(-1, (-1, per)).to(torch.int32)
+    shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=codes.device)
+    return (c << shifts).sum(dim=-1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of ``pack_codes``."""
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    return ((packed[..., None] >> shifts) & ((1 << bits) - 1)).flatten(-2)
+
+
+class KiviKVCache(KVCache):
+    """KIVI ("KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache", ICML 2024) on paged
+    blocks: ``int4`` or ``int2`` codes with fp16 scales and zero points. A key has a scale and zero
+    per channel over the block's tokens (keys carry outlier channels); a value has one per token and
+    group of ``value_group`` channels. Codes are packed along the quantized dim: a key block and head
+    is ``[head_dim, block_size * bits / 8]`` bytes, a value block and head ``[block_size, head_dim *
+    bits / 8]``.
+
+    The residual: each sequence holding blocks owns a slot of ``residual_tokens`` positions in the
+    compute dtype. The newest tokens gather there, and when the group of ``residual_tokens``
+    positions they belong to is complete, the group is quantized into its blocks at once, as KIVI
+    quantizes keys (its values slide one token at a time; here they go with the keys). So a sequence
+    of ``L`` tokens reads its first ``L // R * R`` from the blocks and the rest, ``0 .. R - 1`` of
+    them, from its slot. A block is quantized once and never changes after, so full blocks are shared
+    by prefix caching and forks like any others; the manager caches only blocks of complete groups.
+    The slots are ``[num_slots * R / block_size, heads, block_size, head_dim]``, the plain layout, so
+    the decode kernel reads the residual as plain blocks."""
+
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device, num_slots: int) -> None:
+        super().__init__(spec, num_blocks, device)
+        n, h, bs, d = num_blocks, spec.num_kv_heads, spec.block_size, spec.head_dim
+        layers = range(spec.num_layers)
+        self.key_scales = [zeros((n, h, d), KIVI_SCALE_DTYPE, device) for _ in layers]
+        self.key_zeros = [zeros((n, h, d), KIVI_SCALE_DTYPE, device) for _ in layers]
+        groups = (n, h, bs, d // spec.value_group_size)
+        self.value_scales = [zeros(groups, KIVI_SCALE_DTYPE, device) for _ in layers]
+        self.value_zeros = [zeros(groups, KIVI_SCALE_DTYPE, device) for _ in layers]
+        self._slots = num_slots
+        self.blocks_per_slot = spec.residual_tokens // bs
+        res_shape = (num_slots * self.blocks_per_slot, h, bs, d)
+        self.residual_keys = [zeros(res_shape, spec.dtype, device) for _ in layers]
+        self.residual_values = [zeros(res_shape, spec.dtype, device) for _ in layers]
+
+    def _shapes(self, num_blocks: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        s = self.spec
+        packed = s.bits * s.block_size // 8
+        return (num_blocks, s.num_kv_heads, s.head_dim, packed), (num_blocks, s.num_kv_heads, s.block_size,
+                                                                  s.head_dim * s.bits // 8)
+
+    @property
+    def num_slots(self) -> int:
+        return self._slots
+
+    @property
+    def lossy(self) -> bool:
+        return True
+
+    def plan_residual_writes(self, seqs: list[SequenceWrite]) -> ResidualWrites:
+        r, bs = self.spec.residual_tokens, self.spec.block_size
+        seal_blocks: list[int] = []
+        from_res: tuple[list[int], list[int]] = ([], [])  # buffer row, residual position (slot * R + pos)
+        from_step: tuple[list[int], list[int]] = ([], [])  # buffer row, step row
+        open_rows: tuple[list[int], list[int]] = ([], [])  # step row, residual position
+        for s in seqs:
+            base = s.slot * r
+            done = s.end // r  # groups complete after this step
+            for g in range(s.start // r, done):
+                row0, lo = len(seal_blocks) * bs, g * r
+                seal_blocks.extend(s.block_ids[lo // bs : (lo + r) // bs])
+                earlier = range(lo, s.start)
+                from_res[0].extend(row0 + p - lo for p in earlier)
+                from_res[1].extend(base + p - lo for p in earlier)
+                now = range(max(lo, s.start), lo + r)
+                from_step[0].extend(row0 + p - lo for p in now)
+                from_step[1].extend(s.first_row + p - s.start for p in now)
+            now = range(max(s.start, done * r), s.end)
+            open_rows[0].extend(s.first_row + p - s.start for p in now)
+            open_rows[1].extend(base + p % r for p in now)
+
+        def longs(xs: list[int]) -> torch.Tensor:
+            return torch.tensor(xs, dtype=torch.int64, device=self.device)
+
+        res_pos, open_pos = longs(from_res[1]), longs(open_rows[1])
+        return ResidualWrites(
+            seal_blocks=longs(seal_blocks),
+            seal_from_residual=(longs(from_res[0]), res_pos // bs, res_pos % bs),
+            seal_from_step=(longs(from_step[0]), longs(from_step[1])),
+            open_rows=(longs(open_rows[0]), open_pos // bs, open_pos % bs),
+        )
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
+              residual: ResidualWrites | None = None) -> None:
+        if residual is None:
+            raise ValueError(f"the {self.spec.cache_dtype} KV cache writes by a residual plan")
+        k, v = k.to(self.spec.dtype), v.to(self.spec.dtype)
+        if residual.seal_blocks.numel():  # before the open rows, which may reuse the sealed group's positions
+            self._seal(layer, k, v, residual)
+        rows, rb, ro = residual.open_rows
+        if rows.numel():
+            self.residual_keys[layer][rb, :, ro] = k[rows]
+            self.residual_values[layer][rb, :, ro] = v[rows]
+
+    def _seal(self, layer: int, k: torch.Tensor, v: torch.Tensor, w: ResidualWrites) -> None:
+        s = self.spec
+        n, bs, h, d, g = w.seal_blocks.numel(), s.block_size, s.num_kv_heads, s.head_dim, s.value_group_size
+        buf_rows, rb, ro = w.seal_from_residual
+        dst, src = w.seal_from_step
+        kb, vb = k.new_empty((n * bs, h, d)), v.new_empty((n * bs, h, d))
+        kb[buf_rows], vb[buf_rows] = self.residual_keys[layer][rb, :, ro], self.residual_values[layer][rb, :, ro]
+        kb[dst], vb[dst] = k[src], v[src]
+        blocks = w.seal_blocks
+        codes, scale, zero = quantize_asym(kb.view(n, bs, h, d).permute(0, 2, 3, 1), s.bits)  # per channel
+        self.keys[layer][blocks] = pack_codes(codes, s.bits)
+        self.key_scales[layer][blocks], self.key_zeros[layer][blocks] = scale, zero
+        codes, scale, zero = quantize_asym(vb.view(n, bs, h, d // g, g).transpose(1, 2), s.bits)  # per token
+        self.values[layer][blocks] = pack_codes(codes.flatten(-2), s.bits)
+        self.value_scales[layer][blocks], self.value_zeros[layer][blocks] = scale, zero
+
+    def _read(self, layer: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.spec
+        g = s.value_group_size
+        keys = unpack_codes(self.keys[layer][index], s.bits).float()  # [..., D, bs]
+        keys = keys * self.key_scales[layer][index].float()[..., None] + self.key_zeros[layer][index].float()[..., None]
+        values = unpack_codes(self.values[layer][index], s.bits).float().unflatten(-1, (-1, g))  # [..., bs, D / g, g]
+        values = values * self.value_scales[layer][index].float()[..., None] + self.value_zeros[layer][index].float()[..., None]
+        return keys.transpose(-2, -1).to(s.dtype), values.flatten(-2).to(s.dtype)
+
+    def open_group(self, layer: int, slot: int, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = position % self.spec.residual_tokens
+        res = self._slot_blocks(torch.tensor(slot, device=self.device))
+        keys = self.residual_keys[layer][res].transpose(0, 1).flatten(1, 2)[:, :n]
+        return keys, self.residual_values[layer][res].transpose(0, 1).flatten(1, 2)[:, :n]
+
+    def _slot_blocks(self, slots: torch.Tensor) -> torch.Tensor:
+        """The residual blocks of each slot ``[..., R / block_size]``."""
+        return slots.long()[..., None] * self.blocks_per_slot + torch.arange(self.blocks_per_slot, device=slots.device)
+
+    def gather(self, layer: int, block_ids: torch.Tensor, length: int, slot: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+        sealed = length // self.spec.residual_tokens * self.spec.residual_tokens
+        k, v = super().gather(layer, block_ids[: sealed // self.block_size], sealed)
+        res = self._slot_blocks(torch.tensor(slot, device=self.device))
+        rk = self.residual_keys[layer][res].transpose(0, 1).flatten(1, 2)[:, : length - sealed]
+        rv = self.residual_values[layer][res].transpose(0, 1).flatten(1, 2)[:, : length - sealed]
+        return torch.cat([k, rk], dim=1), torch.cat([v, rv], dim=1)
+
+    def gather_batch(self, layer: int, block_tables: torch.Tensor, context_lens: torch.Tensor | None = None,
+                     slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if context_lens is None or slots is None:
+            raise ValueError(f"the {self.spec.cache_dtype} KV cache reads a batch by its context lengths and slots")
+        k, v = super().gather_batch(layer, block_tables)  # [rows, H, W, D]
+        r = self.spec.residual_tokens
+        res = self._slot_blocks(slots)  # [rows, R / bs]
+        rk = self.residual_keys[layer][res].transpose(1, 2).flatten(2, 3)  # [rows, H, R, D]
+        rv = self.residual_values[layer][res].transpose(1, 2).flatten(2, 3)
+        sealed = (context_lens.long() // r * r)[:, None]
+        pos = torch.arange(k.shape[2], device=k.device)[None, :]
+        in_residual = (pos >= sealed)[:, None, :, None]
+        idx = (pos - sealed).clamp(0, r - 1)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        return torch.where(in_residual, rk.gather(2, idx), k), torch.where(in_residual, rv.gather(2, idx), v)
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        n = self.blocks_per_slot
+        for cache in (*self.residual_keys, *self.residual_values):
+            cache[dst * n : (dst + 1) * n].copy_(cache[src * n : (src + 1) * n])
+
+
+def make_kv_cache(spec: KVCacheSpec, num_blocks: int, device: torch.device, num_slots: int = 0) -> KVCache:
+    """The cache object for ``spec.cache_dtype`` (``num_slots``: a KIVI format's residual slots)."""
+    if spec.kivi:
+        return KiviKVCache(spec, num_blocks, device, num_slots)
+    return (Int8KVCache if spec.cache_dtype == INT8 else KVCache)(spec, num_blocks, device)

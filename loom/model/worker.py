@@ -17,7 +17,7 @@ from loom.model.arch import model_class
 from loom.model.arch.base import CausalLM, quantize_model
 from loom.model.attention import AttentionMetadata, PrefillChunk, StepAttention, make_attention_backend
 from loom.model.device import keep_freed_memory, kv_cache_budget, resolve_device, resolve_dtype, set_threads, synchronize
-from loom.model.kv_cache import KVCacheSpec, make_kv_cache
+from loom.model.kv_cache import KIVI_BITS, KVCacheSpec, SequenceWrite, make_kv_cache
 from loom.model.quant.formats import FORMATS, NONE
 from loom.model.quant.gguf_blocks import gguf_packed_weights
 from loom.model.quant.packed import PackedWeight
@@ -84,9 +84,12 @@ class Worker:
         self.eos_token_ids = eos_token_ids
         self.model = load_model(model_config, model_dir, self.dtype, self.device, config.quantization, gguf)
         c = model_config
-        spec = KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, config.cache.block_size, self.dtype,
-                           config.cache.kv_cache_dtype)
-        self.kv = make_kv_cache(spec, self._num_blocks(config, spec, max_model_len), self.device)
+        cc = config.cache
+        spec = KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, cc.block_size, self.dtype, cc.kv_cache_dtype,
+                           cc.kv_residual_tokens if cc.kv_cache_dtype in KIVI_BITS else 0, cc.kv_quant_group)
+        # A KIVI cache's residual: a slot for each sequence that may run.
+        num_slots = config.scheduler.max_num_seqs if spec.kivi else 0
+        self.kv = make_kv_cache(spec, self._num_blocks(config, spec, max_model_len, num_slots), self.device, num_slots)
         self.attention = make_attention_backend(config.attention_backend, self.kv)
         self.sampler = Sampler(seed=config.seed)
         self.phase_seconds: dict[str, float] = defaultdict(float)  # prepare / forward / sample
@@ -113,15 +116,18 @@ class Worker:
             found += packed if isinstance(packed, list) else [packed] if packed is not None else []
         return found
 
-    def _num_blocks(self, config: EngineConfig, spec: KVCacheSpec, max_model_len: int) -> int:
+    def _num_blocks(self, config: EngineConfig, spec: KVCacheSpec, max_model_len: int, num_slots: int) -> int:
+        """The blocks the budget buys after the residual slots."""
         if config.cache.num_blocks is not None:
             return config.cache.num_blocks
         if config.cache.kv_cache_bytes is not None:
-            return spec.num_blocks_for(config.cache.kv_cache_bytes)
+            return spec.num_blocks_for(config.cache.kv_cache_bytes, num_slots)
         # Measured: free memory less the headroom, and never more than max_num_seqs sequences
         # of max_model_len tokens can use at once.
         useful = config.scheduler.max_num_seqs * -(-max_model_len // spec.block_size)
-        return max(1, min(spec.num_blocks_for(max(kv_cache_budget(self.device), spec.bytes_per_block)), useful))
+        residual = num_slots * spec.bytes_per_residual_slot
+        budget = max(kv_cache_budget(self.device), residual + spec.bytes_per_block)
+        return max(1, min(spec.num_blocks_for(budget, num_slots), useful))
 
     # -- the step -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -129,6 +135,8 @@ class Worker:
         t0 = time.perf_counter()
         for src, dst in plan.block_copies:
             self.kv.copy_block(src, dst)
+        for src, dst in plan.slot_copies:
+            self.kv.copy_slot(src, dst)
         batch = self._prepare(plan.scheduled)
         rows = self._logits_rows(plan.scheduled, batch.offsets)
         t1 = time.perf_counter()
@@ -158,11 +166,14 @@ class Worker:
         offsets: list[int] = [0] * len(scheduled)
         tables: list[list[int]] = []
         lens: list[int] = []
+        writes: list[SequenceWrite] = []  # for a cache with a residual
+        decode_slots: list[int] = []
         decodes = [i for i, s in enumerate(scheduled) if s.is_decode]
         for i in decodes:
             s = scheduled[i]
             r = s.request
             offsets[i] = len(ids)
+            writes.append(SequenceWrite(len(ids), s.start, s.start + s.num_query_tokens, r.block_ids, r.residual_slot))
             ids.append(r.token_ids_slice(s.start, s.end)[0])
             ids.extend(s.draft_token_ids)
             for p in range(s.start, s.start + s.num_query_tokens):
@@ -171,6 +182,7 @@ class Worker:
                 slot_offsets.append(p % bs)
                 tables.append(r.block_ids)
                 lens.append(p + 1)
+                decode_slots.append(r.residual_slot)
         num_decode_rows = len(ids)
         prefills: list[PrefillChunk] = []
         for i, s in enumerate(scheduled):
@@ -178,6 +190,7 @@ class Worker:
                 continue
             r = s.request
             offsets[i] = len(ids)
+            writes.append(SequenceWrite(len(ids), s.start, s.end, r.block_ids, r.residual_slot))
             ids.extend(r.token_ids_slice(s.start, s.end))
             blocks = r.block_ids[: -(-s.end // bs)]
             for p in range(s.start, s.end):
@@ -185,9 +198,10 @@ class Worker:
                 slot_blocks.append(blocks[p // bs])
                 slot_offsets.append(p % bs)
             prefills.append(PrefillChunk(len(ids) - s.num_new_tokens, len(ids), s.start,
-                                         torch.tensor(blocks, dtype=torch.int64, device=self.device)))
+                                         torch.tensor(blocks, dtype=torch.int64, device=self.device), r.residual_slot))
         width = max((len(t) for t in tables), default=0)
         device = self.device
+        residual = self.kv.num_slots > 0
         meta = AttentionMetadata(
             slot_blocks=torch.tensor(slot_blocks, dtype=torch.int64, device=device),
             slot_offsets=torch.tensor(slot_offsets, dtype=torch.int64, device=device),
@@ -196,6 +210,8 @@ class Worker:
                                              device=device).view(len(tables), width),
             decode_context_lens=torch.tensor(lens, dtype=torch.int32, device=device),
             prefills=prefills,
+            decode_slots=torch.tensor(decode_slots, dtype=torch.int32, device=device) if residual else None,
+            residual=self.kv.plan_residual_writes(writes) if residual else None,
         )
         return _Batch(torch.tensor(ids, dtype=torch.int64, device=device),
                       torch.tensor(pos, dtype=torch.int64, device=device), meta, offsets)

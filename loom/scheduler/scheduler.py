@@ -46,6 +46,7 @@ class Scheduler:
         self.prompt_tokens_admitted = 0
         self.prompt_tokens_cached = 0
         self._block_copies: list[tuple[int, int]] = []  # for the next plan (forks)
+        self._slot_copies: list[tuple[int, int]] = []
 
     # -- queue management -------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -66,8 +67,8 @@ class Scheduler:
 
     # -- planning ---------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
-        plan = StepPlan(block_copies=self._block_copies)
-        self._block_copies = []
+        plan = StepPlan(block_copies=self._block_copies, slot_copies=self._slot_copies)
+        self._block_copies, self._slot_copies = [], []
         budget = self.config.max_num_batched_tokens
         key = self.policy.sort_key
         # Decodes first, then requests still in their prefill.
@@ -80,7 +81,8 @@ class Scheduler:
             if budget == 0:
                 continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            drafts = tuple(req.draft_token_ids[: budget - 1]) if num_new == 1 else ()
+            room = min(budget - 1, self.kv.max_drafts(req.num_computed_tokens + num_new))
+            drafts = tuple(req.draft_token_ids[:room]) if num_new == 1 else ()
             while not self.kv.allocate(req, req.num_computed_tokens + num_new + len(drafts)):
                 victim = self.policy.select_victim(unscheduled + [req])
                 self._preempt(victim)
@@ -194,12 +196,14 @@ class Scheduler:
         child.metrics.prefill_end_time = parent.metrics.prefill_end_time
         child.num_cached_tokens = parent.num_cached_tokens
         try:
-            copy = self.kv.fork(parent, child)
+            copies = self.kv.fork(parent, child)
         except MemoryError:
             self.add(child)
         else:
-            if copy is not None:
-                self._block_copies.append(copy)
+            if copies.block is not None:
+                self._block_copies.append(copies.block)
+            if copies.slot is not None:
+                self._slot_copies.append(copies.slot)
             child.num_computed_tokens = parent.num_computed_tokens
             child.status = RequestStatus.RUNNING
             self.running.append(child)

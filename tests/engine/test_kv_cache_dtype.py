@@ -1,7 +1,8 @@
-"""The engine over a quantized KV cache (``kv_cache_dtype="int8"``): greedy output invariant to
-batching, chunking, prefix caching and preemption, the same through the native kernel as through
-the torch reference path over the same format, ``n > 1`` forks copying scales with the codes, and
-the default model's logprobs close to those of the plain cache."""
+"""The engine over a quantized KV cache (``kv_cache_dtype`` int8, and KIVI's int4 and int2 with their
+residual): greedy output invariant to batching, chunking, prefix caching and preemption, the same
+through the native kernel as through the torch reference path over the same format, ``n > 1`` forks
+copying scales (and residual slots) with the codes, and the default model's logprobs close to those
+of the plain cache."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ def model_dir(tiny_model):
     return str(tiny_model("llama"))
 
 
-def greedy(model_dir, ps, params=GREEDY, **opts):
-    llm = LLM(model_dir, dtype="float32", kv_cache_dtype="int8", **opts)
+def greedy(model_dir, ps, params=GREEDY, kv_cache_dtype="int8", **opts):
+    llm = LLM(model_dir, dtype="float32", kv_cache_dtype=kv_cache_dtype, **opts)
     outs = llm.generate(ps, params, use_tqdm=False)
     return [o.outputs[0].token_ids for o in outs], llm.stats()
 
@@ -32,6 +33,35 @@ def test_int8_greedy_output_is_invariant_to_batching_chunking_prefix_caching_and
     assert stats.num_preemptions > 0, "the test must exercise preemption"
     reference, _ = greedy(model_dir, ps, max_num_seqs=24, attention_backend="torch")
     assert batched == no_cache == squeezed == reference
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int2"])
+def test_kivi_greedy_output_is_invariant_to_batching_chunking_prefix_caching_and_preemption(model_dir, fmt):
+    """A KIVI cache quantizes a sequence's groups of ``kv_residual_tokens`` positions when they are
+    complete, whichever step completes them: output must not depend on the step boundaries
+    (16-token chunks), on prefix-cache hits (whole groups only) or on preemption, and the native
+    kernel must agree with the torch reference path."""
+    long_shared = prompts(1, seed=5)[0] * 3  # whole groups of 32 shared by every other prompt
+    ps = [long_shared + p if i % 2 else p for i, p in enumerate(prompts(24))]
+    opts = dict(kv_cache_dtype=fmt, block_size=16, kv_residual_tokens=32)
+    batched, stats = greedy(model_dir, ps, max_num_seqs=24, max_num_batched_tokens=512, **opts)
+    assert stats.prefix_cache_hit_tokens > 0
+    no_cache, _ = greedy(model_dir, ps, max_num_seqs=24, enable_prefix_caching=False, **opts)
+    squeezed, stats = greedy(model_dir, ps, max_num_seqs=8, max_num_batched_tokens=16, num_blocks=16, **opts)
+    assert stats.num_preemptions > 0, "the test must exercise preemption"
+    reference, _ = greedy(model_dir, ps, max_num_seqs=24, attention_backend="torch", **opts)
+    assert batched == no_cache == squeezed == reference
+
+
+def test_kivi_n_samples_fork_with_their_residual(model_dir):
+    """Forks share the prompt's complete groups and copy the open group's residual slot."""
+    prompt = prompts(1, seed=3)[0] + [5, 6, 7]
+    assert len(prompt) % 32
+    opts = dict(block_size=16, kv_residual_tokens=32)
+    (single,), _ = greedy(model_dir, [prompt], kv_cache_dtype="int4", **opts)
+    llm = LLM(model_dir, dtype="float32", kv_cache_dtype="int4", **opts)
+    out = llm.generate([prompt], SamplingParams(n=3, temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]
+    assert [c.token_ids for c in out.outputs] == [single] * 3
 
 
 def test_int8_n_samples_fork_with_their_scales(model_dir):

@@ -1,6 +1,6 @@
 import pytest
 
-from loom.kvcache import BlockKey, BlockPool, KVCacheManager
+from loom.kvcache import BlockKey, BlockPool, ForkCopies, KVCacheManager
 from loom.request import Request
 from loom.sampling import SamplingParams
 
@@ -100,9 +100,9 @@ def test_fork_shares_full_blocks_and_copies_partial():
     kv = KVCacheManager(num_blocks=8, block_size=4)
     parent = computed(kv, "p", list(range(6)))
     child = req("c", list(range(6)))
-    src_dst = kv.fork(parent, child)
+    copies = kv.fork(parent, child)
     assert child.block_ids[0] == parent.block_ids[0]
-    assert src_dst == (parent.block_ids[1], child.block_ids[1])
+    assert copies == ForkCopies(block=(parent.block_ids[1], child.block_ids[1]))
     assert kv.pool.ref_counts[parent.block_ids[0]] == 2
     kv.free(child)
     kv.free(parent)

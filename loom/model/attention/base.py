@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from loom.model.kv_cache import KVCache
+from loom.model.kv_cache import KVCache, ResidualWrites
 
 
 @dataclass
@@ -23,6 +23,7 @@ class PrefillChunk:
     token_end: int
     start_pos: int  # tokens of this sequence already in the cache before the chunk
     block_ids: torch.Tensor  # int64 [num_blocks covering start_pos + chunk]
+    slot: int = -1  # the sequence's residual slot (a cache with a residual)
 
 
 @dataclass
@@ -35,6 +36,9 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor  # int32 [num_decode_rows, max_blocks]
     decode_context_lens: torch.Tensor  # int32 [num_decode_rows]: keys visible to the row, itself included
     prefills: list[PrefillChunk]
+    # A cache with a residual (KIVI): each decode row's slot, and where the step's rows go.
+    decode_slots: torch.Tensor | None = None  # int32 [num_decode_rows]
+    residual: ResidualWrites | None = None
 
 
 class AttentionBackend(ABC):
@@ -52,21 +56,40 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, Hkv, D] (this step's keys, already rotated). Writes k, v into
         layer ``layer`` of the cache and returns [T, H, D]. ``window > 0``: sliding window."""
-        self.kv.write(layer, k, v, meta.slot_blocks, meta.slot_offsets)
+        # A residual's open group as it was before this step's write (which may seal and reuse it).
+        open_groups = [self.kv.open_group(layer, c.slot, c.start_pos) for c in meta.prefills] if meta.residual else []
+        self.kv.write(layer, k, v, meta.slot_blocks, meta.slot_offsets, meta.residual)
         nd = meta.num_decode_rows
         if not meta.prefills:
             return self.decode(layer, q, meta, scale, window)
         out = torch.empty_like(q)
         if nd:
             out[:nd] = self.decode(layer, q[:nd], meta, scale, window)
-        for c in meta.prefills:
+        for i, c in enumerate(meta.prefills):
             s, e = c.token_start, c.token_end
-            out[s:e] = self.prefill(layer, q[s:e], k[s:e], v[s:e], c, scale, window)
+            if open_groups:
+                out[s:e] = self.residual_prefill(layer, q[s:e], k[s:e], v[s:e], c, scale, window, open_groups[i])
+            else:
+                out[s:e] = self.prefill(layer, q[s:e], k[s:e], v[s:e], c, scale, window)
         return out
 
     @abstractmethod
     def decode(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, scale: float, window: int) -> torch.Tensor:
         """Attention of the decode rows ``q`` [num_decode_rows, H, D] over the cache."""
+
+    def gathered_decode(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, scale: float,
+                        window: int) -> torch.Tensor:
+        """Decode rows by gathering their blocks (dequantized) and one masked SDPA call: the
+        reference path, for any device and format."""
+        k, v = self.kv.gather_batch(layer, meta.decode_block_tables, meta.decode_context_lens, meta.decode_slots)
+        lens = meta.decode_context_lens.long()
+        pos = torch.arange(k.shape[2], device=q.device)
+        mask = pos[None, :] < lens[:, None]
+        if window > 0:
+            mask &= pos[None, :] >= (lens[:, None] - window)
+        out = F.scaled_dot_product_attention(q.unsqueeze(2).to(k.dtype), k, v, attn_mask=mask[:, None, None, :],
+                                             scale=scale, enable_gqa=True)
+        return out.squeeze(2).to(q.dtype)
 
     def prefill(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk, scale: float,
@@ -79,7 +102,7 @@ class AttentionBackend(ABC):
         if chunk.start_pos == 0 and not self.kv.lossy:
             kh, vh = k.transpose(0, 1), v.transpose(0, 1)
         else:
-            kh, vh = self.kv.gather(layer, chunk.block_ids, total)
+            kh, vh = self.kv.gather(layer, chunk.block_ids, total, chunk.slot)
         # 4-D inputs: with 3-D ones SDPA takes its slow math path on the CPU instead of flash attention.
         qh, kh, vh = q.transpose(0, 1).unsqueeze(0), kh.unsqueeze(0), vh.unsqueeze(0)
         if chunk.start_pos == 0 and (window <= 0 or total <= window):
@@ -92,6 +115,33 @@ class AttentionBackend(ABC):
                 mask &= kpos > qpos - window
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
         return out[0].transpose(0, 1)
+
+
+    def residual_prefill(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk, scale: float,
+        window: int, open_group: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """A chunk over a cache with a residual of ``R`` tokens, attending as decoding token by token
+        would: query ``p`` reads key ``j`` quantized when ``j``'s group of ``R`` was complete at
+        ``p`` (``(j // R + 1) * R <= p + 1``), and in full precision otherwise. Both versions of the
+        recent keys are in one SDPA call, each visible where it applies. ``open_group``: the
+        residual's positions from the start of the open group to the chunk, before this step's write."""
+        n, r = q.shape[0], self.kv.spec.residual_tokens
+        total = chunk.start_pos + n
+        kq, vq = self.kv.gather(layer, chunk.block_ids, total, chunk.slot)  # sealed groups quantized
+        first = chunk.start_pos - open_group[0].shape[1]  # the open group's start
+        kh = torch.cat([kq, open_group[0], k.transpose(0, 1).to(kq.dtype)], dim=1)
+        vh = torch.cat([vq, open_group[1], v.transpose(0, 1).to(vq.dtype)], dim=1)
+        qpos = torch.arange(chunk.start_pos, total, device=q.device)[:, None]
+        kpos = torch.cat([torch.arange(total, device=q.device), torch.arange(first, total, device=q.device)])[None, :]
+        quantized_part = torch.arange(kpos.shape[1], device=q.device)[None, :] < total
+        sealed = (kpos // r + 1) * r <= qpos + 1
+        mask = (kpos <= qpos) & (sealed == quantized_part)
+        if window > 0:
+            mask &= kpos > qpos - window
+        out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0).to(kh.dtype), kh.unsqueeze(0),
+                                             vh.unsqueeze(0), attn_mask=mask, scale=scale, enable_gqa=True)
+        return out[0].transpose(0, 1).to(q.dtype)
 
 
 class StepAttention:

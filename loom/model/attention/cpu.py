@@ -25,6 +25,8 @@ class CPUAttention(AttentionBackend):
 
     def decode(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, scale: float, window: int) -> torch.Tensor:
         kv = self.kv
+        if kv.spec.kivi:
+            return self.gathered_decode(layer, q, meta, scale, window)
         if kv.spec.quantized:
             return self._decode(q, kv.keys[layer], kv.values[layer], meta.decode_block_tables, meta.decode_context_lens,
                                 scale, window, kv.key_scales[layer], kv.value_scales[layer])
