@@ -122,3 +122,42 @@ def test_truncate_frees_tail_blocks_and_forgets_their_hashes():
     # Nothing past the accepted tokens was registered with the prefix index.
     other = req("o", list(range(5)) + [0] * 8)
     assert len(kv.match_prefix(other)) == 1
+
+
+def test_residual_slots_come_and_go_with_the_blocks():
+    kv = KVCacheManager(num_blocks=16, block_size=4, residual_tokens=8, num_slots=2)
+    a, b, c = req("a", list(range(5))), req("b", list(range(5))), req("c", list(range(5)))
+    assert kv.allocate(a, 5) and kv.allocate(b, 5)
+    assert {a.residual_slot, b.residual_slot} == {0, 1}
+    assert not kv.allocate(c, 5) and c.block_ids == [] and c.residual_slot == -1  # no slot: nothing taken
+    assert kv.num_free_blocks == 12
+    kv.free(a)
+    assert a.residual_slot == -1 and kv.allocate(c, 5) and c.residual_slot >= 0
+
+
+def test_with_a_residual_only_complete_groups_are_cached_and_matched():
+    kv = KVCacheManager(num_blocks=16, block_size=4, residual_tokens=8, num_slots=4)
+    tokens = list(range(14))
+    parent = computed(kv, "p", tokens)  # one complete group of 8 (2 blocks); 6 tokens still in the residual
+    assert len(parent.block_hashes) == 2
+    r = req("r", tokens + [99])
+    assert kv.match_prefix(r) == parent.block_ids[:2]
+    short = req("s", tokens[:7] + [98, 97])  # shares 1 full block, half a group: nothing matches
+    assert kv.match_prefix(short) == []
+    assert kv.max_drafts(14) == 1 and kv.max_drafts(16) == 7  # drafts never complete a group
+    assert KVCacheManager(4, 4).max_drafts(3) > 100
+
+
+def test_fork_with_a_residual_copies_the_slot_not_the_block():
+    kv = KVCacheManager(num_blocks=16, block_size=4, residual_tokens=8, num_slots=2)
+    parent = computed(kv, "p", list(range(13)))
+    child = req("c", list(range(13)))
+    copies = kv.fork(parent, child)
+    assert child.block_ids[:2] == parent.block_ids[:2]  # the complete group is shared
+    assert len(child.block_ids) == 4 and not set(child.block_ids[2:]) & set(parent.block_ids)
+    assert copies == ForkCopies(slot=(parent.residual_slot, child.residual_slot))
+    with pytest.raises(MemoryError):  # both slots taken
+        kv.fork(parent, req("d", list(range(13))))
+    kv.free(child)
+    kv.free(parent)
+    assert kv.num_free_blocks == 16 and sorted(kv.free_slots) == [0, 1]

@@ -1,16 +1,19 @@
 """Attention backends over the paged cache (the native ``cpu`` kernel and the pure ``torch``
 path) against plain SDPA on each sequence's keys: single-token decodes, decode rows verifying
-draft tokens (causal inside the new tokens), and prefill chunks with context; for the int8 cache,
-the kernel against the torch reference path over the same codes."""
+draft tokens (causal inside the new tokens), and prefill chunks with context; for the int8 and KIVI
+caches, the kernel against the torch reference path over the same codes, and KIVI's prefill against
+token-by-token decoding."""
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from loom.model.attention import AttentionMetadata, PrefillChunk, make_attention_backend
-from loom.model.kv_cache import KVCache, KVCacheSpec, make_kv_cache
+from loom.model.kv_cache import KVCache, KVCacheSpec, SequenceWrite, make_kv_cache
 
 BS = 4
 SCALE = 0.25
@@ -229,3 +232,82 @@ def test_plain_cache_in_bf16_under_fp32_compute(backend):
     for i, n in enumerate(lens):
         ref = reference(q[i], keys[i].bfloat16(), values[i].bfloat16(), 0)
         assert torch.allclose(out[i], ref, atol=2e-2)
+
+
+def kivi_sequences(kv, lens: list[int], seed=0):
+    """Write each sequence's keys and values through the KIVI cache's residual plan (slot i for
+    sequence i, as one prefill); returns tables, keys and values."""
+    g = torch.Generator().manual_seed(seed)
+    bs, hkv, d = kv.block_size, kv.spec.num_kv_heads, kv.spec.head_dim
+    perm = torch.randperm(kv.num_blocks, generator=g).tolist()
+    tables, writes, row = [], [], 0
+    for i, n in enumerate(lens):
+        tables.append([perm.pop() for _ in range(-(-n // bs))])
+        writes.append(SequenceWrite(row, 0, n, tables[-1], i))
+        row += n
+    k = torch.randn(row, hkv, d, generator=g)
+    k[:, :, 3] += 6  # an outlier channel, as real keys have
+    v = torch.randn(row, hkv, d, generator=g)
+    k, v = k.to(kv.spec.dtype), v.to(kv.spec.dtype)
+    kv.write(0, k, v, None, None, kv.plan_residual_writes(writes))
+    bounds = [0, *itertools.accumulate(lens)]
+    return tables, [k[a:b] for a, b in zip(bounds, bounds[1:])], [v[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def kivi_cache(dtype, d, bits, block_size=16, residual=32, group=32, num_blocks=64, slots=8):
+    spec = KVCacheSpec(1, 2, d, block_size, dtype, f"int{bits}", residual, group)
+    return make_kv_cache(spec, num_blocks, torch.device("cpu"), slots)
+
+
+@pytest.mark.parametrize("dtype,d,window,bits,block_size,group", [
+    (torch.float32, 64, 0, 4, 16, 32), (torch.bfloat16, 64, 0, 2, 16, 64), (torch.bfloat16, 128, 7, 4, 32, 32),
+    (torch.float32, 64, 40, 2, 32, 64), (torch.float32, 32, 0, 4, 16, 16)])
+def test_kivi_cache_kernel_matches_the_torch_reference_path(dtype, d, window, bits, block_size, group):
+    """Over the same codes, scales, zero points and residual, the native KIVI kernel equals the torch
+    path (dequantize, overlay the residual, SDPA), for rows before, at and past a group boundary."""
+    kv = kivi_cache(dtype, d, bits, block_size, residual=2 * block_size, group=group)
+    lens = [1, 2 * block_size - 1, 2 * block_size, 2 * block_size + 1, 5 * block_size + 3]
+    tables, keys, values = kivi_sequences(kv, lens)
+    q = torch.randn(len(lens), 6, d, generator=torch.Generator().manual_seed(1)).to(dtype)
+    width = max(len(t) for t in tables)
+    meta = AttentionMetadata(
+        slot_blocks=torch.zeros(0, dtype=torch.int64), slot_offsets=torch.zeros(0, dtype=torch.int64),
+        num_decode_rows=len(lens), decode_block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables],
+                                                                   dtype=torch.int32),
+        decode_context_lens=torch.tensor(lens, dtype=torch.int32), prefills=[],
+        decode_slots=torch.arange(len(lens), dtype=torch.int32))
+    cpu = make_attention_backend("cpu", kv).decode(0, q, meta, SCALE, window)
+    ref = make_attention_backend("torch", kv).decode(0, q, meta, SCALE, window)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert torch.allclose(cpu.float(), ref.float(), atol=tol), (cpu.float() - ref.float()).abs().max()
+    exact = torch.stack([reference(q[i], keys[i], values[i], window) for i in range(len(lens))])
+    err = (cpu.float() - exact).abs().mean(dim=(1, 2))
+    assert err[:2].max() < 1e-2  # rows shorter than a group: all in the residual, full precision
+    assert err.max() < (0.08 if bits == 4 else 0.3), err  # the format's error of attention over the exact keys
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kivi_prefill_attends_as_token_by_token_decoding_would(backend):
+    """A prompt prefilled in one chunk gives each position the output that decoding it one token at a
+    time gives: a query reads a key quantized once the key's group was complete at the query."""
+    torch.manual_seed(0)
+    h, n, r = 4, 45, 32
+    prompt_k, prompt_v, q = torch.randn(n, 2, 64), torch.randn(n, 2, 64), torch.randn(n, h, 64)
+    table = [5, 2, 7]
+    outs = []
+    for chunks in ([(0, n)], [(p, p + 1) for p in range(n)]):
+        kv = kivi_cache(torch.float32, 64, 2, residual=r, num_blocks=8, slots=1)
+        attn = make_attention_backend(backend, kv)
+        got = []
+        for a, b in chunks:
+            pos = torch.arange(a, b)
+            blocks = torch.tensor(table)
+            meta = AttentionMetadata(
+                slot_blocks=blocks[pos // 16], slot_offsets=pos % 16, num_decode_rows=0,
+                decode_block_tables=torch.zeros(0, 0, dtype=torch.int32),
+                decode_context_lens=torch.zeros(0, dtype=torch.int32),
+                prefills=[PrefillChunk(0, b - a, a, blocks[: -(-b // 16)], slot=0)],
+                residual=kv.plan_residual_writes([SequenceWrite(0, a, b, table, 0)]))
+            got.append(attn.forward(0, q[a:b], prompt_k[a:b], prompt_v[a:b], meta, SCALE))
+        outs.append(torch.cat(got))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5), (outs[0] - outs[1]).abs().max()

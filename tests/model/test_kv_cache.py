@@ -1,5 +1,6 @@
 """The KV cache object: exact bytes per block, write / gather / copy_block, lazily zeroed storage, and the
-formats of ``--kv-cache-dtype`` (a plain cache in another dtype than the compute dtype, int8)."""
+formats of ``--kv-cache-dtype`` (a plain cache in another dtype than the compute dtype, int8, KIVI int4/int2
+with its residual)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,17 @@ import re
 import pytest
 import torch
 
-from loom.model.kv_cache import Int8KVCache, KVCache, KVCacheSpec, make_kv_cache, quantize_int8
+from loom.model.kv_cache import (
+    Int8KVCache,
+    KVCache,
+    KVCacheSpec,
+    SequenceWrite,
+    make_kv_cache,
+    pack_codes,
+    quantize_asym,
+    quantize_int8,
+    unpack_codes,
+)
 
 
 def test_bytes_per_block_is_exact_for_each_dtype():
@@ -173,3 +184,88 @@ def test_plain_cache_in_another_dtype_than_the_compute_dtype():
     gk, _ = kv.gather(0, torch.tensor([2]), 3)
     assert gk.dtype == torch.float32 and torch.equal(gk, k.bfloat16().float().transpose(0, 1))
     assert not make_kv_cache(KVCacheSpec(1, 2, 8, 4, torch.bfloat16, "fp32"), 4, torch.device("cpu")).lossy
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_kivi_codes_round_trip_within_half_a_step(bits):
+    x = torch.randn(5, 3, 64) * torch.linspace(0.1, 20, 64)  # channels of very different ranges
+    codes, scale, zero = quantize_asym(x, bits)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= (1 << bits) - 1
+    assert torch.equal(unpack_codes(pack_codes(codes, bits), bits), codes)
+    assert pack_codes(codes, bits).shape[-1] == 64 * bits // 8
+    back = codes.float() * scale.float()[..., None] + zero.float()[..., None]
+    step = scale.float()[..., None]
+    assert ((back - x).abs() <= step / 2 + 1e-2 * x.abs().amax(-1, keepdim=True) / (1 << bits)).all()
+    const = torch.full((2, 16), 3.0)  # a constant group: scale 0, every value its zero point
+    codes, scale, zero = quantize_asym(const, bits)
+    assert float(scale.abs().max()) == 0 and torch.equal(zero.float(), torch.full((2,), 3.0))
+
+
+def test_kivi_bytes_per_block_and_residual_are_exact():
+    spec = KVCacheSpec(30, 3, 64, 32, torch.bfloat16, "int4", residual_tokens=128, value_group=32)
+    # per head and block: 2 x 32 x 64 x 4 bits of codes, a key scale and zero per channel, a value
+    # scale and zero per token and group of 32 channels.
+    per_head = 2 * 32 * 64 // 2 + 2 * 2 * 64 + 2 * 2 * 32 * 2
+    assert spec.bytes_per_block == 30 * 3 * per_head
+    assert spec.bytes_per_token == spec.bytes_per_block / 32
+    assert spec.bytes_per_residual_slot == 2 * 30 * 3 * 128 * 64 * 2
+    bf16 = KVCacheSpec(30, 3, 64, 32, torch.bfloat16)
+    assert bf16.bytes_per_block / spec.bytes_per_block == pytest.approx(3.2)
+    int2 = KVCacheSpec(30, 3, 64, 32, torch.bfloat16, "int2", residual_tokens=128, value_group=64)
+    assert bf16.bytes_per_block / int2.bytes_per_block == pytest.approx(4096 / 704)
+    budget = 10 * spec.bytes_per_block + 3 * spec.bytes_per_residual_slot
+    assert spec.num_blocks_for(budget, num_slots=3) == 10
+    with pytest.raises(ValueError, match="lower --max-num-seqs or --kv-residual-tokens"):
+        spec.num_blocks_for(budget, num_slots=4)
+
+
+@pytest.mark.parametrize("opts,match", [
+    (dict(residual_tokens=40), "multiple of --block-size 16"),
+    (dict(residual_tokens=8), "multiple of --block-size 16"),
+    (dict(residual_tokens=32, value_group=24), "--kv-quant-group"),
+])
+def test_kivi_spec_rejects_bad_sizes(opts, match):
+    with pytest.raises(ValueError, match=match):
+        KVCacheSpec(2, 2, 64, 16, torch.float32, "int4", **opts)
+    assert KVCacheSpec(2, 2, 64, 16, torch.float32, "int4", residual_tokens=32, value_group=256).value_group_size == 64
+
+
+def test_kivi_groups_seal_the_same_whichever_steps_complete_them():
+    """Writing a sequence token by token (decode), in uneven chunks, or at once leaves the same codes
+    in its complete groups and the same full-precision rows in its residual; gather reads the first
+    ``L // R * R`` tokens quantized and the rest exactly."""
+    spec = KVCacheSpec(1, 2, 32, 16, torch.float32, "int2", residual_tokens=32, value_group=16)
+    k, v = torch.randn(77, 2, 32), torch.randn(77, 2, 32)
+    table = [9, 4, 0, 7, 2]
+    caches = []
+    for cuts in ([0, 77], list(range(78)), [0, 5, 31, 33, 64, 70, 77]):
+        kv = make_kv_cache(spec, 10, torch.device("cpu"), num_slots=2)
+        for a, b in zip(cuts, cuts[1:]):
+            kv.write(0, k[a:b], v[a:b], None, None, kv.plan_residual_writes([SequenceWrite(0, a, b, table, 1)]))
+        caches.append(kv)
+    for kv in caches[1:]:
+        for a, b in zip(kv.keys + kv.values + kv.key_scales + kv.value_zeros, caches[0].keys + caches[0].values +
+                        caches[0].key_scales + caches[0].value_zeros):
+            assert torch.equal(a[table[:4]], b[table[:4]])
+    gk, gv = caches[0].gather(0, torch.tensor(table), 77, slot=1)
+    assert gk.shape == (2, 77, 32)
+    assert torch.equal(gk[:, 64:], k[64:].transpose(0, 1)) and torch.equal(gv[:, 64:], v[64:].transpose(0, 1))
+    assert not torch.equal(gk[:, :64], k[:64].transpose(0, 1))
+    assert (gk[:, :64] - k[:64].transpose(0, 1)).abs().mean() < 0.35
+    assert caches[0].lossy
+    with pytest.raises(ValueError, match="writes by a residual plan"):
+        caches[0].write(0, k[:1], v[:1], torch.tensor([0]), torch.tensor([0]))
+
+
+def test_kivi_copy_slot_and_copy_block_carry_everything():
+    spec = KVCacheSpec(2, 2, 32, 16, torch.float32, "int4", residual_tokens=16)
+    kv = make_kv_cache(spec, 4, torch.device("cpu"), num_slots=2)
+    k, v = torch.randn(20, 2, 32), torch.randn(20, 2, 32)
+    for layer in range(2):
+        kv.write(layer, k, v, None, None, kv.plan_residual_writes([SequenceWrite(0, 0, 20, [1, 3], 0)]))
+    kv.copy_slot(0, 1)
+    kv.copy_block(1, 2)
+    for layer in range(2):
+        a = kv.gather(layer, torch.tensor([1, 3]), 20, slot=0)
+        b = kv.gather(layer, torch.tensor([2, 3]), 20, slot=1)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -1,5 +1,6 @@
-"""The CPU backend: decode rows go through the native AVX-512 paged kernel, which reads keys and
-values in place through the block table (no gather copy), int8 codes included; prefill chunks use SDPA."""
+"""The CPU backend: decode rows go through the native AVX-512 paged kernels, which read keys and
+values in place through the block table (no gather copy), int8 and KIVI codes included; prefill
+chunks use SDPA."""
 
 from __future__ import annotations
 
@@ -22,11 +23,20 @@ class CPUAttention(AttentionBackend):
                              "(see the warning above); use the torch backend")
         super().__init__(kv)
         self._decode = ops.decode_attention
+        spec = kv.spec
+        # The KIVI kernel's shapes; elsewhere the reference path (gathered, dequantized blocks) serves.
+        self._kivi = (ops.decode_attention_kivi if spec.kivi and ops.has_kivi_attention() and spec.head_dim % 32 == 0
+                      and spec.head_dim <= 256 and spec.dtype in (torch.float32, torch.bfloat16) else None)
 
     def decode(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, scale: float, window: int) -> torch.Tensor:
         kv = self.kv
         if kv.spec.kivi:
-            return self.gathered_decode(layer, q, meta, scale, window)
+            if self._kivi is None:
+                return self.gathered_decode(layer, q, meta, scale, window)
+            return self._kivi(q, kv.keys[layer], kv.values[layer], kv.key_scales[layer], kv.key_zeros[layer],
+                              kv.value_scales[layer], kv.value_zeros[layer], kv.residual_keys[layer],
+                              kv.residual_values[layer], meta.decode_block_tables, meta.decode_context_lens,
+                              meta.decode_slots, kv.spec.bits, kv.spec.residual_tokens, scale, window)
         if kv.spec.quantized:
             return self._decode(q, kv.keys[layer], kv.values[layer], meta.decode_block_tables, meta.decode_context_lens,
                                 scale, window, kv.key_scales[layer], kv.value_scales[layer])

@@ -17,6 +17,7 @@
 #include <immintrin.h>
 #endif
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -286,6 +287,203 @@ void decode_attention_int8_avx512(const T* q, const int8_t* k_cache, const int8_
   });
 }
 #endif
+
+// KIVI's int4/int2 cache (see KiviKVCache in kv_cache.py). 16 codes of BITS bits, packed 8 / BITS
+// to a byte with the first in the lowest bits, as 16 fp32 lanes: one broadcast of their 64 (int4)
+// or 32 (int2) bits, a variable shift per lane and a mask.
+template <int BITS>
+inline __m512 kivi_codes16(const uint8_t* p) {
+  __m512i x, shifts;
+  if constexpr (BITS == 4) {
+    uint64_t w;
+    std::memcpy(&w, p, 8);
+    x = _mm512_permutexvar_epi32(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                                 _mm512_castsi128_si512(_mm_cvtsi64_si128((long long)w)));
+    shifts = _mm512_set_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
+  } else {
+    uint32_t w;
+    std::memcpy(&w, p, 4);
+    x = _mm512_set1_epi32((int)w);
+    shifts = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  }
+  return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(x, shifts), _mm512_set1_epi32((1 << BITS) - 1)));
+}
+
+// Scores of 16 keys of a quantized block (channel-major codes, `row_bytes` per channel) for G heads:
+// with k = code * scale_d + zero_d per channel, q.k = sum_d (q_d scale_d) code_d + sum_d q_d zero_d,
+// so each head's query is scaled per channel (qs) and its zero-point term (bias) is one number per
+// block. One expansion of a channel's 16 codes serves every head, and lanes come out as keys.
+template <int BITS, int G>
+void kivi_key_dots(const uint8_t* codes, int64_t row_bytes, int64_t head_dim, const float* qs, const float* bias,
+                   __m512* out) {
+  __m512 acc[G];
+  for (int g = 0; g < G; ++g) acc[g] = _mm512_set1_ps(bias[g]);
+  for (int64_t d = 0; d < head_dim; ++d) {
+    const __m512 c = kivi_codes16<BITS>(codes + d * row_bytes);
+    for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(qs[g * head_dim + d]), c, acc[g]);
+  }
+  for (int g = 0; g < G; ++g) out[g] = acc[g];
+}
+
+// Pass 2 over quantized value rows for G heads and CH 16-channel chunks from j0: acc += sum_t
+// (p_t scale_t,k) code_t (k: the chunk's channel group); the zero points' share, sum_t p_t zero_t,k,
+// is added per group by the caller.
+template <int BITS, int G, int CH>
+void kivi_value_rows(const uint8_t* const* rows, const at::Half* const* scales, const float* w, int64_t stride,
+                     int64_t n, int64_t j0, int64_t chunks_per_group, __m512* acc, int64_t nv) {
+  __m512 a[G][CH];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < CH; ++c) a[g][c] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    __m512 v[CH];
+    float s[CH];
+    for (int c = 0; c < CH; ++c) {
+      v[c] = kivi_codes16<BITS>(rows[t] + (j0 + c) * 2 * BITS);
+      s[c] = float(scales[t][(j0 + c) / chunks_per_group]);
+    }
+    for (int g = 0; g < G; ++g) {
+      const float p = w[g * stride + t];
+      for (int c = 0; c < CH; ++c) a[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(p * s[c]), v[c], a[g][c]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < CH; ++c) acc[g * nv + j0 + c] = a[g][c];
+}
+
+// Decode attention over a KIVI cache: a row of context length L reads its first L / R * R tokens from
+// the quantized blocks and the rest from its residual slot (plain rows of q's dtype). q and the output
+// are fp32 or bf16; head_dim a multiple of 32 up to 256, block_size a multiple of 16.
+template <int BITS, typename T>
+void decode_attention_kivi_avx512(const T* q, const uint8_t* k_codes, const uint8_t* v_codes, const at::Half* k_scales,
+                                  const at::Half* k_zeros, const at::Half* v_scales, const at::Half* v_zeros,
+                                  const T* res_k, const T* res_v, const int32_t* block_tables,
+                                  const int32_t* context_lens, const int32_t* slots, T* out, int64_t num_seqs,
+                                  int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                                  int64_t max_blocks, int64_t residual_tokens, int64_t value_group, float scale,
+                                  int64_t window, int64_t q_row) {
+  const int64_t group = num_heads / num_kv_heads, nv = head_dim / 16, vgroups = head_dim / value_group;
+  const int64_t key_row = block_size * BITS / 8, value_row = head_dim * BITS / 8;
+  const int64_t res_blocks = residual_tokens / block_size;
+  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * head_dim), qs(group * head_dim), bias(group), inv(group), zsum(group * vgroups);
+    std::vector<__m512> dots(group), acc(group * nv), racc(group * nv);
+    std::vector<float> scores;  // [group][n padded to 16]
+    std::vector<const uint8_t*> vrows;
+    std::vector<const at::Half*> vscale_rows;
+    std::vector<const T*> rrows;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t s = task / num_kv_heads, h = task % num_kv_heads;
+      const int64_t len = context_lens[s];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t n = len - first, stride = (n + 15) / 16 * 16;
+      const int64_t sealed = len / residual_tokens * residual_tokens;
+      T* o = out + (s * num_heads + h * group) * head_dim;
+      if (n <= 0) {
+        std::fill(o, o + group * head_dim, T(0.f));
+        continue;
+      }
+      const T* qh = q + s * q_row + h * group * head_dim;
+      for (int64_t i = 0; i < group * head_dim; ++i) qf[i] = float(qh[i]) * scale;
+      scores.assign(group * stride, -INFINITY);
+      const int32_t* table = block_tables + s * max_blocks;
+      // Pass 1a: the quantized blocks, 16 keys at a time.
+      for (int64_t b = first / block_size; b * block_size < sealed; ++b) {
+        const int64_t slab = (int64_t)table[b] * num_kv_heads + h;
+        const at::Half* ks = k_scales + slab * head_dim;
+        const at::Half* kz = k_zeros + slab * head_dim;
+        for (int64_t g = 0; g < group; ++g) {
+          __m512 bsum = _mm512_setzero_ps();
+          for (int64_t c = 0; c < nv; ++c) {
+            const __m512 qv = _mm512_loadu_ps(qf.data() + g * head_dim + c * 16);
+            const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ks + c * 16)));
+            const __m512 zr = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kz + c * 16)));
+            _mm512_storeu_ps(qs.data() + g * head_dim + c * 16, _mm512_mul_ps(qv, sc));
+            bsum = _mm512_fmadd_ps(qv, zr, bsum);
+          }
+          bias[g] = _mm512_reduce_add_ps(bsum);
+        }
+        const uint8_t* codes = k_codes + slab * head_dim * key_row;
+        for (int64_t t0 = 0; t0 < block_size; t0 += 16) {
+          const int64_t pos = b * block_size + t0;
+          for (int64_t g0 = 0; g0 < group; g0 += 8) {
+            with_count<8>(group - g0, [&](auto gc) {
+              kivi_key_dots<BITS, decltype(gc)::value>(codes + t0 * BITS / 8, key_row, head_dim,
+                                                       qs.data() + g0 * head_dim, bias.data() + g0, dots.data() + g0);
+            });
+          }
+          // Keys before `first` (a sliding window) are masked off; the store never touches them.
+          const __mmask16 valid = pos >= first ? (__mmask16)0xFFFF : (__mmask16)(0xFFFFu << (first - pos));
+          for (int64_t g = 0; g < group; ++g)
+            _mm512_mask_storeu_ps(scores.data() + g * stride + (pos - first), valid, dots[g]);
+        }
+      }
+      // Pass 1b: the residual, plain rows.
+      const int64_t res0 = std::max(sealed, first);
+      const int64_t slot_block = (int64_t)slots[s] * res_blocks;
+      rrows.resize(std::max<int64_t>(len - res0, 0));
+      for (int64_t t = res0; t < len; ++t)
+        rrows[t - res0] = res_k + (((slot_block + (t - sealed) / block_size) * num_kv_heads + h) * block_size +
+                                   t % block_size) * head_dim;
+      for (int64_t t0 = res0; t0 < len; t0 += 16) {
+        const int64_t cnt = std::min<int64_t>(16, len - t0);
+        for (int64_t g = 0; g < group; ++g) {
+          __m512 d16[16];
+          for (int64_t j = 0; j < 16; ++j) {
+            __m512 d = _mm512_setzero_ps();
+            if (j < cnt)
+              for (int64_t c = 0; c < nv; ++c)
+                d = _mm512_fmadd_ps(load16(rrows[t0 - res0 + j] + c * 16), _mm512_loadu_ps(qf.data() + g * head_dim + c * 16), d);
+            d16[j] = d;
+          }
+          _mm512_mask_storeu_ps(scores.data() + g * stride + (t0 - first), (__mmask16)((1u << cnt) - 1), reduce16(d16));
+        }
+      }
+      softmax_padded(scores.data(), group, stride, inv.data());
+      // Pass 2a: quantized values.
+      const int64_t nq = std::max<int64_t>(sealed - first, 0);
+      vrows.resize(nq);
+      vscale_rows.resize(nq);
+      std::fill(zsum.begin(), zsum.end(), 0.f);
+      for (int64_t t = first; t < first + nq; ++t) {
+        const int64_t row = ((int64_t)table[t / block_size] * num_kv_heads + h) * block_size + t % block_size;
+        vrows[t - first] = v_codes + row * value_row;
+        vscale_rows[t - first] = v_scales + row * vgroups;
+        const at::Half* vz = v_zeros + row * vgroups;
+        for (int64_t g = 0; g < group; ++g) {
+          const float p = scores[g * stride + (t - first)];
+          for (int64_t k = 0; k < vgroups; ++k) zsum[g * vgroups + k] += p * float(vz[k]);
+        }
+      }
+      const int64_t chunks_per_group = value_group / 16;
+      for (int64_t j0 = 0; j0 < nv; j0 += 4) {
+        const int64_t ch = std::min<int64_t>(4, nv - j0);
+        for (int64_t g0 = 0; g0 < group; g0 += 6) {
+          with_count<6>(group - g0, [&](auto gc) {
+            constexpr int G = decltype(gc)::value;
+            const float* w = scores.data() + g0 * stride;
+            __m512* a = acc.data() + g0 * nv;
+            if (ch == 4) kivi_value_rows<BITS, G, 4>(vrows.data(), vscale_rows.data(), w, stride, nq, j0, chunks_per_group, a, nv);
+            else kivi_value_rows<BITS, G, 2>(vrows.data(), vscale_rows.data(), w, stride, nq, j0, chunks_per_group, a, nv);
+          });
+        }
+      }
+      // Pass 2b: the residual's values.
+      const int64_t nr = len - res0;
+      for (int64_t t = res0; t < len; ++t)
+        rrows[t - res0] = res_v + (((slot_block + (t - sealed) / block_size) * num_kv_heads + h) * block_size +
+                                   t % block_size) * head_dim;
+      if (nr > 0) weighted_values(rrows.data(), scores.data() + (res0 - first), stride, nr, nv, group, racc.data());
+      for (int64_t g = 0; g < group; ++g) {
+        const __m512 vinv = _mm512_set1_ps(inv[g]);
+        for (int64_t j = 0; j < nv; ++j) {
+          __m512 r = _mm512_add_ps(acc[g * nv + j], _mm512_set1_ps(zsum[g * vgroups + j / chunks_per_group]));
+          if (nr > 0) r = _mm512_add_ps(r, racc[g * nv + j]);
+          store16(o + g * head_dim + j * 16, _mm512_mul_ps(r, vinv));
+        }
+      }
+    }
+  });
+}
 #endif
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -483,10 +681,97 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
 }
 
 
+// The KIVI cache (int4 or int2, `bits`): k_codes [blocks, kv_heads, head_dim, block_size * bits / 8] and
+// fp16 k_scales, k_zeros [blocks, kv_heads, head_dim]; v_codes [blocks, kv_heads, block_size, head_dim *
+// bits / 8] and fp16 v_scales, v_zeros [blocks, kv_heads, block_size, head_dim / value_group]; the
+// residual slots residual_k, residual_v [slots * residual_tokens / block_size, kv_heads, block_size,
+// head_dim] in q's dtype, slots: int32 [num_seqs]. A row of context length L reads its first
+// L / residual_tokens * residual_tokens keys from the blocks and the rest from its slot.
+torch::Tensor decode_attention_kivi(torch::Tensor q, torch::Tensor k_codes, torch::Tensor v_codes,
+                                    torch::Tensor k_scales, torch::Tensor k_zeros, torch::Tensor v_scales,
+                                    torch::Tensor v_zeros, torch::Tensor residual_k, torch::Tensor residual_v,
+                                    torch::Tensor block_tables, torch::Tensor context_lens, torch::Tensor slots,
+                                    int64_t bits, int64_t residual_tokens, double scale, int64_t window) {
+  for (const auto* t : {&q, &k_codes, &v_codes, &k_scales, &k_zeros, &v_scales, &v_zeros, &residual_k, &residual_v,
+                        &block_tables, &context_lens, &slots})
+    LOOM_CHECK_CPU(*t);
+  TORCH_CHECK(bits == 4 || bits == 2, "a KIVI cache has 4- or 2-bit codes, not ", bits);
+  TORCH_CHECK(q.dim() == 3 && k_codes.dim() == 4 && v_codes.dim() == 4 && residual_k.dim() == 4, "bad shapes");
+  if (q.stride(2) != 1 || q.stride(1) != q.size(2)) q = q.contiguous();
+  const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t num_blocks = k_codes.size(0), num_kv_heads = k_codes.size(1), block_size = v_codes.size(2);
+  const int64_t vgroups = v_scales.size(3);
+  TORCH_CHECK(num_heads % num_kv_heads == 0 && head_dim % 32 == 0 && head_dim <= 256 && block_size % 16 == 0 &&
+                  residual_tokens % block_size == 0 && vgroups > 0 && head_dim % vgroups == 0 &&
+                  (head_dim / vgroups) % 16 == 0,
+              "the KIVI kernel needs head_dim a multiple of 32 up to 256, block_size a multiple of 16, and value "
+              "groups of a multiple of 16 channels");
+  TORCH_CHECK(k_codes.scalar_type() == at::kByte && v_codes.scalar_type() == at::kByte &&
+                  k_codes.sizes() == at::IntArrayRef({num_blocks, num_kv_heads, head_dim, block_size * bits / 8}) &&
+                  v_codes.sizes() == at::IntArrayRef({num_blocks, num_kv_heads, block_size, head_dim * bits / 8}),
+              "KIVI codes must be uint8 [blocks, heads, head_dim, block_size * bits / 8] (keys) and [blocks, heads, "
+              "block_size, head_dim * bits / 8] (values)");
+  for (const auto* t : {&k_scales, &k_zeros})
+    TORCH_CHECK(t->scalar_type() == at::kHalf && t->sizes() == at::IntArrayRef({num_blocks, num_kv_heads, head_dim}),
+                "KIVI key scales and zero points must be fp16 [blocks, heads, head_dim]");
+  for (const auto* t : {&v_scales, &v_zeros})
+    TORCH_CHECK(t->scalar_type() == at::kHalf &&
+                    t->sizes() == at::IntArrayRef({num_blocks, num_kv_heads, block_size, vgroups}),
+                "KIVI value scales and zero points must be fp16 [blocks, heads, block_size, groups]");
+  TORCH_CHECK(residual_k.scalar_type() == q.scalar_type() && residual_v.sizes() == residual_k.sizes() &&
+                  residual_v.scalar_type() == q.scalar_type() && residual_k.size(1) == num_kv_heads &&
+                  residual_k.size(2) == block_size && residual_k.size(3) == head_dim,
+              "the residual must be [slots * residual_tokens / block_size, heads, block_size, head_dim] in q's dtype");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && context_lens.scalar_type() == torch::kInt32 &&
+                  slots.scalar_type() == torch::kInt32 && slots.size(0) == num_seqs,
+              "block_tables, context_lens and slots must be int32");
+  for (const auto* t : {&k_codes, &v_codes, &k_scales, &k_zeros, &v_scales, &v_zeros, &residual_k, &residual_v})
+    TORCH_CHECK(t->is_contiguous(), "the cache tensors must be contiguous");
+  block_tables = block_tables.contiguous();
+  context_lens = context_lens.contiguous();
+  slots = slots.contiguous();
+  auto out = torch::empty(q.sizes(), q.options());
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  const auto run = [&](auto* q_ptr, auto* res_k, auto* res_v, auto* out_ptr) {
+    const auto kernel = [&](auto fn) {
+      fn(q_ptr, k_codes.data_ptr<uint8_t>(), v_codes.data_ptr<uint8_t>(), k_scales.data_ptr<at::Half>(),
+         k_zeros.data_ptr<at::Half>(), v_scales.data_ptr<at::Half>(), v_zeros.data_ptr<at::Half>(), res_k, res_v,
+         block_tables.data_ptr<int32_t>(), context_lens.data_ptr<int32_t>(), slots.data_ptr<int32_t>(), out_ptr,
+         num_seqs, num_heads, num_kv_heads, head_dim, block_size, block_tables.size(1), residual_tokens,
+         head_dim / vgroups, (float)scale, window, q.stride(0));
+    };
+    using T = std::remove_pointer_t<decltype(q_ptr)>;
+    if (bits == 4) kernel(decode_attention_kivi_avx512<4, T>);
+    else kernel(decode_attention_kivi_avx512<2, T>);
+  };
+  if (q.scalar_type() == at::kBFloat16) {
+    run(q.data_ptr<c10::BFloat16>(), residual_k.data_ptr<c10::BFloat16>(), residual_v.data_ptr<c10::BFloat16>(),
+        out.data_ptr<c10::BFloat16>());
+    return out;
+  }
+  if (q.scalar_type() == at::kFloat) {
+    run(q.data_ptr<float>(), residual_k.data_ptr<float>(), residual_v.data_ptr<float>(), out.data_ptr<float>());
+    return out;
+  }
+#endif
+  TORCH_CHECK(false, "the KIVI decode kernel needs AVX-512 (with BF16) and fp32 or bf16 queries");
+}
+
+bool has_kivi_attention() {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "decode attention over a paged KV cache", py::arg("q"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"),
         py::arg("window"), py::arg("k_scales") = py::none(), py::arg("v_scales") = py::none());
+  m.def("decode_attention_kivi", &decode_attention_kivi, "decode attention over a KIVI int4/int2 paged cache");
+  m.def("has_kivi_attention", &has_kivi_attention, "whether decode_attention_kivi is built for this CPU");
   m.def("rms_norm", &rms_norm, "RMSNorm");
   m.def("add_rms_norm", &add_rms_norm, "residual += x, then RMSNorm of the residual");
   m.def("rotary_", &rotary_, "rotate-half rotary embedding, in place");
