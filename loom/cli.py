@@ -243,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("latency", "loom.bench.latency", "decode/prefill step times beside the hardware roofline"),
         ("structured", "loom.bench.structured", "JSON-schema constrained decoding: compile time, validity, step overhead"),
         ("perplexity", "loom.bench.perplexity", "quantization modes vs the fp32 model: perplexity, greedy agreement, bytes"),
+        ("kv-sensitivity", "loom.bench.kv_sensitivity", "per-layer KV cache format sensitivity and a plan for a bit budget"),
     ):
         p = bench.add_parser(name, help=doc)
         add_engine_args(p)

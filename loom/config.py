@@ -183,6 +183,13 @@ class CacheConfig:
             "asymmetric, with a full-precision residual)", flag="--kv-cache-dtype", choices=KV_CACHE_DTYPES,
         ),
     )  # fmt: skip
+    kv_cache_layers: str | None = field(
+        default=None,
+        metadata=option(
+            "a KV cache format per layer, from the JSON plan `loom bench kv-sensitivity` writes (instead of "
+            "--kv-cache-dtype)", flag="--kv-cache-layers", metavar="FILE", default_help="one format for every layer",
+        ),
+    )  # fmt: skip
     kv_residual_tokens: int = field(
         default=128,
         metadata=option(

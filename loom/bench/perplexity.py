@@ -30,7 +30,7 @@ from loom.bench.loader import SHAREGPT_FILE
 
 PROMPT_LEN = 64  # tokens of each greedy-agreement prompt
 REFERENCE = {"quantization": "none", "dtype": "float32"}
-KV_REFERENCE = {"kv_cache_dtype": "auto"}
+KV_REFERENCE = {"kv_cache_dtype": "auto", "kv_cache_layers": None}
 
 
 @dataclass
@@ -143,9 +143,12 @@ def plan_runs(args: argparse.Namespace, engine_opts: dict[str, Any]) -> list[tup
         own = [engine_opts["kv_cache_dtype"]] if engine_opts.get("kv_cache_dtype") else []
         kv_modes = parse_modes(args.kv_modes, KV_CACHE_DTYPES, "--kv-modes", "KV cache dtype")
         modes = [m for m in dict.fromkeys(own + kv_modes) if m != "auto"]
-        if not modes:
+        layers = engine_opts.get("kv_cache_layers")  # a per-layer plan: measured as one more mode
+        if not modes and not layers:
             raise ValueError("--kv-modes names no format besides auto, the reference")
-        return [("reference", {**engine_opts, **KV_REFERENCE})] + [(m, {**engine_opts, "kv_cache_dtype": m}) for m in modes]
+        base = {**engine_opts, **KV_REFERENCE}
+        return ([("reference", base)] + [(m, {**base, "kv_cache_dtype": m}) for m in modes]
+                + ([("layers", {**base, "kv_cache_layers": layers})] if layers else []))
     # The engine's --quantization if given, and --modes; the default mode (auto) when neither is.
     own = [engine_opts["quantization"]] if engine_opts.get("quantization") else []
     modes = list(dict.fromkeys(own + parse_modes(args.modes, QUANTIZATION_CHOICES, "--modes", "quantization mode")))

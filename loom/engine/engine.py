@@ -133,7 +133,8 @@ class Engine:
                  self.worker.device, self.worker.attention.name, self.worker.weight_bytes / 1e6,
                  ", ".join(self.worker.weight_formats) or self.worker.dtype, self.kv.num_blocks,
                  config.cache.block_size, self.kv.num_blocks * config.cache.block_size,
-                 kv_spec.cache_dtype if kv_spec.quantized else str(kv_spec.storage_dtype).removeprefix("torch."),
+                 ("per layer: " + ",".join(kv_spec.layer_dtypes) if kv_spec.mixed else kv_spec.cache_dtype)
+                 if kv_spec.quantized else str(kv_spec.storage_dtype).removeprefix("torch."),
                  self.kv.num_blocks * kv_spec.bytes_per_block / 1e6, residual)
 
     # -- requests ---------------------------------------------------------------------------

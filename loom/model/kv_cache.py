@@ -11,7 +11,7 @@ Reads (``gather``) always return the compute dtype."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -39,10 +39,16 @@ class KVCacheSpec:
     cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES
     residual_tokens: int = 0  # KIVI formats: tokens gathered in full precision before they are quantized
     value_group: int = 32  # KIVI formats: channels per value scale and zero point (at most head_dim)
+    # A format per layer (KVTuner's layer-wise mixed precision; ``cache_dtype`` is then unused).
+    layer_dtypes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"unknown KV cache dtype {self.cache_dtype!r} (choose {', '.join(KV_CACHE_DTYPES)})")
+        for name in (self.cache_dtype, *self.layer_dtypes):
+            if name not in KV_CACHE_DTYPES:
+                raise ValueError(f"unknown KV cache dtype {name!r} (choose {', '.join(KV_CACHE_DTYPES)})")
+        if self.layer_dtypes and len(self.layer_dtypes) != self.num_layers:
+            raise ValueError(f"a per-layer KV cache plan needs {self.num_layers} formats, one per layer, "
+                             f"not {len(self.layer_dtypes)}")
         if self.kivi:
             if self.residual_tokens < self.block_size or self.residual_tokens % self.block_size:
                 raise ValueError(f"the {self.cache_dtype} KV cache needs --kv-residual-tokens to be a multiple of "
@@ -56,8 +62,17 @@ class KVCacheSpec:
                                  f"not {self.block_size}")
 
     @property
+    def mixed(self) -> bool:
+        return bool(self.layer_dtypes)
+
+    def layer_spec(self, layer: int) -> KVCacheSpec:
+        """One layer of a mixed cache as a one-layer cache of its own format."""
+        return replace(self, num_layers=1, cache_dtype=self.layer_dtypes[layer], layer_dtypes=())
+
+    @property
     def kivi(self) -> bool:
-        return self.cache_dtype in KIVI_BITS
+        """Whether a KIVI format (and so the residual) is present, in any layer."""
+        return any(d in KIVI_BITS for d in self.layer_dtypes or (self.cache_dtype,))
 
     @property
     def bits(self) -> int:
@@ -79,10 +94,12 @@ class KVCacheSpec:
 
     @property
     def quantized(self) -> bool:
-        return self.cache_dtype == INT8 or self.kivi
+        return any(d == INT8 or d in KIVI_BITS for d in self.layer_dtypes or (self.cache_dtype,))
 
     @property
     def bytes_per_block(self) -> int:
+        if self.mixed:
+            return sum(self.layer_spec(i).bytes_per_block for i in range(self.num_layers))
         bs, d = self.block_size, self.head_dim
         if self.kivi:
             codes = 2 * bs * d * self.bits // 8  # a key and a value
@@ -101,7 +118,9 @@ class KVCacheSpec:
     @property
     def bytes_per_residual_slot(self) -> int:
         """A KIVI format's full-precision residual of one sequence (0 for other formats)."""
-        if not self.kivi:
+        if self.mixed:
+            return sum(self.layer_spec(i).bytes_per_residual_slot for i in range(self.num_layers))
+        if self.cache_dtype not in KIVI_BITS:
             return 0
         return 2 * self.num_layers * self.num_kv_heads * self.residual_tokens * self.head_dim * self.dtype.itemsize
 
@@ -112,7 +131,7 @@ class KVCacheSpec:
         if n < 1:
             if residual:
                 raise ValueError(
-                    f"a KV cache budget of {budget_bytes / 2**20:.1f} MiB holds no block after the {self.cache_dtype} "
+                    f"a KV cache budget of {budget_bytes / 2**20:.1f} MiB holds no block after the KIVI "
                     f"residual of {num_slots} sequences x {self.residual_tokens} tokens ({residual / 2**20:.1f} MiB); "
                     "lower --max-num-seqs or --kv-residual-tokens, or raise --kv-cache-memory")
             raise ValueError(f"a KV cache budget of {budget_bytes} bytes holds no block "
@@ -188,6 +207,11 @@ class KVCache:
     def num_slots(self) -> int:
         """Residual slots (one per sequence that holds blocks); 0 without a residual."""
         return 0
+
+    def layer_cache(self, layer: int) -> tuple[KVCache, int]:
+        """The cache object that stores ``layer``, and the layer's index in it: attention backends
+        serve each layer by its own object's format (a mixed cache has one per layer)."""
+        return self, layer
 
     def plan_residual_writes(self, seqs: list[SequenceWrite]) -> ResidualWrites | None:
         """The step's residual writes (None: the cache has no residual)."""
@@ -490,8 +514,63 @@ class KiviKVCache(KVCache):
             cache[dst * n : (dst + 1) * n].copy_(cache[src * n : (src + 1) * n])
 
 
+class MixedKVCache(KVCache):
+    """A format per layer (KVTuner's layer-wise mixed precision, ``--kv-cache-layers``): one
+    single-layer cache object per layer, over the same block ids and residual slots. Attention
+    backends reach each layer's object through ``layer_cache``; the rest delegates."""
+
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device, num_slots: int) -> None:
+        self.spec = spec
+        self.num_blocks = num_blocks
+        self.device = device
+        self.layers = [make_kv_cache(spec.layer_spec(i), num_blocks, device, num_slots)
+                       for i in range(spec.num_layers)]
+        self._kivi = [c for c in self.layers if c.num_slots]
+        self.keys, self.values = [], []  # each layer's object holds its own
+        self.key_scales, self.value_scales, self.key_zeros, self.value_zeros = [], [], [], []
+
+    def layer_cache(self, layer: int) -> tuple[KVCache, int]:
+        return self.layers[layer], 0
+
+    @property
+    def num_slots(self) -> int:
+        return self._kivi[0].num_slots if self._kivi else 0
+
+    @property
+    def lossy(self) -> bool:
+        return any(c.lossy for c in self.layers)
+
+    def plan_residual_writes(self, seqs: list[SequenceWrite]) -> ResidualWrites | None:
+        return self._kivi[0].plan_residual_writes(seqs) if self._kivi else None  # the same for every layer
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
+              residual: ResidualWrites | None = None) -> None:
+        self.layers[layer].write(0, k, v, blocks, offsets, residual)
+
+    def gather(self, layer: int, block_ids: torch.Tensor, length: int, slot: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layers[layer].gather(0, block_ids, length, slot)
+
+    def gather_batch(self, layer: int, block_tables: torch.Tensor, context_lens: torch.Tensor | None = None,
+                     slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layers[layer].gather_batch(0, block_tables, context_lens, slots)
+
+    def open_group(self, layer: int, slot: int, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layers[layer].open_group(0, slot, position)
+
+    def copy_block(self, src: int, dst: int) -> None:
+        for c in self.layers:
+            c.copy_block(src, dst)
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        for c in self._kivi:
+            c.copy_slot(src, dst)
+
+
 def make_kv_cache(spec: KVCacheSpec, num_blocks: int, device: torch.device, num_slots: int = 0) -> KVCache:
-    """The cache object for ``spec.cache_dtype`` (``num_slots``: a KIVI format's residual slots)."""
+    """The cache object for ``spec.cache_dtype``, or for each layer's format (``num_slots``: a KIVI
+    format's residual slots)."""
+    if spec.mixed:
+        return MixedKVCache(spec, num_blocks, device, num_slots)
     if spec.kivi:
         return KiviKVCache(spec, num_blocks, device, num_slots)
     return (Int8KVCache if spec.cache_dtype == INT8 else KVCache)(spec, num_blocks, device)

@@ -18,6 +18,7 @@ from loom.model.arch.base import CausalLM, quantize_model
 from loom.model.attention import AttentionMetadata, PrefillChunk, StepAttention, make_attention_backend
 from loom.model.device import keep_freed_memory, kv_cache_budget, resolve_device, resolve_dtype, set_threads, synchronize
 from loom.model.kv_cache import KIVI_BITS, KVCacheSpec, SequenceWrite, make_kv_cache
+from loom.model.kv_layer_plan import read_layer_plan
 from loom.model.quant.formats import FORMATS, NONE
 from loom.model.quant.gguf_blocks import gguf_packed_weights
 from loom.model.quant.packed import PackedWeight
@@ -85,8 +86,12 @@ class Worker:
         self.model = load_model(model_config, model_dir, self.dtype, self.device, config.quantization, gguf)
         c = model_config
         cc = config.cache
+        layers = read_layer_plan(cc.kv_cache_layers, c.num_layers) if cc.kv_cache_layers else ()
+        if layers and cc.kv_cache_dtype != "auto":
+            raise ValueError("pass --kv-cache-dtype or --kv-cache-layers, not both")
+        kivi = any(d in KIVI_BITS for d in (*layers, cc.kv_cache_dtype))
         spec = KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, cc.block_size, self.dtype, cc.kv_cache_dtype,
-                           cc.kv_residual_tokens if cc.kv_cache_dtype in KIVI_BITS else 0, cc.kv_quant_group)
+                           cc.kv_residual_tokens if kivi else 0, cc.kv_quant_group, layers)
         # A KIVI cache's residual: a slot for each sequence that may run.
         num_slots = config.scheduler.max_num_seqs if spec.kivi else 0
         self.kv = make_kv_cache(spec, self._num_blocks(config, spec, max_model_len, num_slots), self.device, num_slots)

@@ -6,6 +6,8 @@ of the plain cache."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from loom.engine import LLM
@@ -110,3 +112,21 @@ def test_default_model_logprobs_with_a_quantized_cache_track_the_plain_cache(opt
         diffs += [abs(a - b) for a, b in zip(got, ref)]
     assert len(diffs) == 3 * 24
     assert sum(diffs) / len(diffs) < bound, sum(diffs) / len(diffs)
+
+
+def test_per_layer_plan_output_is_invariant_to_chunking_preemption_and_backend(model_dir, tmp_path):
+    """A mixed cache (a format per layer, ``--kv-cache-layers``) over the same block ids and residual
+    slots: every layer's format behaves as it does alone."""
+    n = LLM(model_dir).engine.model_config.num_layers
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"kv_cache_layers": (["int2", "auto", "int8", "int4"] * n)[:n]}))
+    ps = prompts(12)
+    opts = dict(kv_cache_dtype="auto", kv_cache_layers=str(plan), block_size=16, kv_residual_tokens=32)
+    batched, _ = greedy(model_dir, ps, max_num_seqs=12, **opts)
+    squeezed, stats = greedy(model_dir, ps, max_num_seqs=6, max_num_batched_tokens=16, num_blocks=10, **opts)
+    assert stats.num_preemptions > 0
+    reference, _ = greedy(model_dir, ps, attention_backend="torch", **opts)
+    assert batched == squeezed == reference
+    mixed = LLM(model_dir, dtype="bfloat16", kv_cache_bytes=1 << 20, kv_cache_layers=str(plan), kv_residual_tokens=16,
+                max_num_seqs=4).stats()
+    assert mixed.kv_cache_tokens > LLM(model_dir, dtype="bfloat16", kv_cache_bytes=1 << 20).stats().kv_cache_tokens

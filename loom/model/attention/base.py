@@ -56,9 +56,10 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, Hkv, D] (this step's keys, already rotated). Writes k, v into
         layer ``layer`` of the cache and returns [T, H, D]. ``window > 0``: sliding window."""
+        kv, i = self.kv.layer_cache(layer)
         # A residual's open group as it was before this step's write (which may seal and reuse it).
-        open_groups = [self.kv.open_group(layer, c.slot, c.start_pos) for c in meta.prefills] if meta.residual else []
-        self.kv.write(layer, k, v, meta.slot_blocks, meta.slot_offsets, meta.residual)
+        open_groups = [kv.open_group(i, c.slot, c.start_pos) for c in meta.prefills] if kv.num_slots else []
+        kv.write(i, k, v, meta.slot_blocks, meta.slot_offsets, meta.residual)
         nd = meta.num_decode_rows
         if not meta.prefills:
             return self.decode(layer, q, meta, scale, window)
@@ -81,7 +82,8 @@ class AttentionBackend(ABC):
                         window: int) -> torch.Tensor:
         """Decode rows by gathering their blocks (dequantized) and one masked SDPA call: the
         reference path, for any device and format."""
-        k, v = self.kv.gather_batch(layer, meta.decode_block_tables, meta.decode_context_lens, meta.decode_slots)
+        kv, i = self.kv.layer_cache(layer)
+        k, v = kv.gather_batch(i, meta.decode_block_tables, meta.decode_context_lens, meta.decode_slots)
         lens = meta.decode_context_lens.long()
         pos = torch.arange(k.shape[2], device=q.device)
         mask = pos[None, :] < lens[:, None]
@@ -99,10 +101,11 @@ class AttentionBackend(ABC):
         chunk attends to its own keys as read back from the cache."""
         n = q.shape[0]
         total = chunk.start_pos + n
-        if chunk.start_pos == 0 and not self.kv.lossy:
+        kv, i = self.kv.layer_cache(layer)
+        if chunk.start_pos == 0 and not kv.lossy:
             kh, vh = k.transpose(0, 1), v.transpose(0, 1)
         else:
-            kh, vh = self.kv.gather(layer, chunk.block_ids, total, chunk.slot)
+            kh, vh = kv.gather(i, chunk.block_ids, total, chunk.slot)
         # 4-D inputs: with 3-D ones SDPA takes its slow math path on the CPU instead of flash attention.
         qh, kh, vh = q.transpose(0, 1).unsqueeze(0), kh.unsqueeze(0), vh.unsqueeze(0)
         if chunk.start_pos == 0 and (window <= 0 or total <= window):
@@ -126,9 +129,10 @@ class AttentionBackend(ABC):
         ``p`` (``(j // R + 1) * R <= p + 1``), and in full precision otherwise. Both versions of the
         recent keys are in one SDPA call, each visible where it applies. ``open_group``: the
         residual's positions from the start of the open group to the chunk, before this step's write."""
-        n, r = q.shape[0], self.kv.spec.residual_tokens
+        kv, i = self.kv.layer_cache(layer)
+        n, r = q.shape[0], kv.spec.residual_tokens
         total = chunk.start_pos + n
-        kq, vq = self.kv.gather(layer, chunk.block_ids, total, chunk.slot)  # sealed groups quantized
+        kq, vq = kv.gather(i, chunk.block_ids, total, chunk.slot)  # sealed groups quantized
         first = chunk.start_pos - open_group[0].shape[1]  # the open group's start
         kh = torch.cat([kq, open_group[0], k.transpose(0, 1).to(kq.dtype)], dim=1)
         vh = torch.cat([vq, open_group[1], v.transpose(0, 1).to(vq.dtype)], dim=1)

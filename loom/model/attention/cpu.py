@@ -25,22 +25,22 @@ class CPUAttention(AttentionBackend):
         self._decode = ops.decode_attention
         spec = kv.spec
         # The KIVI kernel's shapes; elsewhere the reference path (gathered, dequantized blocks) serves.
-        self._kivi = (ops.decode_attention_kivi if spec.kivi and ops.has_kivi_attention() and spec.head_dim % 32 == 0
+        self._kivi = (ops.decode_attention_kivi if ops.has_kivi_attention() and spec.head_dim % 32 == 0
                       and spec.head_dim <= 256 and spec.dtype in (torch.float32, torch.bfloat16) else None)
 
     def decode(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, scale: float, window: int) -> torch.Tensor:
-        kv = self.kv
+        kv, i = self.kv.layer_cache(layer)
         if kv.spec.kivi:
             if self._kivi is None:
                 return self.gathered_decode(layer, q, meta, scale, window)
-            return self._kivi(q, kv.keys[layer], kv.values[layer], kv.key_scales[layer], kv.key_zeros[layer],
-                              kv.value_scales[layer], kv.value_zeros[layer], kv.residual_keys[layer],
-                              kv.residual_values[layer], meta.decode_block_tables, meta.decode_context_lens,
-                              meta.decode_slots, kv.spec.bits, kv.spec.residual_tokens, scale, window)
+            return self._kivi(q, kv.keys[i], kv.values[i], kv.key_scales[i], kv.key_zeros[i], kv.value_scales[i],
+                              kv.value_zeros[i], kv.residual_keys[i], kv.residual_values[i], meta.decode_block_tables,
+                              meta.decode_context_lens, meta.decode_slots, kv.spec.bits, kv.spec.residual_tokens,
+                              scale, window)
         if kv.spec.quantized:
-            return self._decode(q, kv.keys[layer], kv.values[layer], meta.decode_block_tables, meta.decode_context_lens,
-                                scale, window, kv.key_scales[layer], kv.value_scales[layer])
+            return self._decode(q, kv.keys[i], kv.values[i], meta.decode_block_tables, meta.decode_context_lens,
+                                scale, window, kv.key_scales[i], kv.value_scales[i])
         # A plain cache in another dtype than the compute dtype: the kernel computes in the cache's.
-        out = self._decode(q.to(kv.dtype), kv.keys[layer], kv.values[layer], meta.decode_block_tables,
+        out = self._decode(q.to(kv.dtype), kv.keys[i], kv.values[i], meta.decode_block_tables,
                            meta.decode_context_lens, scale, window)
         return out.to(q.dtype)
