@@ -390,6 +390,8 @@ class KiviKVCache(KVCache):
         res_shape = (num_slots * self.blocks_per_slot, h, bs, d)
         self.residual_keys = [zeros(res_shape, spec.dtype, device) for _ in layers]
         self.residual_values = [zeros(res_shape, spec.dtype, device) for _ in layers]
+        ops = native_ops() if device.type == "cpu" else None
+        self._native_seal = ops.kivi_seal if ops is not None else None
 
     def _shapes(self, num_blocks: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         s = self.spec
@@ -459,6 +461,10 @@ class KiviKVCache(KVCache):
         kb[buf_rows], vb[buf_rows] = self.residual_keys[layer][rb, :, ro], self.residual_values[layer][rb, :, ro]
         kb[dst], vb[dst] = k[src], v[src]
         blocks = w.seal_blocks
+        if self._native_seal is not None:
+            self._native_seal(self.keys[layer], self.key_scales[layer], self.key_zeros[layer], self.values[layer],
+                              self.value_scales[layer], self.value_zeros[layer], kb, vb, blocks, s.bits)
+            return
         codes, scale, zero = quantize_asym(kb.view(n, bs, h, d).permute(0, 2, 3, 1), s.bits)  # per channel
         self.keys[layer][blocks] = pack_codes(codes, s.bits)
         self.key_scales[layer][blocks], self.key_zeros[layer][blocks] = scale, zero

@@ -339,3 +339,88 @@ std::tuple<torch::Tensor, torch::Tensor> kv_gather_int8(torch::Tensor keys, torc
   });
   return {k, v};
 }
+
+namespace {
+
+// KIVI's asymmetric codes of n values (stride `step` apart) over their min and max, as
+// kv_cache.quantize_asym computes them: the scale and zero point rounded to fp16 first, the codes
+// rounded half to even against them, so both paths store the same bytes.
+template <typename T>
+void kivi_quantize_run(const T* x, int64_t n, int64_t step, int levels, uint8_t* codes, at::Half* scale,
+                       at::Half* zero) {
+  float lo = INFINITY, hi = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) {
+    const float f = float(x[i * step]);
+    lo = std::min(lo, f);
+    hi = std::max(hi, f);
+  }
+  const at::Half s16((hi - lo) / float(levels)), z16(lo);
+  *scale = s16;
+  *zero = z16;
+  const float s = float(s16), z = float(z16);
+  for (int64_t i = 0; i < n; ++i) {
+    const float c = s > 0.f ? std::nearbyint((float(x[i * step]) - z) / s) : 0.f;
+    codes[i] = (uint8_t)std::min<float>(std::max(c, 0.f), float(levels));
+  }
+}
+
+// 8 / bits codes per byte, the first in the lowest bits (kv_cache.pack_codes).
+void kivi_pack(const uint8_t* codes, int64_t n, int bits, uint8_t* out) {
+  const int per = 8 / bits;
+  for (int64_t i = 0; i < n / per; ++i) {
+    uint8_t b = 0;
+    for (int j = 0; j < per; ++j) b |= (uint8_t)(codes[i * per + j] << (j * bits));
+    out[i] = b;
+  }
+}
+
+}  // namespace
+
+// Quantize whole blocks of keys and values ([n * block_size, heads, head_dim] each, rows in block
+// order) into KIVI blocks `blocks` of one layer: keys per channel over the block's tokens, values per
+// token and group of channels; the same bytes as KiviKVCache's PyTorch path.
+void kivi_seal(torch::Tensor keys, torch::Tensor key_scales, torch::Tensor key_zeros, torch::Tensor values,
+               torch::Tensor value_scales, torch::Tensor value_zeros, torch::Tensor k, torch::Tensor v,
+               torch::Tensor blocks, int64_t bits) {
+  for (const auto* t : {&keys, &key_scales, &key_zeros, &values, &value_scales, &value_zeros, &k, &v, &blocks})
+    LOOM_CHECK_CPU(*t);
+  TORCH_CHECK(bits == 4 || bits == 2, "KIVI codes have 4 or 2 bits, not ", bits);
+  const int64_t nb = keys.size(0), h = keys.size(1), d = keys.size(2), bs = values.size(2);
+  const int64_t groups = value_scales.size(3), group = d / groups, n = blocks.size(0);
+  TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && key_scales.is_contiguous() && key_zeros.is_contiguous()
+                  && value_scales.is_contiguous() && value_zeros.is_contiguous(), "the cache must be contiguous");
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.sizes() == v.sizes() &&
+                  k.sizes() == at::IntArrayRef({n * bs, h, d}) && k.scalar_type() == v.scalar_type(),
+              "k and v must be contiguous [blocks * block_size, heads, head_dim]");
+  TORCH_CHECK(blocks.scalar_type() == torch::kInt64, "blocks must be int64");
+  blocks = blocks.contiguous();
+  const int64_t* ids = blocks.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(ids[i] >= 0 && ids[i] < nb, "block ", ids[i], " out of range");
+  const int levels = (1 << bits) - 1;
+  uint8_t* kc = keys.data_ptr<uint8_t>();
+  uint8_t* vc = values.data_ptr<uint8_t>();
+  at::Half *ks = key_scales.data_ptr<at::Half>(), *kz = key_zeros.data_ptr<at::Half>();
+  at::Half *vs = value_scales.data_ptr<at::Half>(), *vz = value_zeros.data_ptr<at::Half>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "kivi_seal", [&] {
+    const scalar_t* kp = k.data_ptr<scalar_t>();
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    at::parallel_for(0, n * h, 1, [&](int64_t begin, int64_t end) {
+      std::vector<uint8_t> codes(std::max(bs, d));
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t i = task / h, hh = task % h, slab = ids[i] * h + hh;
+        for (int64_t c = 0; c < d; ++c) {  // a key channel over the block's tokens
+          kivi_quantize_run(kp + (i * bs * h + hh) * d + c, bs, h * d, levels, codes.data(), ks + slab * d + c,
+                            kz + slab * d + c);
+          kivi_pack(codes.data(), bs, (int)bits, kc + (slab * d + c) * (bs * bits / 8));
+        }
+        for (int64_t t = 0; t < bs; ++t) {  // a value token, group by group
+          const scalar_t* row = vp + ((i * bs + t) * h + hh) * d;
+          for (int64_t g = 0; g < groups; ++g)
+            kivi_quantize_run(row + g * group, group, 1, levels, codes.data() + g * group,
+                              vs + (slab * bs + t) * groups + g, vz + (slab * bs + t) * groups + g);
+          kivi_pack(codes.data(), d, (int)bits, vc + (slab * bs + t) * (d * bits / 8));
+        }
+      }
+    });
+  });
+}

@@ -16,6 +16,9 @@ void kv_write(torch::Tensor keys, torch::Tensor values, torch::Tensor k, torch::
 std::tuple<torch::Tensor, torch::Tensor> kv_gather_int8(torch::Tensor keys, torch::Tensor values,
                                                         torch::Tensor key_scales, torch::Tensor value_scales,
                                                         torch::Tensor block_ids, int64_t length, at::ScalarType dtype);
+void kivi_seal(torch::Tensor keys, torch::Tensor key_scales, torch::Tensor key_zeros, torch::Tensor values,
+               torch::Tensor value_scales, torch::Tensor value_zeros, torch::Tensor k, torch::Tensor v,
+               torch::Tensor blocks, int64_t bits);
 torch::Tensor linear_small_batch(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 bool has_linear_small_batch();
 torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor qs, c10::optional<torch::Tensor> qh, torch::Tensor scale,

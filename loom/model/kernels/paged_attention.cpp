@@ -782,6 +782,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kv_gather_int8", &kv_gather_int8, "one sequence's keys and values from an int8 cache layer, dequantized",
         py::arg("keys"), py::arg("values"), py::arg("key_scales"), py::arg("value_scales"), py::arg("block_ids"),
         py::arg("length"), py::arg("dtype"));
+  m.def("kivi_seal", &kivi_seal, "quantize whole blocks of keys and values into a KIVI cache layer");
   m.def("linear_small_batch", &linear_small_batch, "bf16 x W^T (+ b) for 1..8 rows", py::arg("x"), py::arg("w"),
         py::arg("bias") = py::none());
   m.def("has_linear_small_batch", &has_linear_small_batch);
