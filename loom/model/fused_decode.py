@@ -4,7 +4,8 @@ At the default model's size (30 layers, hidden 576) the Python between the kerne
 module-by-module forward (views, norms, rotary, cache write, attention, four projections per layer)
 cost as much as the kernels. The fused stack calls the same kernels from C++, so its output equals
 the module-by-module forward's. It applies when the step holds decode rows only, the attention
-backend is the native CPU one over a plain cache in the compute dtype or an int8 cache, and every
+backend is the native CPU one over a plain cache in the compute dtype, an int8 cache or a KIVI cache
+its kernel serves, and every
 projection runs its native path (packed weights up to ``NATIVE_MATMUL_MAX_ROWS`` rows, or dense
 ones); any other step runs the modules.
 ``LOOM_DISABLE_FUSED_DECODE=1`` turns it off (to measure one against the other)."""
@@ -20,7 +21,7 @@ import torch
 from loom.model.attention import StepAttention
 from loom.model.attention.cpu import CPUAttention
 from loom.model.kernels import native_ops
-from loom.model.kv_cache import Int8KVCache, KVCache
+from loom.model.kv_cache import Int8KVCache, KiviKVCache, KVCache
 from loom.model.layers import Linear
 from loom.model.quant.packed import NATIVE_MATMUL_MAX_ROWS
 
@@ -45,6 +46,8 @@ class FusedDecoder:
     def __init__(self, model: LlamaForCausalLM, kv: KVCache, ops: ModuleType) -> None:
         c = model.config
         self.kv = kv
+        self.kivi_layers = ([list(kv.layer_tensors(i)) for i in range(kv.spec.num_layers)]
+                            if isinstance(kv, KiviKVCache) else [])
         self.packed = any(lin.packed for lin in _projections(model))
         self.stack = ops.DecoderStack(c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps,
                                       model.layers[0].mlp.act.code, c.head_dim**-0.5, model.norm.weight)
@@ -63,6 +66,13 @@ class FusedDecoder:
         meta = attention.meta
         cos, sin = cos_sin
         kv = self.kv
+        if isinstance(kv, KiviKVCache):
+            w = meta.residual
+            assert w is not None
+            return self.stack.forward_kivi(x, cos.squeeze(1), sin.squeeze(1), self.kivi_layers,
+                                           [w.seal_blocks, *w.seal_from_residual, *w.seal_from_step, *w.open_rows],
+                                           meta.decode_block_tables, meta.decode_context_lens, meta.decode_slots,
+                                           kv.spec.bits, kv.spec.residual_tokens)
         return self.stack.forward(x, cos.squeeze(1), sin.squeeze(1), kv.keys, kv.values, kv.key_scales,
                                   kv.value_scales, meta.decode_block_tables, meta.decode_context_lens,
                                   meta.slot_blocks, meta.slot_offsets)
@@ -74,8 +84,9 @@ def fused_decoder(model: LlamaForCausalLM, built: FusedDecoder | None, x: torch.
     this step can run on it, else None."""
     backend = attention.backend
     if (os.environ.get("LOOM_DISABLE_FUSED_DECODE") == "1" or not isinstance(backend, CPUAttention)
-            or type(backend.kv) not in (KVCache, Int8KVCache) or x.dtype not in (torch.float32, torch.bfloat16)
-            or not (backend.kv.spec.quantized or backend.kv.dtype == x.dtype)):
+            or type(backend.kv) not in (KVCache, Int8KVCache, KiviKVCache) or x.dtype not in (torch.float32, torch.bfloat16)
+            or not (backend.kv.spec.quantized or backend.kv.dtype == x.dtype)
+            or (isinstance(backend.kv, KiviKVCache) and not backend.serves_kivi_natively)):
         return None
     if built is None or built.kv is not backend.kv:
         ops = native_ops()

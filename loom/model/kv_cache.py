@@ -391,7 +391,7 @@ class KiviKVCache(KVCache):
         self.residual_keys = [zeros(res_shape, spec.dtype, device) for _ in layers]
         self.residual_values = [zeros(res_shape, spec.dtype, device) for _ in layers]
         ops = native_ops() if device.type == "cpu" else None
-        self._native_seal = ops.kivi_seal if ops is not None else None
+        self._native_write = ops.kivi_write if ops is not None else None
 
     def _shapes(self, num_blocks: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         s = self.spec
@@ -445,6 +445,10 @@ class KiviKVCache(KVCache):
         if residual is None:
             raise ValueError(f"the {self.spec.cache_dtype} KV cache writes by a residual plan")
         k, v = k.to(self.spec.dtype), v.to(self.spec.dtype)
+        if self._native_write is not None:
+            self._native_write(*self.layer_tensors(layer), k, v, residual.seal_blocks, *residual.seal_from_residual,
+                               *residual.seal_from_step, *residual.open_rows, self.spec.bits)
+            return
         if residual.seal_blocks.numel():  # before the open rows, which may reuse the sealed group's positions
             self._seal(layer, k, v, residual)
         rows, rb, ro = residual.open_rows
@@ -461,16 +465,19 @@ class KiviKVCache(KVCache):
         kb[buf_rows], vb[buf_rows] = self.residual_keys[layer][rb, :, ro], self.residual_values[layer][rb, :, ro]
         kb[dst], vb[dst] = k[src], v[src]
         blocks = w.seal_blocks
-        if self._native_seal is not None:
-            self._native_seal(self.keys[layer], self.key_scales[layer], self.key_zeros[layer], self.values[layer],
-                              self.value_scales[layer], self.value_zeros[layer], kb, vb, blocks, s.bits)
-            return
         codes, scale, zero = quantize_asym(kb.view(n, bs, h, d).permute(0, 2, 3, 1), s.bits)  # per channel
         self.keys[layer][blocks] = pack_codes(codes, s.bits)
         self.key_scales[layer][blocks], self.key_zeros[layer][blocks] = scale, zero
         codes, scale, zero = quantize_asym(vb.view(n, bs, h, d // g, g).transpose(1, 2), s.bits)  # per token
         self.values[layer][blocks] = pack_codes(codes.flatten(-2), s.bits)
         self.value_scales[layer][blocks], self.value_zeros[layer][blocks] = scale, zero
+
+    def layer_tensors(self, layer: int) -> tuple[torch.Tensor, ...]:
+        """One layer's storage in the native kernels' order: key codes, scales and zero points, value
+        codes, scales and zero points, the residual's keys and values."""
+        return (self.keys[layer], self.key_scales[layer], self.key_zeros[layer], self.values[layer],
+                self.value_scales[layer], self.value_zeros[layer], self.residual_keys[layer],
+                self.residual_values[layer])
 
     def _read(self, layer: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.spec

@@ -273,17 +273,15 @@ def test_kivi_copy_slot_and_copy_block_carry_everything():
 
 @pytest.mark.parametrize("fmt,dtype,group", [("int4", torch.float32, 32), ("int2", torch.bfloat16, 16),
                                              ("int4", torch.bfloat16, 64)])
-def test_kivi_native_seal_writes_the_same_bytes_as_pytorch(fmt, dtype, group):
+def test_kivi_native_write_writes_the_same_bytes_as_pytorch(fmt, dtype, group):
     spec = KVCacheSpec(1, 3, 64, 16, dtype, fmt, residual_tokens=32, value_group=group)
     native, torch_path = (make_kv_cache(spec, 12, torch.device("cpu"), num_slots=2) for _ in range(2))
-    if native._native_seal is None:
+    if native._native_write is None:
         pytest.skip("native kernels not built")
-    torch_path._native_seal = None
+    torch_path._native_write = None
     k, v = (torch.randn(90, 3, 64) * torch.linspace(0.2, 9, 64)).to(dtype), torch.randn(90, 3, 64).to(dtype)
     for kv in (native, torch_path):
         for a, b in ((0, 40), (40, 90)):
             kv.write(0, k[a:b], v[a:b], None, None, kv.plan_residual_writes([SequenceWrite(0, a, b, list(range(11, 5, -1)), 1)]))
-    for x, y in zip(native.keys + native.values + native.key_scales + native.key_zeros + native.value_scales
-                    + native.value_zeros, torch_path.keys + torch_path.values + torch_path.key_scales
-                    + torch_path.key_zeros + torch_path.value_scales + torch_path.value_zeros):
+    for x, y in zip(native.layer_tensors(0), torch_path.layer_tensors(0)):
         assert torch.equal(x.view(torch.uint8), y.view(torch.uint8))

@@ -28,6 +28,11 @@ class CPUAttention(AttentionBackend):
         self._kivi = (ops.decode_attention_kivi if ops.has_kivi_attention() and spec.head_dim % 32 == 0
                       and spec.head_dim <= 256 and spec.dtype in (torch.float32, torch.bfloat16) else None)
 
+    @property
+    def serves_kivi_natively(self) -> bool:
+        """Whether the native KIVI kernel serves this cache's shapes (else the reference path does)."""
+        return self._kivi is not None
+
     def decode(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, scale: float, window: int) -> torch.Tensor:
         kv, i = self.kv.layer_cache(layer)
         if kv.spec.kivi:

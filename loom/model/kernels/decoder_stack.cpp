@@ -82,6 +82,37 @@ class DecoderStack {
     const bool scaled = !key_scales.empty();
     TORCH_CHECK(!scaled || (key_scales.size() == layers_.size() && value_scales.size() == layers_.size()),
                 "one scale layer per decoder layer");
+    return run(x, cos, sin, [&](size_t l, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+      c10::optional<torch::Tensor> ks, vs;
+      if (scaled) ks = key_scales[l], vs = value_scales[l];
+      kv_write(keys[l], values[l], k, v, slot_blocks, slot_offsets, ks, vs);
+      return decode_attention(q, keys[l], values[l], block_tables, context_lens, scale_, 0, ks, vs);
+    });
+  }
+
+  // The same over a KIVI cache: layers[l] is KiviKVCache.layer_tensors(l), writes the step's
+  // ResidualWrites tensors in order (seal_blocks, seal_from_residual, seal_from_step, open_rows).
+  torch::Tensor forward_kivi(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin,
+                             const std::vector<std::vector<torch::Tensor>>& layers,
+                             const std::vector<torch::Tensor>& writes, const torch::Tensor& block_tables,
+                             const torch::Tensor& context_lens, const torch::Tensor& slots, int64_t bits,
+                             int64_t residual_tokens) const {
+    TORCH_CHECK(layers.size() == layers_.size(), "one cache layer per decoder layer");
+    TORCH_CHECK(writes.size() == 9, "the residual writes are 9 tensors");
+    for (const auto& c : layers) TORCH_CHECK(c.size() == 8, "a KIVI cache layer is 8 tensors");
+    return run(x, cos, sin, [&](size_t l, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+      const auto& c = layers[l];
+      kivi_write(c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], k, v, writes[0], writes[1], writes[2], writes[3],
+                 writes[4], writes[5], writes[6], writes[7], writes[8], bits);
+      return decode_attention_kivi(q, c[0], c[3], c[1], c[2], c[4], c[5], c[6], c[7], block_tables, context_lens,
+                                   slots, bits, residual_tokens, scale_, 0);
+    });
+  }
+
+ private:
+  // The layers, with `attend(layer, q, k, v)` writing the cache and returning the attention output.
+  template <typename Attend>
+  torch::Tensor run(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin, const Attend& attend) const {
     const int64_t T = x.size(0), q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
     torch::Tensor residual;
     for (size_t l = 0; l < layers_.size(); ++l) {
@@ -97,18 +128,13 @@ class DecoderStack {
       const torch::Tensor qk = qkv.narrow(1, 0, q_size + kv_size).view({T, num_heads_ + num_kv_heads_, head_dim_});
       rotary_(qk, cos, sin);
       const torch::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({T, num_kv_heads_, head_dim_});
-      c10::optional<torch::Tensor> ks, vs;
-      if (scaled) ks = key_scales[l], vs = value_scales[l];
-      kv_write(keys[l], values[l], qk.narrow(1, num_heads_, num_kv_heads_), v, slot_blocks, slot_offsets, ks, vs);
-      const torch::Tensor attn = decode_attention(qk.narrow(1, 0, num_heads_), keys[l], values[l], block_tables,
-                                                  context_lens, scale_, 0, ks, vs);
+      const torch::Tensor attn = attend(l, qk.narrow(1, 0, num_heads_), qk.narrow(1, num_heads_, num_kv_heads_), v);
       h = add_rms_norm(L.o(attn.reshape({T, q_size})), residual, L.post_norm, eps_, 0.0);
       x = L.down(act_and_mul(L.gate_up(h), act_));
     }
     return add_rms_norm(x, residual, final_norm_, eps_, 0.0);
   }
 
- private:
   int64_t num_heads_, num_kv_heads_, head_dim_;
   double eps_;
   int64_t act_;
@@ -128,5 +154,6 @@ void register_decoder_stack(pybind11::module& m) {
            py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("act"), py::arg("scale"),
            py::arg("final_norm"))
       .def("add_layer", &DecoderStack::add_layer)
-      .def("forward", &DecoderStack::forward, py::call_guard<py::gil_scoped_release>());
+      .def("forward", &DecoderStack::forward, py::call_guard<py::gil_scoped_release>())
+      .def("forward_kivi", &DecoderStack::forward_kivi, py::call_guard<py::gil_scoped_release>());
 }

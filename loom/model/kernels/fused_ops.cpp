@@ -424,3 +424,34 @@ void kivi_seal(torch::Tensor keys, torch::Tensor key_scales, torch::Tensor key_z
     });
   });
 }
+
+// A step's writes into one KIVI cache layer (KiviKVCache.write; kv_cache.ResidualWrites holds the
+// index tensors): the groups completed in this step are assembled from the residual and this step's
+// rows and sealed into their blocks, then the other rows go to the residual. k, v: [T, heads, head_dim]
+// in the residual's dtype.
+void kivi_write(torch::Tensor keys, torch::Tensor key_scales, torch::Tensor key_zeros, torch::Tensor values,
+                torch::Tensor value_scales, torch::Tensor value_zeros, torch::Tensor residual_k,
+                torch::Tensor residual_v, torch::Tensor k, torch::Tensor v, torch::Tensor seal_blocks,
+                torch::Tensor seal_rows_from_residual, torch::Tensor residual_blocks, torch::Tensor residual_offsets,
+                torch::Tensor seal_rows_from_step, torch::Tensor step_rows, torch::Tensor open_rows,
+                torch::Tensor open_blocks, torch::Tensor open_offsets, int64_t bits) {
+  using torch::indexing::Slice;
+  TORCH_CHECK(k.scalar_type() == residual_k.scalar_type() && v.scalar_type() == residual_v.scalar_type(),
+              "k and v must be in the residual's dtype");
+  if (seal_blocks.numel()) {
+    const int64_t rows = seal_blocks.size(0) * values.size(2);
+    auto kb = torch::empty({rows, k.size(1), k.size(2)}, k.options());
+    auto vb = torch::empty({rows, v.size(1), v.size(2)}, v.options());
+    if (seal_rows_from_residual.numel()) {
+      kb.index_put_({seal_rows_from_residual}, residual_k.index({residual_blocks, Slice(), residual_offsets}));
+      vb.index_put_({seal_rows_from_residual}, residual_v.index({residual_blocks, Slice(), residual_offsets}));
+    }
+    kb.index_put_({seal_rows_from_step}, k.index({step_rows}));
+    vb.index_put_({seal_rows_from_step}, v.index({step_rows}));
+    kivi_seal(keys, key_scales, key_zeros, values, value_scales, value_zeros, kb, vb, seal_blocks, bits);
+  }
+  if (open_rows.numel()) {
+    residual_k.index_put_({open_blocks, Slice(), open_offsets}, k.index({open_rows}));
+    residual_v.index_put_({open_blocks, Slice(), open_offsets}, v.index({open_rows}));
+  }
+}

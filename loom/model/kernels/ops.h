@@ -19,6 +19,17 @@ std::tuple<torch::Tensor, torch::Tensor> kv_gather_int8(torch::Tensor keys, torc
 void kivi_seal(torch::Tensor keys, torch::Tensor key_scales, torch::Tensor key_zeros, torch::Tensor values,
                torch::Tensor value_scales, torch::Tensor value_zeros, torch::Tensor k, torch::Tensor v,
                torch::Tensor blocks, int64_t bits);
+void kivi_write(torch::Tensor keys, torch::Tensor key_scales, torch::Tensor key_zeros, torch::Tensor values,
+                torch::Tensor value_scales, torch::Tensor value_zeros, torch::Tensor residual_k,
+                torch::Tensor residual_v, torch::Tensor k, torch::Tensor v, torch::Tensor seal_blocks,
+                torch::Tensor seal_rows_from_residual, torch::Tensor residual_blocks, torch::Tensor residual_offsets,
+                torch::Tensor seal_rows_from_step, torch::Tensor step_rows, torch::Tensor open_rows,
+                torch::Tensor open_blocks, torch::Tensor open_offsets, int64_t bits);
+torch::Tensor decode_attention_kivi(torch::Tensor q, torch::Tensor k_codes, torch::Tensor v_codes,
+                                    torch::Tensor k_scales, torch::Tensor k_zeros, torch::Tensor v_scales,
+                                    torch::Tensor v_zeros, torch::Tensor residual_k, torch::Tensor residual_v,
+                                    torch::Tensor block_tables, torch::Tensor context_lens, torch::Tensor slots,
+                                    int64_t bits, int64_t residual_tokens, double scale, int64_t window);
 torch::Tensor linear_small_batch(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 bool has_linear_small_batch();
 torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor qs, c10::optional<torch::Tensor> qh, torch::Tensor scale,

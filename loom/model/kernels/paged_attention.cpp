@@ -783,6 +783,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("keys"), py::arg("values"), py::arg("key_scales"), py::arg("value_scales"), py::arg("block_ids"),
         py::arg("length"), py::arg("dtype"));
   m.def("kivi_seal", &kivi_seal, "quantize whole blocks of keys and values into a KIVI cache layer");
+  m.def("kivi_write", &kivi_write, "a step's writes into a KIVI cache layer: sealed groups and the residual");
   m.def("linear_small_batch", &linear_small_batch, "bf16 x W^T (+ b) for 1..8 rows", py::arg("x"), py::arg("w"),
         py::arg("bias") = py::none());
   m.def("has_linear_small_batch", &has_linear_small_batch);
