@@ -287,16 +287,17 @@ def test_kivi_cache_kernel_matches_the_torch_reference_path(dtype, d, window, bi
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_kivi_prefill_attends_as_token_by_token_decoding_would(backend):
+@pytest.mark.parametrize("n,window", [(45, 0), (300, 0), (300, 70)])  # 300: several pieces of queries
+def test_kivi_prefill_attends_as_token_by_token_decoding_would(backend, n, window):
     """A prompt prefilled in one chunk gives each position the output that decoding it one token at a
     time gives: a query reads a key quantized once the key's group was complete at the query."""
     torch.manual_seed(0)
-    h, n, r = 4, 45, 32
+    h, r = 4, 32
     prompt_k, prompt_v, q = torch.randn(n, 2, 64), torch.randn(n, 2, 64), torch.randn(n, h, 64)
-    table = [5, 2, 7]
+    table = list(range(-(-n // 16)))
     outs = []
     for chunks in ([(0, n)], [(p, p + 1) for p in range(n)]):
-        kv = kivi_cache(torch.float32, 64, 2, residual=r, num_blocks=8, slots=1)
+        kv = kivi_cache(torch.float32, 64, 2, residual=r, num_blocks=len(table), slots=1)
         attn = make_attention_backend(backend, kv)
         got = []
         for a, b in chunks:
@@ -308,6 +309,6 @@ def test_kivi_prefill_attends_as_token_by_token_decoding_would(backend):
                 decode_context_lens=torch.zeros(0, dtype=torch.int32),
                 prefills=[PrefillChunk(0, b - a, a, blocks[: -(-b // 16)], slot=0)],
                 residual=kv.plan_residual_writes([SequenceWrite(0, a, b, table, 0)]))
-            got.append(attn.forward(0, q[a:b], prompt_k[a:b], prompt_v[a:b], meta, SCALE))
+            got.append(attn.forward(0, q[a:b], prompt_k[a:b], prompt_v[a:b], meta, SCALE, window))
         outs.append(torch.cat(got))
     assert torch.allclose(outs[0], outs[1], atol=1e-5), (outs[0] - outs[1]).abs().max()

@@ -8,6 +8,7 @@ the new tokens). Each prefill chunk attends to its context plus itself."""
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -127,25 +128,45 @@ class AttentionBackend(ABC):
         """A chunk over a cache with a residual of ``R`` tokens, attending as decoding token by token
         would: query ``p`` reads key ``j`` quantized when ``j``'s group of ``R`` was complete at
         ``p`` (``(j // R + 1) * R <= p + 1``), and in full precision otherwise. Both versions of the
-        recent keys are in one SDPA call, each visible where it applies. ``open_group``: the
-        residual's positions from the start of the open group to the chunk, before this step's write."""
+        recent keys are in one SDPA call per piece of ``RESIDUAL_PREFILL_PIECE`` queries, each version
+        visible where it applies (a piece reads only the keys its queries can see). ``open_group``:
+        the residual's positions from the start of the open group to the chunk, before this step's
+        write."""
         kv, i = self.kv.layer_cache(layer)
-        n, r = q.shape[0], kv.spec.residual_tokens
-        total = chunk.start_pos + n
-        kq, vq = kv.gather(i, chunk.block_ids, total, chunk.slot)  # sealed groups quantized
-        first = chunk.start_pos - open_group[0].shape[1]  # the open group's start
-        kh = torch.cat([kq, open_group[0], k.transpose(0, 1).to(kq.dtype)], dim=1)
-        vh = torch.cat([vq, open_group[1], v.transpose(0, 1).to(vq.dtype)], dim=1)
-        qpos = torch.arange(chunk.start_pos, total, device=q.device)[:, None]
-        kpos = torch.cat([torch.arange(total, device=q.device), torch.arange(first, total, device=q.device)])[None, :]
-        quantized_part = torch.arange(kpos.shape[1], device=q.device)[None, :] < total
-        sealed = (kpos // r + 1) * r <= qpos + 1
-        mask = (kpos <= qpos) & (sealed == quantized_part)
-        if window > 0:
-            mask &= kpos > qpos - window
-        out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0).to(kh.dtype), kh.unsqueeze(0),
-                                             vh.unsqueeze(0), attn_mask=mask, scale=scale, enable_gqa=True)
-        return out[0].transpose(0, 1).to(q.dtype)
+        n, r, start = q.shape[0], kv.spec.residual_tokens, chunk.start_pos
+        kq, vq = kv.gather(i, chunk.block_ids, start + n, chunk.slot)  # [H, L, D], sealed groups quantized
+        first = start - open_group[0].shape[1]  # the open group's start: exact keys from here on
+        kf = torch.cat([open_group[0], k.transpose(0, 1).to(kq.dtype)], dim=1)
+        vf = torch.cat([open_group[1], v.transpose(0, 1).to(vq.dtype)], dim=1)
+        qh = q.transpose(0, 1).to(kq.dtype)
+        out = torch.empty_like(qh)
+        for a in range(start, start + n, RESIDUAL_PREFILL_PIECE):
+            b = min(a + RESIDUAL_PREFILL_PIECE, start + n)
+            quantized, exact = b // r * r, a // r * r  # keys [0, quantized) as stored, [exact, b) exact
+            keys = torch.cat([kq[:, :quantized], kf[:, exact - first : b - first]], dim=1)
+            values = torch.cat([vq[:, :quantized], vf[:, exact - first : b - first]], dim=1)
+            mask = _residual_mask(a, b, quantized, exact, r, window, q.device, kq.dtype)
+            out[:, a - start : b - start] = F.scaled_dot_product_attention(
+                qh[None, :, a - start : b - start], keys[None], values[None], attn_mask=mask, scale=scale,
+                enable_gqa=True)[0]
+        return out.transpose(0, 1).to(q.dtype)
+
+
+RESIDUAL_PREFILL_PIECE = 128  # queries per SDPA call of a residual prefill
+
+
+@functools.lru_cache(maxsize=64)
+def _residual_mask(a: int, b: int, quantized: int, exact: int, r: int, window: int, device: torch.device,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask of queries [a, b) over keys [0, quantized) as stored then [exact, b) exact
+    (``residual_prefill``); the same for every layer of a step, so built once."""
+    qpos = torch.arange(a, b, device=device)[:, None]
+    kpos = torch.cat([torch.arange(quantized, device=device), torch.arange(exact, b, device=device)])[None, :]
+    stored = torch.arange(kpos.shape[1], device=device)[None, :] < quantized
+    visible = (kpos <= qpos) & (((kpos // r + 1) * r <= qpos + 1) == stored)
+    if window > 0:
+        visible &= kpos > qpos - window
+    return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
 
 
 class StepAttention:
