@@ -23,7 +23,8 @@ class LLM:
 
     Keyword arguments are engine options (``loom.config.engine_options()`` lists them): ``dtype``,
     ``quantization``, ``device``, ``attention_backend``, ``num_threads``, ``max_model_len``, ``seed``,
-    ``block_size``, ``num_blocks``, ``kv_cache_bytes``, ``kv_cache_dtype``, ``enable_prefix_caching``,
+    ``block_size``, ``num_blocks``, ``kv_cache_bytes``, ``kv_cache_dtype``, ``kv_cache_layers``,
+    ``kv_residual_tokens``, ``kv_quant_group``, ``enable_prefix_caching``,
     ``max_num_batched_tokens``, ``max_num_seqs``, ``policy``, ``max_waiting``."""
 
     def __init__(self, model: str | None = None, **options: Any) -> None:
