@@ -15,7 +15,7 @@ from loom.engine import engine_config
 
 LLM_KEYWORDS = {
     "dtype", "quantization", "device", "attention_backend", "num_threads", "max_model_len", "block_size", "num_blocks", "kv_cache_bytes",
-    "kv_cache_dtype",
+    "kv_cache_dtype", "kv_cache_layers", "kv_residual_tokens", "kv_quant_group",
     "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "policy", "max_waiting", "seed",
 }  # fmt: skip
 
