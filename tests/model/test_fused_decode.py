@@ -30,6 +30,16 @@ def run(llm: LLM) -> tuple[list[list[int]], torch.Tensor]:
     return tokens, logprobs
 
 
+def assert_fused_matches_modules(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode steps run on the native stack, and give the tokens and logprobs the modules give."""
+    fused_tokens, fused_logprobs = run(llm)
+    assert llm.engine.worker.model.fused is not None
+    monkeypatch.setenv("LOOM_DISABLE_FUSED_DECODE", "1")
+    tokens, logprobs = run(llm)
+    assert fused_tokens == tokens
+    torch.testing.assert_close(fused_logprobs, logprobs, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize(("arch", "quantization", "dtype"), [
     ("llama", "none", "float32"),
     ("llama", "q4_1", "float32"),
@@ -38,12 +48,7 @@ def run(llm: LLM) -> tuple[list[list[int]], torch.Tensor]:
 ])
 def test_fused_decode_matches_the_module_forward(tiny_model, monkeypatch, arch, quantization, dtype):
     llm = LLM(str(tiny_model(arch)), quantization=quantization, dtype=dtype)
-    fused_tokens, fused_logprobs = run(llm)
-    assert llm.engine.worker.model.fused is not None  # the decode steps ran on the native stack
-    monkeypatch.setenv("LOOM_DISABLE_FUSED_DECODE", "1")
-    tokens, logprobs = run(llm)
-    assert fused_tokens == tokens
-    torch.testing.assert_close(fused_logprobs, logprobs, atol=1e-5, rtol=0)
+    assert_fused_matches_modules(llm, monkeypatch)
 
 
 def test_disabled_fused_decode_is_never_built(tiny_model, monkeypatch):
@@ -91,12 +96,7 @@ def test_mixed_format_model_decodes_on_the_stack(tiny_model, monkeypatch):
     monkeypatch.setattr("loom.model.worker.iter_weights", weights)
     llm = LLM(str(path), dtype="float32")
     assert [p.fmt.name for p in llm.engine.worker.model.layers[0].self_attn.qkv_proj.packed] == ["q4_k", "q6_k"]
-    fused_tokens, fused_logprobs = run(llm)
-    assert llm.engine.worker.model.fused is not None
-    monkeypatch.setenv("LOOM_DISABLE_FUSED_DECODE", "1")
-    tokens, logprobs = run(llm)
-    assert fused_tokens == tokens
-    torch.testing.assert_close(fused_logprobs, logprobs, atol=1e-5, rtol=0)
+    assert_fused_matches_modules(llm, monkeypatch)
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["int4", "int2"])
@@ -106,9 +106,4 @@ def test_fused_decode_over_a_kivi_cache_matches_the_module_forward(monkeypatch, 
     computes its prompts as the first did: in bf16, a prompt batched otherwise rounds differently and
     a quantized cache can turn that into another code."""
     llm = LLM(None, kv_cache_dtype=kv_cache_dtype, kv_residual_tokens=16, enable_prefix_caching=False)
-    fused_tokens, fused_logprobs = run(llm)
-    assert llm.engine.worker.model.fused is not None
-    monkeypatch.setenv("LOOM_DISABLE_FUSED_DECODE", "1")
-    tokens, logprobs = run(llm)
-    assert fused_tokens == tokens
-    torch.testing.assert_close(fused_logprobs, logprobs, atol=1e-5, rtol=0)
+    assert_fused_matches_modules(llm, monkeypatch)
