@@ -88,7 +88,7 @@ class KVCacheSpec:
         """The element type of the key and value tensors."""
         if self.cache_dtype == INT8:
             return torch.int8
-        if self.kivi:
+        if self.cache_dtype in KIVI_BITS:
             return torch.uint8  # packed codes
         return PLAIN_DTYPES.get(self.cache_dtype, self.dtype)
 
