@@ -10,9 +10,9 @@ import json
 
 import pytest
 
-from loom.engine import LLM
+from loom.engine import LLM, Engine, engine_config
 from loom.sampling import SamplingParams
-from tests.engine.test_engine import GREEDY, prompts
+from tests.engine.test_engine import GREEDY, ReplayProposer, prompts
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +130,24 @@ def test_per_layer_plan_output_is_invariant_to_chunking_preemption_and_backend(m
     mixed = LLM(model_dir, dtype="bfloat16", kv_cache_bytes=1 << 20, kv_cache_layers=str(plan), kv_residual_tokens=16,
                 max_num_seqs=4).stats()
     assert mixed.kv_cache_tokens > LLM(model_dir, dtype="bfloat16", kv_cache_bytes=1 << 20).stats().kv_cache_tokens
+
+
+def test_kivi_drafts_never_complete_a_group_and_keep_greedy_output(model_dir):
+    """Draft tokens are written before they are verified; a group they completed would be quantized
+    and could not be rolled back, so the scheduler cuts drafts at the group boundary. Output with
+    drafts equals output without."""
+    ps = prompts(6, seed=3)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    opts = dict(dtype="float32", kv_cache_dtype="int4", block_size=16, kv_residual_tokens=16)
+    plain = LLM(model_dir, **opts).generate(ps, params, use_tqdm=False)
+    expected = {tuple(p): o.outputs[0].token_ids for p, o in zip(ps, plain)}
+    proposer = ReplayProposer(expected, k=7)
+    engine = Engine(engine_config(model_dir, **opts), proposer=proposer)
+    for i, p in enumerate(ps):
+        engine.add_request(str(i), p, params)
+    finals = {}
+    while engine.has_unfinished_requests():
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+    assert [finals[str(i)].outputs[0].token_ids for i in range(len(ps))] == [o.outputs[0].token_ids for o in plain]
+    assert proposer.proposed > 0 and engine.stats().steps < 40
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks and len(engine.kv.free_slots) == engine.worker.kv.num_slots
