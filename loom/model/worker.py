@@ -130,8 +130,7 @@ class Worker:
         # Measured: free memory less the headroom, and never more than max_num_seqs sequences
         # of max_model_len tokens can use at once.
         useful = config.scheduler.max_num_seqs * -(-max_model_len // spec.block_size)
-        residual = num_slots * spec.bytes_per_residual_slot
-        budget = max(kv_cache_budget(self.device), residual + spec.bytes_per_block)
+        budget = max(kv_cache_budget(self.device), spec.bytes_per_block)
         return max(1, min(spec.num_blocks_for(budget, num_slots), useful))
 
     # -- the step -----------------------------------------------------------------------------
