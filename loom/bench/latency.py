@@ -76,14 +76,13 @@ def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
     info = engine.model_info()
     mc = engine.model_config
     dtype = getattr(torch, info.dtype)
-    elem = torch.finfo(dtype).bits // 8
     n_params = info.num_parameters
     n_embed = mc.vocab_size * mc.hidden_size
     embed = engine.worker.model.embed_tokens
     embed_bytes = embed.packed.nbytes if embed.packed is not None else embed.weight.numel() * embed.weight.element_size()
     # Resident weight bytes (packed matrices at their packed size); an untied input embedding is only gathered.
     weight_bytes = info.weight_bytes - (0 if mc.tie_word_embeddings else embed_bytes)
-    kv_bytes_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * elem
+    kv_bytes_per_token = engine.worker.kv.spec.bytes_per_token  # the cache's format (a KIVI residual left out)
     bw = measure_bandwidth()
     flops = measure_matmul_flops(dtype)
     print(f"model: {model or 'default (SmolLM2-135M-Instruct)'}, {n_params / 1e6:.1f}M params, {info.dtype} on "
