@@ -312,3 +312,15 @@ def test_kivi_prefill_attends_as_token_by_token_decoding_would(backend, n, windo
             got.append(attn.forward(0, q[a:b], prompt_k[a:b], prompt_v[a:b], meta, SCALE, window))
         outs.append(torch.cat(got))
     assert torch.allclose(outs[0], outs[1], atol=1e-5), (outs[0] - outs[1]).abs().max()
+
+
+def test_kivi_kernel_refuses_a_slot_out_of_range():
+    kv = kivi_cache(torch.float32, 64, 4, slots=2)
+    tables, _, _ = kivi_sequences(kv, [20])
+    ops = make_attention_backend("cpu", kv)._kivi
+    if ops is None:
+        pytest.skip("the KIVI kernel is not built for this CPU")
+    with pytest.raises(RuntimeError, match="residual slot 2 out of range"):
+        ops(torch.randn(1, 4, 64), *[kv.layer_tensors(0)[i] for i in (0, 3, 1, 2, 4, 5, 6, 7)],
+            torch.tensor([tables[0]], dtype=torch.int32), torch.tensor([20], dtype=torch.int32),
+            torch.tensor([2], dtype=torch.int32), 4, 32, SCALE, 0)

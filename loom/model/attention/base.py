@@ -67,10 +67,10 @@ class AttentionBackend(ABC):
         out = torch.empty_like(q)
         if nd:
             out[:nd] = self.decode(layer, q[:nd], meta, scale, window)
-        for i, c in enumerate(meta.prefills):
+        for j, c in enumerate(meta.prefills):
             s, e = c.token_start, c.token_end
             if open_groups:
-                out[s:e] = self.residual_prefill(layer, q[s:e], k[s:e], v[s:e], c, scale, window, open_groups[i])
+                out[s:e] = self.residual_prefill(layer, q[s:e], k[s:e], v[s:e], c, scale, window, open_groups[j])
             else:
                 out[s:e] = self.prefill(layer, q[s:e], k[s:e], v[s:e], c, scale, window)
         return out
@@ -155,7 +155,7 @@ class AttentionBackend(ABC):
 RESIDUAL_PREFILL_PIECE = 128  # queries per SDPA call of a residual prefill
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=8)  # a step's pieces (a mask is pieces x context: keep few)
 def _residual_mask(a: int, b: int, quantized: int, exact: int, r: int, window: int, device: torch.device,
                    dtype: torch.dtype) -> torch.Tensor:
     """The additive mask of queries [a, b) over keys [0, quantized) as stored then [exact, b) exact

@@ -730,6 +730,10 @@ torch::Tensor decode_attention_kivi(torch::Tensor q, torch::Tensor k_codes, torc
   block_tables = block_tables.contiguous();
   context_lens = context_lens.contiguous();
   slots = slots.contiguous();
+  const int64_t num_slots = residual_k.size(0) / (residual_tokens / block_size);
+  for (int64_t i = 0; i < num_seqs; ++i)
+    TORCH_CHECK(slots.data_ptr<int32_t>()[i] >= 0 && slots.data_ptr<int32_t>()[i] < num_slots, "residual slot ",
+                slots.data_ptr<int32_t>()[i], " out of range");
   auto out = torch::empty(q.sizes(), q.options());
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
   const auto run = [&](auto* q_ptr, auto* res_k, auto* res_v, auto* out_ptr) {
