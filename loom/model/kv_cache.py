@@ -403,10 +403,6 @@ class KiviKVCache(KVCache):
     def num_slots(self) -> int:
         return self._slots
 
-    @property
-    def lossy(self) -> bool:
-        return True
-
     def plan_residual_writes(self, seqs: list[SequenceWrite]) -> ResidualWrites:
         r, bs = self.spec.residual_tokens, self.spec.block_size
         seal_blocks: list[int] = []
@@ -501,9 +497,7 @@ class KiviKVCache(KVCache):
     def gather(self, layer: int, block_ids: torch.Tensor, length: int, slot: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
         sealed = length // self.spec.residual_tokens * self.spec.residual_tokens
         k, v = super().gather(layer, block_ids[: sealed // self.block_size], sealed)
-        res = self._slot_blocks(torch.tensor(slot, device=self.device))
-        rk = self.residual_keys[layer][res].transpose(0, 1).flatten(1, 2)[:, : length - sealed]
-        rv = self.residual_values[layer][res].transpose(0, 1).flatten(1, 2)[:, : length - sealed]
+        rk, rv = self.open_group(layer, slot, length)  # the rest: length - sealed positions
         return torch.cat([k, rk], dim=1), torch.cat([v, rv], dim=1)
 
     def gather_batch(self, layer: int, block_tables: torch.Tensor, context_lens: torch.Tensor | None = None,

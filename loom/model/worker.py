@@ -170,14 +170,11 @@ class Worker:
         offsets: list[int] = [0] * len(scheduled)
         tables: list[list[int]] = []
         lens: list[int] = []
-        writes: list[SequenceWrite] = []  # for a cache with a residual
-        decode_slots: list[int] = []
         decodes = [i for i, s in enumerate(scheduled) if s.is_decode]
         for i in decodes:
             s = scheduled[i]
             r = s.request
             offsets[i] = len(ids)
-            writes.append(SequenceWrite(len(ids), s.start, s.start + s.num_query_tokens, r.block_ids, r.residual_slot))
             ids.append(r.token_ids_slice(s.start, s.end)[0])
             ids.extend(s.draft_token_ids)
             for p in range(s.start, s.start + s.num_query_tokens):
@@ -186,7 +183,6 @@ class Worker:
                 slot_offsets.append(p % bs)
                 tables.append(r.block_ids)
                 lens.append(p + 1)
-                decode_slots.append(r.residual_slot)
         num_decode_rows = len(ids)
         prefills: list[PrefillChunk] = []
         for i, s in enumerate(scheduled):
@@ -194,7 +190,6 @@ class Worker:
                 continue
             r = s.request
             offsets[i] = len(ids)
-            writes.append(SequenceWrite(len(ids), s.start, s.end, r.block_ids, r.residual_slot))
             ids.extend(r.token_ids_slice(s.start, s.end))
             blocks = r.block_ids[: -(-s.end // bs)]
             for p in range(s.start, s.end):
@@ -205,7 +200,7 @@ class Worker:
                                          torch.tensor(blocks, dtype=torch.int64, device=self.device), r.residual_slot))
         width = max((len(t) for t in tables), default=0)
         device = self.device
-        residual = self.kv.num_slots > 0
+        residual = self.kv.num_slots > 0  # a KIVI cache: each row's slot, and where the step's rows go
         meta = AttentionMetadata(
             slot_blocks=torch.tensor(slot_blocks, dtype=torch.int64, device=device),
             slot_offsets=torch.tensor(slot_offsets, dtype=torch.int64, device=device),
@@ -214,8 +209,12 @@ class Worker:
                                              device=device).view(len(tables), width),
             decode_context_lens=torch.tensor(lens, dtype=torch.int32, device=device),
             prefills=prefills,
-            decode_slots=torch.tensor(decode_slots, dtype=torch.int32, device=device) if residual else None,
-            residual=self.kv.plan_residual_writes(writes) if residual else None,
+            decode_slots=torch.tensor([scheduled[i].request.residual_slot for i in decodes
+                                       for _ in range(scheduled[i].num_query_tokens)], dtype=torch.int32,
+                                      device=device) if residual else None,
+            residual=self.kv.plan_residual_writes([
+                SequenceWrite(off, s.start, s.start + s.num_query_tokens, s.request.block_ids, s.request.residual_slot)
+                for s, off in zip(scheduled, offsets)]) if residual else None,
         )
         return _Batch(torch.tensor(ids, dtype=torch.int64, device=device),
                       torch.tensor(pos, dtype=torch.int64, device=device), meta, offsets)
