@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from loom.bench.loader import SHAREGPT_FILE
-from loom.bench.perplexity import encode_text, perplexity, read_text, token_nlls
+from loom.bench.perplexity import perplexity, read_text, scored_tokens, token_nlls
 
 FORMAT_BITS = {"fp32": 32, "bf16": 16, "int8": 8, "int4": 4, "int2": 2}  # nominal bits per cached element
 
@@ -67,11 +67,7 @@ def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
 
     t0 = time.perf_counter()
     llm = LLM(args.model, **base)
-    ids = encode_text(llm.tokenizer, read_text(Path(args.text)))[: args.max_tokens]
-    if len(ids) < 2:
-        raise ValueError(f"{args.text} is {len(ids)} token(s) long; perplexity needs at least 2")
-    window = min(args.window, llm.engine.max_model_len - 1, len(ids))
-    stride = max(1, window // 2)
+    ids, window, stride = scored_tokens(llm, read_text(Path(args.text)), args.text, args.max_tokens, args.window)
     ref_ppl = perplexity(token_nlls(llm, ids, window, stride))
     num_layers = llm.engine.model_config.num_layers
     ref_bits = 32 if llm.model_info().dtype == "float32" else 16  # the default cache stores the compute dtype

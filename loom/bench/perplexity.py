@@ -179,12 +179,19 @@ class Plan:
     prompts: list[list[int]]  # greedy-agreement prompts
 
 
-def make_plan(llm: Any, text: str, args: argparse.Namespace) -> Plan:
-    ids = encode_text(llm.tokenizer, text)[: args.max_tokens]
+def scored_tokens(llm: Any, text: str, source: str, max_tokens: int, window: int,
+                  stride: int | None = None) -> tuple[list[int], int, int]:
+    """The first ``max_tokens`` tokens of ``text`` (read from ``source``), and the window (at most
+    ``window``) and stride (default: half the window) that score them."""
+    ids = encode_text(llm.tokenizer, text)[:max_tokens]
     if len(ids) < 2:
-        raise ValueError(f"{args.text} is {len(ids)} token(s) long; perplexity needs at least 2")
-    window = min(args.window, llm.engine.max_model_len - 1, len(ids))  # a prompt must be shorter than the context
-    stride = min(args.stride or window // 2, window - 1)
+        raise ValueError(f"{source} is {len(ids)} token(s) long; perplexity needs at least 2")
+    window = min(window, llm.engine.max_model_len - 1, len(ids))  # a prompt must be shorter than the context
+    return ids, window, min(stride or window // 2, window - 1)
+
+
+def make_plan(llm: Any, text: str, args: argparse.Namespace) -> Plan:
+    ids, window, stride = scored_tokens(llm, text, args.text, args.max_tokens, args.window, args.stride)
     prompts = [ids[i : i + PROMPT_LEN] for i in range(0, len(ids) - PROMPT_LEN + 1, PROMPT_LEN)]
     return Plan(ids, window, stride, prompts[: args.agreement_prompts])
 
