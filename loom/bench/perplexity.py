@@ -40,7 +40,7 @@ class ModeResult:
     kv_cache_dtype: str
     dtype: str  # the compute dtype the engine resolved
     weight_bytes: int
-    kv_bytes_per_token: int
+    kv_bytes_per_token: float  # the blocks' bytes (a KIVI residual left out)
     perplexity: float
     delta_pct: float  # perplexity vs the reference's, in percent
     logprob_mae: float  # mean |logprob - the reference's| over the scored tokens
