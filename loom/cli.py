@@ -38,7 +38,7 @@ def add_engine_args(p: argparse.ArgumentParser, server: bool = False) -> None:
 
 
 def _policy_names() -> tuple[str, ...]:
-    from loom.scheduler.policy import POLICIES
+    from loom.scheduler import POLICIES
 
     return tuple(POLICIES)
 

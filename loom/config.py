@@ -215,8 +215,26 @@ class SchedulerConfig:
         default=512, metadata=option("token budget of one step", flag="--max-num-batched-tokens", minimum=1)
     )
     max_num_seqs: int = field(default=64, metadata=option("cap on running requests", flag="--max-num-seqs", minimum=1))
-    # The valid names live in loom.scheduler.policy.POLICIES; the engine and the CLI check them.
-    policy: str = field(default="fcfs", metadata=option("waiting-queue order", flag="--policy"))
+    # The valid names and options live in loom.scheduler.registry (policy_from_config checks them).
+    policy: str = field(
+        default="fcfs",
+        metadata=option("scheduling policy: waiting-queue order, preemption victims, admission", flag="--policy"),
+    )
+    policy_config: str | None = field(
+        default=None,
+        metadata=option(
+            "the policy's options: a JSON file or an inline JSON object (see the README's scheduling section)",
+            flag="--policy-config", default_help="the policy's defaults", metavar="FILE|JSON",
+        ),
+    )  # fmt: skip
+    tenant_weights: str | None = field(
+        default=None,
+        metadata=option(
+            'vtc/dlpm: each tenant\'s share, a JSON file or inline object {"tenant": weight, "*": weight}; '
+            "without '*', other tenants are refused",
+            flag="--tenant-weights", default_help="every tenant weighs 1", metavar="FILE|JSON",
+        ),
+    )  # fmt: skip
     # A bounded waiting queue: the server's overload protection.
     max_waiting: int | None = field(
         default=None,
@@ -228,12 +246,6 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         _check_options(self)
-
-    def check_policy(self, names: tuple[str, ...]) -> None:
-        """ValueError unless ``policy`` is one of ``names`` (``loom.scheduler.policy.POLICIES``, which
-        this module cannot import: the engine and the CLI pass them)."""
-        if self.policy not in names:
-            raise ValueError(f"{_label(_field(self, 'policy'))} must be one of {', '.join(names)}; got {self.policy!r}")
 
 
 @dataclass(frozen=True)

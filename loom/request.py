@@ -44,6 +44,7 @@ class Request:
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache on first admission
+    num_served_prompt_tokens: int = 0  # prompt positions computed so far, recomputes not counted again
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # hashes of this request's full blocks
     residual_slot: int = -1  # its full-precision residual, with a KIVI cache (while it holds blocks)

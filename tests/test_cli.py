@@ -65,6 +65,9 @@ def test_help_shows_each_default_from_the_config(capsys: pytest.CaptureFixture[s
     ("argv", "message"),
     [
         (["--policy", "lifo"], "loom: error: policy (--policy) must be one of fcfs"),
+        (["--policy", "vtc", "--policy-config", '{"aging_seconds": 1}'],
+         "loom: error: unknown option 'aging_seconds' for the vtc policy (its options: input_weight, output_weight)"),
+        (["--tenant-weights", '{"a": 1}'], "loom: error: tenant weights are used by the vtc and dlpm policies, not fcfs"),
         (["--block-size", "0"], "loom: error: block_size (--block-size) must be >= 1, got 0"),
         (["--dtype", "fp16"], "loom: error: dtype (--dtype) must be one of auto, bfloat16, float32; got 'fp16'"),
         (["--device", "tpu"], "loom: error: device (--device) must be one of auto, cpu, cuda; got 'tpu'"),

@@ -16,7 +16,7 @@ from loom.engine import engine_config
 LLM_KEYWORDS = {
     "dtype", "quantization", "device", "attention_backend", "num_threads", "max_model_len", "block_size", "num_blocks", "kv_cache_bytes",
     "kv_cache_dtype", "kv_cache_layers", "kv_residual_tokens", "kv_quant_group",
-    "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "policy", "max_waiting", "seed",
+    "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "policy", "policy_config", "tenant_weights", "max_waiting", "seed",
 }  # fmt: skip
 
 
@@ -79,14 +79,14 @@ def test_bad_values_are_rejected_when_the_config_is_built(options, match) -> Non
         EngineConfig.from_options(None, **options)
 
 
-def test_engine_config_checks_the_policy_name_against_the_scheduler() -> None:
-    from loom.scheduler.policy import POLICIES
+def test_engine_config_checks_the_policy_and_its_options() -> None:
+    from loom.scheduler import POLICIES
 
     assert engine_config(policy=next(iter(POLICIES))).scheduler.policy in POLICIES
-    with pytest.raises(ValueError, match=r"policy \(--policy\) must be one of .*fcfs.*; got 'lifo'"):
+    with pytest.raises(ValueError, match=r"policy \(--policy\) must be one of fcfs, priority, vtc, lpm, dlpm; got 'lifo'"):
         engine_config(policy="lifo")
-    with pytest.raises(ValueError, match="must be one of a, b; got 'c'"):
-        SchedulerConfig(policy="c").check_policy(("a", "b"))
+    with pytest.raises(ValueError, match="unknown option 'quantum' for the vtc policy"):
+        engine_config(policy="vtc", policy_config='{"quantum": 3}')
 
 
 def test_model_config_is_a_plain_frozen_dataclass() -> None:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loom.bench import metrics, peers, plots, report, results
+from loom.bench import metrics, peers, plots, policies, report, results
 from loom.bench.loader import KINDS, SHAREGPT_FILE
 from loom.bench.prepare import client_config, prepare_requests
 from loom.bench.serve import Outputs, normalize_base_url, plots_dir_for, resolve_model, run_benchmark, warm_up
@@ -30,6 +30,8 @@ workloads (--workload KIND[:PATH]):
   burstgpt:PATH  BurstGPT CSV; rows with 0 response tokens (failures) are skipped
   sharegpt[:PATH] ShareGPT JSON prompts, arrivals from --arrival/--rate
   synthetic      --arrival poisson|gamma at --rate, lengths from --length-dist
+  tenants:SPEC   tenants with their own rates, lengths, priorities and shared system prompts
+                 (a JSON file or inline object; examples in benchmarks/workloads/)
 shaping, applied in this order: --start/--duration window, --num-requests,
   --time-scale (x arrival times; >1 is slower), --rate (trace: rescale to this
   mean req/s), --length-scale, --max-input-len/--max-output-len caps.
@@ -168,8 +170,12 @@ def cmd_peers(args: argparse.Namespace) -> int:
     return peers.main(args)
 
 
+def cmd_policies(args: argparse.Namespace) -> int:
+    return policies.main(args)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``serve``, ``compare`` and ``peers`` to the ``loom bench`` subparsers."""
+    """Add ``serve``, ``compare``, ``peers`` and ``policies`` to the ``loom bench`` subparsers."""
     fmt = argparse.RawDescriptionHelpFormatter
     p = subparsers.add_parser(
         "serve", help="replay a workload against an OpenAI-compatible server", epilog=EPILOG, formatter_class=fmt
@@ -192,6 +198,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     peers.add_args(q)
     add_workload_args(q)
     q.set_defaults(func=cmd_peers)
+
+    r = subparsers.add_parser(
+        "policies", help="start loom once per scheduling policy and run the same workload on each", epilog=EPILOG,
+        formatter_class=fmt,
+    )
+    policies.add_args(r)
+    add_workload_args(r)
+    r.set_defaults(func=cmd_policies)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,6 +65,8 @@ class RequestRecord:
     usage_reported: bool
     finish_reason: str | None
     error: str | None
+    tenant: str | None = None
+    priority: int = 0
 
     @property
     def ok(self) -> bool:
@@ -106,6 +108,8 @@ class RequestRecord:
             "output_tokens": self.output_tokens,
             "usage_reported": self.usage_reported,
             "finish_reason": self.finish_reason,
+            "tenant": self.tenant,
+            "priority": self.priority,
             "ttft": self.ttft,
             "tpot": self.tpot,
             "e2e": self.e2e,
@@ -127,6 +131,8 @@ class RequestRecord:
             usage_reported=d["usage_reported"],
             finish_reason=d["finish_reason"],
             error=d["error"],
+            tenant=d.get("tenant"),
+            priority=d.get("priority", 0),
         )
 
 
@@ -151,6 +157,10 @@ def request_body(cfg: ClientConfig, req: PreparedRequest) -> dict[str, Any]:
         body["prompt"] = req.prompt
     if cfg.ignore_eos:
         body["ignore_eos"] = True
+    if req.tenant is not None:
+        body["user"] = req.tenant
+    if req.priority:
+        body["priority"] = req.priority
     body.update(cfg.extra_body)
     return body
 
@@ -239,6 +249,8 @@ async def send_one(
         usage_reported=usage_reported,
         finish_reason=s.finish_reason,
         error=s.error,
+        tenant=req.tenant,
+        priority=req.priority,
     )
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 
 from loom.bench import synthetic as syn
-from loom.bench import traces
+from loom.bench import tenants, traces
 from loom.bench.workload import Workload
 
 TRACE_KINDS = ("azure", "mooncake", "burstgpt")
-KINDS = (*TRACE_KINDS, "sharegpt", "synthetic")
+KINDS = (*TRACE_KINDS, "sharegpt", "synthetic", "tenants")
 ARRIVALS = ("poisson", "gamma")
 
 # The project's shared data sits beside the repository (shared/data); LOOM_DATA_DIR overrides.
@@ -48,8 +48,8 @@ class WorkloadSpec:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown workload {self.kind!r}; expected one of {', '.join(KINDS)}")
-        if self.kind in TRACE_KINDS and not self.path:
-            raise ValueError(f"the {self.kind} workload needs a trace file: --workload {self.kind}:PATH")
+        if self.kind in (*TRACE_KINDS, "tenants") and not self.path:
+            raise ValueError(f"the {self.kind} workload needs a file: --workload {self.kind}:PATH")
         if self.kind == "synthetic" and self.path:
             raise ValueError("the synthetic workload takes no file")
         if self.arrival not in ARRIVALS:
@@ -89,6 +89,8 @@ def load_workload(spec: WorkloadSpec, count_tokens: Callable[[str], int]) -> Wor
         return traces.load_mooncake(spec.path)
     if spec.kind == "burstgpt":
         return traces.load_burstgpt(spec.path, spec.burstgpt_model, spec.burstgpt_log_type)
+    if spec.kind == "tenants":
+        return tenants.generate(tenants.load_spec(spec.path), spec.seed)
     burst = spec.burstiness if spec.arrival == "gamma" else 1.0
     if spec.kind == "synthetic":
         return syn.synthetic(spec.num_requests, spec.rate, spec.lengths, burst, spec.seed)

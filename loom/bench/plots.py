@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from loom.bench.client import RequestRecord  # noqa: E402
+from loom.bench.fairness import service_events  # noqa: E402
 from loom.bench.metrics import time_series  # noqa: E402
 
 Run = tuple[str, Sequence[RequestRecord]]
@@ -78,6 +79,30 @@ def plot_timeline(label: str, records: Sequence[RequestRecord], duration: float,
     ax2.legend(fontsize="small")
     for ax in (ax1, ax2):
         ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_tenant_service(label: str, records: Sequence[RequestRecord], duration: float, path: str | os.PathLike) -> Path:
+    """Each tenant's cumulative service (weighted tokens, as the fairness index counts them) over
+    time: parallel lines are a fair split, diverging ones an unfair one."""
+    tenants = sorted({r.tenant or "" for r in records})
+    t = np.linspace(0.0, duration, 200)
+    fig, ax = plt.subplots(figsize=(11, 5))
+    for tenant in tenants:
+        times, weights = service_events([r for r in records if (r.tenant or "") == tenant])
+        order = np.argsort(times)
+        cumulative = np.concatenate([[0.0], np.cumsum(np.asarray(weights)[order])])
+        ax.plot(t, cumulative[np.searchsorted(np.asarray(times)[order], t, side="right")], label=tenant or "(none)")
+    ax.axvline(max(r.scheduled for r in records), color="grey", linestyle=":", label="last arrival")
+    ax.set_xlabel("time since start (s)")
+    ax.set_ylabel("service (prompt + 2 x output tokens)")
+    ax.set_title(f"{label}: service per tenant")
+    ax.legend(fontsize="small", ncol=2)
+    ax.grid(True, alpha=0.3)
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, dpi=100)

@@ -36,6 +36,8 @@ class PreparedRequest:
     prompt: str
     prompt_len: int  # by the harness's tokenizer; the server's usage is authoritative
     max_tokens: int
+    tenant: str | None = None
+    priority: int = 0
 
 
 def read_corpus(path: str | os.PathLike) -> str:
@@ -123,5 +125,6 @@ class PromptBuilder:
                 text, count = self.from_blocks(r.hash_ids, r.block_tokens, r.input_len)
             else:
                 text, count = self._exact(self._window(offset, r.input_len), r.input_len, offset + r.input_len)
-            out.append(PreparedRequest(index=i, arrival=r.arrival, prompt=text, prompt_len=count, max_tokens=r.output_len))
+            out.append(PreparedRequest(index=i, arrival=r.arrival, prompt=text, prompt_len=count, max_tokens=r.output_len,
+                                       tenant=r.tenant, priority=r.priority))
         return out

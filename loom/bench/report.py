@@ -35,6 +35,7 @@ OVERVIEW = (
     Metric("Peak requests in flight", ("peak_in_flight",), fmt="{:.0f}"),
     Metric("Goodput (req/s)", ("goodput",), fmt="{:.3f}"),
     Metric("SLO attainment (%)", ("slo_attainment",), scale=100.0, fmt="{:.1f}"),
+    Metric("Jain's fairness index", ("fairness", "jain_index"), fmt="{:.3f}"),
 )
 LATENCY_METRICS = tuple(Metric(f"{label} {stat} (ms)", (key, stat), scale=1000.0) for key, label in LATENCIES for stat in STATS)
 
@@ -49,7 +50,7 @@ def lookup(summary: dict[str, Any], path: Sequence[str]) -> float | None:
     return float(cur)
 
 
-def _fmt(m: Metric, v: float | None) -> str:
+def fmt(m: Metric, v: float | None) -> str:
     if v is None or math.isnan(v):
         return "-"
     return m.fmt.format(v * m.scale)
@@ -62,7 +63,7 @@ def slo_text(slo: dict[str, float | None]) -> str:
 
 def summary_rows(summary: dict[str, Any]) -> list[list[str]]:
     """Overview rows: [metric, value]."""
-    rows = [[m.label, _fmt(m, lookup(summary, m.path))] for m in OVERVIEW]
+    rows = [[m.label, fmt(m, lookup(summary, m.path))] for m in OVERVIEW]
     rows.append(["SLOs", slo_text(summary.get("slo", {}))])
     return rows
 
@@ -72,7 +73,7 @@ def latency_rows(summary: dict[str, Any]) -> list[list[str]]:
     rows = []
     for key, label in LATENCIES:
         m = Metric(label, (key,), scale=1000.0)
-        rows.append([f"{label} (ms)", *(_fmt(m, lookup(summary, (key, s))) for s in STATS)])
+        rows.append([f"{label} (ms)", *(fmt(m, lookup(summary, (key, s))) for s in STATS)])
     return rows
 
 
@@ -92,7 +93,7 @@ def compare_rows(labels: Sequence[str], summaries: Sequence[dict[str, Any]]) -> 
     for m in (*OVERVIEW, *LATENCY_METRICS):
         values = [lookup(s, m.path) for s in summaries]
         ratios = [ratio(values[0], v) for v in values[1:]]
-        rows.append([m.label, *(_fmt(m, v) for v in values), *("-" if r is None else f"{r:.2f}x" for r in ratios)])
+        rows.append([m.label, *(fmt(m, v) for v in values), *("-" if r is None else f"{r:.2f}x" for r in ratios)])
     return header, rows
 
 
@@ -126,9 +127,36 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]
     Console(file=out).print(table)
 
 
+GROUP_HEADER = ["requests", "completed", "output tokens", "TTFT p50 (ms)", "TTFT p99 (ms)", "E2E p50 (ms)", "goodput (req/s)"]
+
+
+def group_rows(groups: dict[str, dict[str, Any]], fairness: dict[str, Any] | None = None) -> list[list[str]]:
+    """One row per tenant or priority class; with ``fairness``, each tenant's normalised service."""
+    ms = Metric("", (), scale=1000.0)
+    rows = []
+    for name, g in groups.items():
+        row = [name or "(none)", str(g["requests"]), str(g["completed"]), str(g["output_tokens"]),
+               fmt(ms, lookup(g, ("ttft", "p50"))), fmt(ms, lookup(g, ("ttft", "p99"))),
+               fmt(ms, lookup(g, ("e2e", "p50"))), f"{g['goodput']:.3f}"]
+        if fairness is not None:
+            share = fairness["tenants"].get(name, {}).get("normalised_service")
+            row.append("-" if share is None else f"{share:.2f}")
+        rows.append(row)
+    return rows
+
+
 def print_summary(label: str, summary: dict[str, Any], file: TextIO | None = None) -> None:
     print_table(f"loom bench serve: {label}", ["metric", "value"], summary_rows(summary), file)
     print_table("Latency", ["", *STATS], latency_rows(summary), file)
+    fairness = summary.get("fairness")
+    if "tenants" in summary:
+        extra = ["service / fair share"] if fairness else []
+        print_table("Per tenant", ["tenant", *GROUP_HEADER, *extra], group_rows(summary["tenants"], fairness), file)
+    if fairness:
+        print(f"Jain's fairness index over tenants' normalised service (first {fairness['window_s']:.1f} s, "
+              f"while load arrives; 1 = fair): {fairness['jain_index']:.3f}", file=file or sys.stdout)
+    if "priorities" in summary:
+        print_table("Per priority", ["priority", *GROUP_HEADER], group_rows(summary["priorities"]), file)
 
 
 def print_comparison(labels: Sequence[str], summaries: Sequence[dict[str, Any]], file: TextIO | None = None) -> None:

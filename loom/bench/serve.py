@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from loom.bench import client, metrics, plots, report, results, server_stats
+from loom.bench import client, fairness, metrics, plots, report, results, server_stats
 from loom.bench.prompts import PreparedRequest
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,8 @@ def run_benchmark(
         res, server = asyncio.run(_run_sampled(prepared, cfg, on_done))
     finally:
         bar.close()
-    summary = {**metrics.summarize(res, slo), "server": server.to_json()}
+    summary = {**metrics.summarize(res, slo), **fairness.summarize_groups(res.records, slo, res.duration),
+               "server": server.to_json()}
     # The load average includes the server under test during the run; before it, only other work.
     host = {"cpus": os.cpu_count(), "load_avg_before": list(load_before), "load_avg_after": list(os.getloadavg())}
     full_config = {**config, "label": label, "client": _client_json(cfg), "slo": slo.to_json(), "host": host}
@@ -102,12 +103,15 @@ def run_benchmark(
         outputs.plots_dir.mkdir(parents=True, exist_ok=True)
         plots.plot_latency_cdfs([(label, res.records)], outputs.plots_dir / "latency_cdf.png")
         plots.plot_timeline(label, res.records, res.duration, outputs.plots_dir / "timeline.png")
+        if "tenants" in summary:
+            plots.plot_tenant_service(label, res.records, res.duration, outputs.plots_dir / "tenant_service.png")
     report.print_summary(label, summary)
     if server.peak_running is not None:
         usage = "-" if server.peak_kv_usage is None else f"{server.peak_kv_usage:.0%}"
         preempted = "-" if server.preemptions is None else f"{server.preemptions:.0f}"
+        hits = "-" if server.prefix_cache_hit_rate is None else f"{server.prefix_cache_hit_rate:.1%}"
         print(f"server (/metrics): peak running {server.peak_running:.0f}, peak KV cache usage {usage}, "
-              f"preemptions {preempted}")
+              f"preemptions {preempted}, prefix cache hit rate {hits}")
     first_error = next((r.error for r in res.records if not r.ok), None)
     if first_error:
         log.warning("%d request(s) failed; first error: %s", summary["failed"], first_error)

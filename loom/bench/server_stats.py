@@ -5,7 +5,7 @@ and vLLM's metric names are known; a server that exports neither (llama.cpp) yie
 from __future__ import annotations
 
 import asyncio
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import httpx
@@ -14,6 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 RUNNING = ("loom_num_requests_running", "vllm:num_requests_running")
 KV_USAGE = ("loom_kv_cache_usage_ratio", "vllm:kv_cache_usage_perc")  # both a fraction of 1
 PREEMPTIONS = ("loom_num_preemptions_total", "vllm:num_preemptions_total")
+PREFIX_HIT_TOKENS = ("loom_prefix_cache_hit_tokens_total",)
+PROMPT_TOKENS = ("loom_prompt_tokens_total",)
 INTERVAL = 0.25  # seconds between scrapes
 
 
@@ -36,7 +38,8 @@ class ServerStats:
     peak_running: float | None = None
     peak_kv_usage: float | None = None
     preemptions: float | None = None  # during the run: the last scrape's count less the first's
-    _first_preemptions: float | None = None
+    prefix_cache_hit_rate: float | None = None  # prompt tokens served from the prefix cache during the run
+    _first: dict[str, float] = field(default_factory=dict)
 
     def add(self, values: dict[str, float]) -> None:
         self.scrapes += 1
@@ -46,9 +49,12 @@ class ServerStats:
         if usage is not None:
             self.peak_kv_usage = max(usage, self.peak_kv_usage or 0.0)
         if preempted is not None:
-            if self._first_preemptions is None:
-                self._first_preemptions = preempted
-            self.preemptions = preempted - self._first_preemptions
+            self.preemptions = preempted - self._first.setdefault("preemptions", preempted)
+        hits, prompt = first_of(values, PREFIX_HIT_TOKENS), first_of(values, PROMPT_TOKENS)
+        if hits is not None and prompt is not None:
+            prompt_delta = prompt - self._first.setdefault("prompt", prompt)
+            hit_delta = hits - self._first.setdefault("hits", hits)
+            self.prefix_cache_hit_rate = hit_delta / prompt_delta if prompt_delta > 0 else None
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if not k.startswith("_")}

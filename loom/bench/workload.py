@@ -31,6 +31,8 @@ class TraceRequest:
     hash_ids: tuple[int, ...] = ()
     block_tokens: int = MOONCAKE_BLOCK_TOKENS
     prompt: str | None = None
+    tenant: str | None = None  # sent as ``user``
+    priority: int = 0  # sent as ``priority`` when not 0
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.arrival) or self.arrival < 0:

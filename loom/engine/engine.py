@@ -6,6 +6,7 @@ sees: detokenized text, stop strings and the ``n`` samples of a request."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -23,7 +24,7 @@ from loom.model.worker import Worker
 from loom.outputs import RequestOutput
 from loom.request import Request
 from loom.sampling import SamplingParams, make_generator
-from loom.scheduler import POLICIES, Scheduler
+from loom.scheduler import Scheduler, policy_from_config
 from loom.structured import GrammarCompiler
 from loom.tokenizer import Tokenizer
 
@@ -49,6 +50,21 @@ def check_prompt_chars(num_chars: int, tokenizer: Tokenizer, max_model_len: int)
 
 
 @dataclass
+class TenantStats:
+    """What one tenant asked for and got (requests counted when added, queue time when first scheduled)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # served from the prefix cache
+    generation_tokens: int = 0
+    queue_seconds: float = 0.0  # summed over its requests' first scheduling
+
+
+MAX_TENANTS = 1000  # tenants tracked by name; the rest are counted together as OTHER_TENANTS
+OTHER_TENANTS = "(other)"
+
+
+@dataclass
 class EngineStats:
     num_running: int
     num_waiting: int
@@ -64,6 +80,7 @@ class EngineStats:
     # Cumulative seconds per phase: schedule / execute / update of the step, and inside execute
     # the worker's prepare / forward / sample.
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    tenants: dict[str, TenantStats] = field(default_factory=dict)  # "" for requests without a tenant
 
 
 @dataclass(frozen=True)
@@ -102,7 +119,7 @@ class Proposer(Protocol):
 class Engine:
     def __init__(self, config: EngineConfig | None = None, proposer: Proposer | None = None) -> None:
         self.config = config = config or EngineConfig()
-        config.scheduler.check_policy(tuple(POLICIES))  # before anything loads
+        policy = policy_from_config(config.scheduler)  # before anything loads: a bad option fails fast
         config.check_quantization(QUANTIZATION_CHOICES)
         t0 = time.perf_counter()
         self.model_dir = resolve_model(config.model)
@@ -115,7 +132,7 @@ class Engine:
         kv = self.worker.kv
         self.kv = KVCacheManager(kv.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
                                  kv.spec.residual_tokens, kv.num_slots)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.eos_token_ids)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.eos_token_ids, policy)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.proposer = proposer
         self.groups: dict[str, RequestGroup] = {}
@@ -124,6 +141,7 @@ class Engine:
         self.generation_tokens = 0
         self.steps = 0
         self.phase_seconds: dict[str, float] = defaultdict(float)
+        self.tenants: dict[str, TenantStats] = {}
         self.last_step = StepTiming(0.0, 0.0, 0.0)
         kv_spec = self.worker.kv.spec
         residual = (f" + {kv.num_slots} residual slots x {kv_spec.residual_tokens} tokens "
@@ -203,8 +221,12 @@ class Engine:
             )
             for i in range(num_samples)
         ]
+        self.scheduler.check(samples[0])
         self.groups[request_id] = group
         self.prompt_tokens += len(ids)
+        account = self._tenant(tenant)
+        account.requests += 1
+        account.prompt_tokens += len(ids)
         for req in samples:
             self._sample_of[req.request_id] = (group, group.new_sample(req))
         first, forks = samples[0], samples[1:]
@@ -239,6 +261,12 @@ class Engine:
                 f"(max_model_len); shorten the prompt"
             )
         return text, ids
+
+    def _tenant(self, tenant: str | None) -> TenantStats:
+        name = tenant or ""
+        if name not in self.tenants and len(self.tenants) >= MAX_TENANTS:
+            name = OTHER_TENANTS
+        return self.tenants.setdefault(name, TenantStats())
 
     def _check_vocab_params(self, params: SamplingParams) -> None:
         vocab = self.model_config.vocab_size
@@ -293,8 +321,13 @@ class Engine:
             group, st = self._sample_of[req.request_id]
             touched[group.request_id] = group
             new = req.output_token_ids[st.num_detokenized :]
+            if st.num_detokenized == 0 and new and req.sample_index == 0:
+                account = self._tenant(req.tenant)
+                account.cached_prompt_tokens += req.num_cached_tokens
+                account.queue_seconds += req.metrics.queue_time or 0.0
             st.num_detokenized = len(req.output_token_ids)
             self.generation_tokens += len(new)
+            self._tenant(req.tenant).generation_tokens += len(new)
             delta = st.detok.add(new)
             st.text += delta
             p = req.params
@@ -337,6 +370,7 @@ class Engine:
             generation_tokens=self.generation_tokens,
             steps=self.steps,
             phase_seconds={**self.phase_seconds, **self.worker.phase_seconds},
+            tenants={name: dataclasses.replace(t) for name, t in self.tenants.items()},
         )
 
     def model_info(self) -> ModelInfo:

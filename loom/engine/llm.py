@@ -25,7 +25,8 @@ class LLM:
     ``quantization``, ``device``, ``attention_backend``, ``num_threads``, ``max_model_len``, ``seed``,
     ``block_size``, ``num_blocks``, ``kv_cache_bytes``, ``kv_cache_dtype``, ``kv_cache_layers``,
     ``kv_residual_tokens``, ``kv_quant_group``, ``enable_prefix_caching``,
-    ``max_num_batched_tokens``, ``max_num_seqs``, ``policy``, ``max_waiting``."""
+    ``max_num_batched_tokens``, ``max_num_seqs``, ``policy``, ``policy_config``, ``tenant_weights``,
+    ``max_waiting``."""
 
     def __init__(self, model: str | None = None, **options: Any) -> None:
         self.engine = Engine(engine_config(model, **options))
@@ -130,12 +131,12 @@ def _prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
 def engine_config(model: str | None = None, **options: Any) -> EngineConfig:
     """An EngineConfig from flat keyword options (as ``LLM(...)`` and the CLI take them: the names
     ``loom.config.engine_options()`` lists), checked before anything loads: ValueError names an
-    unknown option, a bad value, a scheduling policy not in ``loom.scheduler.policy.POLICIES`` or a
+    unknown option, a bad value, a scheduling policy or policy option that ``loom.scheduler.registry`` refuses, or a
     weight format not in ``loom.model.quant.formats.QUANTIZATION_CHOICES``."""
     from loom.model.quant.formats import QUANTIZATION_CHOICES
-    from loom.scheduler.policy import POLICIES
+    from loom.scheduler import policy_from_config
 
     config = EngineConfig.from_options(model, **options)
-    config.scheduler.check_policy(tuple(POLICIES))
+    policy_from_config(config.scheduler)
     config.check_quantization(QUANTIZATION_CHOICES)
     return config

@@ -34,6 +34,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.residual_tokens = residual_tokens
         self.free_slots = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self._keys_memo: dict[str, tuple[int, list[BlockKey]]] = {}  # request id -> (length, block keys)
 
     def _sealed(self, num_tokens: int) -> int:
         """Tokens of the complete groups among the first ``num_tokens`` (all of them without a residual)."""
@@ -67,6 +68,7 @@ class KVCacheManager:
         position must be computed to score or pool it). Fills ``req.block_hashes`` for the
         matched blocks; takes no references yet."""
         req.block_hashes.clear()
+        self._keys_memo.pop(req.request_id, None)
         if not self.pool.enable_prefix_caching or req.params.prompt_logprobs is not None or req.embed:
             return []
         hits: list[int] = []
@@ -81,6 +83,28 @@ class KVCacheManager:
         whole = self._sealed(len(hits) * self.block_size) // self.block_size  # the open group starts in the slot
         del req.block_hashes[whole:], hits[whole:]
         return hits
+
+    def cached_prefix_tokens(self, req: Request) -> int:
+        """Tokens at the start of ``req`` that the prefix cache holds now, as ``match_prefix`` would
+        take them, without side effects (no references, ``req.block_hashes`` untouched). The
+        block keys are computed once per request and length."""
+        if not self.pool.enable_prefix_caching or req.params.prompt_logprobs is not None or req.embed:
+            return 0
+        memo = self._keys_memo.get(req.request_id)
+        if memo is None or memo[0] != req.num_tokens:
+            keys: list[BlockKey] = []
+            parent = None
+            bs = self.block_size
+            for i in range(self._sealed(req.num_tokens - 1) // bs):
+                keys.append(BlockKey(parent, tuple(req.token_ids_slice(i * bs, (i + 1) * bs))))
+                parent = keys[-1].hash
+            memo = self._keys_memo[req.request_id] = (req.num_tokens, keys)
+        n = 0
+        for key in memo[1]:
+            if self.pool.lookup(key) is None:
+                break
+            n += 1
+        return self._sealed(n * self.block_size)
 
     def blocks_needed(self, req: Request, num_tokens: int, num_hits: int = 0) -> int:
         """Blocks to add so that ``req`` holds ``num_tokens`` tokens after taking ``num_hits`` hits."""
@@ -125,6 +149,7 @@ class KVCacheManager:
         del req.block_hashes[num_tokens // self.block_size :]
 
     def free(self, req: Request) -> None:
+        self._keys_memo.pop(req.request_id, None)
         self.pool.free(list(reversed(req.block_ids)))
         req.block_ids.clear()
         req.block_hashes.clear()

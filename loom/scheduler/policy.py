@@ -1,30 +1,101 @@
-"""Ordering policies for the waiting queue and for choosing preemption victims.
+"""The seam between the step planner and its ordering policies.
 
-A policy is a small object the scheduler consults; new policies (priority, fair, SLO) subclass
-``SchedulingPolicy`` and register in ``POLICIES`` without touching the step loop."""
+A policy is a small object the scheduler consults: which waiting request to admit next, how to rank
+running requests for the step's token budget, whom to preempt, and (for stateful policies) what
+service each tenant received. Policies register in ``loom.scheduler.registry.POLICIES``; none of
+them touches the step loop."""
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from loom.request import Request
 
 
+@dataclass(frozen=True)
+class NoOptions:
+    """A policy without options."""
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """What a policy may read about the scheduler when it picks a request (read-only).
+
+    ``cached_tokens(req)``: prompt tokens of ``req`` the prefix cache holds now (no side effects).
+    ``free_tokens``: tokens the free KV blocks hold, evictable prefix-cache blocks included."""
+
+    now: float
+    running: Sequence[Request]
+    capacity_tokens: int
+    free_tokens: int
+    cached_tokens: Callable[[Request], int]
+
+
+def tenant_of(req: Request) -> str:
+    """The tenant a request is accounted to; requests without one share the tenant ``""``."""
+    return req.tenant or ""
+
+
 class SchedulingPolicy(ABC):
-    name: str = ""
+    """Subclasses set ``name``, may declare a frozen ``Options`` dataclass (validated in its
+    ``__post_init__``) and take ``tenant_weights`` when ``uses_tenant_weights``."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    uses_tenant_weights: ClassVar[bool] = False
+    # True: a waiting request may preempt running ones (``preempts``) when seats or blocks are short.
+    preemptive: ClassVar[bool] = False
+
+    def __init__(self, options: Any = None, tenant_weights: dict[str, float] | None = None) -> None:
+        self.options = options if options is not None else self.Options()
+        if tenant_weights is not None and not self.uses_tenant_weights:
+            raise ValueError(f"tenant weights are used by the vtc and dlpm policies, not {self.name}")
+        self.tenant_weights = tenant_weights
 
     @abstractmethod
-    def sort_key(self, req: Request) -> Any:
-        """Requests with smaller keys are admitted (and keep running) first."""
+    def sort_key(self, req: Request, now: float) -> Any:
+        """Requests with smaller keys go first: in admission (by default) and in the running
+        batch's share of the token budget."""
 
-    def select_victim(self, candidates: list[Request]) -> Request:
+    def next_request(self, waiting: Sequence[Request], state: QueueState) -> Request | None:
+        """The waiting request to admit next, or None to admit nothing more this step. Called again
+        after each admission, so a stateful policy sees the service it just granted."""
+        return min(waiting, key=lambda r: self.sort_key(r, state.now), default=None)
+
+    def select_victim(self, candidates: Sequence[Request], now: float) -> Request:
         """The running request to preempt when KV blocks run out: the lowest-priority one
         (largest ``priority`` value), latest arrived among equals."""
         return max(candidates, key=lambda r: (r.priority, r.arrival_time, r.sample_index))
 
-    def on_scheduled(self, req: Request, num_tokens: int) -> None:
-        """Hook for stateful policies (e.g. per-tenant fairness counters)."""
+    def preempts(self, candidate: Request, victim: Request, now: float) -> bool:
+        """Whether waiting ``candidate`` may preempt running ``victim`` (``preemptive`` policies)."""
+        return False
+
+    def check_request(self, req: Request) -> None:
+        """ValueError for a request this policy cannot serve (an unknown tenant)."""
+        if self.tenant_weights is not None and tenant_of(req) not in self.tenant_weights and "*" not in self.tenant_weights:
+            known = ", ".join(repr(t) for t in sorted(self.tenant_weights)[:20])
+            raise ValueError(f"unknown tenant {tenant_of(req)!r}: the tenant weights name {known} and no '*' default")
+
+    def share(self, tenant: str) -> float:
+        """A tenant's weight: from the tenant weights (``"*"`` for unnamed tenants), else 1."""
+        weights = self.tenant_weights or {}
+        return weights.get(tenant, weights.get("*", 1.0))
+
+    # -- hooks for stateful policies -----------------------------------------------------------
+    def on_arrival(self, req: Request, now: float) -> None:
+        """A request joined the waiting queue (or a fork started running)."""
+
+    def on_scheduled(self, req: Request, prompt_tokens: int, output_tokens: int) -> None:
+        """``req`` got a share of this step: ``prompt_tokens`` prompt positions computed for the
+        first time and ``output_tokens`` tokens to sample."""
+
+    def on_finished(self, req: Request) -> None:
+        """``req`` finished (stop, length or abort)."""
 
 
 class FCFSPolicy(SchedulingPolicy):
@@ -32,15 +103,24 @@ class FCFSPolicy(SchedulingPolicy):
 
     name = "fcfs"
 
-    def sort_key(self, req: Request) -> Any:
+    def sort_key(self, req: Request, now: float) -> Any:
         return (req.arrival_time, req.sample_index)
 
 
-POLICIES: dict[str, type[SchedulingPolicy]] = {FCFSPolicy.name: FCFSPolicy}
-
-
-def make_policy(name: str) -> SchedulingPolicy:
-    try:
-        return POLICIES[name]()
-    except KeyError:
-        raise ValueError(f"unknown scheduling policy {name!r} (available: {', '.join(POLICIES)})") from None
+def parse_options(cls: type, values: dict[str, Any], policy: str) -> Any:
+    """``cls`` (a frozen dataclass) from a JSON object, naming unknown keys and mistyped values."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        listed = ", ".join(known) or "none"
+        raise ValueError(f"unknown option {unknown[0]!r} for the {policy} policy (its options: {listed})")
+    for key, value in values.items():
+        expected = known[key].type
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if "float" in str(expected) and not (numeric or (value is None and "None" in str(expected))):
+            raise ValueError(f"{policy} policy option {key!r} must be a number, got {value!r}")
+        if str(expected).startswith("int") and not (isinstance(value, int) and not isinstance(value, bool)):
+            raise ValueError(f"{policy} policy option {key!r} must be an integer, got {value!r}")
+        if str(expected) == "bool" and not isinstance(value, bool):
+            raise ValueError(f"{policy} policy option {key!r} must be true or false, got {value!r}")
+    return cls(**values)

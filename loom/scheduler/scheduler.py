@@ -17,8 +17,10 @@ import time
 
 from loom.config import SchedulerConfig
 from loom.kvcache import KVCacheManager
+from loom.kvcache.manager import cdiv
 from loom.request import Request, RequestStatus
-from loom.scheduler.policy import SchedulingPolicy, make_policy
+from loom.scheduler.policy import QueueState, SchedulingPolicy
+from loom.scheduler.registry import policy_from_config
 from loom.scheduler.stopping import token_stop
 from loom.step import RequestResult, ScheduledRequest, StepPlan, StepResult
 
@@ -38,7 +40,7 @@ class Scheduler:
         self.config = config
         self.kv = kv
         self.eos_token_ids = eos_token_ids
-        self.policy = policy or make_policy(config.policy)
+        self.policy = policy or policy_from_config(config)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -49,9 +51,14 @@ class Scheduler:
         self._slot_copies: list[tuple[int, int]] = []
 
     # -- queue management -------------------------------------------------------------------
+    def check(self, req: Request) -> None:
+        """ValueError for a request the policy cannot serve (an unknown tenant), before it is added."""
+        self.policy.check_request(req)
+
     def add(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
         self.waiting.append(req)
+        self.policy.on_arrival(req, time.monotonic())
 
     def finish(self, req: Request, reason: str, stop_reason: str | int | None = None) -> None:
         """End a request (stop, length or abort): out of the queues, blocks freed."""
@@ -64,16 +71,20 @@ class Scheduler:
         req.finish_reason = reason
         req.stop_reason = stop_reason
         req.metrics.finished_time = time.monotonic()
+        self.policy.on_finished(req)
 
     # -- planning ---------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         plan = StepPlan(block_copies=self._block_copies, slot_copies=self._slot_copies)
         self._block_copies, self._slot_copies = [], []
+        now = time.monotonic()
+        if self.policy.preemptive and self.waiting and self.running:
+            self._preempt_for_waiting(plan, now)
         budget = self.config.max_num_batched_tokens
-        key = self.policy.sort_key
         # Decodes first, then requests still in their prefill.
-        order = sorted(self.running, key=lambda r: (r.num_tokens - r.num_computed_tokens > 1, key(r)))
+        order = sorted(self.running, key=lambda r: (r.num_tokens - r.num_computed_tokens > 1, self.policy.sort_key(r, now)))
         unscheduled = list(order)
+        short_of_blocks = False
         for req in order:
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
@@ -84,7 +95,8 @@ class Scheduler:
             room = min(budget - 1, self.kv.max_drafts(req.num_computed_tokens + num_new))
             drafts = tuple(req.draft_token_ids[:room]) if num_new == 1 else ()
             while not self.kv.allocate(req, req.num_computed_tokens + num_new + len(drafts)):
-                victim = self.policy.select_victim(unscheduled + [req])
+                short_of_blocks = True
+                victim = self.policy.select_victim(unscheduled + [req], now)
                 self._preempt(victim)
                 plan.preempted.append(victim)
                 if victim is req:
@@ -94,28 +106,59 @@ class Scheduler:
                 continue
             plan.scheduled.append(self._scheduled(req, num_new, drafts))
             budget -= num_new + len(drafts)
-        if not plan.preempted:
-            self._admit(plan, budget)
+        if not short_of_blocks:
+            self._admit(plan, budget, now)
         return plan
+
+    def _queue_state(self, now: float) -> QueueState:
+        return QueueState(now, self.running, self.kv.num_blocks * self.kv.block_size,
+                          self.kv.num_free_blocks * self.kv.block_size, self.kv.cached_prefix_tokens)
+
+    def _preempt_for_waiting(self, plan: StepPlan, now: float) -> None:
+        """A preemptive policy's next waiting request takes seats and blocks from running requests
+        it outranks, until it fits (its first chunk, beside the running decodes' next tokens)."""
+        state = self._queue_state(now)
+        head = self.policy.next_request(self.waiting, state)
+        while head is not None and self.running and not self._fits(head):
+            victim = self.policy.select_victim(self.running, now)
+            if not self.policy.preempts(head, victim, now):
+                return
+            self._preempt(victim)
+            plan.preempted.append(victim)
+
+    def _fits(self, req: Request) -> bool:
+        if len(self.running) >= self.config.max_num_seqs:
+            return False
+        bs = self.kv.block_size
+        cached = self.kv.cached_prefix_tokens(req)
+        first_chunk = min(req.num_tokens, cached + self.config.max_num_batched_tokens)
+        needed = cdiv(first_chunk, bs) - cached // bs
+        growth = sum(self.kv.blocks_needed(r, r.num_computed_tokens + 1) for r in self.running)
+        return needed + growth <= self.kv.num_free_blocks
 
     def _scheduled(self, req: Request, num_new: int, drafts: tuple[int, ...] = ()) -> ScheduledRequest:
         start = req.num_computed_tokens
-        sample = start + num_new == req.num_tokens and req.params.max_tokens != 0
-        self.policy.on_scheduled(req, num_new + len(drafts))
+        end = start + num_new
+        sample = end == req.num_tokens and req.params.max_tokens != 0
+        prompt_end = min(end, req.num_prompt_tokens)
+        new_prompt = max(0, prompt_end - max(start, req.num_served_prompt_tokens))
+        req.num_served_prompt_tokens = max(req.num_served_prompt_tokens, prompt_end)
+        self.policy.on_scheduled(req, new_prompt, int(sample))
         return ScheduledRequest(req, start, num_new, sample, drafts, tuple(req.forks) if sample else ())
 
-    def _admit(self, plan: StepPlan, budget: int) -> None:
-        self.waiting.sort(key=self.policy.sort_key)
-        now = time.monotonic()
+    def _admit(self, plan: StepPlan, budget: int, now: float) -> None:
+        state = self._queue_state(now)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
+            req = self.policy.next_request(self.waiting, state)
+            if req is None:
+                break
             hits = self.kv.match_prefix(req)
             num_computed = len(hits) * self.kv.block_size
             num_new = min(req.num_tokens - num_computed, budget)
             if not self.kv.allocate(req, num_computed + num_new, hits):
                 req.block_hashes.clear()
                 break
-            self.waiting.pop(0)
+            self.waiting.remove(req)
             req.num_computed_tokens = num_computed
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
@@ -207,4 +250,5 @@ class Scheduler:
             child.num_computed_tokens = parent.num_computed_tokens
             child.status = RequestStatus.RUNNING
             self.running.append(child)
+            self.policy.on_arrival(child, time.monotonic())
         self._append(child, res)

@@ -26,6 +26,7 @@ from loom.server.serving import (
     cancel_on_disconnect,
     finals_usage,
     new_id,
+    request_tenant,
     sse,
 )
 
@@ -58,7 +59,7 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, servi
     created = int(time.time())
 
     async def run() -> Any:
-        started = await serving.start(request_id, [prompt], params, priority=req.priority, tenant=req.user,
+        started = await serving.start(request_id, [prompt], params, priority=req.priority, tenant=request_tenant(req.user, raw),
                                       prompt_param="messages",
                                       constraint_param="tools" if plan.structured_outputs else "response_format")
         header = {"id": request_id, "object": "chat.completion", "created": created, "model": model,

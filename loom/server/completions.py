@@ -22,6 +22,7 @@ from loom.server.serving import (
     cancel_on_disconnect,
     finals_usage,
     new_id,
+    request_tenant,
     sse,
 )
 
@@ -89,7 +90,7 @@ async def create_completion(req: CompletionRequest, raw: Request, serving: Servi
               "system_fingerprint": serving.system_fingerprint}
 
     async def run() -> Any:
-        started = await serving.start(request_id, prompts, params, priority=req.priority, tenant=req.user,
+        started = await serving.start(request_id, prompts, params, priority=req.priority, tenant=request_tenant(req.user, raw),
                                       prompt_param="prompt")
         if req.stream:
             return StreamingResponse(_stream(serving, req, params.n, started, header), media_type="text/event-stream")

@@ -11,7 +11,7 @@ from fastapi import Request
 
 from loom.server.errors import APIError
 from loom.server.protocol import EmbeddingRequest
-from loom.server.serving import Serving, cancel_on_disconnect, new_id
+from loom.server.serving import Serving, cancel_on_disconnect, new_id, request_tenant
 
 
 def _encode(embedding: list[float], encoding_format: str) -> list[float] | str:
@@ -28,7 +28,7 @@ async def create_embeddings(req: EmbeddingRequest, raw: Request, serving: Servin
         raise APIError(400, f"dimensions must be {size} (this model's hidden size) or omitted; shortening "
                             f"embeddings is not supported, got {req.dimensions}", param="dimensions")
     prompts = req.prompts()
-    outs = await cancel_on_disconnect(raw, serving.embed(new_id("embd"), prompts, tenant=req.user, prompt_param="input"))
+    outs = await cancel_on_disconnect(raw, serving.embed(new_id("embd"), prompts, tenant=request_tenant(req.user, raw), prompt_param="input"))
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outs)
     return {
         "object": "list",

@@ -54,6 +54,25 @@ class _EngineCollector(Collector):
         )
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)
+        yield from _tenant_families(s)
+
+
+def _tenant_families(s: EngineStats) -> Iterator[Metric]:
+    """Per-tenant counters (tenant "" is requests without one; at most MAX_TENANTS by name)."""
+    families = (
+        ("loom_tenant_requests", "Requests received, by tenant.", "requests"),
+        ("loom_tenant_prompt_tokens", "Prompt tokens received, by tenant.", "prompt_tokens"),
+        ("loom_tenant_cached_prompt_tokens", "Prompt tokens served from the prefix cache, by tenant.",
+         "cached_prompt_tokens"),
+        ("loom_tenant_generation_tokens", "Tokens generated, by tenant.", "generation_tokens"),
+        ("loom_tenant_queue_seconds", "Seconds requests waited from arrival to first being scheduled, by tenant.",
+         "queue_seconds"),
+    )
+    for name, doc, attr in families:
+        family = CounterMetricFamily(name, doc, labels=["tenant"])
+        for tenant, t in s.tenants.items():
+            family.add_metric([tenant], getattr(t, attr))
+        yield family
 
 
 class ServerMetrics:

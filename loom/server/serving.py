@@ -59,6 +59,21 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
+MAX_TENANT_CHARS = 256
+TENANT_HEADER = "x-tenant"
+
+
+def request_tenant(user: str | None, raw: Request) -> str | None:
+    """The tenant a request is served and accounted as: the ``X-Tenant`` header (set by a gateway)
+    when present, else the body's ``user``. 400 when longer than ``MAX_TENANT_CHARS``."""
+    header = raw.headers.get(TENANT_HEADER)
+    tenant, param = (header, "X-Tenant") if header is not None else (user, "user")
+    if tenant is not None and len(tenant) > MAX_TENANT_CHARS:
+        raise APIError(400, f"the tenant ({param}) is {len(tenant)} characters long; at most {MAX_TENANT_CHARS}",
+                       param=param)
+    return tenant or None
+
+
 @dataclass
 class Started:
     """A request the engine accepted: its first output, then the rest of its stream."""

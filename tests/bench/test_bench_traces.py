@@ -122,7 +122,7 @@ def test_workload_spec_parsing():
     assert WorkloadSpec.parse_kind("sharegpt") == ("sharegpt", str(SHAREGPT_FILE))
     with pytest.raises(ValueError, match="unknown workload 'csv'"):
         WorkloadSpec.parse_kind("csv:/x")
-    with pytest.raises(ValueError, match="needs a trace file"):
+    with pytest.raises(ValueError, match="needs a file"):
         WorkloadSpec("mooncake")
     with pytest.raises(ValueError, match="burstiness needs the gamma"):
         WorkloadSpec("synthetic", burstiness=0.5)

@@ -12,6 +12,10 @@ loom_num_requests_running {running}
 loom_kv_cache_usage_ratio {usage}
 # TYPE loom_num_preemptions counter
 loom_num_preemptions_total {preempted}
+# TYPE loom_prompt_tokens counter
+loom_prompt_tokens_total {prompt}
+# TYPE loom_prefix_cache_hit_tokens counter
+loom_prefix_cache_hit_tokens_total {hits}
 """
 
 VLLM_PAGE = """# TYPE vllm:num_requests_running gauge
@@ -21,11 +25,14 @@ vllm:num_preemptions_total{{engine="0",model_name="m"}} {preempted}
 """
 
 
-def test_peaks_and_preemptions_during_the_run():
+def test_peaks_preemptions_and_prefix_hits_during_the_run():
     stats = ServerStats()
-    for running, usage, preempted in [(0, 0.0, 5), (7, 0.5, 5), (12, 0.9, 8), (3, 0.2, 9)]:
-        stats.add(scrape_values(LOOM_PAGE.format(running=running, usage=usage, preempted=preempted)))
-    assert stats.to_json() == {"scrapes": 4, "peak_running": 12, "peak_kv_usage": 0.9, "preemptions": 4}
+    for running, usage, preempted, prompt, hits in [(0, 0.0, 5, 100, 50), (7, 0.5, 5, 300, 50), (12, 0.9, 8, 500, 150),
+                                                    (3, 0.2, 9, 900, 250)]:
+        stats.add(scrape_values(LOOM_PAGE.format(running=running, usage=usage, preempted=preempted, prompt=prompt,
+                                                 hits=hits)))
+    assert stats.to_json() == {"scrapes": 4, "peak_running": 12, "peak_kv_usage": 0.9, "preemptions": 4,
+                               "prefix_cache_hit_rate": 0.25}
 
 
 def test_vllm_names_and_unknown_servers():
@@ -35,4 +42,5 @@ def test_vllm_names_and_unknown_servers():
     assert (stats.peak_running, stats.preemptions, stats.peak_kv_usage) == (40, 3, None)
     other = ServerStats()
     other.add(scrape_values("# TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing 3\n"))
-    assert other.to_json() == {"scrapes": 1, "peak_running": None, "peak_kv_usage": None, "preemptions": None}
+    assert other.to_json() == {"scrapes": 1, "peak_running": None, "peak_kv_usage": None, "preemptions": None,
+                               "prefix_cache_hit_rate": None}

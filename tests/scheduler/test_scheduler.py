@@ -213,5 +213,5 @@ def test_prefix_hits_skip_computation_and_count_once_per_request():
 
 
 def test_unknown_policy_is_rejected():
-    with pytest.raises(ValueError, match="unknown scheduling policy"):
+    with pytest.raises(ValueError, match="policy .--policy. must be one of"):
         make_policy("nope")
