@@ -244,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("structured", "loom.bench.structured", "JSON-schema constrained decoding: compile time, validity, step overhead"),
         ("perplexity", "loom.bench.perplexity", "quantization modes vs the fp32 model: perplexity, greedy agreement, bytes"),
         ("kv-sensitivity", "loom.bench.kv_sensitivity", "per-layer KV cache format sensitivity and a plan for a bit budget"),
+        ("context-switch", "loom.bench.context_switch", "preemption cost by recompute and by swap per context length"),
     ):
         p = bench.add_parser(name, help=doc)
         add_engine_args(p)

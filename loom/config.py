@@ -156,6 +156,8 @@ DTYPES = ("auto", "bfloat16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("auto", "cpu", "torch", "cuda")
 KV_CACHE_DTYPES = ("auto", "bf16", "fp32", "int8", "int4", "int2")  # loom.model.kv_cache builds each
+SWAP_DTYPES = ("auto", "int8")
+PREEMPTION_MODES = ("auto", "recompute", "swap")
 
 
 @dataclass(frozen=True)
@@ -204,9 +206,52 @@ class CacheConfig:
             flag="--kv-quant-group", minimum=16,
         ),
     )  # fmt: skip
+    swap_space: int | None = field(
+        default=None,
+        metadata=option(
+            "host memory in GiB for the KV blocks of requests preempted by swapping (a second tier: host memory "
+            "beside a GPU, a compressed copy on a CPU)", flag="--swap-space", metavar="GIB", minimum=1, cli_unit=GIB,
+            default_help="none: every preemption recomputes",
+        ),
+    )  # fmt: skip
+    swap_dtype: str = field(
+        default="auto",
+        metadata=option(
+            "swapped blocks' format: auto (as the cache stores them, lossless) or int8 (bf16/fp32 caches: int8 codes "
+            "with a scale per token and head, about half the bytes, lossy)", flag="--swap-dtype", choices=SWAP_DTYPES,
+        ),
+    )  # fmt: skip
+    preemption_mode: str = field(
+        default="auto",
+        metadata=option(
+            "how a preempted request gives up its KV blocks: recompute, swap, or auto (per victim, whichever the "
+            "start-up measurements say is cheaper; swap needs --swap-space)", flag="--preemption-mode",
+            choices=PREEMPTION_MODES,
+        ),
+    )  # fmt: skip
+    session_ttl: float = field(
+        default=30.0,
+        metadata=option(
+            "seconds a finished turn's KV stays pinned for its session's next turn (requests with a session_id) "
+            "before any gap between the session's turns was seen; then 1.5 x its longest recent gap; 0: no pins",
+            flag="--session-ttl", minimum=0,
+        ),
+    )  # fmt: skip
+    session_ttl_max: float = field(
+        default=600.0, metadata=option("cap on a session pin's time-to-live, seconds", flag="--session-ttl-max", minimum=0)
+    )
+    swap_blocks_per_step: int = field(
+        default=32,
+        metadata=option(
+            "blocks a swapped-out request gets back per step (its swap-in spreads over steps so that no step stalls)",
+            flag="--swap-blocks-per-step", minimum=1,
+        ),
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         _check_options(self)
+        if self.preemption_mode == "swap" and not self.swap_space:
+            raise ValueError("--preemption-mode swap needs --swap-space")
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,8 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     priority: int = 0  # lower value = more important (as in vLLM)
     tenant: str | None = None
+    slo_class: str | None = None  # the slo policy's class (None: its default class)
+    session_id: str | None = None  # turns of one conversation: the KV of the last one stays pinned a while
     group_id: str = ""
     sample_index: int = 0
     max_total_tokens: int = 0  # prompt + output cap (from max_tokens and the context length)
@@ -48,6 +50,10 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # hashes of this request's full blocks
     residual_slot: int = -1  # its full-precision residual, with a KIVI cache (while it holds blocks)
+    # Swapped out (preempted by swapping): the tokens whose KV sits in the swap tier, and while it is
+    # swapped back in, the saved blocks still to copy.
+    num_swapped_tokens: int = 0
+    swap_in_pending: int = 0
     # Speculative tokens a proposer guessed to follow this request's tokens; the next step
     # verifies them (then they are cleared).
     draft_token_ids: list[int] = field(default_factory=list)

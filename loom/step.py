@@ -44,6 +44,34 @@ class ScheduledRequest:
         return self.num_new_tokens == 1
 
 
+@dataclass(frozen=True)
+class SwapIn:
+    """Saved blocks ``start .. start + len(block_ids)`` of a swapped-out request, to copy back into
+    ``block_ids`` before the forward pass; ``last``: the host copy can go."""
+
+    request_id: str
+    block_ids: tuple[int, ...]
+    start: int
+    last: bool
+
+
+@dataclass(frozen=True)
+class SwitchCosts:
+    """What a context switch costs either way, measured by the worker at start-up: the scheduler's
+    cost model for choosing swap or recompute per victim."""
+
+    swap_seconds_per_block: float  # copied out and back in
+    recompute_seconds_per_token: float  # a prefill chunk's forward pass, per token
+    swap_capacity_blocks: int
+    mode: str = "auto"  # auto | swap (always, while there is room)
+    blocks_per_step: int = 32  # swapped back in per step
+
+    def prefers_swap(self, num_blocks: int, num_tokens: int) -> bool:
+        if self.mode == "swap":
+            return True
+        return num_blocks * self.swap_seconds_per_block < num_tokens * self.recompute_seconds_per_token
+
+
 @dataclass
 class StepPlan:
     """What one forward pass computes: decodes first, then prefill chunks (SARATHI)."""
@@ -54,9 +82,15 @@ class StepPlan:
     # a KIVI cache, its residual slot instead).
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     slot_copies: list[tuple[int, int]] = field(default_factory=list)
+    # The swap tier, before the forward pass in this order: save the blocks of requests swapped out
+    # this step (request id, blocks), forget host copies of requests that finished while swapped out,
+    # copy saved blocks back in.
+    swap_out: list[tuple[str, list[int]]] = field(default_factory=list)
+    swap_drop: list[str] = field(default_factory=list)
+    swap_in: list[SwapIn] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.scheduled)
+        return bool(self.scheduled or self.swap_out or self.swap_in or self.swap_drop)
 
 
 @dataclass(frozen=True)

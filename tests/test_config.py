@@ -15,7 +15,8 @@ from loom.engine import engine_config
 
 LLM_KEYWORDS = {
     "dtype", "quantization", "device", "attention_backend", "num_threads", "max_model_len", "block_size", "num_blocks", "kv_cache_bytes",
-    "kv_cache_dtype", "kv_cache_layers", "kv_residual_tokens", "kv_quant_group",
+    "kv_cache_dtype", "kv_cache_layers", "kv_residual_tokens", "kv_quant_group", "swap_space", "swap_dtype",
+    "preemption_mode", "session_ttl", "session_ttl_max", "swap_blocks_per_step",
     "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "policy", "policy_config", "tenant_weights", "max_waiting", "seed",
 }  # fmt: skip
 
@@ -83,7 +84,7 @@ def test_engine_config_checks_the_policy_and_its_options() -> None:
     from loom.scheduler import POLICIES
 
     assert engine_config(policy=next(iter(POLICIES))).scheduler.policy in POLICIES
-    with pytest.raises(ValueError, match=r"policy \(--policy\) must be one of fcfs, priority, vtc, lpm, dlpm; got 'lifo'"):
+    with pytest.raises(ValueError, match=r"policy \(--policy\) must be one of fcfs, priority, vtc, lpm, dlpm, slo, sjf; got 'lifo'"):
         engine_config(policy="lifo")
     with pytest.raises(ValueError, match="unknown option 'quantum' for the vtc policy"):
         engine_config(policy="vtc", policy_config='{"quantum": 3}')

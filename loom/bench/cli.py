@@ -32,6 +32,8 @@ workloads (--workload KIND[:PATH]):
   synthetic      --arrival poisson|gamma at --rate, lengths from --length-dist
   tenants:SPEC   tenants with their own rates, lengths, priorities and shared system prompts
                  (a JSON file or inline object; examples in benchmarks/workloads/)
+  sessions:SPEC  multi-turn conversations, each turn sent after the last answer and a think time,
+                 with a session_id (completions endpoint; example in benchmarks/workloads/)
 shaping, applied in this order: --start/--duration window, --num-requests,
   --time-scale (x arrival times; >1 is slower), --rate (trace: rescale to this
   mean req/s), --length-scale, --max-input-len/--max-output-len caps.

@@ -67,6 +67,10 @@ class RequestRecord:
     error: str | None
     tenant: str | None = None
     priority: int = 0
+    slo_class: str | None = None
+    session_id: str | None = None
+    turn: int = 0
+    text: str = ""  # the generated text (kept for the next turn of a session; not saved in run files)
 
     @property
     def ok(self) -> bool:
@@ -110,6 +114,9 @@ class RequestRecord:
             "finish_reason": self.finish_reason,
             "tenant": self.tenant,
             "priority": self.priority,
+            "slo_class": self.slo_class,
+            "session_id": self.session_id,
+            "turn": self.turn,
             "ttft": self.ttft,
             "tpot": self.tpot,
             "e2e": self.e2e,
@@ -133,6 +140,9 @@ class RequestRecord:
             error=d["error"],
             tenant=d.get("tenant"),
             priority=d.get("priority", 0),
+            slo_class=d.get("slo_class"),
+            session_id=d.get("session_id"),
+            turn=d.get("turn", 0),
         )
 
 
@@ -161,6 +171,10 @@ def request_body(cfg: ClientConfig, req: PreparedRequest) -> dict[str, Any]:
         body["user"] = req.tenant
     if req.priority:
         body["priority"] = req.priority
+    if req.slo_class is not None:
+        body["slo_class"] = req.slo_class
+    if req.session_id is not None:
+        body["session_id"] = req.session_id
     body.update(cfg.extra_body)
     return body
 
@@ -186,6 +200,7 @@ class _Stream:
         self.completion_tokens: int | None = None
         self.finish_reason: str | None = None
         self.error: str | None = None
+        self.text = ""
 
     def feed(self, data: str, now: float) -> bool:
         """Take one SSE ``data:`` payload; False once the stream is done."""
@@ -199,8 +214,10 @@ class _Stream:
         if "error" in chunk:
             self.error = f"server error in stream: {str(chunk['error'])[:300]}"
             return False
-        if chunk_text(chunk):
+        text = chunk_text(chunk)
+        if text:
             self.chunk_times.append(now)
+            self.text += text
         for c in chunk.get("choices") or []:
             if c.get("finish_reason"):
                 self.finish_reason = c["finish_reason"]
@@ -251,6 +268,10 @@ async def send_one(
         error=s.error,
         tenant=req.tenant,
         priority=req.priority,
+        slo_class=req.slo_class,
+        session_id=req.session_id,
+        turn=req.turn,
+        text=s.text,
     )
 
 

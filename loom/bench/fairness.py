@@ -127,6 +127,12 @@ def group_latency(records: Sequence[RequestRecord], key: Callable[[RequestRecord
     return out
 
 
+def _turn_kind(r: RequestRecord) -> str:
+    if r.session_id is None:
+        return "one-off"
+    return "first" if r.turn == 0 else "follow-up"
+
+
 def summarize_groups(records: Sequence[RequestRecord], slo: SLO, duration: float) -> dict[str, Any]:
     """The summary's per-tenant and per-priority parts, present only when the workload has them."""
     out: dict[str, Any] = {}
@@ -137,4 +143,8 @@ def summarize_groups(records: Sequence[RequestRecord], slo: SLO, duration: float
             out["fairness"] = fairness
     if len({r.priority for r in records}) > 1:
         out["priorities"] = group_latency(records, lambda r: r.priority, slo, duration)
+    if any(r.session_id is not None for r in records):
+        out["turns"] = group_latency(records, _turn_kind, slo, duration)
+    if any(r.slo_class is not None for r in records):
+        out["slo_classes"] = group_latency(records, lambda r: r.slo_class or "", slo, duration)
     return out

@@ -15,7 +15,7 @@ from loom.bench import tenants, traces
 from loom.bench.workload import Workload
 
 TRACE_KINDS = ("azure", "mooncake", "burstgpt")
-KINDS = (*TRACE_KINDS, "sharegpt", "synthetic", "tenants")
+KINDS = (*TRACE_KINDS, "sharegpt", "synthetic", "tenants", "sessions")
 ARRIVALS = ("poisson", "gamma")
 
 # The project's shared data sits beside the repository (shared/data); LOOM_DATA_DIR overrides.
@@ -48,7 +48,7 @@ class WorkloadSpec:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown workload {self.kind!r}; expected one of {', '.join(KINDS)}")
-        if self.kind in (*TRACE_KINDS, "tenants") and not self.path:
+        if self.kind in (*TRACE_KINDS, "tenants", "sessions") and not self.path:
             raise ValueError(f"the {self.kind} workload needs a file: --workload {self.kind}:PATH")
         if self.kind == "synthetic" and self.path:
             raise ValueError("the synthetic workload takes no file")

@@ -11,9 +11,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from loom.bench import client
+from loom.bench import client, sessions
 from loom.bench.loader import SHAREGPT_FILE, SONNET_FILE, TRACE_KINDS, WorkloadSpec, load_workload, read_length_pairs
-from loom.bench.prompts import PreparedRequest, PromptBuilder, read_corpus
+from loom.bench.prompts import PromptBuilder, read_corpus
 from loom.bench.synthetic import LengthSpec
 from loom.bench.tokenizer import Tokenizer
 from loom.bench.workload import Shaping, shape
@@ -68,9 +68,11 @@ def default_corpus() -> Path:
     raise ValueError(f"no prompt text found under {SHAREGPT_FILE.parents[1]} (set LOOM_DATA_DIR or pass --corpus)")
 
 
-def prepare_requests(args: argparse.Namespace, tokenizer: Tokenizer) -> tuple[list[PreparedRequest], dict[str, Any]]:
+def prepare_requests(args: argparse.Namespace, tokenizer: Tokenizer) -> tuple[sessions.Replay, dict[str, Any]]:
     """Load, shape and build prompts; also the config record describing it."""
     spec = workload_spec(args)
+    if spec.kind == "sessions":
+        return prepare_sessions(args, spec, tokenizer)
     shape_cfg = shaping(args, spec)
 
     def count_tokens(text: str) -> int:
@@ -111,6 +113,19 @@ def prepare_requests(args: argparse.Namespace, tokenizer: Tokenizer) -> tuple[li
         },
     }
     return prepared, config
+
+
+def prepare_sessions(args: argparse.Namespace, spec: WorkloadSpec, tokenizer: Tokenizer
+                     ) -> tuple[sessions.SessionWorkload, dict[str, Any]]:
+    """A closed-loop multi-turn workload (no shaping: its spec sets the rates and lengths)."""
+    session_spec = sessions.load_spec(spec.path)
+    corpus = Path(args.corpus) if args.corpus else default_corpus()
+    builder = PromptBuilder(tokenizer, read_corpus(corpus), seed=args.seed)
+    workload = sessions.build(session_spec, builder, args.seed)
+    config = {"workload": {"spec": args.workload, "kind": "sessions", "sessions": asdict(session_spec),
+                           "num_requests": workload.num_requests},
+              "prompts": {"corpus": str(corpus), "tokenizer": tokenizer.name, "seed": args.seed}}
+    return workload, config
 
 
 def client_config(args: argparse.Namespace, base_url: str, model: str) -> client.ClientConfig:

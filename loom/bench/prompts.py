@@ -38,6 +38,9 @@ class PreparedRequest:
     max_tokens: int
     tenant: str | None = None
     priority: int = 0
+    slo_class: str | None = None
+    session_id: str | None = None  # a multi-turn session's turn (sent as ``session_id``)
+    turn: int = 0
 
 
 def read_corpus(path: str | os.PathLike) -> str:
@@ -126,5 +129,5 @@ class PromptBuilder:
             else:
                 text, count = self._exact(self._window(offset, r.input_len), r.input_len, offset + r.input_len)
             out.append(PreparedRequest(index=i, arrival=r.arrival, prompt=text, prompt_len=count, max_tokens=r.output_len,
-                                       tenant=r.tenant, priority=r.priority))
+                                       tenant=r.tenant, priority=r.priority, slo_class=r.slo_class))
         return out

@@ -157,6 +157,10 @@ def print_summary(label: str, summary: dict[str, Any], file: TextIO | None = Non
               f"while load arrives; 1 = fair): {fairness['jain_index']:.3f}", file=file or sys.stdout)
     if "priorities" in summary:
         print_table("Per priority", ["priority", *GROUP_HEADER], group_rows(summary["priorities"]), file)
+    if "turns" in summary:
+        print_table("Per turn", ["turns", *GROUP_HEADER], group_rows(summary["turns"]), file)
+    if "slo_classes" in summary:
+        print_table("Per SLO class", ["class", *GROUP_HEADER], group_rows(summary["slo_classes"]), file)
 
 
 def print_comparison(labels: Sequence[str], summaries: Sequence[dict[str, Any]], file: TextIO | None = None) -> None:

@@ -7,13 +7,11 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from loom.bench import client, fairness, metrics, plots, report, results, server_stats
-from loom.bench.prompts import PreparedRequest
+from loom.bench import client, fairness, metrics, plots, report, results, server_stats, sessions
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +44,13 @@ def plots_dir_for(json_path: Path) -> Path:
     return json_path.with_name(json_path.stem + "-plots")
 
 
-def warm_up(prepared: Sequence[PreparedRequest], cfg: client.ClientConfig, n: int) -> None:
+def warm_up(prepared: sessions.Replay, cfg: client.ClientConfig, n: int) -> None:
     """Send ``n`` short requests one after another and discard them, so one-time
     costs (compilation, first allocations) stay out of the measurement."""
     if n <= 0:
         return
-    reqs = [replace(r, arrival=0.0, max_tokens=min(r.max_tokens, 8)) for r in prepared[:n]]
+    first = prepared.first_turns() if isinstance(prepared, sessions.SessionWorkload) else prepared
+    reqs = [replace(r, arrival=0.0, max_tokens=min(r.max_tokens, 8)) for r in first[:n]]
     one_at_a_time = replace(cfg, max_concurrency=1)
     res = asyncio.run(client.run(reqs, one_at_a_time))
     failed = [r.error for r in res.records if not r.ok]
@@ -60,7 +59,7 @@ def warm_up(prepared: Sequence[PreparedRequest], cfg: client.ClientConfig, n: in
 
 
 def run_benchmark(
-    prepared: Sequence[PreparedRequest],
+    prepared: sessions.Replay,
     cfg: client.ClientConfig,
     slo: metrics.SLO,
     config: dict[str, Any],
@@ -119,13 +118,16 @@ def run_benchmark(
     return results.RunFile(config=full_config, summary=summary, requests=res.records)
 
 
-async def _run_sampled(prepared: Sequence[PreparedRequest], cfg: client.ClientConfig,
+async def _run_sampled(prepared: sessions.Replay, cfg: client.ClientConfig,
                        on_done: Any) -> tuple[client.RunResult, server_stats.ServerStats]:
     """The replay, with the server's own /metrics scraped alongside it."""
     stop = asyncio.Event()
     sampler = asyncio.create_task(server_stats.sample(cfg.base_url, cfg.headers, stop))
     try:
-        res = await client.run(prepared, cfg, on_done)
+        if isinstance(prepared, sessions.SessionWorkload):
+            res = await sessions.run(prepared, cfg, on_done)
+        else:
+            res = await client.run(prepared, cfg, on_done)
     finally:
         stop.set()
     return res, await sampler

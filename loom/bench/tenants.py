@@ -11,20 +11,20 @@ A spec is a JSON object (a file, or inline text starting with ``{``)::
 
 ``count`` repeats a tenant as ``light-1`` .. ``light-3``. Tenants naming the same ``prefix`` start
 their prompts with the same ``prefix_len`` tokens of text (rounded up to whole ``block_tokens``
-blocks); the rest of each prompt is its own. ``range_ratio`` draws lengths uniformly within that
+blocks); with ``prefix_count`` n, each request draws one of n such prompts (PREFIX-1 .. PREFIX-n).
+The rest of each prompt is its own. ``range_ratio`` draws lengths uniformly within that
 fraction. Examples ship in ``benchmarks/workloads/``."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from loom.bench.workload import TraceRequest, Workload
+from loom.json_source import json_object
 
 MAX_TENANTS = 1000
 MAX_REQUESTS = 100_000
@@ -40,7 +40,9 @@ class TenantSpec:
     range_ratio: float = 0.0
     prefix: str | None = None
     prefix_len: int = 0
+    prefix_count: int = 1  # distinct system prompts PREFIX-1 .. PREFIX-n, one drawn per request
     priority: int = 0
+    slo_class: str | None = None  # sent as ``slo_class`` for loom's slo policy
     count: int = 1
 
     def __post_init__(self) -> None:
@@ -57,8 +59,8 @@ class TenantSpec:
             raise ValueError(f"{where}: prefix_len must be >= 0 and below every drawn input_len")
         if self.prefix_len and not self.prefix:
             raise ValueError(f"{where}: prefix_len needs a prefix name (tenants with the same name share it)")
-        if self.count < 1:
-            raise ValueError(f"{where}: count must be >= 1")
+        if self.count < 1 or self.prefix_count < 1:
+            raise ValueError(f"{where}: count and prefix_count must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,13 @@ def _names(t: TenantSpec) -> list[str]:
     return [t.name] if t.count == 1 else [f"{t.name}-{i + 1}" for i in range(t.count)]
 
 
-def _build(cls: type, values: Any, where: str) -> Any:
+def _prefixes(t: TenantSpec) -> list[str]:
+    if not t.prefix:
+        return []
+    return [t.prefix] if t.prefix_count == 1 else [f"{t.prefix}-{k + 1}" for k in range(t.prefix_count)]
+
+
+def build_spec(cls: type, values: Any, where: str) -> Any:
     if not isinstance(values, dict):
         raise ValueError(f"{where} must be a JSON object")
     known = {f.name for f in fields(cls)}
@@ -103,35 +111,24 @@ def _build(cls: type, values: Any, where: str) -> Any:
 
 def load_spec(text: str) -> TenantWorkloadSpec:
     """A spec from inline JSON (starting with ``{``) or a JSON file."""
-    source = text.strip()
-    if not source.startswith("{"):
-        path = Path(source)
-        if not path.is_file():
-            raise ValueError(f"tenant workload: no such file {source!r}")
-        source = path.read_text(encoding="utf-8")
-    try:
-        raw = json.loads(source)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"tenant workload is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise ValueError("tenant workload must be a JSON object")
+    raw = json_object(text, "tenant workload")
     tenants = raw.get("tenants")
     if not isinstance(tenants, list):
         raise ValueError("tenant workload needs a 'tenants' list")
-    built = tuple(_build(TenantSpec, t, f"tenant #{i + 1}") for i, t in enumerate(tenants))
-    return _build(TenantWorkloadSpec, {**raw, "tenants": built}, "tenant workload")
+    built = tuple(build_spec(TenantSpec, t, f"tenant #{i + 1}") for i, t in enumerate(tenants))
+    return build_spec(TenantWorkloadSpec, {**raw, "tenants": built}, "tenant workload")
 
 
 def generate(spec: TenantWorkloadSpec, seed: int = 0) -> Workload:
     """Every tenant's Poisson arrivals over ``spec.duration`` seconds, merged by arrival time."""
     rng = np.random.default_rng(seed)
     bt = spec.block_tokens
-    prefix_ids = {name: i for i, name in enumerate(sorted({t.prefix for t in spec.tenants if t.prefix}))}
+    prefix_ids = {name: i for i, name in enumerate(sorted({p for t in spec.tenants for p in _prefixes(t)}))}
     out: list[TraceRequest] = []
     next_block = 0
     for t in spec.tenants:
         prefix_blocks = -(-t.prefix_len // bt)
-        shared = tuple(_PREFIX_BLOCK_BASE + prefix_ids[t.prefix] * 65536 + b for b in range(prefix_blocks)) if t.prefix else ()
+        prefixes = [tuple(_PREFIX_BLOCK_BASE + prefix_ids[p] * 65536 + b for b in range(prefix_blocks)) for p in _prefixes(t)]
         for name in _names(t):
             now = rng.exponential(1.0 / t.rate)
             while now < spec.duration:
@@ -141,10 +138,11 @@ def generate(spec: TenantWorkloadSpec, seed: int = 0) -> Workload:
                 )
                 input_len = max(input_len, prefix_blocks * bt + 1)
                 own = -(-(input_len - prefix_blocks * bt) // bt)
+                shared = prefixes[int(rng.integers(len(prefixes)))] if prefixes else ()
                 hash_ids = shared + tuple(range(next_block, next_block + own))
                 next_block += own
                 out.append(TraceRequest(arrival=float(now), input_len=input_len, output_len=output_len, hash_ids=hash_ids,
-                                        block_tokens=bt, tenant=name, priority=t.priority))
+                                        block_tokens=bt, tenant=name, priority=t.priority, slo_class=t.slo_class))
                 now += rng.exponential(1.0 / t.rate)
     if not out:
         raise ValueError("the tenant workload sends no request within its duration; raise the rates or the duration")

@@ -33,6 +33,7 @@ class TraceRequest:
     prompt: str | None = None
     tenant: str | None = None  # sent as ``user``
     priority: int = 0  # sent as ``priority`` when not 0
+    slo_class: str | None = None  # sent as ``slo_class`` (loom's slo policy)
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.arrival) or self.arrival < 0:

@@ -53,6 +53,8 @@ class _Add:
     params: SamplingParams
     priority: int
     tenant: str | None
+    slo_class: str | None
+    session_id: str | None
     arrival_time: float
     stream: _Stream
     accepted: asyncio.Future[None]
@@ -108,6 +110,8 @@ class AsyncEngine:
         *,
         priority: int = 0,
         tenant: str | None = None,
+        slo_class: str | None = None,
+        session_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs, one per step it progressed in, the last with ``finished``.
 
@@ -115,7 +119,8 @@ class AsyncEngine:
         or EngineDeadError (shut down) before yielding anything; EngineDeadError later if the
         step loop fails. Leaving the loop early (``break``, cancellation, a closed client) aborts
         the request and frees its KV blocks."""
-        return self._outputs(prompt, params or SamplingParams(), request_id, priority, tenant, embed=False)
+        return self._outputs(prompt, params or SamplingParams(), request_id, priority, tenant, slo_class, session_id,
+                             embed=False)
 
     async def embed(
         self,
@@ -124,16 +129,18 @@ class AsyncEngine:
         *,
         priority: int = 0,
         tenant: str | None = None,
+        slo_class: str | None = None,
     ) -> RequestOutput:
         """Run an embedding request (prefill only) and return its final output, whose
         ``embedding`` is None if it was aborted. Raises as ``generate`` does; cancelling the
         call aborts the request."""
         async with contextlib.aclosing(self._outputs(prompt, EMBEDDING_PARAMS, request_id, priority, tenant,
-                                                     embed=True)) as outputs:
+                                                     slo_class, None, embed=True)) as outputs:
             return [out async for out in outputs][-1]
 
     async def _outputs(self, prompt: str | list[int], params: SamplingParams, request_id: str | None, priority: int,
-                       tenant: str | None, embed: bool) -> AsyncIterator[RequestOutput]:
+                       tenant: str | None, slo_class: str | None, session_id: str | None,
+                       embed: bool) -> AsyncIterator[RequestOutput]:
         _check_prompt(prompt)
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -146,7 +153,8 @@ class AsyncEngine:
         request_id = request_id or uuid.uuid4().hex
         stream = _Stream(loop)
         accepted: asyncio.Future[None] = loop.create_future()
-        self._submit(_Add(request_id, prompt, ids, params, priority, tenant, arrival_time, stream, accepted, embed))
+        self._submit(_Add(request_id, prompt, ids, params, priority, tenant, slo_class, session_id, arrival_time, stream,
+                          accepted, embed))
         await accepted  # a cancelled wait cancels the add (see _handle); an error means nothing runs
         finished = False
         try:
@@ -277,11 +285,13 @@ class AsyncEngine:
         try:
             self._check_capacity()
             common: dict[str, Any] = dict(arrival_time=command.arrival_time, priority=command.priority,
-                                          tenant=command.tenant, prompt_token_ids=command.prompt_token_ids)
+                                          tenant=command.tenant, slo_class=command.slo_class,
+                                          prompt_token_ids=command.prompt_token_ids)
             if command.embed:
                 self.engine.add_embedding_request(command.request_id, command.prompt, **common)
             else:
-                self.engine.add_request(command.request_id, command.prompt, command.params, **common)
+                self.engine.add_request(command.request_id, command.prompt, command.params, session_id=command.session_id,
+                                        **common)
         except Exception as e:
             if not isinstance(e, (ValueError, EngineOverloadedError)):  # a bug: keep serving the others
                 log.exception("add_request(%r) failed", command.request_id)

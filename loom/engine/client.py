@@ -27,6 +27,8 @@ class EngineClient(Protocol):
         *,
         priority: int = 0,
         tenant: str | None = None,
+        slo_class: str | None = None,
+        session_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; ValueError for a prompt or parameters it can never
         serve, EngineOverloadedError when full, EngineDeadError when it stopped serving."""
@@ -39,6 +41,7 @@ class EngineClient(Protocol):
         *,
         priority: int = 0,
         tenant: str | None = None,
+        slo_class: str | None = None,
     ) -> RequestOutput:
         """Run an embedding request: the final output, with ``embedding`` (None if aborted);
         raises as ``generate`` does."""

@@ -25,6 +25,7 @@ from loom.outputs import RequestOutput
 from loom.request import Request
 from loom.sampling import SamplingParams, make_generator
 from loom.scheduler import Scheduler, policy_from_config
+from loom.scheduler.sessions import SessionTTL
 from loom.structured import GrammarCompiler
 from loom.tokenizer import Tokenizer
 
@@ -74,6 +75,15 @@ class EngineStats:
     prefix_cache_hit_rate: float  # cached / prompt tokens of admitted requests (each counted once)
     prefix_cache_hit_tokens: int
     num_preemptions: int
+    num_swap_preemptions: int  # of num_preemptions, those by swapping (the rest recompute)
+    swap_blocks_used: int
+    swap_blocks_total: int  # 0: no swap tier
+    pinned_blocks: int  # held for sessions' next turns (Continuum)
+    pinned_sessions: int
+    session_followups: int  # turns of a session that had finished a turn before
+    pinned_hits: int  # of those, turns admitted while their session's pin held
+    pins_expired: int
+    pins_released_for_memory: int
     prompt_tokens: int
     generation_tokens: int
     steps: int
@@ -81,6 +91,7 @@ class EngineStats:
     # the worker's prepare / forward / sample.
     phase_seconds: dict[str, float] = field(default_factory=dict)
     tenants: dict[str, TenantStats] = field(default_factory=dict)  # "" for requests without a tenant
+    slo_classes: dict[str, tuple[int, int]] = field(default_factory=dict)  # class -> (finished, met); slo policy
 
 
 @dataclass(frozen=True)
@@ -132,7 +143,10 @@ class Engine:
         kv = self.worker.kv
         self.kv = KVCacheManager(kv.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
                                  kv.spec.residual_tokens, kv.num_slots)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.eos_token_ids, policy)
+        cc = config.cache
+        sessions = SessionTTL(cc.session_ttl, cc.session_ttl_max) if cc.session_ttl > 0 else None
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.eos_token_ids, policy, self.worker.switch_costs,
+                                   sessions)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.proposer = proposer
         self.groups: dict[str, RequestGroup] = {}
@@ -165,15 +179,21 @@ class Engine:
         arrival_time: float | None = None,
         priority: int = 0,
         tenant: str | None = None,
+        slo_class: str | None = None,
+        session_id: str | None = None,
         prompt_token_ids: list[int] | None = None,
     ) -> None:
         """Queue a request. Raises ValueError (naming the problem) for input it can never serve.
+        ``priority`` (lower is more important), ``tenant`` and ``slo_class`` are for the scheduling
+        policy (``--policy``): a policy that does not use one ignores it. ``session_id``: turns of one
+        conversation; the last turn's KV stays pinned for the next (``--session-ttl``).
         ``prompt_token_ids``: a text prompt's ids, when the caller tokenized it already (off the
         engine's thread: a long prompt then delays nobody else's step)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
-        self._add(request_id, prompt, prompt_token_ids, params, arrival_time, priority, tenant, embed=False)
+        self._add(request_id, prompt, prompt_token_ids, params, arrival_time, priority, tenant, slo_class, session_id,
+                  embed=False)
 
     def add_embedding_request(
         self,
@@ -183,14 +203,17 @@ class Engine:
         arrival_time: float | None = None,
         priority: int = 0,
         tenant: str | None = None,
+        slo_class: str | None = None,
         prompt_token_ids: list[int] | None = None,
     ) -> None:
         """Queue a request that only computes its prompt; its final output carries the prompt's
         final hidden states, mean-pooled and L2-normalised, as ``embedding``."""
-        self._add(request_id, prompt, prompt_token_ids, EMBEDDING_PARAMS, arrival_time, priority, tenant, embed=True)
+        self._add(request_id, prompt, prompt_token_ids, EMBEDDING_PARAMS, arrival_time, priority, tenant, slo_class,
+                  None, embed=True)
 
     def _add(self, request_id: str, prompt: str | list[int], prompt_token_ids: list[int] | None, params: SamplingParams,
-             arrival_time: float | None, priority: int, tenant: str | None, embed: bool) -> None:
+             arrival_time: float | None, priority: int, tenant: str | None, slo_class: str | None,
+             session_id: str | None, embed: bool) -> None:
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self._tokenize(prompt, prompt_token_ids)
@@ -212,6 +235,8 @@ class Engine:
                 arrival_time=now,
                 priority=priority,
                 tenant=tenant,
+                slo_class=slo_class,
+                session_id=session_id,
                 group_id=request_id,
                 sample_index=i,
                 max_total_tokens=limit,
@@ -303,6 +328,7 @@ class Engine:
         t1 = time.perf_counter()
         result = self.worker.execute(plan)
         t2 = time.perf_counter()
+        self.scheduler.observe_step(plan, t2 - t1)
         outputs = self._outputs(self.scheduler.update(plan, result))
         t3 = time.perf_counter()
         self._record(StepTiming(t1 - t0, t2 - t1, t3 - t2))
@@ -366,11 +392,21 @@ class Engine:
             prefix_cache_hit_rate=s.prompt_tokens_cached / s.prompt_tokens_admitted if s.prompt_tokens_admitted else 0.0,
             prefix_cache_hit_tokens=s.prompt_tokens_cached,
             num_preemptions=s.num_preemptions,
+            num_swap_preemptions=s.num_swap_preemptions,
+            swap_blocks_used=(s.switch.swap_capacity_blocks - s.swap_free_blocks) if s.switch else 0,
+            swap_blocks_total=s.switch.swap_capacity_blocks if s.switch else 0,
+            pinned_blocks=self.kv.num_pinned_blocks,
+            pinned_sessions=len(self.kv.pins),
+            session_followups=s.session_followups,
+            pinned_hits=s.pinned_hits,
+            pins_expired=self.kv.pins_expired,
+            pins_released_for_memory=self.kv.pins_released_for_memory,
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens,
             steps=self.steps,
             phase_seconds={**self.phase_seconds, **self.worker.phase_seconds},
             tenants={name: dataclasses.replace(t) for name, t in self.tenants.items()},
+            slo_classes=s.policy.slo_report(),
         )
 
     def model_info(self) -> ModelInfo:

@@ -24,7 +24,8 @@ class LLM:
     Keyword arguments are engine options (``loom.config.engine_options()`` lists them): ``dtype``,
     ``quantization``, ``device``, ``attention_backend``, ``num_threads``, ``max_model_len``, ``seed``,
     ``block_size``, ``num_blocks``, ``kv_cache_bytes``, ``kv_cache_dtype``, ``kv_cache_layers``,
-    ``kv_residual_tokens``, ``kv_quant_group``, ``enable_prefix_caching``,
+    ``kv_residual_tokens``, ``kv_quant_group``, ``swap_space``, ``swap_dtype``, ``preemption_mode``,
+    ``swap_blocks_per_step``, ``session_ttl``, ``session_ttl_max``, ``enable_prefix_caching``,
     ``max_num_batched_tokens``, ``max_num_seqs``, ``policy``, ``policy_config``, ``tenant_weights``,
     ``max_waiting``."""
 

@@ -13,6 +13,14 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@dataclass
+class Pin:
+    """A finished turn's cached blocks, held for its session until ``expires`` (monotonic seconds)."""
+
+    blocks: list[int]
+    expires: float
+
+
 @dataclass(frozen=True)
 class ForkCopies:
     """What a fork copies before the next forward pass: the parent's partial last block, or with a
@@ -35,6 +43,10 @@ class KVCacheManager:
         self.residual_tokens = residual_tokens
         self.free_slots = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
         self._keys_memo: dict[str, tuple[int, list[BlockKey]]] = {}  # request id -> (length, block keys)
+        self.pins: dict[str, Pin] = {}  # session -> its last turn's blocks (Continuum)
+        self.num_pinned_blocks = 0
+        self.pins_expired = 0
+        self.pins_released_for_memory = 0
 
     def _sealed(self, num_tokens: int) -> int:
         """Tokens of the complete groups among the first ``num_tokens`` (all of them without a residual)."""
@@ -118,7 +130,10 @@ class KVCacheManager:
         needed = self.blocks_needed(req, num_tokens, len(hits))
         hits_now_free = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
         if needed + hits_now_free > self.pool.num_free_blocks:
-            return False
+            self._release_pins_for(needed + hits_now_free - self.pool.num_free_blocks, keep=req.session_id)
+            hits_now_free = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
+            if needed + hits_now_free > self.pool.num_free_blocks:
+                return False
         if self.residual_tokens and req.residual_slot < 0:
             if not self.free_slots:
                 return False
@@ -156,6 +171,47 @@ class KVCacheManager:
         if req.residual_slot >= 0:
             self.free_slots.append(req.residual_slot)
             req.residual_slot = -1
+
+    # -- multi-turn pins (Continuum) ----------------------------------------------------------
+    def pin(self, req: Request, session: str, expires: float) -> None:
+        """Hold ``req``'s cached blocks (its full blocks in the prefix index) for ``session`` until
+        ``expires``, replacing the session's previous pin; then free ``req``'s own references."""
+        self.unpin(session)
+        blocks = req.block_ids[: len(req.block_hashes)]
+        for b in blocks:
+            self.pool.touch(b)
+        if blocks:
+            self.pins[session] = Pin(blocks, expires)
+            self.num_pinned_blocks += len(blocks)
+        self.free(req)
+
+    def unpin(self, session: str) -> int:
+        """Release a session's pin (its blocks stay cached, evictable); the number of blocks it held."""
+        pin = self.pins.pop(session, None)
+        if pin is None:
+            return 0
+        self.pool.free(list(reversed(pin.blocks)))
+        self.num_pinned_blocks -= len(pin.blocks)
+        return len(pin.blocks)
+
+    def expire_pins(self, now: float) -> None:
+        for session in [s for s, p in self.pins.items() if p.expires <= now]:
+            self.unpin(session)
+            self.pins_expired += 1
+
+    def _release_pins_for(self, shortfall: int, keep: str | None) -> None:
+        """Memory pressure: release pins, the soonest to expire first (the least likely still to be
+        wanted), until ``shortfall`` more blocks are free or only ``keep``'s pin is left. A released
+        pin's blocks go to the LRU free list with their hashes, still matchable until reused."""
+        for session in sorted(self.pins, key=lambda s: self.pins[s].expires):
+            if shortfall <= 0:
+                return
+            if session == keep:
+                continue
+            before = self.pool.num_free_blocks
+            self.unpin(session)
+            self.pins_released_for_memory += 1
+            shortfall -= self.pool.num_free_blocks - before
 
     def fork(self, parent: Request, child: Request) -> ForkCopies:
         """Share ``parent``'s full blocks (of complete groups, with a residual) with ``child``, and

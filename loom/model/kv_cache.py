@@ -251,9 +251,12 @@ class KVCache:
         """The blocks ``index`` (any shape) of one layer in the compute dtype, ``[*index, Hkv, bs, D]``."""
         return self.keys[layer][index].to(self.spec.dtype), self.values[layer][index].to(self.spec.dtype)
 
+    def block_tensors(self) -> list[torch.Tensor]:
+        """Every tensor indexed by block id first (keys, values, scales, zero points), in a fixed order."""
+        return [*self.keys, *self.values, *self.key_scales, *self.value_scales, *self.key_zeros, *self.value_zeros]
+
     def copy_block(self, src: int, dst: int) -> None:
-        for cache in (*self.keys, *self.values, *self.key_scales, *self.value_scales, *self.key_zeros,
-                      *self.value_zeros):
+        for cache in self.block_tensors():
             cache[dst].copy_(cache[src])
 
     def copy_slot(self, src: int, dst: int) -> None:
@@ -563,6 +566,9 @@ class MixedKVCache(KVCache):
 
     def open_group(self, layer: int, slot: int, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.layers[layer].open_group(0, slot, position)
+
+    def block_tensors(self) -> list[torch.Tensor]:
+        return [t for c in self.layers for t in c.block_tensors()]
 
     def copy_block(self, src: int, dst: int) -> None:
         for c in self.layers:

@@ -22,11 +22,12 @@ from loom.model.kv_layer_plan import read_layer_plan
 from loom.model.quant.formats import FORMATS, NONE
 from loom.model.quant.gguf_blocks import gguf_packed_weights
 from loom.model.quant.packed import PackedWeight
+from loom.model.swap import SwapSpace, measure_swap_seconds_per_block
 from loom.model.weights import iter_weights
 from loom.outputs import TokenLogprob
 from loom.request import Request
-from loom.sampling import Sampler, SamplingRow, TokenBitmask, compute_logprobs
-from loom.step import RequestResult, ScheduledRequest, StepPlan, StepResult
+from loom.sampling import Sampler, SamplingParams, SamplingRow, TokenBitmask, compute_logprobs
+from loom.step import RequestResult, ScheduledRequest, StepPlan, StepResult, SwitchCosts
 from loom.structured import fill_bitmasks, new_bitmask
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,13 @@ class Worker:
         self.attention = make_attention_backend(config.attention_backend, self.kv)
         self.sampler = Sampler(seed=config.seed)
         self.phase_seconds: dict[str, float] = defaultdict(float)  # prepare / forward / sample
+        self.swap: SwapSpace | None = None
+        self.switch_costs: SwitchCosts | None = None
+        if cc.swap_space and cc.preemption_mode != "recompute":
+            self.swap = SwapSpace(self.kv, compress=cc.swap_dtype == "int8")
+            self.switch_costs = self._measure_switch_costs(cc.swap_space // self.swap.bytes_per_block,
+                                                           cc.preemption_mode, max_model_len, cc.swap_blocks_per_step)
+            self.phase_seconds.clear()
 
     @property
     def num_parameters(self) -> int:
@@ -133,14 +141,48 @@ class Worker:
         budget = max(kv_cache_budget(self.device), spec.bytes_per_block)
         return max(1, min(spec.num_blocks_for(budget, num_slots), useful))
 
+    def _measure_switch_costs(self, capacity_blocks: int, mode: str, max_model_len: int,
+                              blocks_per_step: int) -> SwitchCosts:
+        """Time a swap round trip per block and a prefill forward pass per token, on blocks no request
+        holds yet (at start-up)."""
+        if capacity_blocks < 1:
+            raise ValueError(f"--swap-space holds no KV block (a block takes {self.swap.bytes_per_block} bytes)")
+        swap_seconds = measure_swap_seconds_per_block(self.swap)
+        bs = self.kv.block_size
+        tokens = max(1, min(256, max_model_len - 1, self.kv.num_blocks * bs))
+        probe = Request("__probe__", [0] * tokens, SamplingParams(max_tokens=1), block_ids=list(range(-(-tokens // bs))))
+        plan = StepPlan([ScheduledRequest(probe, 0, tokens, sample=False)])
+        seconds = float("inf")
+        for _ in range(2):  # the first pass may pay one-time costs
+            t0 = time.perf_counter()
+            self.execute(plan)
+            seconds = min(seconds, time.perf_counter() - t0)
+        costs = SwitchCosts(swap_seconds, seconds / tokens, capacity_blocks, mode, blocks_per_step)
+        log.info("context switch costs: swap %.3f ms per block of %d tokens (out and in), recompute %.3f ms per token; "
+                 "swap space %d blocks", swap_seconds * 1e3, bs, costs.recompute_seconds_per_token * 1e3, capacity_blocks)
+        return costs
+
     # -- the step -----------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
         t0 = time.perf_counter()
+        if self.swap is not None:
+            for request_id, blocks in plan.swap_out:
+                self.swap.save(request_id, blocks)
         for src, dst in plan.block_copies:
             self.kv.copy_block(src, dst)
         for src, dst in plan.slot_copies:
             self.kv.copy_slot(src, dst)
+        if self.swap is not None:
+            for request_id in plan.swap_drop:
+                self.swap.drop(request_id)
+            for s in plan.swap_in:
+                self.swap.load(s.request_id, list(s.block_ids), s.start)
+                if s.last:
+                    self.swap.drop(s.request_id)
+        if not plan.scheduled:
+            self.phase_seconds["prepare"] += time.perf_counter() - t0
+            return StepResult({}, time.monotonic())
         batch = self._prepare(plan.scheduled)
         rows = self._logits_rows(plan.scheduled, batch.offsets)
         t1 = time.perf_counter()

@@ -32,6 +32,7 @@ class QueueState:
     running: Sequence[Request]
     capacity_tokens: int
     free_tokens: int
+    block_size: int
     cached_tokens: Callable[[Request], int]
 
 
@@ -97,6 +98,14 @@ class SchedulingPolicy(ABC):
     def on_finished(self, req: Request) -> None:
         """``req`` finished (stop, length or abort)."""
 
+    def on_step(self, num_tokens: int, num_decodes: int, seconds: float) -> None:
+        """A step computed ``num_tokens`` tokens, ``num_decodes`` of them single-token decodes, in
+        ``seconds`` (its forward pass and sampling)."""
+
+    def slo_report(self) -> dict[str, tuple[int, int]]:
+        """Per SLO class: requests finished and how many met their targets (policies with classes)."""
+        return {}
+
 
 class FCFSPolicy(SchedulingPolicy):
     """First come, first served."""
@@ -115,12 +124,14 @@ def parse_options(cls: type, values: dict[str, Any], policy: str) -> Any:
         listed = ", ".join(known) or "none"
         raise ValueError(f"unknown option {unknown[0]!r} for the {policy} policy (its options: {listed})")
     for key, value in values.items():
-        expected = known[key].type
+        expected = str(known[key].type)  # annotations are strings here (postponed evaluation)
         numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if "float" in str(expected) and not (numeric or (value is None and "None" in str(expected))):
+        if expected in ("float", "float | None") and not (numeric or (value is None and expected.endswith("None"))):
             raise ValueError(f"{policy} policy option {key!r} must be a number, got {value!r}")
-        if str(expected).startswith("int") and not (isinstance(value, int) and not isinstance(value, bool)):
+        if expected == "int" and not (isinstance(value, int) and not isinstance(value, bool)):
             raise ValueError(f"{policy} policy option {key!r} must be an integer, got {value!r}")
-        if str(expected) == "bool" and not isinstance(value, bool):
+        if expected == "bool" and not isinstance(value, bool):
             raise ValueError(f"{policy} policy option {key!r} must be true or false, got {value!r}")
+        if expected == "str" and not isinstance(value, str):
+            raise ValueError(f"{policy} policy option {key!r} must be a string, got {value!r}")
     return cls(**values)

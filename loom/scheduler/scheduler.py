@@ -21,8 +21,9 @@ from loom.kvcache.manager import cdiv
 from loom.request import Request, RequestStatus
 from loom.scheduler.policy import QueueState, SchedulingPolicy
 from loom.scheduler.registry import policy_from_config
+from loom.scheduler.sessions import SessionTTL
 from loom.scheduler.stopping import token_stop
-from loom.step import RequestResult, ScheduledRequest, StepPlan, StepResult
+from loom.step import RequestResult, ScheduledRequest, StepPlan, StepResult, SwapIn, SwitchCosts
 
 _NOTHING = RequestResult()
 
@@ -34,6 +35,8 @@ class Scheduler:
         kv: KVCacheManager,
         eos_token_ids: tuple[int, ...] = (),
         policy: SchedulingPolicy | None = None,
+        switch: SwitchCosts | None = None,
+        sessions: SessionTTL | None = None,
     ) -> None:
         if config.max_num_batched_tokens < 1 or config.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
@@ -44,6 +47,15 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # The swap tier (None: every preemption recomputes).
+        self.switch = switch
+        self.swap_free_blocks = switch.swap_capacity_blocks if switch else 0
+        self.num_swap_preemptions = 0
+        self._swap_drops: list[str] = []  # host copies of finished requests, for the next plan
+        # Multi-turn pins (None: a finished turn's blocks go straight to the LRU prefix cache).
+        self.sessions = sessions
+        self.session_followups = 0  # turns of a session that had finished a turn before
+        self.pinned_hits = 0  # of those, turns admitted while their session's pin held
         # Prefix-cache effect, counted once per request at its first admission.
         self.prompt_tokens_admitted = 0
         self.prompt_tokens_cached = 0
@@ -58,7 +70,10 @@ class Scheduler:
     def add(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
         self.waiting.append(req)
-        self.policy.on_arrival(req, time.monotonic())
+        now = time.monotonic()
+        if self.sessions is not None and req.session_id is not None and req.sample_index == 0:
+            self.session_followups += self.sessions.on_arrival(req.session_id, now)
+        self.policy.on_arrival(req, now)
 
     def finish(self, req: Request, reason: str, stop_reason: str | int | None = None) -> None:
         """End a request (stop, length or abort): out of the queues, blocks freed."""
@@ -66,18 +81,26 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.kv.free(req)
+        if self.sessions is not None and req.session_id is not None and req.sample_index == 0 and reason != "abort":
+            self.kv.pin(req, req.session_id, self.sessions.on_finish(req.session_id, time.monotonic()))
+        else:
+            self.kv.free(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.stop_reason = stop_reason
         req.metrics.finished_time = time.monotonic()
+        if req.num_swapped_tokens:
+            self._release_swap(req)
+            self._swap_drops.append(req.request_id)
         self.policy.on_finished(req)
 
     # -- planning ---------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
-        plan = StepPlan(block_copies=self._block_copies, slot_copies=self._slot_copies)
-        self._block_copies, self._slot_copies = [], []
+        plan = StepPlan(block_copies=self._block_copies, slot_copies=self._slot_copies, swap_drop=self._swap_drops)
+        self._block_copies, self._slot_copies, self._swap_drops = [], [], []
         now = time.monotonic()
+        if self.kv.pins:
+            self.kv.expire_pins(now)
         if self.policy.preemptive and self.waiting and self.running:
             self._preempt_for_waiting(plan, now)
         budget = self.config.max_num_batched_tokens
@@ -89,6 +112,9 @@ class Scheduler:
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             unscheduled.remove(req)
+            if req.swap_in_pending:
+                self._swap_in_step(plan, req)
+                continue
             if budget == 0:
                 continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
@@ -97,7 +123,7 @@ class Scheduler:
             while not self.kv.allocate(req, req.num_computed_tokens + num_new + len(drafts)):
                 short_of_blocks = True
                 victim = self.policy.select_victim(unscheduled + [req], now)
-                self._preempt(victim)
+                self._preempt(victim, plan)
                 plan.preempted.append(victim)
                 if victim is req:
                     break
@@ -111,8 +137,9 @@ class Scheduler:
         return plan
 
     def _queue_state(self, now: float) -> QueueState:
-        return QueueState(now, self.running, self.kv.num_blocks * self.kv.block_size,
-                          self.kv.num_free_blocks * self.kv.block_size, self.kv.cached_prefix_tokens)
+        bs = self.kv.block_size
+        return QueueState(now, self.running, self.kv.num_blocks * bs, self.kv.num_free_blocks * bs, bs,
+                          self.kv.cached_prefix_tokens)
 
     def _preempt_for_waiting(self, plan: StepPlan, now: float) -> None:
         """A preemptive policy's next waiting request takes seats and blocks from running requests
@@ -123,7 +150,7 @@ class Scheduler:
             victim = self.policy.select_victim(self.running, now)
             if not self.policy.preempts(head, victim, now):
                 return
-            self._preempt(victim)
+            self._preempt(victim, plan)
             plan.preempted.append(victim)
 
     def _fits(self, req: Request) -> bool:
@@ -133,8 +160,11 @@ class Scheduler:
         cached = self.kv.cached_prefix_tokens(req)
         first_chunk = min(req.num_tokens, cached + self.config.max_num_batched_tokens)
         needed = cdiv(first_chunk, bs) - cached // bs
-        growth = sum(self.kv.blocks_needed(r, r.num_computed_tokens + 1) for r in self.running)
-        return needed + growth <= self.kv.num_free_blocks
+        return needed + self._growth() <= self.kv.num_free_blocks
+
+    def _growth(self) -> int:
+        """Blocks the running requests need for their next token."""
+        return sum(self.kv.blocks_needed(r, r.num_computed_tokens + 1) for r in self.running)
 
     def _scheduled(self, req: Request, num_new: int, drafts: tuple[int, ...] = ()) -> ScheduledRequest:
         start = req.num_computed_tokens
@@ -152,6 +182,10 @@ class Scheduler:
             req = self.policy.next_request(self.waiting, state)
             if req is None:
                 break
+            if req.num_swapped_tokens:
+                if not self._swap_in(plan, req):
+                    break
+                continue
             hits = self.kv.match_prefix(req)
             num_computed = len(hits) * self.kv.block_size
             num_new = min(req.num_tokens - num_computed, budget)
@@ -159,6 +193,8 @@ class Scheduler:
                 req.block_hashes.clear()
                 break
             self.waiting.remove(req)
+            if req.session_id is not None and self.kv.unpin(req.session_id):
+                self.pinned_hits += 1  # the pin's blocks are this request's now (the hits took them)
             req.num_computed_tokens = num_computed
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
@@ -170,8 +206,12 @@ class Scheduler:
             plan.scheduled.append(self._scheduled(req, num_new))
             budget -= num_new
 
-    def _preempt(self, req: Request) -> None:
+    def _preempt(self, req: Request, plan: StepPlan) -> None:
+        """Take ``req``'s blocks and requeue it: swapped out where the swap tier has room and the
+        cost model prefers it, else to be recomputed (its full blocks stay in the prefix cache)."""
         self.running.remove(req)
+        if self._swap_out(req, plan):
+            self.num_swap_preemptions += 1
         self.kv.free(req)
         req.num_computed_tokens = 0
         req.draft_token_ids.clear()
@@ -179,6 +219,54 @@ class Scheduler:
         req.metrics.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.append(req)
+
+    # -- the swap tier --------------------------------------------------------------------------
+    def _swap_out(self, req: Request, plan: StepPlan) -> bool:
+        if req.num_swapped_tokens:  # preempted while swapping back in: the host copy is still whole
+            req.swap_in_pending = 0
+            return True
+        n = cdiv(req.num_computed_tokens, self.kv.block_size)
+        s = self.switch
+        if s is None or n == 0 or n > self.swap_free_blocks or not s.prefers_swap(n, req.num_computed_tokens):
+            return False
+        plan.swap_out.append((req.request_id, req.block_ids[:n]))
+        self.swap_free_blocks -= n
+        req.num_swapped_tokens = req.num_computed_tokens
+        return True
+
+    def _swap_in(self, plan: StepPlan, req: Request) -> bool:
+        """Readmit a swapped-out request: its blocks now, their contents a group per step. Only when the
+        running requests' next tokens still fit beside it: a swap-in the next step must undo costs twice."""
+        needed = self.kv.blocks_needed(req, req.num_swapped_tokens + 1)  # and room for its own next token
+        if needed + self._growth() > self.kv.num_free_blocks or not self.kv.allocate(req, req.num_swapped_tokens):
+            return False
+        self.waiting.remove(req)
+        req.num_computed_tokens = req.num_swapped_tokens
+        req.swap_in_pending = cdiv(req.num_swapped_tokens, self.kv.block_size)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        self._swap_in_step(plan, req)
+        return True
+
+    def _swap_in_step(self, plan: StepPlan, req: Request) -> None:
+        n = cdiv(req.num_swapped_tokens, self.kv.block_size)
+        start = n - req.swap_in_pending
+        take = min(req.swap_in_pending, self.switch.blocks_per_step)
+        req.swap_in_pending -= take
+        last = req.swap_in_pending == 0
+        plan.swap_in.append(SwapIn(req.request_id, tuple(req.block_ids[start : start + take]), start, last))
+        if last:
+            self._release_swap(req)
+
+    def _release_swap(self, req: Request) -> None:
+        self.swap_free_blocks += cdiv(req.num_swapped_tokens, self.kv.block_size)
+        req.num_swapped_tokens = req.swap_in_pending = 0
+
+    def observe_step(self, plan: StepPlan, seconds: float) -> None:
+        """Tell the policy what the step cost (policies that predict time use it)."""
+        num_tokens = sum(s.num_query_tokens for s in plan.scheduled)
+        num_decodes = sum(1 for s in plan.scheduled if s.num_query_tokens == 1)
+        self.policy.on_step(num_tokens, num_decodes, seconds)
 
     # -- applying a step's results ------------------------------------------------------------
     def update(self, plan: StepPlan, result: StepResult) -> list[Request]:

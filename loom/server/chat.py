@@ -59,7 +59,9 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, servi
     created = int(time.time())
 
     async def run() -> Any:
-        started = await serving.start(request_id, [prompt], params, priority=req.priority, tenant=request_tenant(req.user, raw),
+        started = await serving.start(request_id, [prompt], params, priority=req.priority,
+                                      tenant=request_tenant(req.user, raw), slo_class=req.slo_class,
+                                      session_id=req.session_id,
                                       prompt_param="messages",
                                       constraint_param="tools" if plan.structured_outputs else "response_format")
         header = {"id": request_id, "object": "chat.completion", "created": created, "model": model,

@@ -90,7 +90,9 @@ async def create_completion(req: CompletionRequest, raw: Request, serving: Servi
               "system_fingerprint": serving.system_fingerprint}
 
     async def run() -> Any:
-        started = await serving.start(request_id, prompts, params, priority=req.priority, tenant=request_tenant(req.user, raw),
+        started = await serving.start(request_id, prompts, params, priority=req.priority,
+                                      tenant=request_tenant(req.user, raw), slo_class=req.slo_class,
+                                      session_id=req.session_id,
                                       prompt_param="prompt")
         if req.stream:
             return StreamingResponse(_stream(serving, req, params.n, started, header), media_type="text/event-stream")

@@ -37,6 +37,11 @@ class _EngineCollector(Collector):
             ("loom_kv_cache_blocks_free", "KV cache blocks free (including evictable prefix-cache blocks).", s.num_free_blocks),
             ("loom_kv_cache_usage_ratio", "Fraction of KV cache blocks in use.", 1 - s.num_free_blocks / max(s.num_blocks, 1)),
             ("loom_kv_cache_capacity_tokens", "Tokens the KV cache holds (blocks x block size).", s.kv_cache_tokens),
+            ("loom_swap_blocks_used", "KV blocks of swapped-out requests held in the swap tier.", s.swap_blocks_used),
+            ("loom_swap_blocks_total", "KV blocks the swap tier holds (0: no swap tier, --swap-space).",
+             s.swap_blocks_total),
+            ("loom_pinned_blocks", "KV blocks pinned for sessions' next turns (--session-ttl).", s.pinned_blocks),
+            ("loom_pinned_sessions", "Sessions whose last turn's KV is pinned.", s.pinned_sessions),
             ("loom_prefix_cache_hit_rate",
              "Fraction of the prompt tokens of admitted requests that were served from the prefix cache "
              "(each request counted once, at its first admission).", s.prefix_cache_hit_rate),
@@ -44,17 +49,32 @@ class _EngineCollector(Collector):
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)
         counters = (
-            ("loom_num_preemptions", "Requests preempted (KV cache full).", s.num_preemptions),
+            ("loom_num_preemptions", "Requests preempted (KV cache full), by swapping or by recompute.", s.num_preemptions),
+            ("loom_num_swap_preemptions", "Requests preempted by swapping their KV blocks out (the rest recompute).",
+             s.num_swap_preemptions),
             ("loom_prompt_tokens", "Prompt tokens received.", s.prompt_tokens),
             ("loom_generation_tokens", "Tokens generated.", s.generation_tokens),
             ("loom_prefix_cache_hit_tokens",
              "Prompt tokens served from the prefix cache (each request counted once, at its first admission).",
              s.prefix_cache_hit_tokens),
             ("loom_engine_steps", "Engine steps (forward passes).", s.steps),
+            ("loom_session_followups", "Turns of a session that had finished a turn before.", s.session_followups),
+            ("loom_pinned_hits", "Follow-up turns admitted while their session's pin held.", s.pinned_hits),
+            ("loom_pins_expired", "Session pins released when their time-to-live ran out.", s.pins_expired),
+            ("loom_pins_released_for_memory", "Session pins released early because KV blocks ran short.",
+             s.pins_released_for_memory),
         )
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)
         yield from _tenant_families(s)
+        finished = CounterMetricFamily("loom_slo_requests", "Requests finished, by SLO class (slo policy).", labels=["slo_class"])
+        met = CounterMetricFamily("loom_slo_met", "Requests that met their SLO class's targets (slo policy).",
+                                  labels=["slo_class"])
+        for name, (done, good) in s.slo_classes.items():
+            finished.add_metric([name], done)
+            met.add_metric([name], good)
+        yield finished
+        yield met
 
 
 def _tenant_families(s: EngineStats) -> Iterator[Metric]:

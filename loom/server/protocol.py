@@ -99,6 +99,8 @@ class _SamplingFields(_Body):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     priority: Int = 0
+    slo_class: Text | None = Field(default=None, max_length=64)  # loom: the slo policy's class
+    session_id: Text | None = Field(default=None, max_length=256)  # loom: turns of one conversation (KV pins)
     # structured output: OpenAI's response_format, or vLLM's extras
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsBody | None = None

@@ -118,6 +118,8 @@ class Serving:
         *,
         priority: int,
         tenant: str | None,
+        slo_class: str | None,
+        session_id: str | None,
         prompt_param: str,
         constraint_param: str = "response_format",
     ) -> list[Started]:
@@ -125,7 +127,8 @@ class Serving:
         full queue) becomes an HTTP error before a response starts; on any error, nothing runs."""
         self._check_admissible(len(prompts), params, prompt_param)
         gens = [
-            self.engine.generate(p, params, f"{request_id}-{i}", priority=priority, tenant=tenant)
+            self.engine.generate(p, params, f"{request_id}-{i}", priority=priority, tenant=tenant, slo_class=slo_class,
+                                 session_id=session_id)
             for i, p in enumerate(prompts)
         ]
         firsts = await asyncio.gather(*(anext(g) for g in gens), return_exceptions=True)

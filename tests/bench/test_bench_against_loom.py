@@ -47,3 +47,37 @@ def test_replay_against_real_loom_server(tiny_model, tmp_path):
     server_side = s["server"]
     assert server_side["scrapes"] >= 2 and 0 <= server_side["peak_running"] <= 12
     assert 0 <= server_side["peak_kv_usage"] <= 1 and server_side["preemptions"] == 0
+
+
+def test_sessions_replay_sends_whole_conversations_that_hit_their_pins(tiny_model, tmp_path):
+    server = start_server(tiny_model("llama"), ServerConfig(served_model_names=(TINY,)), **TINY_ENGINE)
+    try:
+        out = tmp_path / "sessions.json"
+        spec = ('sessions:{"sessions": 3, "rate": 20, "turns": 3, "first_input_len": 40, "turn_input_len": 6, '
+                '"output_len": 5, "think_time": 0.05, "think": "fixed", "background_rate": 3, "background_input_len": 20, '
+                '"background_output_len": 3}')
+        rc = main(["bench", "serve", "--base-url", server.base_url, "--workload", spec, "--no-plots", "--no-progress",
+                   "-o", str(out)])
+        assert rc == 0
+        server.wait_idle()
+        stats = server.engine.stats()
+    finally:
+        server.stop()
+    run = json.loads(out.read_text())
+    reqs = run["requests"]
+    one_off = [r for r in reqs if r["session_id"] is None]
+    assert len(reqs) == 9 + len(one_off) and one_off and all(r["ok"] for r in reqs)
+    assert run["summary"]["turns"]["one-off"]["requests"] == len(one_off)
+    by_session = {}
+    for r in reqs:
+        if r["session_id"] is None:
+            continue
+        by_session.setdefault(r["session_id"], []).append(r)
+    assert sorted(by_session) == ["session-0", "session-1", "session-2"]
+    for turns in by_session.values():
+        assert [t["turn"] for t in turns] == [0, 1, 2]
+        # each turn's prompt holds the previous prompt, its answer and new text
+        assert turns[0]["prompt_tokens"] < turns[1]["prompt_tokens"] < turns[2]["prompt_tokens"]
+        assert turns[1]["sent"] >= turns[0]["finished"] + 0.05
+    assert run["summary"]["turns"]["follow-up"]["requests"] == 6
+    assert stats.session_followups == 6 and stats.pinned_hits == 6

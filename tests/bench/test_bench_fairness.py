@@ -119,3 +119,30 @@ def test_policies_comparison_and_config_parsing():
     assert parse_policy_configs(["dlpm={\"quantum\": 5}"]) == {"dlpm": '{"quantum": 5}'}
     with pytest.raises(ValueError, match="NAME=FILE"):
         parse_policy_configs(["dlpm"])
+
+
+def test_session_workload_spec_and_build():
+    from loom.bench import sessions
+
+    spec = sessions.load_spec('{"sessions": 3, "rate": 2, "turns": 2, "first_input_len": 12, "turn_input_len": 4, '
+                              '"output_len": 3, "think_time": 0.5, "think": "fixed"}')
+
+    class Words:  # a whitespace tokenizer
+        name = "words"
+
+        def encode(self, text):
+            return [hash(w) % 1000 for w in text.split()]
+
+        def decode(self, ids):
+            return " ".join(f"w{i}" for i in ids)
+
+    from loom.bench.prompts import PromptBuilder
+
+    w = sessions.build(spec, PromptBuilder(Words(), " ".join(f"x{i}" for i in range(500))))
+    assert len(w) == 6 and w.starts[0] == 0.0 and len(w.starts) == 3 and w.background == ()
+    assert [len(t[0].split()) for t in w.texts] == [12, 12, 12] and all(len(t[1].split()) == 4 for t in w.texts)
+    assert w.thinks == ((0.5,), (0.5,), (0.5,)) and w.count_tokens("a b") == 2
+    assert [r.session_id for r in w.first_turns()] == [None, None, None]
+    with pytest.raises(ValueError, match="turns must be >= 1"):
+        sessions.load_spec('{"sessions": 1, "rate": 1, "turns": 0, "first_input_len": 1, "turn_input_len": 1, '
+                           '"output_len": 1, "think_time": 0}')

@@ -31,3 +31,15 @@ def test_latency_reports_every_batch_and_length(tiny_model, tmp_path):
     assert [p["tokens"] for p in r["prefill"]] == [16, 40]
     assert all(d["ms_per_step"] > 0 and d["memory_roofline_ms"] > 0 and d["compute_roofline_ms"] > 0 for d in r["decode"])
     assert r["bandwidth_gbs"] > 0 and r["matmul_gflops"] > 0
+
+
+def test_context_switch_reports_both_ways_per_context(tiny_model, tmp_path):
+    out = tmp_path / "c.json"
+    rc = main(["bench", "context-switch", "--model", str(tiny_model("llama")), "--dtype", "float32",
+               "--contexts", "40,16", "--repeats", "1", "--swap-dtype", "int8", "--output-json", str(out)])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert r["swap_dtype"] == "int8" and [row["context"] for row in r["rows"]] == [16, 40]
+    for row in r["rows"]:
+        assert row["blocks"] == -(-row["context"] // 16) and row["recompute_ms"] > 0 and row["swap_ms"] > 0
+        assert row["chosen"] in ("swap", "recompute") and row["predicted_swap_ms"] > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 
 import pytest
 
@@ -262,3 +263,165 @@ def test_dlpm_bounds_a_heavy_tenant_like_vtc():
     sched, served, waiting = _backlogged_run("dlpm", 12, options={"quantum": 24})
     assert waiting == {"a", "b", "c", "d"}
     assert max(served.values()) <= 2.5 * min(served.values())
+
+
+# -- slo / sjf ------------------------------------------------------------------------------------
+def _finished(length_out, prompt_len=8, tenant=None):
+    r = req(f"f{next(_ids)}", prompt_len, 0.0, tenant=tenant, max_tokens=length_out)
+    r.output_token_ids = [7] * length_out
+    r.finish_reason = "length"
+    return r
+
+
+def test_length_predictor_uses_the_finest_feature_with_history():
+    from loom.scheduler.slo import LengthPredictor, PredictorOptions
+
+    p = LengthPredictor(PredictorOptions(length_quantile=0.5, min_samples=2))
+    fresh = req("q", 8, 0.0, tenant="a")
+    assert p.remaining(fresh) is None  # nothing learned yet
+    for n in (10, 20, 30):
+        p.observe(_finished(n, tenant="a"))
+    for n in (100, 200):
+        p.observe(_finished(n, prompt_len=300, tenant="b"))
+    assert p.remaining(fresh) == 20  # the median of tenant a's short prompts
+    fresh.output_token_ids = [7] * 15  # 15 generated: of the longer ones (20, 30), 5 or 15 remain
+    assert p.remaining(fresh) == 5 and p.remaining(fresh, 1.0) == 15
+    fresh.output_token_ids = [7] * 40  # longer than anything seen: as many again
+    assert p.remaining(fresh) == 40
+    other = req("r", 8, 0.0, tenant="c")  # unknown tenant: its prompt-length bucket decides
+    assert p.remaining(other) == 20
+
+
+def test_past_future_peak_and_admission():
+    policy = make_policy("slo")
+    a, b = req("a", 10, 0.0, max_tokens=5), req("b", 20, 0.0, max_tokens=50)
+    # No history: each runs to its cap. Peaks: just before a ends (10+5 + 20+5), before b ends (20+50).
+    assert policy.future_peak_tokens([a, b]) == 70
+    assert policy.future_peak_tokens([a, b], block_size=4) == 70 + 3
+    sched, kv = make("slo", num_blocks=16, block_size=4, budget=64, max_seqs=8)  # 64 tokens
+    first, second = req("x", 8, 0.0, max_tokens=40), req("y", 8, 1.0, max_tokens=40)
+    sched.add(first)
+    sched.add(second)
+    plan = sched.schedule()
+    assert [s.request for s in plan.scheduled] == [first]  # both would need 96 > 64 tokens at their peak
+    assert sched.policy.num_refused >= 1
+
+
+def test_slo_admission_never_evicts_where_fcfs_does():
+    def preemptions(policy):
+        sched, kv = make(policy, num_blocks=24, block_size=4, budget=64, max_seqs=8)
+        for i in range(10):
+            sched.add(req(f"r{i}", 8, float(i), max_tokens=30))
+        drain(sched)
+        assert kv.num_free_blocks == kv.num_blocks
+        return sched.num_preemptions
+
+    assert preemptions("fcfs") > 0
+    assert preemptions("slo") == 0
+
+
+def test_slo_orders_by_slack_then_no_target_then_hopeless():
+    policy = make_policy("slo", {"classes": {"interactive": {"ttft": 2.0}, "deadline": {"e2e": 10.0}, "batch": {}}})
+    urgent = req("urgent", 4, 0.0)  # interactive: ttft due at 2.0
+    relaxed = req("relaxed", 4, 0.0)
+    relaxed.slo_class = "deadline"  # due at 10.0
+    bulk = req("bulk", 4, 0.0)
+    bulk.slo_class = "batch"
+    late = req("late", 4, -5.0)  # its 2 s TTFT has passed: hopeless
+    now = 1.0
+    order = sorted([bulk, late, relaxed, urgent], key=lambda r: policy.sort_key(r, now))
+    assert [r.request_id for r in order] == ["urgent", "relaxed", "bulk", "late"]
+    assert policy.slack(urgent, now) == pytest.approx(1.0) and policy.slack(bulk, now) == float("inf")
+    assert policy.select_victim([urgent, relaxed, bulk], now) is bulk
+
+
+def test_slo_classes_are_checked_and_reported():
+    with pytest.raises(ValueError, match="SLO class 'x': ttft must be a finite number"):
+        make_policy("slo", {"classes": {"x": {"ttft": -1}}})
+    with pytest.raises(ValueError, match="default_class 'fast' is not one of the classes"):
+        make_policy("slo", {"default_class": "fast"})
+    with pytest.raises(ValueError, match="length_quantile must be in"):
+        make_policy("sjf", {"length_quantile": 0})
+    sched, _ = make("slo")
+    odd = req("odd", 4, 0.0)
+    odd.slo_class = "platinum"
+    with pytest.raises(ValueError, match="unknown SLO class 'platinum'"):
+        sched.check(odd)
+    ok, slow = req("ok", 4, time.monotonic(), max_tokens=2), req("slow", 4, time.monotonic() - 60, max_tokens=2)
+    sched.add(ok)
+    sched.add(slow)
+    drain(sched)
+    assert sched.policy.slo_report() == {"interactive": (2, 1)}  # slow arrived 60 s ago: its 2 s TTFT is missed
+
+
+def test_sjf_runs_the_shortest_predicted_output_first():
+    sched, _ = make("sjf", {"min_samples": 1}, max_seqs=1, budget=64)
+    for n in (3, 30):
+        sched.policy.predictor.observe(_finished(n, prompt_len=4 if n == 3 else 64))
+    long_, short = req("long", 64, 0.0, max_tokens=1), req("short", 4, 1.0, max_tokens=1)
+    sched.add(long_)
+    sched.add(short)
+    assert [s.request for s in sched.schedule().scheduled] == [short]
+
+
+# -- preemption by swapping -----------------------------------------------------------------------
+def test_swap_out_then_back_in_a_group_of_blocks_per_step():
+    from loom.step import SwitchCosts
+
+    kv = KVCacheManager(6, 4)
+    costs = SwitchCosts(1e-6, 1e-3, swap_capacity_blocks=8, mode="swap", blocks_per_step=1)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8), kv, (EOS,), make_policy("fcfs"),
+                      costs)
+    a, b = req("a", 12, 0.0, max_tokens=8), req("b", 8, 1.0, max_tokens=2)  # 5 + 3 blocks > 6
+    sched.add(a)
+    run(sched, sched.schedule())  # a holds 4 blocks (13 tokens once its first token is in)
+    sched.add(b)
+    plan = sched.schedule()  # a grows to its 4th block; b's admission waits
+    run(sched, plan)
+    for _ in range(4):
+        plan = sched.schedule()
+        if plan.preempted:
+            break
+        run(sched, plan)
+    assert plan.preempted and plan.swap_out
+    victim = plan.preempted[0]
+    rid, blocks = plan.swap_out[0]
+    assert rid == victim.request_id and len(blocks) == -(-victim.num_swapped_tokens // 4)
+    assert sched.num_swap_preemptions == 1 and sched.swap_free_blocks == 8 - len(blocks)
+    run(sched, plan)
+    loads = []
+    for _ in range(40):
+        plan = sched.schedule()
+        loads += [(s.start, len(s.block_ids), s.last) for s in plan.swap_in if s.request_id == victim.request_id]
+        assert not any(s.request is victim for s in plan.scheduled) or victim.swap_in_pending == 0
+        run(sched, plan)
+        if not (sched.running or sched.waiting):
+            break
+    n = len(blocks)
+    assert loads == [(i, 1, i == n - 1) for i in range(n)]  # a block per step, once: no thrash
+    assert a.is_finished and b.is_finished and kv.num_free_blocks == kv.num_blocks and sched.swap_free_blocks == 8
+
+
+def test_a_request_finished_while_swapped_out_drops_its_host_copy():
+    from loom.step import SwitchCosts
+
+    kv = KVCacheManager(16, 4)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8), kv, (EOS,), make_policy("fcfs"),
+                      SwitchCosts(1e-6, 1e-3, swap_capacity_blocks=8, mode="swap"))
+    a = req("a", 8, 0.0, max_tokens=20)
+    sched.add(a)
+    run(sched, sched.schedule())
+    plan = StepPlan()
+    sched._preempt(a, plan)
+    assert plan.swap_out == [("a", a.block_ids or plan.swap_out[0][1])] and a.num_swapped_tokens == 8
+    sched.finish(a, "abort")
+    assert sched.schedule().swap_drop == ["a"] and sched.swap_free_blocks == 8
+
+
+def test_the_cost_model_picks_the_cheaper_way():
+    from loom.step import SwitchCosts
+
+    costs = SwitchCosts(swap_seconds_per_block=0.001, recompute_seconds_per_token=0.0001, swap_capacity_blocks=10)
+    assert costs.prefers_swap(4, 64)  # 4 ms to swap vs 6.4 ms to recompute
+    assert not costs.prefers_swap(4, 32)
+    assert SwitchCosts(1.0, 1e-9, 10, mode="swap").prefers_swap(4, 1)

@@ -22,7 +22,8 @@ class ScriptedEngine:
         self.max_waiting: int | None = None
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
-                       *, priority: int = 0, tenant: str | None = None) -> AsyncIterator[RequestOutput]:
+                       *, priority: int = 0, tenant: str | None = None,
+                       slo_class: str | None = None, session_id: str | None = None) -> AsyncIterator[RequestOutput]:
         params = params or SamplingParams()
         self.prompts.append(prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt, skip_special_tokens=False))
         self.params.append(params)
@@ -42,14 +43,14 @@ class ScriptedEngine:
             yield RequestOutput(request_id or "scripted", None, list(prompt_ids), [_copy(c) for c in choices], last, metrics)
 
     async def embed(self, prompt: str | list[int], request_id: str | None = None, *, priority: int = 0,
-                    tenant: str | None = None) -> RequestOutput:
+                    tenant: str | None = None, slo_class: str | None = None) -> RequestOutput:
         raise NotImplementedError("the scripted engine only generates")
 
     async def abort(self, request_id: str) -> None:
         pass
 
     def stats(self) -> EngineStats:
-        return EngineStats(0, 0, 0, 0, 0, 0.0, 0, 0, 0, 0, 0)
+        return EngineStats(0, 0, 0, 0, 0, 0.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 
     def model_info(self) -> ModelInfo:
         return ModelInfo("scripted", "scripted", "float32", "cpu", "none", 512, self.tokenizer.vocab_size, 64, 0, 0)

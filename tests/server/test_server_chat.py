@@ -99,7 +99,7 @@ def test_content_parts_developer_role_and_max_tokens_alias(tiny_server):
     assert parts.usage.prompt_tokens == plain.usage.prompt_tokens and parts.model == "tiny-alias"
 
 
-def test_user_becomes_the_tenant_and_priority_passes_through(tiny_server, monkeypatch):
+def test_user_becomes_the_tenant_and_priority_and_slo_class_pass_through(tiny_server, monkeypatch):
     seen = []
     generate = tiny_server.engine.generate
 
@@ -109,9 +109,10 @@ def test_user_becomes_the_tenant_and_priority_passes_through(tiny_server, monkey
 
     monkeypatch.setattr(tiny_server.engine, "generate", spy)
     tiny_server.client().chat.completions.create(model=TINY, messages=CONVERSATION, max_tokens=2, user="team-a",
-                                                 extra_body={"priority": 2})
+                                                 extra_body={"priority": 2, "slo_class": "batch"})
     tiny_server.client().completions.create(model=TINY, prompt="x", max_tokens=2, user="team-b")
-    assert seen == [{"priority": 2, "tenant": "team-a"}, {"priority": 0, "tenant": "team-b"}]
+    assert seen == [{"priority": 2, "tenant": "team-a", "slo_class": "batch", "session_id": None},
+                    {"priority": 0, "tenant": "team-b", "slo_class": None, "session_id": None}]
 
 
 def test_chat_wire_format_matches_the_openapi_spec(tiny_server):

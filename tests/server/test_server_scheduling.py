@@ -56,3 +56,23 @@ def test_unknown_and_oversized_tenants_are_refused(vtc_server):
         assert r.status_code == 400 and r.json()["error"]["param"] == "X-Tenant"
         vtc_server.wait_idle()
     assert vtc_server.engine.stats().num_free_blocks == vtc_server.engine.stats().num_blocks
+
+
+def test_slo_classes_through_the_server(tiny_path):
+    srv = start_server(tiny_path, ServerConfig(served_model_names=(TINY,)), **TINY_ENGINE, policy="slo",
+                       policy_config='{"classes": {"interactive": {"ttft": 30}, "batch": {}}}')
+    try:
+        body = {"model": TINY, "prompt": "one two", "max_tokens": 2, "ignore_eos": True}
+        with srv.http() as http:
+            assert http.post("/v1/completions", json={**body, "slo_class": "batch"}).status_code == 200
+            assert http.post("/v1/completions", json=body).status_code == 200  # the default class
+            r = http.post("/v1/completions", json={**body, "slo_class": "gold"})
+            assert r.status_code == 400 and "unknown SLO class 'gold'" in r.json()["error"]["message"]
+            srv.wait_idle()
+            text = http.get("/metrics").text
+        samples = {(s.name, s.labels.get("slo_class")): s.value for f in text_string_to_metric_families(text)
+                   for s in f.samples}
+        assert samples[("loom_slo_requests_total", "batch")] == 1
+        assert samples[("loom_slo_met_total", "interactive")] == 1
+    finally:
+        srv.stop()
