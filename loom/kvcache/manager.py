@@ -200,10 +200,11 @@ class KVCacheManager:
             self.pins_expired += 1
 
     def _release_pins_for(self, shortfall: int, keep: str | None) -> None:
-        """Memory pressure: release pins, the soonest to expire first (the least likely still to be
-        wanted), until ``shortfall`` more blocks are free or only ``keep``'s pin is left. A released
-        pin's blocks go to the LRU free list with their hashes, still matchable until reused."""
-        for session in sorted(self.pins, key=lambda s: self.pins[s].expires):
+        """Memory pressure: release pins, the latest to expire first (a pin's time-to-live follows its
+        session's gaps, so the latest expiry is the session expected back last, or one whose gaps are
+        not known yet), until ``shortfall`` more blocks are free or only ``keep``'s pin is left. A
+        released pin's blocks go to the LRU free list with their hashes, still matchable until reused."""
+        for session in sorted(self.pins, key=lambda s: -self.pins[s].expires):
             if shortfall <= 0:
                 return
             if session == keep:

@@ -101,8 +101,7 @@ class Scheduler:
         now = time.monotonic()
         if self.kv.pins:
             self.kv.expire_pins(now)
-        if self.policy.preemptive and self.waiting and self.running:
-            self._preempt_for_waiting(plan, now)
+        head = self._preempt_for_waiting(plan, now) if self.policy.preemptive and self.waiting else None
         budget = self.config.max_num_batched_tokens
         # Decodes first, then requests still in their prefill.
         order = sorted(self.running, key=lambda r: (r.num_tokens - r.num_computed_tokens > 1, self.policy.sort_key(r, now)))
@@ -118,6 +117,8 @@ class Scheduler:
             if budget == 0:
                 continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if num_new > 1 and self._outranked(req, head, now):
+                continue
             room = min(budget - 1, self.kv.max_drafts(req.num_computed_tokens + num_new))
             drafts = tuple(req.draft_token_ids[:room]) if num_new == 1 else ()
             while not self.kv.allocate(req, req.num_computed_tokens + num_new + len(drafts)):
@@ -141,17 +142,30 @@ class Scheduler:
         return QueueState(now, self.running, self.kv.num_blocks * bs, self.kv.num_free_blocks * bs, bs,
                           self.kv.cached_prefix_tokens)
 
-    def _preempt_for_waiting(self, plan: StepPlan, now: float) -> None:
+    def _outranked(self, req: Request, head: Request | None, now: float) -> bool:
+        """Whether a preemptive policy holds back ``req``'s prefill chunk this step: a more important
+        request is waiting or still in its prefill, and a short step gets its first token out sooner
+        (decodes, one token each, always go)."""
+        if not self.policy.preemptive:
+            return False
+        key = self.policy.sort_key(req, now)
+        if head is not None and self.policy.preempts(head, req, now):
+            return True
+        return any(r is not req and r.num_tokens - r.num_computed_tokens > 1 and self.policy.sort_key(r, now) < key
+                   and self.policy.preempts(r, req, now) for r in self.running)
+
+    def _preempt_for_waiting(self, plan: StepPlan, now: float) -> Request | None:
         """A preemptive policy's next waiting request takes seats and blocks from running requests
-        it outranks, until it fits (its first chunk, beside the running decodes' next tokens)."""
-        state = self._queue_state(now)
-        head = self.policy.next_request(self.waiting, state)
+        it outranks, until it fits (its first chunk, beside the running decodes' next tokens).
+        Returns that request."""
+        head = self.policy.next_request(self.waiting, self._queue_state(now))
         while head is not None and self.running and not self._fits(head):
             victim = self.policy.select_victim(self.running, now)
             if not self.policy.preempts(head, victim, now):
-                return
+                break
             self._preempt(victim, plan)
             plan.preempted.append(victim)
+        return head
 
     def _fits(self, req: Request) -> bool:
         if len(self.running) >= self.config.max_num_seqs:

@@ -425,3 +425,21 @@ def test_the_cost_model_picks_the_cheaper_way():
     assert costs.prefers_swap(4, 64)  # 4 ms to swap vs 6.4 ms to recompute
     assert not costs.prefers_swap(4, 32)
     assert SwitchCosts(1.0, 1e-9, 10, mode="swap").prefers_swap(4, 1)
+
+
+def test_less_important_prefill_chunks_wait_while_an_important_request_prefills():
+    sched, _ = make("priority", budget=16, num_blocks=64)
+    low = req("low", 40, 0.0, priority=1)
+    sched.add(low)
+    run(sched, sched.schedule())  # low is 16 tokens into its 40-token prompt
+    high = req("high", 6, 1.0, priority=0)
+    sched.add(high)
+    plan = sched.schedule()
+    assert [(s.request.request_id, s.num_new_tokens) for s in plan.scheduled] == [("high", 6)]
+    run(sched, plan)
+    assert [s.request.request_id for s in sched.schedule().scheduled] == ["high", "low"]  # high decodes now
+    fcfs, _ = make("fcfs", budget=16, num_blocks=64)
+    fcfs.add(req("low", 40, 0.0))
+    run(fcfs, fcfs.schedule())
+    fcfs.add(req("high", 6, 1.0, priority=0))
+    assert [s.num_new_tokens for s in fcfs.schedule().scheduled] == [16]
