@@ -25,13 +25,11 @@ class NoOptions:
 class QueueState:
     """What a policy may read about the scheduler when it picks a request (read-only).
 
-    ``cached_tokens(req)``: prompt tokens of ``req`` the prefix cache holds now (no side effects).
-    ``free_tokens``: tokens the free KV blocks hold, evictable prefix-cache blocks included."""
+    ``cached_tokens(req)``: prompt tokens of ``req`` the prefix cache holds now (no side effects)."""
 
     now: float
     running: Sequence[Request]
-    capacity_tokens: int
-    free_tokens: int
+    capacity_tokens: int  # tokens the whole KV cache holds
     block_size: int
     cached_tokens: Callable[[Request], int]
 

@@ -139,8 +139,7 @@ class Scheduler:
 
     def _queue_state(self, now: float) -> QueueState:
         bs = self.kv.block_size
-        return QueueState(now, self.running, self.kv.num_blocks * bs, self.kv.num_free_blocks * bs, bs,
-                          self.kv.cached_prefix_tokens)
+        return QueueState(now, self.running, self.kv.num_blocks * bs, bs, self.kv.cached_prefix_tokens)
 
     def _outranked(self, req: Request, head: Request | None, now: float) -> bool:
         """Whether a preemptive policy holds back ``req``'s prefill chunk this step: a more important
