@@ -23,6 +23,17 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
+@dataclass(frozen=True)
+class RequestTags:
+    """What a request tells the scheduler beyond its tokens: ``priority`` (lower is more important),
+    ``tenant`` and ``slo_class`` for the scheduling policy, ``session_id`` for multi-turn KV pins."""
+
+    priority: int = 0
+    tenant: str | None = None
+    slo_class: str | None = None
+    session_id: str | None = None
+
+
 @dataclass(eq=False)
 class Request:
     """One sequence being generated. A user request with ``n > 1`` becomes ``n`` of these

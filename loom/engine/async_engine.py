@@ -24,6 +24,7 @@ from typing import Any
 from loom.engine.client import OutputListener, StepListener
 from loom.engine.engine import EMBEDDING_PARAMS, Engine, EngineStats, ModelInfo, check_prompt_chars
 from loom.outputs import RequestOutput
+from loom.request import RequestTags
 from loom.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,7 @@ class _Add:
     prompt: str | list[int]
     prompt_token_ids: list[int] | None  # a text prompt's, tokenized off the engine thread
     params: SamplingParams
-    priority: int
-    tenant: str | None
-    slo_class: str | None
-    session_id: str | None
+    tags: RequestTags
     arrival_time: float
     stream: _Stream
     accepted: asyncio.Future[None]
@@ -119,8 +117,8 @@ class AsyncEngine:
         or EngineDeadError (shut down) before yielding anything; EngineDeadError later if the
         step loop fails. Leaving the loop early (``break``, cancellation, a closed client) aborts
         the request and frees its KV blocks."""
-        return self._outputs(prompt, params or SamplingParams(), request_id, priority, tenant, slo_class, session_id,
-                             embed=False)
+        return self._outputs(prompt, params or SamplingParams(), request_id,
+                             RequestTags(priority, tenant, slo_class, session_id), embed=False)
 
     async def embed(
         self,
@@ -134,12 +132,11 @@ class AsyncEngine:
         """Run an embedding request (prefill only) and return its final output, whose
         ``embedding`` is None if it was aborted. Raises as ``generate`` does; cancelling the
         call aborts the request."""
-        async with contextlib.aclosing(self._outputs(prompt, EMBEDDING_PARAMS, request_id, priority, tenant,
-                                                     slo_class, None, embed=True)) as outputs:
+        async with contextlib.aclosing(self._outputs(prompt, EMBEDDING_PARAMS, request_id,
+                                                     RequestTags(priority, tenant, slo_class), embed=True)) as outputs:
             return [out async for out in outputs][-1]
 
-    async def _outputs(self, prompt: str | list[int], params: SamplingParams, request_id: str | None, priority: int,
-                       tenant: str | None, slo_class: str | None, session_id: str | None,
+    async def _outputs(self, prompt: str | list[int], params: SamplingParams, request_id: str | None, tags: RequestTags,
                        embed: bool) -> AsyncIterator[RequestOutput]:
         _check_prompt(prompt)
         if not isinstance(params, SamplingParams):
@@ -153,8 +150,7 @@ class AsyncEngine:
         request_id = request_id or uuid.uuid4().hex
         stream = _Stream(loop)
         accepted: asyncio.Future[None] = loop.create_future()
-        self._submit(_Add(request_id, prompt, ids, params, priority, tenant, slo_class, session_id, arrival_time, stream,
-                          accepted, embed))
+        self._submit(_Add(request_id, prompt, ids, params, tags, arrival_time, stream, accepted, embed))
         await accepted  # a cancelled wait cancels the add (see _handle); an error means nothing runs
         finished = False
         try:
@@ -284,13 +280,13 @@ class AsyncEngine:
             return  # the caller went away before its request reached the engine
         try:
             self._check_capacity()
-            common: dict[str, Any] = dict(arrival_time=command.arrival_time, priority=command.priority,
-                                          tenant=command.tenant, slo_class=command.slo_class,
-                                          prompt_token_ids=command.prompt_token_ids)
+            t = command.tags
+            common: dict[str, Any] = dict(arrival_time=command.arrival_time, priority=t.priority, tenant=t.tenant,
+                                          slo_class=t.slo_class, prompt_token_ids=command.prompt_token_ids)
             if command.embed:
                 self.engine.add_embedding_request(command.request_id, command.prompt, **common)
             else:
-                self.engine.add_request(command.request_id, command.prompt, command.params, session_id=command.session_id,
+                self.engine.add_request(command.request_id, command.prompt, command.params, session_id=t.session_id,
                                         **common)
         except Exception as e:
             if not isinstance(e, (ValueError, EngineOverloadedError)):  # a bug: keep serving the others

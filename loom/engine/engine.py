@@ -22,7 +22,7 @@ from loom.model.files import gguf_file, resolve_model
 from loom.model.quant.formats import QUANTIZATION_CHOICES
 from loom.model.worker import Worker
 from loom.outputs import RequestOutput
-from loom.request import Request
+from loom.request import Request, RequestTags
 from loom.sampling import SamplingParams, make_generator
 from loom.scheduler import Scheduler, policy_from_config
 from loom.scheduler.sessions import SessionTTL
@@ -192,8 +192,8 @@ class Engine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
-        self._add(request_id, prompt, prompt_token_ids, params, arrival_time, priority, tenant, slo_class, session_id,
-                  embed=False)
+        self._add(request_id, prompt, prompt_token_ids, params, arrival_time,
+                  RequestTags(priority, tenant, slo_class, session_id), embed=False)
 
     def add_embedding_request(
         self,
@@ -208,12 +208,11 @@ class Engine:
     ) -> None:
         """Queue a request that only computes its prompt; its final output carries the prompt's
         final hidden states, mean-pooled and L2-normalised, as ``embedding``."""
-        self._add(request_id, prompt, prompt_token_ids, EMBEDDING_PARAMS, arrival_time, priority, tenant, slo_class,
-                  None, embed=True)
+        self._add(request_id, prompt, prompt_token_ids, EMBEDDING_PARAMS, arrival_time,
+                  RequestTags(priority, tenant, slo_class), embed=True)
 
     def _add(self, request_id: str, prompt: str | list[int], prompt_token_ids: list[int] | None, params: SamplingParams,
-             arrival_time: float | None, priority: int, tenant: str | None, slo_class: str | None,
-             session_id: str | None, embed: bool) -> None:
+             arrival_time: float | None, tags: RequestTags, embed: bool) -> None:
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self._tokenize(prompt, prompt_token_ids)
@@ -233,10 +232,10 @@ class Engine:
                 prompt_token_ids=ids,
                 params=params,
                 arrival_time=now,
-                priority=priority,
-                tenant=tenant,
-                slo_class=slo_class,
-                session_id=session_id,
+                priority=tags.priority,
+                tenant=tags.tenant,
+                slo_class=tags.slo_class,
+                session_id=tags.session_id,
                 group_id=request_id,
                 sample_index=i,
                 max_total_tokens=limit,
@@ -249,7 +248,7 @@ class Engine:
         self.scheduler.check(samples[0])
         self.groups[request_id] = group
         self.prompt_tokens += len(ids)
-        account = self._tenant(tenant)
+        account = self._tenant(tags.tenant)
         account.requests += 1
         account.prompt_tokens += len(ids)
         for req in samples:
