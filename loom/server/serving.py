@@ -229,13 +229,18 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
-    return {
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int, num_preemptions: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; loom adds ``num_preemptions`` when the work was preempted (KV blocks ran
+    out: swapped out or recomputed), so that a slow response can be told from a slow model."""
+    out: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+    if num_preemptions:
+        out["num_preemptions"] = num_preemptions
+    return out
 
 
 class UsageCounter:
@@ -254,6 +259,7 @@ class UsageCounter:
             sum(len(o.prompt_token_ids) for o in outs),
             sum(o.num_generated_tokens for o in outs),
             sum(o.num_cached_tokens for o in outs),
+            sum(o.metrics.num_preemptions for o in outs),
         )
 
 
