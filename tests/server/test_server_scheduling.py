@@ -76,3 +76,27 @@ def test_slo_classes_through_the_server(tiny_path):
         assert samples[("loom_slo_met_total", "interactive")] == 1
     finally:
         srv.stop()
+
+
+def test_a_preempted_request_says_so_in_its_usage(tiny_path):
+    import asyncio
+
+    engine = {**TINY_ENGINE, "num_blocks": 10, "max_num_seqs": 8, "max_num_batched_tokens": 64}
+    srv = start_server(tiny_path, ServerConfig(served_model_names=(TINY,)), **engine)
+    try:
+        async def one(i):
+            r = await srv.async_client().completions.create(model=TINY, prompt=f"{i} " + "word " * 30, max_tokens=40,
+                                                            extra_body={"ignore_eos": True})
+            return r.usage.model_dump()
+
+        async def all_of():
+            return await asyncio.gather(*(one(i) for i in range(6)))
+
+        usages = asyncio.run(all_of())
+        srv.wait_idle()
+        stats = srv.engine.stats()
+    finally:
+        srv.stop()
+    preempted = [u["num_preemptions"] for u in usages if "num_preemptions" in u]
+    assert stats.num_preemptions > 0 and sum(preempted) == stats.num_preemptions
+    assert all(u["completion_tokens"] == 40 for u in usages)
