@@ -41,14 +41,15 @@ def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
     opts["enable_prefix_caching"] = False  # a recompute computes every token again
     opts.setdefault("max_model_len", contexts[-1] + 1)
     engine = Engine(engine_config(args.model, **opts))
-    if engine.max_model_len <= contexts[-1]:
-        raise ValueError(f"the model's context is {engine.max_model_len} tokens; --contexts must stay below it")
+    if engine.max_model_len < contexts[-1]:
+        raise ValueError(f"the model's context is {engine.max_model_len} tokens; --contexts cannot exceed it")
     swap, costs = engine.worker.swap, engine.worker.switch_costs
     bs = engine.kv.block_size
     vocab = engine.model_config.vocab_size
     _prefill_seconds(engine, [1 + i % (vocab - 1) for i in range(min(64, contexts[0]))], "warm-up")
     rows = []
     for context in contexts:
+        context = min(context, engine.max_model_len - 1)  # a prompt leaves room for one generated token
         prompt = [1 + (i * 7919 + context) % (vocab - 1) for i in range(context)]
         blocks = list(range(cdiv(context, bs)))  # the cache is empty between runs: any blocks time the same
         recompute, out, back = [], [], []

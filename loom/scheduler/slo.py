@@ -76,7 +76,7 @@ def parse_classes(raw: Any) -> dict[str, SLOClass]:
 
 @dataclass(frozen=True)
 class PredictorOptions:
-    length_quantile: float = 0.9  # of the remaining output length: higher is safer, admits less
+    length_quantile: float = 0.95  # of the remaining output length: higher is safer, admits less
     history: int = 1000  # finished requests remembered per feature
     min_samples: int = 8  # a feature with fewer falls back to a coarser one
 
