@@ -275,21 +275,33 @@ async def send_one(
     )
 
 
+def http_client(cfg: ClientConfig) -> httpx.AsyncClient:
+    """A client for a whole run: no cap on connections (the replay decides what is in flight)."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    timeout = httpx.Timeout(cfg.request_timeout, connect=30.0)
+    return httpx.AsyncClient(base_url=cfg.base_url, headers=cfg.headers, limits=limits, timeout=timeout)
+
+
+class RunClock:
+    """Seconds since the run started (``started_at``: its wall-clock time)."""
+
+    def __init__(self) -> None:
+        self.started_at = time.time()
+        self._t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self._t0
+
+
 async def run(
     requests: Sequence[PreparedRequest],
     cfg: ClientConfig,
     on_done: Callable[[RequestRecord], None] | None = None,
 ) -> RunResult:
     """Replay ``requests`` open-loop at their arrival times."""
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    timeout = httpx.Timeout(cfg.request_timeout, connect=30.0)
     sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
-    async with httpx.AsyncClient(base_url=cfg.base_url, headers=cfg.headers, limits=limits, timeout=timeout) as client:
-        started_at = time.time()
-        t0 = time.perf_counter()
-
-        def clock() -> float:
-            return time.perf_counter() - t0
+    async with http_client(cfg) as client:
+        clock = RunClock()
 
         async def one(req: PreparedRequest) -> RequestRecord:
             if sem is None:
@@ -309,7 +321,7 @@ async def run(
             tasks.append(asyncio.create_task(one(req)))
         records = await asyncio.gather(*tasks)
         duration = clock()
-    return RunResult(records=sorted(records, key=lambda r: r.index), duration=duration, started_at=started_at)
+    return RunResult(records=sorted(records, key=lambda r: r.index), duration=duration, started_at=clock.started_at)
 
 
 async def list_models(base_url: str, headers: dict[str, str] | None = None) -> list[str]:

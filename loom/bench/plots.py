@@ -21,6 +21,14 @@ from loom.bench.metrics import time_series  # noqa: E402
 Run = tuple[str, Sequence[RequestRecord]]
 
 
+def _save(fig: plt.Figure, path: str | os.PathLike) -> Path:
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def _latencies(records: Sequence[RequestRecord]) -> dict[str, list[float]]:
     ok = [r for r in records if r.ok]
     return {
@@ -51,11 +59,7 @@ def plot_latency_cdfs(runs: Sequence[Run], path: str | os.PathLike) -> Path:
                 ax.xaxis.set_minor_formatter(NullFormatter())
             ax.legend(fontsize="small")
         ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def plot_timeline(label: str, records: Sequence[RequestRecord], duration: float, path: str | os.PathLike) -> Path:
@@ -79,11 +83,7 @@ def plot_timeline(label: str, records: Sequence[RequestRecord], duration: float,
     ax2.legend(fontsize="small")
     for ax in (ax1, ax2):
         ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def plot_tenant_service(label: str, records: Sequence[RequestRecord], duration: float, path: str | os.PathLike) -> Path:
@@ -103,8 +103,4 @@ def plot_tenant_service(label: str, records: Sequence[RequestRecord], duration: 
     ax.set_title(f"{label}: service per tenant")
     ax.legend(fontsize="small", ncol=2)
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, path)

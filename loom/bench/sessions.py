@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-import httpx
 import numpy as np
 
-from loom.bench.client import COMPLETIONS, ClientConfig, RequestRecord, RunResult, send_one
+from loom.bench.client import COMPLETIONS, ClientConfig, RequestRecord, RunClock, RunResult, http_client, send_one
 from loom.bench.prompts import PreparedRequest, PromptBuilder
 from loom.bench.tenants import build_spec
 from loom.bench.workload import TraceRequest
@@ -132,15 +130,9 @@ async def run(workload: SessionWorkload, cfg: ClientConfig,
     """Every session as its own closed loop; turns are records ``session * turns + turn``."""
     if cfg.endpoint != COMPLETIONS:
         raise ValueError("the sessions workload sends whole conversations as prompts: use --endpoint completions")
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    timeout = httpx.Timeout(cfg.request_timeout, connect=30.0)
     records: list[RequestRecord] = []
-    async with httpx.AsyncClient(base_url=cfg.base_url, headers=cfg.headers, limits=limits, timeout=timeout) as client:
-        started_at = time.time()
-        t0 = time.perf_counter()
-
-        def clock() -> float:
-            return time.perf_counter() - t0
+    async with http_client(cfg) as client:
+        clock = RunClock()
 
         async def session(i: int) -> None:
             texts, thinks = workload.texts[i], workload.thinks[i]
@@ -171,5 +163,5 @@ async def run(workload: SessionWorkload, cfg: ClientConfig,
         await asyncio.gather(*(session(i) for i in range(len(workload.texts))),
                              *(one_off(r) for r in workload.background))
         duration = clock()
-    return RunResult(records=sorted(records, key=lambda r: r.index), duration=duration, started_at=started_at)
+    return RunResult(records=sorted(records, key=lambda r: r.index), duration=duration, started_at=clock.started_at)
 
