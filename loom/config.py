@@ -209,8 +209,8 @@ class CacheConfig:
     swap_space: int | None = field(
         default=None,
         metadata=option(
-            "host memory in GiB for the KV blocks of requests preempted by swapping (a second tier: host memory "
-            "beside a GPU, a compressed copy on a CPU)", flag="--swap-space", metavar="GIB", minimum=1, cli_unit=GIB,
+            "host memory in GiB for the KV blocks of requests preempted by swapping (a second tier: a copy in host "
+            "RAM, beside a GPU's memory or the CPU's KV pool; see --swap-dtype)", flag="--swap-space", metavar="GIB", minimum=1, cli_unit=GIB,
             default_help="none: every preemption recomputes",
         ),
     )  # fmt: skip
