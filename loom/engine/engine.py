@@ -346,13 +346,13 @@ class Engine:
             group, st = self._sample_of[req.request_id]
             touched[group.request_id] = group
             new = req.output_token_ids[st.num_detokenized :]
+            account = self._tenant(req.tenant)
             if st.num_detokenized == 0 and new and req.sample_index == 0:
-                account = self._tenant(req.tenant)
                 account.cached_prompt_tokens += req.num_cached_tokens
                 account.queue_seconds += req.metrics.queue_time or 0.0
             st.num_detokenized = len(req.output_token_ids)
             self.generation_tokens += len(new)
-            self._tenant(req.tenant).generation_tokens += len(new)
+            account.generation_tokens += len(new)
             delta = st.detok.add(new)
             st.text += delta
             p = req.params

@@ -72,36 +72,9 @@ class KVCacheManager:
         bs = self.block_size
         return BlockKey(parent, tuple(req.token_ids_slice(index * bs, (index + 1) * bs)))
 
-    def match_prefix(self, req: Request) -> list[int]:
-        """Blocks of the prefix cache that hold the start of ``req``'s tokens.
-
-        At most ``num_tokens - 1`` tokens match: the last token must be computed to produce logits.
-        A request that wants prompt logprobs or an embedding matches nothing (every prompt
-        position must be computed to score or pool it). Fills ``req.block_hashes`` for the
-        matched blocks; takes no references yet."""
-        req.block_hashes.clear()
-        self._keys_memo.pop(req.request_id, None)
-        if not self.pool.enable_prefix_caching or req.params.prompt_logprobs is not None or req.embed:
-            return []
-        hits: list[int] = []
-        max_blocks = self._sealed(req.num_tokens - 1) // self.block_size
-        for i in range(max_blocks):
-            key = self._key(req, i)
-            block = self.pool.lookup(key)
-            if block is None:
-                break
-            req.block_hashes.append(key.hash)
-            hits.append(block)
-        whole = self._sealed(len(hits) * self.block_size) // self.block_size  # the open group starts in the slot
-        del req.block_hashes[whole:], hits[whole:]
-        return hits
-
-    def cached_prefix_tokens(self, req: Request) -> int:
-        """Tokens at the start of ``req`` that the prefix cache holds now, as ``match_prefix`` would
-        take them, without side effects (no references, ``req.block_hashes`` untouched). The
-        block keys are computed once per request and length."""
-        if not self.pool.enable_prefix_caching or req.params.prompt_logprobs is not None or req.embed:
-            return 0
+    def _prefix_keys(self, req: Request) -> list[BlockKey]:
+        """The keys of the blocks of ``req`` that may match (its first ``num_tokens - 1`` tokens),
+        each chained to the one before; computed once per request and length."""
         memo = self._keys_memo.get(req.request_id)
         if memo is None or memo[0] != req.num_tokens:
             keys: list[BlockKey] = []
@@ -111,12 +84,37 @@ class KVCacheManager:
                 keys.append(BlockKey(parent, tuple(req.token_ids_slice(i * bs, (i + 1) * bs))))
                 parent = keys[-1].hash
             memo = self._keys_memo[req.request_id] = (req.num_tokens, keys)
-        n = 0
-        for key in memo[1]:
-            if self.pool.lookup(key) is None:
+        return memo[1]
+
+    def _cached_prefix(self, req: Request) -> list[tuple[BlockKey, int]]:
+        """The keys and blocks of the prefix cache that hold the start of ``req``, whole groups only
+        (with a residual, the open group starts in the slot); nothing taken."""
+        if not self.pool.enable_prefix_caching or req.params.prompt_logprobs is not None or req.embed:
+            return []
+        found: list[tuple[BlockKey, int]] = []
+        for key in self._prefix_keys(req):
+            block = self.pool.lookup(key)
+            if block is None:
                 break
-            n += 1
-        return self._sealed(n * self.block_size)
+            found.append((key, block))
+        return found[: self._sealed(len(found) * self.block_size) // self.block_size]
+
+    def match_prefix(self, req: Request) -> list[int]:
+        """Blocks of the prefix cache that hold the start of ``req``'s tokens.
+
+        At most ``num_tokens - 1`` tokens match: the last token must be computed to produce logits.
+        A request that wants prompt logprobs or an embedding matches nothing (every prompt
+        position must be computed to score or pool it). Fills ``req.block_hashes`` for the
+        matched blocks; takes no references yet."""
+        found = self._cached_prefix(req)
+        self._keys_memo.pop(req.request_id, None)  # admitted (or retried from scratch): no more probes
+        req.block_hashes[:] = [key.hash for key, _ in found]
+        return [block for _, block in found]
+
+    def cached_prefix_tokens(self, req: Request) -> int:
+        """Tokens at the start of ``req`` that the prefix cache holds now, as ``match_prefix`` would
+        take them, without side effects (no references, ``req.block_hashes`` untouched)."""
+        return len(self._cached_prefix(req)) * self.block_size
 
     def blocks_needed(self, req: Request, num_tokens: int, num_hits: int = 0) -> int:
         """Blocks to add so that ``req`` holds ``num_tokens`` tokens after taking ``num_hits`` hits."""

@@ -48,6 +48,8 @@ class SchedulingPolicy(ABC):
     uses_tenant_weights: ClassVar[bool] = False
     # True: a waiting request may preempt running ones (``preempts``) when seats or blocks are short.
     preemptive: ClassVar[bool] = False
+    # True: ``on_step`` is told each step's cost (the scheduler skips counting it otherwise).
+    observes_steps: ClassVar[bool] = False
 
     def __init__(self, options: Any = None, tenant_weights: dict[str, float] | None = None) -> None:
         self.options = options if options is not None else self.Options()

@@ -172,12 +172,12 @@ class Scheduler:
         bs = self.kv.block_size
         cached = self.kv.cached_prefix_tokens(req)
         first_chunk = min(req.num_tokens, cached + self.config.max_num_batched_tokens)
-        needed = cdiv(first_chunk, bs) - cached // bs
-        return needed + self._growth() <= self.kv.num_free_blocks
+        return self._fits_beside_running(cdiv(first_chunk, bs) - cached // bs)
 
-    def _growth(self) -> int:
-        """Blocks the running requests need for their next token."""
-        return sum(self.kv.blocks_needed(r, r.num_computed_tokens + 1) for r in self.running)
+    def _fits_beside_running(self, blocks: int) -> bool:
+        """Whether ``blocks`` more are free beside those the running requests need for their next token."""
+        growth = sum(self.kv.blocks_needed(r, r.num_computed_tokens + 1) for r in self.running)
+        return blocks + growth <= self.kv.num_free_blocks
 
     def _scheduled(self, req: Request, num_new: int, drafts: tuple[int, ...] = ()) -> ScheduledRequest:
         start = req.num_computed_tokens
@@ -251,7 +251,7 @@ class Scheduler:
         """Readmit a swapped-out request: its blocks now, their contents a group per step. Only when the
         running requests' next tokens still fit beside it: a swap-in the next step must undo costs twice."""
         needed = self.kv.blocks_needed(req, req.num_swapped_tokens + 1)  # and room for its own next token
-        if needed + self._growth() > self.kv.num_free_blocks or not self.kv.allocate(req, req.num_swapped_tokens):
+        if not self._fits_beside_running(needed) or not self.kv.allocate(req, req.num_swapped_tokens):
             return False
         self.waiting.remove(req)
         req.num_computed_tokens = req.num_swapped_tokens
@@ -277,6 +277,8 @@ class Scheduler:
 
     def observe_step(self, plan: StepPlan, seconds: float) -> None:
         """Tell the policy what the step cost (policies that predict time use it)."""
+        if not self.policy.observes_steps:
+            return
         num_tokens = sum(s.num_query_tokens for s in plan.scheduled)
         num_decodes = sum(1 for s in plan.scheduled if s.num_query_tokens == 1)
         self.policy.on_step(num_tokens, num_decodes, seconds)

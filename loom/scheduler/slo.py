@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import defaultdict, deque
 from collections.abc import Sequence
@@ -117,6 +118,7 @@ class LengthPredictor:
     def __init__(self, options: PredictorOptions) -> None:
         self.options = options
         self._lengths: dict[tuple, deque[int]] = defaultdict(lambda: deque(maxlen=options.history))
+        self._sorted: dict[tuple, list[int]] = {}  # the same, sorted; rebuilt after a new length arrives
 
     @staticmethod
     def _features(req: Request) -> tuple[tuple, ...]:
@@ -126,6 +128,7 @@ class LengthPredictor:
     def observe(self, req: Request) -> None:
         for key in self._features(req):
             self._lengths[key].append(len(req.output_token_ids))
+            self._sorted.pop(key, None)
 
     def remaining(self, req: Request, quantile: float | None = None) -> int | None:
         """Predicted output tokens ``req`` still generates; None without enough history."""
@@ -135,10 +138,14 @@ class LengthPredictor:
             lengths = self._lengths.get(key)
             if lengths is None or len(lengths) < self.options.min_samples:
                 continue
-            longer = sorted(n - done for n in lengths if n > done)
+            ordered = self._sorted.get(key)
+            if ordered is None:
+                ordered = self._sorted[key] = sorted(lengths)
+            first = bisect.bisect_right(ordered, done)  # the lengths longer than what is done
+            longer = len(ordered) - first
             if not longer:  # longer than anything seen: expect as many again
                 return max(done, 1)
-            return longer[min(len(longer) - 1, math.ceil(q * len(longer)) - 1)]
+            return ordered[first + min(longer - 1, math.ceil(q * longer) - 1)] - done
         return None
 
 
@@ -162,6 +169,7 @@ class SJFPolicy(SchedulingPolicy):
 class SLOPolicy(SchedulingPolicy):
     name = "slo"
     Options = SLOOptions
+    observes_steps = True
 
     def __init__(self, options: Any = None, tenant_weights: dict[str, float] | None = None) -> None:
         super().__init__(options, tenant_weights)
