@@ -56,8 +56,10 @@ def test_sessions_replay_sends_whole_conversations_that_hit_their_pins(tiny_mode
         spec = ('sessions:{"sessions": 3, "rate": 20, "turns": 3, "first_input_len": 40, "turn_input_len": 6, '
                 '"output_len": 5, "think_time": 0.05, "think": "fixed", "background_rate": 3, "background_input_len": 20, '
                 '"background_output_len": 3}')
-        rc = main(["bench", "serve", "--base-url", server.base_url, "--workload", spec, "--no-plots", "--no-progress",
-                   "-o", str(out)])
+        corpus = tmp_path / "corpus.txt"  # its own text: the replay needs nothing from ../shared
+        corpus.write_text(" ".join(f"word{i % 97} and line {i}." for i in range(3000)))
+        rc = main(["bench", "serve", "--base-url", server.base_url, "--workload", spec, "--corpus", str(corpus),
+                   "--no-plots", "--no-progress", "-o", str(out)])
         assert rc == 0
         server.wait_idle()
         stats = server.engine.stats()
