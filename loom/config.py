@@ -293,6 +293,62 @@ class SchedulerConfig:
         _check_options(self)
 
 
+SPECULATIVE_METHODS = ("none", "ngram", "draft", "lookahead")  # loom.spec builds each
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    # The proposers' options live in loom.spec (make_speculator checks them).
+    speculative: str = field(
+        default="none",
+        metadata=option(
+            "speculative decoding: ngram (prompt lookup), draft (a smaller model, --speculative-model), lookahead "
+            "(an n-gram pool across requests, several branches verified as a tree)", flag="--speculative",
+            choices=SPECULATIVE_METHODS,
+        ),
+    )  # fmt: skip
+    speculative_k: str = field(
+        default="auto",
+        metadata=option(
+            "draft tokens per request per step: auto (chosen each step, 0 included, to maximise predicted goodput "
+            "from measured acceptance and step costs) or a fixed number", flag="--speculative-k", metavar="auto|K",
+        ),
+    )  # fmt: skip
+    speculative_max_k: int = field(
+        default=8,
+        metadata=option("the most draft tokens per request per step (auto chooses up to it)",
+                        flag="--speculative-max-k", minimum=1),
+    )
+    speculative_model: str | None = field(
+        default=None,
+        metadata=option("the draft model of --speculative draft: a GGUF file or safetensors directory with the "
+                        "target's vocabulary", flag="--speculative-model", default_help="none"),
+    )
+    speculative_config: str | None = field(
+        default=None,
+        metadata=option(
+            "the proposer's options: a JSON file or an inline JSON object (see the README's speculative decoding "
+            "section)", flag="--speculative-config", metavar="FILE|JSON", default_help="the proposer's defaults",
+        ),
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        _check_options(self)
+        k = self.speculative_k
+        if k != "auto" and not (k.isdigit() and int(k) <= 1 << 10):
+            raise ValueError(f"speculative_k (--speculative-k) must be auto or a whole number from 0 to 1024, got {k!r}")
+        if self.speculative == "draft" and not self.speculative_model:
+            raise ValueError("--speculative draft needs a draft model (--speculative-model)")
+        if self.speculative_model and self.speculative != "draft":
+            raise ValueError("--speculative-model is the draft model of --speculative draft; "
+                             f"it is not used by --speculative {self.speculative}")
+
+    @property
+    def fixed_k(self) -> int | None:
+        """The fixed number of draft tokens, or None for auto."""
+        return None if self.speculative_k == "auto" else int(self.speculative_k)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = field(
@@ -335,6 +391,7 @@ class EngineConfig:
     seed: int = field(default=0, metadata=option("seed of the engine's sampler"))
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculation: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
         _check_options(self)
@@ -354,17 +411,13 @@ class EngineConfig:
         unknown = sorted(set(options) - set(specs))
         if unknown:
             raise ValueError(f"unknown engine option(s): {', '.join(unknown)} (known: {', '.join(specs)})")
-        sections: dict[str | None, dict[str, Any]] = {None: {}, "cache": {}, "scheduler": {}}
+        sections: dict[str | None, dict[str, Any]] = {None: {}, **{name: {} for name in _SECTIONS}}
         for name, value in options.items():
             if value is not None:
                 spec = specs[name]
                 sections[spec.section][name] = value
-        return cls(
-            model=model,
-            cache=CacheConfig(**sections["cache"]),
-            scheduler=SchedulerConfig(**sections["scheduler"]),
-            **sections[None],
-        )
+        return cls(model=model, **{name: section(**sections[name]) for name, section in _SECTIONS.items()},
+                   **sections[None])
 
 
 @dataclass(frozen=True)
@@ -382,7 +435,7 @@ class EngineOption:
         return self.metadata["flag"]
 
 
-_SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig}
+_SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "speculation": SpeculativeConfig}
 
 
 def _base_type(hint: Any) -> type:
@@ -402,7 +455,7 @@ def _default(f: Field) -> Any:
 
 
 def engine_options() -> list[EngineOption]:
-    """Every engine option, flat: EngineConfig's own, then the cache's and the scheduler's. ``model``
+    """Every engine option, flat: EngineConfig's own, then those of each section (cache, scheduler, speculation). ``model``
     is first; ``LLM`` takes it as its positional argument."""
     out = list(_options_of(EngineConfig, None))
     for section, cls in _SECTIONS.items():

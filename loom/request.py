@@ -10,8 +10,6 @@ from typing import TYPE_CHECKING
 from loom.outputs import RequestMetrics, TokenLogprob
 
 if TYPE_CHECKING:
-    import torch
-
     from loom.sampling import SamplingParams
     from loom.structured import GrammarState
 
@@ -66,11 +64,13 @@ class Request:
     num_swapped_tokens: int = 0
     swap_in_pending: int = 0
     # Speculative tokens a proposer guessed to follow this request's tokens; the next step
-    # verifies them (then they are cleared).
+    # verifies them (then they are cleared). A tree of drafts also has each one's parent among
+    # them (-1: the request's last token); empty for a chain.
     draft_token_ids: list[int] = field(default_factory=list)
+    draft_parents: list[int] = field(default_factory=list)
     # Samples 1..n-1 of an ``n > 1`` request, waiting to fork from this one when its prompt is done.
     forks: list["Request"] = field(default_factory=list)
-    generator: "torch.Generator | None" = None
+    seed: int | None = None  # a seeded sample's (loom.sampling.sample_seed)
     grammar: "GrammarState | None" = None  # structured output: advances with each accepted token
     # An embedding request: computes its prompt only and sums the final hidden states of every
     # prompt position into ``hidden_sum`` (never served from the prefix cache).

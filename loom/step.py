@@ -17,8 +17,10 @@ class ScheduledRequest:
     """One request's share of a step, fixed when it is scheduled.
 
     The step computes the request's tokens ``[start, start + num_new_tokens)`` followed by
-    ``draft_token_ids`` (speculative tokens to verify). With ``sample`` set, the worker returns
-    the next token after them; with drafts, it returns every accepted draft plus one more token.
+    ``draft_token_ids`` (speculative tokens to verify; ``draft_parents``, when not empty, makes
+    them a tree: each token's parent among them, -1 for the last known token). With ``sample``
+    set, the worker returns the next token after them; with drafts, it returns every accepted
+    draft (of one branch) plus one more token.
     ``forks`` are the other samples of an ``n > 1`` request: they get their first token from
     this step's logits and then share the prompt's blocks."""
 
@@ -28,6 +30,7 @@ class ScheduledRequest:
     sample: bool
     draft_token_ids: tuple[int, ...] = ()
     forks: tuple[Request, ...] = ()
+    draft_parents: tuple[int, ...] = ()
 
     @property
     def end(self) -> int:
@@ -40,8 +43,9 @@ class ScheduledRequest:
 
     @property
     def is_decode(self) -> bool:
-        """One known token (plus drafts): served by the paged decode kernel, not as a prefill chunk."""
-        return self.num_new_tokens == 1
+        """One known token (plus a chain of drafts): served by the paged decode kernel, not as a
+        prefill chunk (a tree of drafts is a chunk with a tree mask)."""
+        return self.num_new_tokens == 1 and not self.draft_parents
 
 
 @dataclass(frozen=True)

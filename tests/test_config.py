@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import loom.config
-from loom.config import GIB, CacheConfig, EngineConfig, ModelConfig, RopeScaling, SchedulerConfig, engine_options
+from loom.config import GIB, CacheConfig, EngineConfig, ModelConfig, RopeScaling, SchedulerConfig, SpeculativeConfig, engine_options
 from loom.engine import engine_config
 
 LLM_KEYWORDS = {
@@ -18,6 +18,7 @@ LLM_KEYWORDS = {
     "kv_cache_dtype", "kv_cache_layers", "kv_residual_tokens", "kv_quant_group", "swap_space", "swap_dtype",
     "preemption_mode", "session_ttl", "session_ttl_max", "swap_blocks_per_step",
     "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "policy", "policy_config", "tenant_weights", "max_waiting", "seed",
+    "speculative", "speculative_k", "speculative_max_k", "speculative_model", "speculative_config",
 }  # fmt: skip
 
 
@@ -34,7 +35,8 @@ def test_engine_options_cover_every_field_once() -> None:
     assert {o.name for o in opts} == LLM_KEYWORDS | {"model"}
     assert len({o.name for o in opts}) == len(opts)
     for o in opts:
-        cls = {None: EngineConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}[o.section]
+        cls = {None: EngineConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+               "speculation": SpeculativeConfig}[o.section]
         f = next(f for f in dataclasses.fields(cls) if f.name == o.name)
         assert o.default == f.default and o.metadata["help"], o.name
     assert not hasattr(EngineConfig, "with_")

@@ -10,9 +10,7 @@ import dataclasses
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from loom.config import EngineConfig
 from loom.engine.group import RequestGroup, SampleState
@@ -23,9 +21,10 @@ from loom.model.quant.formats import QUANTIZATION_CHOICES
 from loom.model.worker import Worker
 from loom.outputs import RequestOutput
 from loom.request import Request, RequestTags
-from loom.sampling import SamplingParams, make_generator
+from loom.sampling import SamplingParams, sample_seed
 from loom.scheduler import Scheduler, policy_from_config
 from loom.scheduler.sessions import SessionTTL
+from loom.spec import Proposer, SpecStats, Target, check_speculation, make_proposer, make_speculator
 from loom.structured import GrammarCompiler
 from loom.tokenizer import Tokenizer
 
@@ -92,6 +91,7 @@ class EngineStats:
     phase_seconds: dict[str, float] = field(default_factory=dict)
     tenants: dict[str, TenantStats] = field(default_factory=dict)  # "" for requests without a tenant
     slo_classes: dict[str, tuple[int, int]] = field(default_factory=dict)  # class -> (finished, met); slo policy
+    spec: SpecStats | None = None  # speculative decoding's counters, when it is on
 
 
 @dataclass(frozen=True)
@@ -120,17 +120,13 @@ class ModelInfo:
     weight_formats: tuple[str, ...] = ()  # the quantized formats kept packed; () when all weights are dense
 
 
-class Proposer(Protocol):
-    """Guesses the tokens that follow running requests (speculative decoding): sets
-    ``draft_token_ids`` on the requests it has a guess for. The next step verifies them."""
-
-    def propose(self, requests: Iterable[Request]) -> None: ...
-
-
 class Engine:
     def __init__(self, config: EngineConfig | None = None, proposer: Proposer | None = None) -> None:
+        """``proposer``: speculate with it (with ``config.speculation``'s lengths) instead of the
+        proposer ``config.speculation.speculative`` names."""
         self.config = config = config or EngineConfig()
         policy = policy_from_config(config.scheduler)  # before anything loads: a bad option fails fast
+        check_speculation(config)
         config.check_quantization(QUANTIZATION_CHOICES)
         t0 = time.perf_counter()
         self.model_dir = resolve_model(config.model)
@@ -148,7 +144,11 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.kv, self.eos_token_ids, policy, self.worker.switch_costs,
                                    sessions)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
-        self.proposer = proposer
+        if proposer is None and config.speculation.speculative != "none":
+            proposer = make_proposer(Target(config, self.tokenizer, self.kv.num_blocks * self.kv.block_size,
+                                            self.max_model_len))
+        self.speculator = (make_speculator(config, proposer, self.worker.measure_step_seconds, trees=not kv.num_slots)
+                           if proposer is not None else None)
         self.groups: dict[str, RequestGroup] = {}
         self._sample_of: dict[str, tuple[RequestGroup, SampleState]] = {}
         self.prompt_tokens = 0
@@ -239,7 +239,7 @@ class Engine:
                 group_id=request_id,
                 sample_index=i,
                 max_total_tokens=limit,
-                generator=make_generator(params, i, self.worker.device),
+                seed=sample_seed(params, i),
                 grammar=self.grammars.new_state(params.structured_outputs) if params.structured_outputs else None,
                 embed=embed,
             )
@@ -307,6 +307,8 @@ class Engine:
             if not s.request.is_finished:
                 self.scheduler.finish(s.request, "abort")
             self._sample_of.pop(s.request.request_id, None)
+        if self.speculator is not None:
+            self.speculator.forget(s.request.request_id for s in group.samples)
         return group.output()
 
     def has_unfinished_requests(self) -> bool:
@@ -319,8 +321,8 @@ class Engine:
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
-        if self.proposer is not None:
-            self.proposer.propose(self.scheduler.running)
+        if self.speculator is not None:
+            self.speculator.prepare(self.scheduler.running)
         plan = self.scheduler.schedule()
         if not plan:
             return self._collect_finished()
@@ -328,6 +330,8 @@ class Engine:
         result = self.worker.execute(plan)
         t2 = time.perf_counter()
         self.scheduler.observe_step(plan, t2 - t1)
+        if self.speculator is not None:
+            self.speculator.observe(plan, result, t2 - t1)
         outputs = self._outputs(self.scheduler.update(plan, result))
         t3 = time.perf_counter()
         self._record(StepTiming(t1 - t0, t2 - t1, t3 - t2))
@@ -350,27 +354,43 @@ class Engine:
             if st.num_detokenized == 0 and new and req.sample_index == 0:
                 account.cached_prompt_tokens += req.num_cached_tokens
                 account.queue_seconds += req.metrics.queue_time or 0.0
-            st.num_detokenized = len(req.output_token_ids)
-            self.generation_tokens += len(new)
-            account.generation_tokens += len(new)
-            delta = st.detok.add(new)
-            st.text += delta
-            p = req.params
-            if (delta and p.stop and req.finish_reason in (None, "length")
-                    and len(req.output_token_ids) >= p.min_tokens
-                    and (m := st.stop.check(st.text, len(delta))) is not None):
-                st.text = st.text[: m.end]
-                self.scheduler.finish(req, "stop", m.stop)
-            elif req.is_finished:
-                st.text += st.detok.flush()  # held-back bytes of an incomplete character
+            before = st.num_detokenized
+            self._detokenize(req, st, new)
+            self.generation_tokens += st.num_detokenized - before
+            account.generation_tokens += st.num_detokenized - before
             if req.is_finished:
                 del self._sample_of[req.request_id]
+                if self.speculator is not None:
+                    self.speculator.forget([req.request_id])
         outputs = []
         for group in touched.values():
             outputs.append(group.output())
             if group.finished:
                 del self.groups[group.request_id]
         return outputs + self._collect_finished()
+
+    def _detokenize(self, req: Request, st: SampleState, new: list[int]) -> None:
+        """Add ``new`` tokens to the sample's text and apply its stop strings. Several tokens of one
+        step (accepted drafts) go one at a time when there are stop strings, so that the tokens
+        after the one that completes a stop are dropped, as if they had come one per step."""
+        p = req.params
+        pieces = [[t] for t in new] if p.stop and len(new) > 1 else [new]
+        count = len(req.output_token_ids) - len(new)
+        for piece in pieces:
+            count += len(piece)
+            delta = st.detok.add(piece)
+            st.text += delta
+            if (delta and p.stop and req.finish_reason in (None, "length") and count >= p.min_tokens
+                    and (m := st.stop.check(st.text, len(delta))) is not None):
+                st.text = st.text[: m.end]
+                req.cumulative_logprob -= sum(lp.logprob for lp in req.output_logprobs[count:])
+                del req.output_token_ids[count:], req.output_logprobs[count:]
+                self.scheduler.finish(req, "stop", m.stop)
+                break
+        else:
+            if req.is_finished:
+                st.text += st.detok.flush()  # held-back bytes of an incomplete character
+        st.num_detokenized = len(req.output_token_ids)
 
     def _collect_finished(self) -> list[RequestOutput]:
         """Groups that finished without a step (e.g. ``max_tokens=0`` without prompt logprobs)."""
@@ -406,6 +426,7 @@ class Engine:
             phase_seconds={**self.phase_seconds, **self.worker.phase_seconds},
             tenants={name: dataclasses.replace(t) for name, t in self.tenants.items()},
             slo_classes=s.policy.slo_report(),
+            spec=self.speculator.stats() if self.speculator is not None else None,
         )
 
     def model_info(self) -> ModelInfo:

@@ -263,6 +263,13 @@ class KVCache:
         """Copy one residual slot to another (a forked sample's open group)."""
         raise ValueError("this KV cache has no residual slots")
 
+    def move_tokens(self, src_blocks: torch.Tensor, src_offsets: torch.Tensor, dst_blocks: torch.Tensor,
+                    dst_offsets: torch.Tensor) -> None:
+        """Copy the keys and values of tokens at (block, offset) slots to others, every layer (a
+        verified tree's accepted drafts into their sequence positions). Sources are read first."""
+        for t in (*self.keys, *self.values):
+            t[dst_blocks, :, dst_offsets] = t[src_blocks, :, src_offsets]
+
 
 def quantize_int8(x: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 codes of ``x`` ``[..., D]`` with one fp16 scale (max |x| / 127) per ``group``
@@ -319,6 +326,16 @@ class Int8KVCache(KVCache):
             return super().gather(layer, block_ids, length)
         return self._native_gather(self.keys[layer], self.values[layer], self.key_scales[layer],
                                    self.value_scales[layer], block_ids, length, self.spec.dtype)
+
+    def move_tokens(self, src_blocks: torch.Tensor, src_offsets: torch.Tensor, dst_blocks: torch.Tensor,
+                    dst_offsets: torch.Tensor) -> None:
+        for layer in range(self.spec.num_layers):
+            keys = self._pair_major(self.keys[layer])
+            keys[dst_blocks, :, :, dst_offsets] = keys[src_blocks, :, :, src_offsets]
+            scales = self.key_scales[layer]
+            scales[dst_blocks, :, :, dst_offsets] = scales[src_blocks, :, :, src_offsets]
+            for t in (self.values[layer], self.value_scales[layer]):
+                t[dst_blocks, :, dst_offsets] = t[src_blocks, :, src_offsets]
 
     @staticmethod
     def _pair_major(codes: torch.Tensor) -> torch.Tensor:
@@ -518,6 +535,10 @@ class KiviKVCache(KVCache):
         idx = (pos - sealed).clamp(0, r - 1)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
         return torch.where(in_residual, rk.gather(2, idx), k), torch.where(in_residual, rv.gather(2, idx), v)
 
+    def move_tokens(self, src_blocks: torch.Tensor, src_offsets: torch.Tensor, dst_blocks: torch.Tensor,
+                    dst_offsets: torch.Tensor) -> None:
+        raise ValueError("a KIVI cache cannot move single tokens (its open group is per sequence)")
+
     def copy_slot(self, src: int, dst: int) -> None:
         n = self.blocks_per_slot
         for cache in (*self.residual_keys, *self.residual_values):
@@ -577,6 +598,11 @@ class MixedKVCache(KVCache):
     def copy_slot(self, src: int, dst: int) -> None:
         for c in self._kivi:
             c.copy_slot(src, dst)
+
+    def move_tokens(self, src_blocks: torch.Tensor, src_offsets: torch.Tensor, dst_blocks: torch.Tensor,
+                    dst_offsets: torch.Tensor) -> None:
+        for c in self.layers:
+            c.move_tokens(src_blocks, src_offsets, dst_blocks, dst_offsets)
 
 
 def make_kv_cache(spec: KVCacheSpec, num_blocks: int, device: torch.device, num_slots: int = 0) -> KVCache:

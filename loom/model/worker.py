@@ -74,6 +74,29 @@ class _Rows:
     prompt: list[tuple[int, ScheduledRequest, int]]
 
 
+def draft_paths(drafts: tuple[int, ...], parents: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Per verification row (0: the last known token, ``j``: draft ``j - 1``), the draft tokens on
+    the branch from the known token up to it."""
+    paths: list[tuple[int, ...]] = [()]
+    for j, t in enumerate(drafts):
+        parent = parents[j] if parents else j - 1
+        paths.append((*paths[parent + 1], t))
+    return paths
+
+
+def tree_mask(parents: tuple[int, ...], device: torch.device) -> tuple[list[int], torch.Tensor]:
+    """A draft tree's depths (1 for children of the known token) and its attention mask over the
+    verification rows (the known token, then each draft): a row sees its ancestors and itself."""
+    n = len(parents) + 1
+    mask = torch.eye(n, dtype=torch.bool)
+    mask[:, 0] = True
+    depths = []
+    for j, p in enumerate(parents):
+        mask[j + 1] |= mask[p + 1]
+        depths.append(1 + (depths[p] if p >= 0 else 0))
+    return depths, mask.to(device)
+
+
 class Worker:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, model_dir: Path, max_model_len: int,
                  eos_token_ids: tuple[int, ...], gguf: Path | None = None) -> None:
@@ -162,6 +185,27 @@ class Worker:
                  "swap space %d blocks", swap_seconds * 1e3, bs, costs.recompute_seconds_per_token * 1e3, capacity_blocks)
         return costs
 
+    def measure_step_seconds(self, max_tokens: int) -> list[tuple[int, float]]:
+        """Seconds of a verification-shaped forward pass (one sequence's decode rows, logits and
+        greedy sampling for each) at 1, 2, 4, ... query tokens up to ``max_tokens``, on blocks no
+        request holds yet (at start-up): the speculation controller's cost curve."""
+        bs = self.kv.block_size
+        max_tokens = max(1, min(max_tokens, self.kv.num_blocks * bs))
+        probe = Request("__probe__", [0], SamplingParams(max_tokens=1, temperature=0.0),
+                        block_ids=list(range(-(-max_tokens // bs))), residual_slot=0 if self.kv.num_slots else -1)
+        sizes = [n for n in (1 << i for i in range(16)) if n < max_tokens] + [max_tokens]
+        points = []
+        for n in sizes:
+            plan = StepPlan([ScheduledRequest(probe, 0, 1, sample=True, draft_token_ids=(0,) * (n - 1))])
+            seconds = float("inf")
+            for _ in range(2):  # the first pass may pay one-time costs
+                t0 = time.perf_counter()
+                self.execute(plan)
+                seconds = min(seconds, time.perf_counter() - t0)
+            points.append((n, seconds))
+        self.phase_seconds.clear()
+        return points
+
     # -- the step -----------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
@@ -193,7 +237,8 @@ class Worker:
         t2 = time.perf_counter()
         results: dict[str, RequestResult] = {}
         if logits is not None:
-            self._sample(logits, rows.sample, results)
+            for s, accepted in self._sample(logits, rows.sample, results):
+                self._move_accepted(s, accepted)
             self._prompt_logprobs(logits, rows.prompt, results)
         self._hidden_sums(hidden, plan.scheduled, batch.offsets, results)
         t3 = time.perf_counter()
@@ -233,13 +278,22 @@ class Worker:
             r = s.request
             offsets[i] = len(ids)
             ids.extend(r.token_ids_slice(s.start, s.end))
-            blocks = r.block_ids[: -(-s.end // bs)]
-            for p in range(s.start, s.end):
-                pos.append(p)
+            ids.extend(s.draft_token_ids)
+            end = s.start + s.num_query_tokens
+            blocks = r.block_ids[: -(-end // bs)]
+            tree = None
+            if s.draft_parents:  # a tree of drafts: each at its depth, in the slots after the known token
+                depths, tree = tree_mask(s.draft_parents, self.device)
+                pos.append(s.start)
+                pos.extend(s.start + d for d in depths)
+            else:
+                pos.extend(range(s.start, end))
+            for p in range(s.start, end):
                 slot_blocks.append(blocks[p // bs])
                 slot_offsets.append(p % bs)
-            prefills.append(PrefillChunk(len(ids) - s.num_new_tokens, len(ids), s.start,
-                                         torch.tensor(blocks, dtype=torch.int64, device=self.device), r.residual_slot))
+            prefills.append(PrefillChunk(len(ids) - s.num_query_tokens, len(ids), s.start,
+                                         torch.tensor(blocks, dtype=torch.int64, device=self.device), r.residual_slot,
+                                         tree))
         width = max((len(t) for t in tables), default=0)
         device = self.device
         residual = self.kv.num_slots > 0  # a KIVI cache: each row's slot, and where the step's rows go
@@ -280,45 +334,75 @@ class Worker:
         return rows
 
     def _sample(self, logits: torch.Tensor, sample: list[tuple[int, ScheduledRequest, int]],
-                results: dict[str, RequestResult]) -> None:
+                results: dict[str, RequestResult]) -> list[tuple[ScheduledRequest, list[int]]]:
         """One sampler call for every row. A request verifying drafts samples at each of its
-        ``1 + k`` positions (with the drafts before it as history) and keeps its tokens up to and
-        including the first that differs from the draft: each kept token is a draw from the
-        model's distribution given the tokens before it, so the output is distributed exactly
-        as without drafts."""
+        ``1 + k`` rows (with the drafts on the row's branch as history), then walks from its last
+        known token: it keeps the token drawn there and, while a draft on the branch is that
+        token, moves to the draft's row and keeps the token drawn there.
+
+        This is the rejection rule of speculative sampling for drafts proposed with certainty
+        (q = 1 for the draft token): the draft is kept with probability p(draft), and otherwise
+        the kept token is a draw from p without the draft, renormalised. Every kept token is a
+        draw from the model's distribution given the tokens before it, so the output is
+        distributed exactly as without drafts, and a seeded sample (one generator stream per
+        position) is token for token what it would be without them.
+
+        Returns the tree verifications whose accepted drafts are not the first rows (their KV must
+        move into place), with the rows accepted."""
         sampling_rows: list[SamplingRow] = []
         logit_rows: list[int] = []
-        owners: list[tuple[Request, ScheduledRequest]] = []
+        owners: list[tuple[Request, ScheduledRequest, list[tuple[int, ...]]]] = []
         constrained: list[tuple[int, Request, ScheduledRequest]] = []  # (first sampling row, request, step)
         for first, s, n in sample:
+            paths = draft_paths(s.draft_token_ids, s.draft_parents)
             for req in (s.request, *s.forks):
                 if req.grammar is not None:
                     constrained.append((len(sampling_rows), req, s))
+                owners.append((req, s, paths))
                 for j in range(n):
-                    history = req.output_token_ids if j == 0 else [*req.output_token_ids, *s.draft_token_ids[:j]]
-                    sampling_rows.append(SamplingRow(req.params, req.prompt_token_ids, history, req.generator,
+                    history = [*req.output_token_ids, *paths[j]] if j else req.output_token_ids
+                    sampling_rows.append(SamplingRow(req.params, req.prompt_token_ids, history, req.seed,
                                                      self.eos_token_ids))
                     logit_rows.append(first + j)
-                    owners.append((req, s))
         if not sampling_rows:
-            return
+            return []
         if len(logit_rows) != logits.shape[0] or logit_rows != list(range(len(logit_rows))):
             logits = logits[torch.tensor(logit_rows, device=logits.device)]
         sampled = self.sampler(logits, sampling_rows, self._grammar_bitmask(constrained, len(sampling_rows), logits.shape[1]))
+        moves: list[tuple[ScheduledRequest, list[int]]] = []
         i = 0
-        while i < len(owners):
-            req, s = owners[i]
+        for req, s, paths in owners:
+            n = len(paths)
             tokens: list[int] = []
             logprobs: list[TokenLogprob] = []
-            for j in range(1 + len(s.draft_token_ids)):
-                res = sampled[i + j]
+            row = 0
+            rows = []  # the accepted drafts' rows
+            while True:
+                res = sampled[i + row]
                 tokens.append(res.token_id)
                 if res.logprob is not None:
                     logprobs.append(res.logprob)
-                if j == len(s.draft_token_ids) or res.token_id != s.draft_token_ids[j]:
+                path = (*paths[row], res.token_id)
+                row = next((c for c in range(row + 1, n) if paths[c] == path), 0)  # the draft it confirms
+                if not row:
                     break
+                rows.append(row)
+            if rows != list(range(1, len(rows) + 1)):
+                moves.append((s, rows))
             results[req.request_id] = RequestResult(tuple(tokens), tuple(logprobs))
-            i += 1 + len(s.draft_token_ids)
+            i += n
+        return moves
+
+    def _move_accepted(self, s: ScheduledRequest, rows: list[int]) -> None:
+        """Copy the KV of a tree's accepted drafts (in slots ``start + row``) to the positions they
+        take in the sequence (``start + 1, start + 2, ...``)."""
+        bs = self.kv.block_size
+        blocks = s.request.block_ids
+        src = [s.start + r for r in rows]
+        dst = [s.start + 1 + j for j in range(len(rows))]
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=self.device)  # noqa: E731
+        self.kv.move_tokens(as_tensor([blocks[p // bs] for p in src]), as_tensor([p % bs for p in src]),
+                            as_tensor([blocks[p // bs] for p in dst]), as_tensor([p % bs for p in dst]))
 
     @staticmethod
     def _grammar_bitmask(constrained: list[tuple[int, Request, ScheduledRequest]], num_rows: int,

@@ -1,7 +1,7 @@
 """Sampling: validated request parameters, the batched sampler, logprobs, stop strings."""
 
 from loom.sampling.params import MAX_LOGPROBS, SamplingParams
-from loom.sampling.sampler import SampleResult, Sampler, SamplingRow, TokenBitmask, compute_logprobs, make_generator
+from loom.sampling.sampler import SampleResult, Sampler, SamplingRow, TokenBitmask, compute_logprobs, position_generator, sample_seed
 from loom.sampling.stop import StopMatch, StopStringMatcher
 
 __all__ = [
@@ -14,5 +14,6 @@ __all__ = [
     "StopStringMatcher",
     "TokenBitmask",
     "compute_logprobs",
-    "make_generator",
+    "position_generator",
+    "sample_seed",
 ]

@@ -39,8 +39,8 @@ class SamplingRow:
 
     params: SamplingParams
     prompt_token_ids: Sequence[int]
-    output_token_ids: Sequence[int]  # generated so far for this sample
-    generator: torch.Generator | None  # from make_generator(); None = the sampler's shared generator
+    output_token_ids: Sequence[int]  # generated so far for this sample (drafts before the row included)
+    seed: int | None  # from sample_seed(); None = the sampler's shared generator
     eos_token_ids: tuple[int, ...]
 
 
@@ -58,14 +58,22 @@ class SampleResult:
     logprob: TokenLogprob | None  # set when params.sampled_logprobs is not None
 
 
-def make_generator(params: SamplingParams, sample_index: int, device: str | torch.device = "cpu") -> torch.Generator | None:
-    """Per-sample generator for seeded requests: sample ``i`` of a request is seeded from (seed, i),
-    so the ``n`` samples differ from each other but each is reproducible."""
+def sample_seed(params: SamplingParams, sample_index: int) -> int | None:
+    """The seed of a seeded request's sample: sample ``i`` is seeded from (seed, i), so the ``n``
+    samples differ from each other but each is reproducible."""
     if params.seed is None:
         return None
     digest = hashlib.blake2b(f"{params.seed}:{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def position_generator(seed: int, position: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of a seeded sample's draw at output ``position``: one stream per position, so
+    a token depends on the seed, the position and the logits only, not on how many draws came
+    before. A speculative step that samples at several positions (and throws some away) then draws
+    exactly what one-token steps would have drawn."""
     generator = torch.Generator(device=device)
-    generator.manual_seed(int.from_bytes(digest, "little"))
+    generator.manual_seed((seed ^ (position * 0x9E3779B97F4A7C15)) & 0xFFFF_FFFF_FFFF_FFFF)
     return generator
 
 
@@ -159,14 +167,14 @@ class Sampler:
             x.div_(temperatures.unsqueeze(1))
         probs = _filter(torch.softmax(x, dim=-1), [row.params for row in rows])
         out = torch.empty(len(rows), dtype=torch.long, device=device)
-        unseeded = [i for i, row in enumerate(rows) if row.generator is None]
+        unseeded = [i for i, row in enumerate(rows) if row.seed is None]
         if unseeded:
             shared = self._shared_generator(device)
             uniforms = torch.rand(len(unseeded), dtype=torch.float64, generator=shared, device=device)
             out[unseeded] = _draw(probs[unseeded] if len(unseeded) < len(rows) else probs, uniforms)
         for i, row in enumerate(rows):
-            if row.generator is not None:
-                out[i] = _race(probs[i], row.generator)
+            if row.seed is not None:
+                out[i] = _race(probs[i], position_generator(row.seed, len(row.output_token_ids), device))
         return out
 
 

@@ -7,7 +7,6 @@ them touches the step loop."""
 
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -114,24 +113,3 @@ class FCFSPolicy(SchedulingPolicy):
 
     def sort_key(self, req: Request, now: float) -> Any:
         return (req.arrival_time, req.sample_index)
-
-
-def parse_options(cls: type, values: dict[str, Any], policy: str) -> Any:
-    """``cls`` (a frozen dataclass) from a JSON object, naming unknown keys and mistyped values."""
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        listed = ", ".join(known) or "none"
-        raise ValueError(f"unknown option {unknown[0]!r} for the {policy} policy (its options: {listed})")
-    for key, value in values.items():
-        expected = str(known[key].type)  # annotations are strings here (postponed evaluation)
-        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if expected in ("float", "float | None") and not (numeric or (value is None and expected.endswith("None"))):
-            raise ValueError(f"{policy} policy option {key!r} must be a number, got {value!r}")
-        if expected == "int" and not (isinstance(value, int) and not isinstance(value, bool)):
-            raise ValueError(f"{policy} policy option {key!r} must be an integer, got {value!r}")
-        if expected == "bool" and not isinstance(value, bool):
-            raise ValueError(f"{policy} policy option {key!r} must be true or false, got {value!r}")
-        if expected == "str" and not isinstance(value, str):
-            raise ValueError(f"{policy} policy option {key!r} must be a string, got {value!r}")
-    return cls(**values)

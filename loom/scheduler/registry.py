@@ -6,9 +6,9 @@ import math
 from typing import Any
 
 from loom.config import SchedulerConfig
-from loom.json_source import json_object
+from loom.json_source import json_object, parse_options
 from loom.scheduler.fair import DLPMPolicy, LPMPolicy, VTCPolicy
-from loom.scheduler.policy import FCFSPolicy, SchedulingPolicy, parse_options
+from loom.scheduler.policy import FCFSPolicy, SchedulingPolicy
 from loom.scheduler.priority import PriorityPolicy
 from loom.scheduler.slo import SJFPolicy, SLOPolicy
 
@@ -42,7 +42,7 @@ def make_policy(name: str, options: str | dict[str, Any] | None = None, tenant_w
         raise ValueError(f"policy (--policy) must be one of {', '.join(POLICIES)}; got {name!r}") from None
     values = options if isinstance(options, dict) else json_object(options, "policy options") if options else {}
     weights = load_tenant_weights(tenant_weights) if tenant_weights else None
-    return cls(parse_options(cls.Options, values, name), weights)
+    return cls(parse_options(cls.Options, values, f"the {name} policy"), weights)
 
 
 def policy_from_config(config: SchedulerConfig) -> SchedulingPolicy:

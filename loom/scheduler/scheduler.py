@@ -119,8 +119,8 @@ class Scheduler:
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             if num_new > 1 and self._outranked(req, head, now):
                 continue
-            room = min(budget - 1, self.kv.max_drafts(req.num_computed_tokens + num_new))
-            drafts = tuple(req.draft_token_ids[:room]) if num_new == 1 else ()
+            room = min(budget - 1, self.kv.max_drafts(req.num_computed_tokens + num_new)) if num_new == 1 else 0
+            drafts = tuple(req.draft_token_ids[:room])
             while not self.kv.allocate(req, req.num_computed_tokens + num_new + len(drafts)):
                 short_of_blocks = True
                 victim = self.policy.select_victim(unscheduled + [req], now)
@@ -131,7 +131,7 @@ class Scheduler:
                 unscheduled.remove(victim)
             if req.status is not RequestStatus.RUNNING:
                 continue
-            plan.scheduled.append(self._scheduled(req, num_new, drafts))
+            plan.scheduled.append(self._scheduled(req, num_new, drafts, tuple(req.draft_parents[: len(drafts)])))
             budget -= num_new + len(drafts)
         if not short_of_blocks:
             self._admit(plan, budget, now)
@@ -179,15 +179,18 @@ class Scheduler:
         growth = sum(self.kv.blocks_needed(r, r.num_computed_tokens + 1) for r in self.running)
         return blocks + growth <= self.kv.num_free_blocks
 
-    def _scheduled(self, req: Request, num_new: int, drafts: tuple[int, ...] = ()) -> ScheduledRequest:
+    def _scheduled(self, req: Request, num_new: int, drafts: tuple[int, ...] = (),
+                   parents: tuple[int, ...] = ()) -> ScheduledRequest:
         start = req.num_computed_tokens
         end = start + num_new
         sample = end == req.num_tokens and req.params.max_tokens != 0
+        if all(p == i - 1 for i, p in enumerate(parents)):
+            parents = ()  # a chain (a tree cut down to its first branch's start)
         prompt_end = min(end, req.num_prompt_tokens)
         new_prompt = max(0, prompt_end - max(start, req.num_served_prompt_tokens))
         req.num_served_prompt_tokens = max(req.num_served_prompt_tokens, prompt_end)
         self.policy.on_scheduled(req, new_prompt, int(sample))
-        return ScheduledRequest(req, start, num_new, sample, drafts, tuple(req.forks) if sample else ())
+        return ScheduledRequest(req, start, num_new, sample, drafts, tuple(req.forks) if sample else (), parents)
 
     def _admit(self, plan: StepPlan, budget: int, now: float) -> None:
         state = self._queue_state(now)
@@ -228,6 +231,7 @@ class Scheduler:
         self.kv.free(req)
         req.num_computed_tokens = 0
         req.draft_token_ids.clear()
+        req.draft_parents.clear()
         req.status = RequestStatus.PREEMPTED
         req.metrics.num_preemptions += 1
         self.num_preemptions += 1
@@ -302,6 +306,7 @@ class Scheduler:
             req.num_computed_tokens = s.end + accepted_drafts
             if s.draft_token_ids:
                 req.draft_token_ids.clear()
+                req.draft_parents.clear()
                 self.kv.truncate(req, req.num_computed_tokens)
             self.kv.cache_full_blocks(req)
             if req.metrics.prefill_end_time is None and req.num_computed_tokens >= req.num_prompt_tokens:

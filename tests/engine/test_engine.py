@@ -9,6 +9,7 @@ import pytest
 
 from loom.engine import LLM, Engine, engine_config
 from loom.sampling import SamplingParams
+from loom.spec import Draft, Proposer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
@@ -185,23 +186,24 @@ def test_abort_frees_blocks(model_dir):
     assert eng.kv.num_free_blocks == free and not eng.has_unfinished_requests()
 
 
-class ReplayProposer:
+class ReplayProposer(Proposer):
     """Proposes the next tokens of a known greedy continuation, with every third guess wrong,
     so verification both accepts and rejects drafts."""
 
-    def __init__(self, expected: dict[tuple[int, ...], list[int]], k: int) -> None:
+    name = "replay"
+
+    def __init__(self, expected: dict[tuple[int, ...], list[int]]) -> None:
         self.expected = expected
-        self.k = k
         self.proposed = 0
 
-    def propose(self, requests) -> None:
-        for r in requests:
-            if r.num_tokens - r.num_computed_tokens != 1:
-                continue  # still in its prefill
+    def propose(self, requests, ks) -> list[Draft]:
+        drafts = []
+        for r, k in zip(requests, ks):
             future = self.expected[tuple(r.prompt_token_ids)][len(r.output_token_ids):]
-            drafts = [t if (len(r.output_token_ids) + i) % 3 else (t + 1) % 1000 for i, t in enumerate(future[: self.k])]
-            r.draft_token_ids = drafts
-            self.proposed += len(drafts)
+            tokens = [t if (len(r.output_token_ids) + i) % 3 else (t + 1) % 1000 for i, t in enumerate(future[:k])]
+            self.proposed += len(tokens)
+            drafts.append(Draft(tuple(tokens)))
+        return drafts
 
 
 def test_verifying_drafts_keeps_greedy_output_and_rolls_back_rejected_kv(model_dir):
@@ -209,8 +211,8 @@ def test_verifying_drafts_keeps_greedy_output_and_rolls_back_rejected_kv(model_d
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1)
     plain = LLM(model_dir, dtype="float32", block_size=4).generate(ps, params, use_tqdm=False)
     expected = {tuple(p): o.outputs[0].token_ids for p, o in zip(ps, plain)}
-    proposer = ReplayProposer(expected, k=5)
-    engine = Engine(engine_config(model_dir, dtype="float32", block_size=4), proposer=proposer)
+    proposer = ReplayProposer(expected)
+    engine = Engine(engine_config(model_dir, dtype="float32", block_size=4, speculative_k="5"), proposer=proposer)
     for i, p in enumerate(ps):
         engine.add_request(str(i), p, params)
     finals = {}

@@ -141,8 +141,8 @@ def test_kivi_drafts_never_complete_a_group_and_keep_greedy_output(model_dir):
     opts = dict(dtype="float32", kv_cache_dtype="int4", block_size=16, kv_residual_tokens=16)
     plain = LLM(model_dir, **opts).generate(ps, params, use_tqdm=False)
     expected = {tuple(p): o.outputs[0].token_ids for p, o in zip(ps, plain)}
-    proposer = ReplayProposer(expected, k=7)
-    engine = Engine(engine_config(model_dir, **opts), proposer=proposer)
+    proposer = ReplayProposer(expected)
+    engine = Engine(engine_config(model_dir, **opts, speculative_k="7"), proposer=proposer)
     for i, p in enumerate(ps):
         engine.add_request(str(i), p, params)
     finals = {}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loom.model.device import free_memory_bytes, kv_cache_budget, resolve_device, resolve_dtype
-from loom.sampling import SamplingParams, make_generator
+from loom.sampling import SamplingParams, position_generator, sample_seed
 
 
 def test_auto_resolves_to_the_cpu_without_a_gpu():
@@ -40,5 +40,5 @@ def test_kv_budget_is_free_memory_less_the_headroom():
 
 
 def test_seeded_generators_live_on_the_device():
-    g = make_generator(SamplingParams(seed=3), 0, resolve_device("auto"))
-    assert g is not None and g.device == resolve_device("auto")
+    seed = sample_seed(SamplingParams(seed=3), 0)
+    assert seed is not None and position_generator(seed, 5, resolve_device("auto")).device == resolve_device("auto")

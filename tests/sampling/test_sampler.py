@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from loom.sampling import SamplingParams, SamplingRow, Sampler, make_generator
+from loom.sampling import SamplingParams, SamplingRow, Sampler, sample_seed
 from loom.sampling.sampler import _apply_penalties, _draw
 
 EOS = 2
 
 
 def _row(params: SamplingParams, output: list[int] | None = None, prompt: list[int] | None = None, index: int = 0) -> SamplingRow:
-    return SamplingRow(params, prompt or [], output or [], make_generator(params, index), (EOS,))
+    return SamplingRow(params, prompt or [], output or [], sample_seed(params, index), (EOS,))
 
 
 def _logits(rows: int, vocab: int, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
@@ -139,7 +139,7 @@ def test_unseeded_rows_follow_the_sampler_seed() -> None:
     logits = _logits(8, 1000, seed=4, scale=1.0)
     rows = [_row(SamplingParams(temperature=1.0)) for _ in range(8)]
     assert _sample(logits, rows, Sampler(seed=3)) == _sample(logits, rows, Sampler(seed=3))
-    assert make_generator(SamplingParams(), 0) is None
+    assert sample_seed(SamplingParams(), 0) is None
 
 
 # -- filters ----------------------------------------------------------------------------------
@@ -292,11 +292,16 @@ def test_temperature_distribution() -> None:
 
 
 def test_seeded_distribution_over_steps() -> None:
-    """One seeded row drawn repeatedly follows the distribution too (its generator advances)."""
+    """A seeded sample's draws over its positions follow the distribution too (one stream per position)."""
     probs = torch.tensor([[0.6, 0.3, 0.1]])
-    row = _row(SamplingParams(temperature=1.0, seed=11))
+    params = SamplingParams(temperature=1.0, seed=11)
     sampler = Sampler()
-    tokens = [sampler(probs.log(), [row])[0].token_id for _ in range(5000)]
+    output: list[int] = []
+    tokens = []
+    for _ in range(5000):
+        tokens.append(sampler(probs.log(), [_row(params, output=output)])[0].token_id)
+        output.append(0)
+    assert sampler(probs.log(), [_row(params, output=[0] * 7)])[0].token_id == tokens[7]  # a position's draw is fixed
     assert (_frequencies(tokens, 3) - probs[0].double()).abs().max() < 0.025
 
 

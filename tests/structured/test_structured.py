@@ -13,6 +13,7 @@ import torch
 
 from loom.engine import LLM, Engine, engine_config
 from loom.sampling import SamplingParams
+from loom.spec import Draft, Proposer
 from loom.structured import GrammarCompiler, GrammarError, StructuredOutputs, apply_token_bitmask, new_bitmask
 from loom.structured.params import MAX_CHOICES, MAX_GRAMMAR_CHARS
 
@@ -201,17 +202,19 @@ def test_drafts_are_verified_against_the_grammar(model_dir, llm):
     expected = plain.token_ids
     assert plain.finish_reason == "stop" and len(expected) > 4
 
-    class Replay:
+    class Replay(Proposer):
+        name = "replay"
         proposed = 0
 
-        def propose(self, requests):
-            for r in requests:
-                if r.num_tokens - r.num_computed_tokens == 1:
-                    future = expected[len(r.output_token_ids):][:4]
-                    r.draft_token_ids = [t if i % 2 == 0 else 5 for i, t in enumerate(future)]
-                    Replay.proposed += len(future)
+        def propose(self, requests, ks):
+            drafts = []
+            for r, k in zip(requests, ks):
+                future = expected[len(r.output_token_ids):][:k]
+                drafts.append(Draft(tuple(t if i % 2 == 0 else 5 for i, t in enumerate(future))))
+                Replay.proposed += len(future)
+            return drafts
 
-    engine = Engine(engine_config(model_dir, dtype="float32", block_size=4), proposer=Replay())
+    engine = Engine(engine_config(model_dir, dtype="float32", block_size=4, speculative_k="4"), proposer=Replay())
     engine.add_request("r", "Hello", params)
     final = None
     while engine.has_unfinished_requests():

@@ -25,6 +25,9 @@ class PrefillChunk:
     start_pos: int  # tokens of this sequence already in the cache before the chunk
     block_ids: torch.Tensor  # int64 [num_blocks covering start_pos + chunk]
     slot: int = -1  # the sequence's residual slot (a cache with a residual)
+    # A tree of drafts to verify: which of the chunk's rows each row sees (its ancestors and itself)
+    # instead of the causal mask; the rows sit in consecutive slots but at their depths' positions.
+    tree: torch.Tensor | None = None  # bool [rows, rows]
 
 
 @dataclass
@@ -69,7 +72,11 @@ class AttentionBackend(ABC):
             out[:nd] = self.decode(layer, q[:nd], meta, scale, window)
         for j, c in enumerate(meta.prefills):
             s, e = c.token_start, c.token_end
-            if open_groups:
+            if c.tree is not None:
+                if open_groups:
+                    raise ValueError("a tree of drafts cannot be verified over a cache with a residual")
+                out[s:e] = self.tree_prefill(layer, q[s:e], c, scale, window)
+            elif open_groups:
                 out[s:e] = self.residual_prefill(layer, q[s:e], k[s:e], v[s:e], c, scale, window, open_groups[j])
             else:
                 out[s:e] = self.prefill(layer, q[s:e], k[s:e], v[s:e], c, scale, window)
@@ -120,6 +127,24 @@ class AttentionBackend(ABC):
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
         return out[0].transpose(0, 1)
 
+
+    def tree_prefill(self, layer: int, q: torch.Tensor, chunk: PrefillChunk, scale: float, window: int) -> torch.Tensor:
+        """A tree of drafts (with the known token first): each row attends to the cached context and
+        to its own branch (``chunk.tree``), all read back from the cache."""
+        assert chunk.tree is not None
+        n = q.shape[0]
+        kv, i = self.kv.layer_cache(layer)
+        kh, vh = kv.gather(i, chunk.block_ids, chunk.start_pos + n, chunk.slot)
+        context = torch.ones(n, chunk.start_pos, dtype=torch.bool, device=q.device)
+        if window > 0:  # rows sit at their depths; the branch itself is never wider than the window
+            depth = chunk.tree.sum(dim=1) - 1
+            qpos = (chunk.start_pos + depth)[:, None]
+            context &= torch.arange(chunk.start_pos, device=q.device)[None, :] > qpos - window
+        mask = torch.cat([context, chunk.tree], dim=1)
+        qh, kh, vh = q.transpose(0, 1).unsqueeze(0), kh.unsqueeze(0), vh.unsqueeze(0)
+        out = F.scaled_dot_product_attention(qh, kh.to(q.dtype), vh.to(q.dtype), attn_mask=mask, scale=scale,
+                                             enable_gqa=True)
+        return out[0].transpose(0, 1)
 
     def residual_prefill(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk, scale: float,

@@ -1,0 +1,106 @@
+"""SmartSpec-style choice of the speculation length: each step, the number of draft tokens per
+request (0 included) that maximises predicted goodput, the tokens the step is expected to produce
+per second of step time.
+
+A request whose drafts are each accepted with probability ``a`` (independently, until the first
+rejection) and that gets ``k`` of them yields ``1 + a + ... + a^k`` tokens. The step costs what the
+target's forward pass over every query token costs (``StepCostModel``, measured) plus what
+proposing costs (a draft model's passes). Acceptance rates are moving averages per request,
+starting from the proposer's own average."""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+PROPOSER_PRIOR = 0.5  # a proposer's acceptance rate before anything was measured
+PRIOR_WEIGHT = 2.0  # how many observed positions the proposer's average is worth for a new request
+REQUEST_DECAY = 0.7  # per verification: a request's older observations fade (its text changes)
+PROPOSER_DECAY = 0.98
+CORRECTION_DECAY = 0.9  # per decode step: the model's correction to the measured curve
+
+
+class StepCostModel:
+    """Seconds of a forward pass as a function of the query tokens in it: measured at start-up at a
+    few sizes (interpolated linearly, extrapolated along the last segment), then scaled by a moving
+    average of observed / predicted over the decode steps actually run."""
+
+    def __init__(self, points: Sequence[tuple[int, float]]) -> None:
+        if not points:
+            raise ValueError("a step cost model needs at least one measured point")
+        pts = sorted(points)
+        self.tokens = [n for n, _ in pts]
+        self.seconds = [max(s, 1e-9) for _, s in pts]
+        self.correction = 1.0
+
+    def _curve(self, n: float) -> float:
+        xs, ys = self.tokens, self.seconds
+        if len(xs) == 1:
+            return ys[0] * max(n, 1) / xs[0] if n > xs[0] else ys[0]
+        i = min(max(bisect.bisect_left(xs, n), 1), len(xs) - 1)
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return max(y0 + (y1 - y0) * (n - x0) / (x1 - x0), ys[0])
+
+    def __call__(self, n: float) -> float:
+        return self.correction * self._curve(n)
+
+    def observe(self, n: int, seconds: float) -> None:
+        ratio = seconds / self._curve(n)
+        self.correction = CORRECTION_DECAY * self.correction + (1 - CORRECTION_DECAY) * min(max(ratio, 0.1), 10.0)
+
+
+@dataclass
+class Acceptance:
+    """A decayed count of accepted and tried draft positions."""
+
+    accepted: float = 0.0
+    tried: float = 0.0
+
+    def rate(self, prior: float, prior_weight: float) -> float:
+        return (self.accepted + prior * prior_weight) / (self.tried + prior_weight)
+
+    def observe(self, accepted: int, tried: int, decay: float) -> None:
+        self.accepted = decay * self.accepted + accepted
+        self.tried = decay * self.tried + tried
+
+
+def expected_tokens(rate: float, k: int) -> float:
+    """Tokens a verification of ``k`` drafts yields when each is accepted with probability ``rate``."""
+    return sum(rate**j for j in range(k + 1))
+
+
+def choose_lengths(rates: Sequence[float], limits: Sequence[int], base_tokens: int, budget: int,
+                   step_cost: StepCostModel, pass_cost: StepCostModel | None = None) -> list[int]:
+    """Draft tokens per request maximising ``sum(expected tokens) / (step_cost(query tokens) +
+    proposing)``. ``base_tokens``: the step's query tokens without drafts (one per decode, plus
+    prefill chunks); ``budget``: the step's token budget; ``pass_cost``: a draft model's forward
+    pass over a number of requests (its ``j``-th pass serves the requests given ``j`` or more
+    drafts), None when proposing is free.
+
+    Adding a draft to a request raises its expected tokens by ``rate^(k+1)``, less for each further
+    one, so the best lengths for a given total are the largest such gains: the increments are
+    taken in that order and the best prefix wins (the cost curve is not convex: speculation may
+    pay only past a point)."""
+    gains = sorted(((rates[i] ** j, j, i) for i in range(len(rates)) for j in range(1, limits[i] + 1)), reverse=True)
+    gains = gains[: max(budget - base_tokens, 0)]
+    tokens = base_tokens
+    produced = float(len(rates))
+    proposing = 0.0
+    passes: list[int] = []  # requests served by each draft pass
+    best, best_n = produced / step_cost(tokens), 0
+    for n, (gain, j, _) in enumerate(gains, start=1):
+        tokens += 1
+        produced += gain
+        if pass_cost is not None:
+            if len(passes) < j:
+                passes.append(0)
+            proposing += pass_cost(passes[j - 1] + 1) - (pass_cost(passes[j - 1]) if passes[j - 1] else 0.0)
+            passes[j - 1] += 1
+        goodput = produced / (step_cost(tokens) + proposing)
+        if goodput > best:
+            best, best_n = goodput, n
+    out = [0] * len(rates)
+    for _, _, i in gains[:best_n]:
+        out[i] += 1
+    return out

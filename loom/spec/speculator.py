@@ -1,0 +1,123 @@
+"""What the engine runs around each step when speculating: before it, pick each running decode's
+number of draft tokens and ask the proposer for them; after it, learn from what was accepted and
+from what the step cost."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from loom.request import Request, RequestStatus
+from loom.spec.controller import (PRIOR_WEIGHT, PROPOSER_DECAY, PROPOSER_PRIOR, REQUEST_DECAY, Acceptance,
+                                  StepCostModel, choose_lengths)
+from loom.spec.proposer import Draft, Proposer
+from loom.step import StepPlan, StepResult
+
+
+@dataclass(frozen=True)
+class SpecStats:
+    """Counters since start-up (``draft_tokens`` counts the drafts a step verified, after the
+    scheduler's cuts; a tree counts each of its tokens)."""
+
+    method: str
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    verifications: int = 0  # request-steps that verified at least one draft
+    steps_without_drafts: int = 0  # decode request-steps where the controller chose k = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Accepted drafts per verification (the step's own token not counted)."""
+        return self.accepted_tokens / self.verifications if self.verifications else 0.0
+
+
+class Speculator:
+    """``fixed_k``: that many drafts for every decode that has them (None: chosen per step by
+    ``choose_lengths``, which needs ``step_cost``). ``trees``: whether the worker can verify a
+    tree (not with a KIVI cache, whose open group cannot hold branches); otherwise a tree's first
+    branch is sent."""
+
+    def __init__(self, proposer: Proposer, max_k: int, fixed_k: int | None, step_cost: StepCostModel | None,
+                 budget: int, trees: bool = True) -> None:
+        if fixed_k is None and step_cost is None:
+            raise ValueError("choosing the speculation length needs a step cost model")
+        self.proposer = proposer
+        self.max_k = max_k if fixed_k is None else fixed_k
+        self.fixed_k = fixed_k
+        self.step_cost = step_cost
+        self.budget = budget
+        self.trees = trees and proposer.makes_trees
+        self.proposer_acceptance = Acceptance()
+        self.acceptance: dict[str, Acceptance] = {}
+        self.draft_tokens = self.accepted_tokens = self.verifications = self.steps_without_drafts = 0
+
+    def stats(self) -> SpecStats:
+        return SpecStats(self.proposer.name, self.draft_tokens, self.accepted_tokens, self.verifications,
+                         self.steps_without_drafts)
+
+    def _candidates(self, running: Sequence[Request]) -> list[Request]:
+        """Running decodes that may take drafts: not swapping in, no forks waiting, room left."""
+        return [r for r in running if r.status is RequestStatus.RUNNING and r.num_computed_tokens == r.num_tokens - 1
+                and not r.swap_in_pending and not r.forks and not r.embed and r.max_total_tokens - r.num_tokens > 1]
+
+    def prepare(self, running: Sequence[Request]) -> None:
+        """Set ``draft_token_ids`` (and ``draft_parents`` for a tree) on the running decodes."""
+        for r in running:
+            r.draft_token_ids.clear()  # unscheduled last step: stale now
+            r.draft_parents.clear()
+        reqs = self._candidates(running)
+        if not reqs:
+            return
+        room = [min(self.max_k, r.max_total_tokens - r.num_tokens - 1) for r in reqs]
+        limits = [min(k, n) for k, n in zip(self.proposer.limits(reqs, max(room)), room)]
+        if self.fixed_k is not None:
+            ks = limits
+        else:
+            prior = self.proposer_acceptance.rate(PROPOSER_PRIOR, PRIOR_WEIGHT)
+            rates = [self.acceptance.get(r.request_id, Acceptance()).rate(prior, PRIOR_WEIGHT) for r in reqs]
+            prefill = sum(r.num_tokens - r.num_computed_tokens for r in running
+                          if r.num_tokens - r.num_computed_tokens > 1)
+            base = min(len(reqs) + prefill, self.budget)
+            assert self.step_cost is not None
+            ks = choose_lengths(rates, limits, base, self.budget, self.step_cost, self.proposer.pass_cost)
+        self.steps_without_drafts += ks.count(0)
+        chosen = [(r, k) for r, k in zip(reqs, ks) if k > 0]
+        if not chosen:
+            return
+        drafts = self.proposer.propose([r for r, _ in chosen], [k for _, k in chosen])
+        for (req, k), draft in zip(chosen, drafts):
+            if draft.parents and (not self.trees or req.grammar is not None):
+                draft = draft.chain()
+            draft = draft.cut(k)
+            req.draft_token_ids[:] = draft.token_ids
+            req.draft_parents[:] = draft.parents
+
+    def observe(self, plan: StepPlan, result: StepResult, seconds: float) -> None:
+        """Learn acceptance from the verified drafts, and the step's cost if it only decoded."""
+        decode_only = True
+        for s in plan.scheduled:
+            if not s.is_decode:
+                decode_only = False
+            if not s.draft_token_ids:
+                continue
+            res = result.results.get(s.request.request_id)
+            accepted = max(len(res.token_ids) - 1, 0) if res is not None else 0
+            depth = Draft(s.draft_token_ids, s.draft_parents).depth
+            tried = accepted + (accepted < depth)
+            self.draft_tokens += len(s.draft_token_ids)
+            self.accepted_tokens += accepted
+            self.verifications += 1
+            self.proposer_acceptance.observe(accepted, tried, PROPOSER_DECAY)
+            self.acceptance.setdefault(s.request.request_id, Acceptance()).observe(accepted, tried, REQUEST_DECAY)
+        if decode_only and plan.scheduled and self.step_cost is not None:
+            self.step_cost.observe(sum(s.num_query_tokens for s in plan.scheduled), seconds)
+
+    def forget(self, request_ids: Iterable[str]) -> None:
+        ids = list(request_ids)
+        for rid in ids:
+            self.acceptance.pop(rid, None)
+        self.proposer.forget(ids)

@@ -1,0 +1,52 @@
+"""The speculation-length controller: expected tokens, the step cost model, and the choice of k."""
+
+from __future__ import annotations
+
+import pytest
+
+from loom.spec.controller import Acceptance, StepCostModel, choose_lengths, expected_tokens
+
+
+def test_expected_tokens():
+    assert expected_tokens(0.5, 0) == 1.0
+    assert expected_tokens(0.5, 3) == pytest.approx(1.875)
+    assert expected_tokens(1.0, 4) == 5.0
+
+
+def test_step_cost_model_interpolates_and_corrects():
+    cost = StepCostModel([(1, 0.010), (8, 0.011), (64, 0.040)])
+    assert cost(1) == pytest.approx(0.010) and cost(4.5) == pytest.approx(0.0105)
+    assert cost(128) == pytest.approx(0.040 + (0.029 / 56) * 64)  # along the last segment
+    for _ in range(100):
+        cost.observe(8, 0.022)  # steps take twice what was measured
+    assert cost(8) == pytest.approx(0.022, rel=0.01)
+    with pytest.raises(ValueError):
+        StepCostModel([])
+
+
+def test_acceptance_starts_at_the_prior_and_learns():
+    a = Acceptance()
+    assert a.rate(0.5, 2.0) == 0.5
+    for _ in range(20):
+        a.observe(accepted=4, tried=4, decay=0.7)
+    assert a.rate(0.5, 2.0) > 0.9
+
+
+def test_memory_bound_steps_speculate_and_compute_bound_ones_do_not():
+    flat = StepCostModel([(1, 0.010), (64, 0.011), (512, 0.100)])  # weight-bound: rows are almost free
+    assert choose_lengths([0.8], [8], 1, 512, flat) == [8]
+    assert choose_lengths([0.05], [8], 1, 512, flat)[0] >= 1  # even a poor guess costs next to nothing
+    steep = StepCostModel([(1, 0.001), (512, 0.512)])  # cost proportional to tokens
+    assert choose_lengths([0.8] * 64, [8] * 64, 64, 512, steep) == [0] * 64
+    # In between: the likelier requests get drafts first, and never past the token budget.
+    mid = StepCostModel([(1, 0.010), (16, 0.012), (64, 0.030), (512, 0.250)])
+    ks = choose_lengths([0.9] * 8 + [0.1] * 8, [8] * 16, 16, 40, mid)
+    assert sum(ks) <= 40 - 16 and min(ks[:8]) >= max(ks[8:])
+
+
+def test_a_draft_models_passes_cost_speculation():
+    flat = StepCostModel([(1, 0.010), (64, 0.011)])
+    free = choose_lengths([0.6], [8], 1, 512, flat)
+    costly = choose_lengths([0.6], [8], 1, 512, flat, StepCostModel([(1, 0.004), (64, 0.005)]))
+    assert free[0] > costly[0] >= 1
+    assert choose_lengths([0.6], [8], 1, 512, flat, StepCostModel([(1, 0.050)])) == [0]
