@@ -245,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("perplexity", "loom.bench.perplexity", "quantization modes vs the fp32 model: perplexity, greedy agreement, bytes"),
         ("kv-sensitivity", "loom.bench.kv_sensitivity", "per-layer KV cache format sensitivity and a plan for a bit budget"),
         ("context-switch", "loom.bench.context_switch", "preemption cost by recompute and by swap per context length"),
+        ("spec", "loom.bench.speculative", "speculative decoding methods vs none: tok/s, acceptance, per concurrency"),
     ):
         p = bench.add_parser(name, help=doc)
         add_engine_args(p)

@@ -109,8 +109,11 @@ def run_benchmark(
         usage = "-" if server.peak_kv_usage is None else f"{server.peak_kv_usage:.0%}"
         preempted = "-" if server.preemptions is None else f"{server.preemptions:.0f}"
         hits = "-" if server.prefix_cache_hit_rate is None else f"{server.prefix_cache_hit_rate:.1%}"
+        spec = ("" if server.spec_acceptance_rate is None else
+                f", speculation: {server.spec_acceptance_rate:.1%} of drafts accepted, "
+                f"{server.spec_mean_accepted or 0:.2f} per verification")
         print(f"server (/metrics): peak running {server.peak_running:.0f}, peak KV cache usage {usage}, "
-              f"preemptions {preempted}, prefix cache hit rate {hits}")
+              f"preemptions {preempted}, prefix cache hit rate {hits}{spec}")
     first_error = next((r.error for r in res.records if not r.ok), None)
     if first_error:
         log.warning("%d request(s) failed; first error: %s", summary["failed"], first_error)

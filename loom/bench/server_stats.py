@@ -16,6 +16,9 @@ KV_USAGE = ("loom_kv_cache_usage_ratio", "vllm:kv_cache_usage_perc")  # both a f
 PREEMPTIONS = ("loom_num_preemptions_total", "vllm:num_preemptions_total")
 PREFIX_HIT_TOKENS = ("loom_prefix_cache_hit_tokens_total",)
 PROMPT_TOKENS = ("loom_prompt_tokens_total",)
+DRAFT_TOKENS = ("loom_spec_draft_tokens_total", "vllm:spec_decode_num_draft_tokens_total")
+ACCEPTED_TOKENS = ("loom_spec_accepted_tokens_total", "vllm:spec_decode_num_accepted_tokens_total")
+VERIFICATIONS = ("loom_spec_verifications_total", "vllm:spec_decode_num_drafts_total")
 INTERVAL = 0.25  # seconds between scrapes
 
 
@@ -39,6 +42,10 @@ class ServerStats:
     peak_kv_usage: float | None = None
     preemptions: float | None = None  # during the run: the last scrape's count less the first's
     prefix_cache_hit_rate: float | None = None  # prompt tokens served from the prefix cache during the run
+    # Speculative decoding during the run: accepted / verified drafts, accepted drafts per verification.
+    spec_acceptance_rate: float | None = None
+    spec_mean_accepted: float | None = None
+    spec_draft_tokens: float | None = None
     _first: dict[str, float] = field(default_factory=dict)
 
     def add(self, values: dict[str, float]) -> None:
@@ -55,6 +62,13 @@ class ServerStats:
             prompt_delta = prompt - self._first.setdefault("prompt", prompt)
             hit_delta = hits - self._first.setdefault("hits", hits)
             self.prefix_cache_hit_rate = hit_delta / prompt_delta if prompt_delta > 0 else None
+        drafts, accepted, verified = (first_of(values, n) for n in (DRAFT_TOKENS, ACCEPTED_TOKENS, VERIFICATIONS))
+        if drafts is not None and accepted is not None and verified is not None:
+            self.spec_draft_tokens = drafts - self._first.setdefault("drafts", drafts)
+            accepted_delta = accepted - self._first.setdefault("accepted", accepted)
+            verified_delta = verified - self._first.setdefault("verified", verified)
+            self.spec_acceptance_rate = accepted_delta / self.spec_draft_tokens if self.spec_draft_tokens else None
+            self.spec_mean_accepted = accepted_delta / verified_delta if verified_delta else None
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if not k.startswith("_")}

@@ -64,6 +64,15 @@ class _EngineCollector(Collector):
             ("loom_pins_released_for_memory", "Session pins released early because KV blocks ran short.",
              s.pins_released_for_memory),
         )
+        if s.spec is not None:
+            counters += (
+                ("loom_spec_draft_tokens", f"Draft tokens verified ({s.spec.method} speculative decoding).",
+                 s.spec.draft_tokens),
+                ("loom_spec_accepted_tokens", "Draft tokens accepted.", s.spec.accepted_tokens),
+                ("loom_spec_verifications", "Request-steps that verified drafts.", s.spec.verifications),
+                ("loom_spec_skipped", "Decode request-steps the controller gave no drafts (k = 0).",
+                 s.spec.steps_without_drafts),
+            )
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)
         yield from _tenant_families(s)

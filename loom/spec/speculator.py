@@ -51,6 +51,9 @@ class Speculator:
         self.step_cost = step_cost
         self.budget = budget
         self.trees = trees and proposer.makes_trees
+        # A tree is verified as a chunk with a mask, which costs more than the chain-shaped rows the
+        # start-up curve measured: steps with a tree keep their own correction.
+        self.tree_cost = StepCostModel(list(zip(step_cost.tokens, step_cost.seconds))) if step_cost and self.trees else None
         self.proposer_acceptance = Acceptance()
         self.acceptance: dict[str, Acceptance] = {}
         self.draft_tokens = self.accepted_tokens = self.verifications = self.steps_without_drafts = 0
@@ -73,17 +76,10 @@ class Speculator:
         if not reqs:
             return
         room = [min(self.max_k, r.max_total_tokens - r.num_tokens - 1) for r in reqs]
-        limits = [min(k, n) for k, n in zip(self.proposer.limits(reqs, max(room)), room)]
         if self.fixed_k is not None:
-            ks = limits
+            ks = [min(k, n) for k, n in zip(self.proposer.limits(reqs, max(room)), room)]
         else:
-            prior = self.proposer_acceptance.rate(PROPOSER_PRIOR, PRIOR_WEIGHT)
-            rates = [self.acceptance.get(r.request_id, Acceptance()).rate(prior, PRIOR_WEIGHT) for r in reqs]
-            prefill = sum(r.num_tokens - r.num_computed_tokens for r in running
-                          if r.num_tokens - r.num_computed_tokens > 1)
-            base = min(len(reqs) + prefill, self.budget)
-            assert self.step_cost is not None
-            ks = choose_lengths(rates, limits, base, self.budget, self.step_cost, self.proposer.pass_cost)
+            ks = self._choose(reqs, room, running)
         self.steps_without_drafts += ks.count(0)
         chosen = [(r, k) for r, k in zip(reqs, ks) if k > 0]
         if not chosen:
@@ -95,6 +91,20 @@ class Speculator:
             draft = draft.cut(k)
             req.draft_token_ids[:] = draft.token_ids
             req.draft_parents[:] = draft.parents
+
+    def _choose(self, reqs: list[Request], room: list[int], running: Sequence[Request]) -> list[int]:
+        """Each request's number of drafts by predicted goodput; the proposer is not asked when no
+        draft could pay even if every one were accepted as often as the likeliest request's."""
+        cost = self.tree_cost if self.tree_cost is not None else self.step_cost
+        assert cost is not None
+        prior = self.proposer_acceptance.rate(PROPOSER_PRIOR, PRIOR_WEIGHT)
+        rates = [self.acceptance.get(r.request_id, Acceptance()).rate(prior, PRIOR_WEIGHT) for r in reqs]
+        prefill = sum(r.num_tokens - r.num_computed_tokens for r in running if r.num_tokens - r.num_computed_tokens > 1)
+        base = min(len(reqs) + prefill, self.budget)
+        if not any(choose_lengths([max(rates)] * len(reqs), room, base, self.budget, cost, self.proposer.pass_cost)):
+            return [0] * len(reqs)
+        limits = [min(k, n) for k, n in zip(self.proposer.limits(reqs, max(room)), room)]
+        return choose_lengths(rates, limits, base, self.budget, cost, self.proposer.pass_cost)
 
     def observe(self, plan: StepPlan, result: StepResult, seconds: float) -> None:
         """Learn acceptance from the verified drafts, and the step's cost if it only decoded."""
@@ -113,8 +123,11 @@ class Speculator:
             self.verifications += 1
             self.proposer_acceptance.observe(accepted, tried, PROPOSER_DECAY)
             self.acceptance.setdefault(s.request.request_id, Acceptance()).observe(accepted, tried, REQUEST_DECAY)
-        if decode_only and plan.scheduled and self.step_cost is not None:
-            self.step_cost.observe(sum(s.num_query_tokens for s in plan.scheduled), seconds)
+        tokens = sum(s.num_query_tokens for s in plan.scheduled)
+        if self.tree_cost is not None and any(s.draft_parents for s in plan.scheduled):
+            self.tree_cost.observe(tokens, seconds)
+        elif decode_only and plan.scheduled and self.step_cost is not None:
+            self.step_cost.observe(tokens, seconds)
 
     def forget(self, request_ids: Iterable[str]) -> None:
         ids = list(request_ids)

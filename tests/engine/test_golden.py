@@ -79,6 +79,32 @@ def test_greedy_matches_transformers_under_chunking_preemption_and_prefix_hits(t
     assert stats.num_free_blocks == stats.num_blocks
 
 
+SPECULATION = [dict(speculative="ngram", speculative_k="4"), dict(speculative="lookahead", speculative_k="6"),
+               dict(speculative="draft", speculative_k="3")]
+
+
+@pytest.mark.parametrize("spec", SPECULATION, ids=lambda o: o["speculative"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_speculative_greedy_matches_transformers(tiny_model, arch, spec):
+    """Every speculative method keeps the greedy tokens, also under chunking, preemption and
+    prefix hits (the draft model is the tiny qwen2, or llama for qwen2: same tokenizer)."""
+    path = tiny_model(arch)
+    ref = hf_model(path)
+    prompts = [(p[:10] * 4)[: len(p) + 20] for p in mixed_prompts(ref.config.vocab_size)]  # repeats: matches to find
+    n_out = 16
+    expected = [hf_greedy(ref, p, n_out) for p in prompts]
+    opts = dict(spec)
+    if spec["speculative"] == "draft":
+        opts["speculative_model"] = str(tiny_model("llama" if arch == "qwen2" else "qwen2"))
+    llm = LLM(str(path), dtype="float32", block_size=4, num_blocks=64, max_num_batched_tokens=32, max_num_seqs=8,
+              **opts)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n_out,
+                                                                                 ignore_eos=True), use_tqdm=False)]
+    stats = llm.stats()
+    assert got == expected
+    assert stats.spec.draft_tokens > 0 and stats.num_free_blocks == stats.num_blocks
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_prompt_logprobs_match_transformers_with_small_chunks(tiny_model, arch):
     path = tiny_model(arch)

@@ -1,0 +1,148 @@
+"""``loom bench spec``: output tokens/s with each speculative decoding method against none, at
+several numbers of concurrent requests, on workloads where speculation should pay (code editing,
+rewriting) and where it should not (chat), with acceptance rate and mean accepted length.
+
+Offline, through the public ``LLM`` API: a run at concurrency ``c`` generates ``c`` prompts at once
+(``--max-num-seqs`` is the largest concurrency), greedy unless ``--temperature`` says otherwise."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import loom
+from loom.bench.loader import SHAREGPT_FILE
+
+WORKLOADS = ("code", "rewrite", "chat")
+CODE_INSTRUCTION = ("Add the comment line `# Reviewed.` at the top of this Python file and output the whole file, "
+                    "otherwise unchanged.")
+# The answer's start, after the chat template's assistant turn: the edit and the file's first line
+# (an editor integration sends what it knows of the answer; small models otherwise talk about the
+# code instead of copying it).
+CODE_ANSWER_START = "```python\n# Reviewed.\n{first_line}\n"
+REWRITE_INSTRUCTION = "Rewrite the following text with any spelling mistakes fixed, otherwise word for word:"
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding benchmark")
+    g.add_argument("--methods", default="none,ngram,lookahead",
+                   help="comma-separated --speculative methods (draft needs --speculative-model); default none,ngram,lookahead")
+    g.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of {', '.join(WORKLOADS)}")
+    g.add_argument("--concurrency", default="1,4,16,64", help="comma-separated numbers of requests run at once")
+    g.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (default 128)")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    g.add_argument("--sharegpt", default=str(SHAREGPT_FILE), help="ShareGPT JSON for the rewrite and chat workloads")
+    g.add_argument("--output-json", help="write every row here")
+
+
+def _code_prompts(n: int) -> list[tuple[str, str]]:
+    files = sorted(p for p in Path(loom.__file__).parent.rglob("*.py") if 1500 < p.stat().st_size < 20000)
+    out = []
+    for path in files[:n]:
+        text = path.read_text()[:2400]
+        code = text[: text.rfind("\n") + 1]
+        out.append((f"{CODE_INSTRUCTION}\n\n```python\n{code}```", CODE_ANSWER_START.format(first_line=code.split("\n")[0])))
+    return out
+
+
+def _sharegpt(path: str, min_chars: int, n: int) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"ShareGPT file not found: {path} (pass --sharegpt)")
+    texts = [t["value"] for conv in json.loads(file.read_text()) for t in conv.get("conversations", [])
+             if t.get("from") == "human" and min_chars <= len(t.get("value", "")) <= 2400]
+    random.Random(0).shuffle(texts)
+    return texts[:n]
+
+
+def workload_prompts(name: str, n: int, sharegpt: str) -> list[tuple[str, str]]:
+    """``n`` (user message, start of the answer) of the workload, repeated if its source runs short."""
+    if name == "code":
+        prompts = _code_prompts(n)
+    elif name == "rewrite":
+        prompts = [(f"{REWRITE_INSTRUCTION}\n\n{t}", "") for t in _sharegpt(sharegpt, 400, n)]
+    elif name == "chat":
+        prompts = [(t, "") for t in _sharegpt(sharegpt, 20, n)]
+    else:
+        raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+    if not prompts:
+        raise ValueError(f"the {name} workload found no prompts")
+    return (prompts * -(-n // len(prompts)))[:n]
+
+
+def _run(llm: Any, prompts: list[str], concurrency: int, params: Any) -> tuple[list[list[int]], float]:
+    """Each request's output tokens, and the seconds, ``concurrency`` prompts at a time (three
+    rounds at concurrency 1)."""
+    outputs: list[list[int]] = []
+    seconds = 0.0
+    rounds = 3 if concurrency == 1 else 1
+    for r in range(rounds):
+        batch = prompts[r * concurrency : (r + 1) * concurrency]
+        t0 = time.perf_counter()
+        outs = llm.generate(batch, params, use_tqdm=False)
+        seconds += time.perf_counter() - t0
+        outputs += [o.outputs[0].token_ids for o in outs]
+    return outputs, seconds
+
+
+def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
+    from loom.engine import LLM
+    from loom.sampling import SamplingParams
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    levels = sorted({int(c) for c in args.concurrency.split(",")})
+    draft_model = engine_opts.pop("speculative_model", None)
+    if "draft" in methods and not draft_model:
+        raise ValueError("the draft method needs --speculative-model")
+    engine_opts.pop("speculative", None)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, ignore_eos=True)
+    rows: list[dict[str, Any]] = []
+    base: dict[tuple[str, int], tuple[float, list[list[int]]]] = {}  # without speculation: tok/s, outputs
+    print(f"{'workload':>8} {'method':>9} {'conc':>4} {'tok/s':>8} {'speedup':>7} {'accept':>7} {'mean acc':>8} "
+          f"{'k=0':>6} {'same':>6}")
+    for method in methods:
+        opts = {**engine_opts, "max_num_seqs": max(levels)}
+        if method != "none":
+            opts["speculative"] = method
+        if method == "draft":
+            opts["speculative_model"] = draft_model
+        llm = LLM(args.model, **opts)
+        llm.generate(["Hello"], SamplingParams(max_tokens=4), use_tqdm=False)  # kernels built, weights touched
+        for workload in workloads:
+            messages = workload_prompts(workload, 3 * max(levels), args.sharegpt)
+            prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": m}]) + start for m, start in messages]
+            for c in levels:
+                before = llm.stats().spec
+                outputs, seconds = _run(llm, prompts, c, params)
+                after = llm.stats().spec
+                rate = sum(map(len, outputs)) / seconds
+                if method == "none":
+                    base[(workload, c)] = (rate, outputs)
+                plain = base.get((workload, c))
+                row = {"workload": workload, "method": method, "concurrency": c, "output_tokens_per_s": rate,
+                       "speedup": rate / plain[0] if plain else None,
+                       # greedy: the share of requests whose output equals the run without speculation's
+                       "same_output": sum(a == b for a, b in zip(outputs, plain[1])) / len(outputs) if plain else None}
+                if after is not None and before is not None:
+                    drafts = after.draft_tokens - before.draft_tokens
+                    accepted = after.accepted_tokens - before.accepted_tokens
+                    verified = after.verifications - before.verifications
+                    skipped = after.steps_without_drafts - before.steps_without_drafts
+                    row.update(acceptance_rate=accepted / drafts if drafts else None,
+                               mean_accepted=accepted / verified if verified else None,
+                               draft_tokens=drafts, no_draft_share=skipped / (skipped + verified) if skipped + verified else None)
+                rows.append(row)
+                fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+                print(f"{workload:>8} {method:>9} {c:>4} {rate:8.1f} {fmt(row['speedup'], '7.2f')} "
+                      f"{fmt(row.get('acceptance_rate'), '7.1%')} {fmt(row.get('mean_accepted'), '8.2f')} "
+                      f"{fmt(row.get('no_draft_share'), '6.0%')} {fmt(row['same_output'], '6.0%')}", flush=True)
+        del llm
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps({"rows": rows, "engine_options": engine_opts, "model": args.model,
+                                                      "max_tokens": args.max_tokens}, indent=1))
+    return 0
