@@ -179,6 +179,17 @@ inline float dot_floats(const float* a, const float* b, int64_t n) {
   return total;
 }
 
+// sum_i a_i b_i in the order gemv_rows sums its min terms: 8-lane FMAs over [0, full), the rest
+// [full, n) summed one by one into lane 0, then the lanes. With it, a product over 2..4 rows gives
+// each row exactly what the one-row path gives it (speculative verification rows equal plain decode).
+inline float gemv_order_dot(const float* a, const float* b, int64_t full, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < full; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float total = 0.0f;
+  for (int64_t i = full; i < n; ++i) total += a[i] * b[i];
+  return hsum(_mm256_add_ps(acc, _mm256_setr_ps(total, 0, 0, 0, 0, 0, 0, 0)));
+}
+
 // MT activation rows (from m0) against one unpacked weight row; writes out[0..MT).
 template <int MT, bool Signed, bool Group16>
 inline void row_dot(const RowBuffer& row, const QuantizedRows& xq, int64_t m0, int64_t K, float* out) {
@@ -249,11 +260,17 @@ void prepare_row(const Weights& w, const QuantizedRows& xq, const std::vector<fl
   float* gs = s.group_scales.data();
   halves_to_floats(w.scale + n * groups, gs, groups);
   float* mt = s.min_terms.data() + r * M;
+  // The groups gemv_rows (the one-row path, for 16- and 32-element groups) sums 8 lanes at a time.
+  const bool gemv_groups = w.group == kBlock || w.group == 16;
+  const int64_t full = (blocks / 8 * 8) * (w.group == 16 ? 2 : 1);
+  auto dot = [&](const float* a, const float* b) {
+    return gemv_groups ? gemv_order_dot(a, b, full, groups) : dot_floats(a, b, groups);
+  };
   if (w.min) {
     halves_to_floats(w.min + n * groups, s.group_mins.data(), groups);
-    for (int64_t m = 0; m < M; ++m) mt[m] = dot_floats(s.group_mins.data(), xsums.data() + m * groups, groups);
+    for (int64_t m = 0; m < M; ++m) mt[m] = dot(s.group_mins.data(), xsums.data() + m * groups);
   } else {
-    for (int64_t m = 0; m < M; ++m) mt[m] = w.offset == 0.0f ? 0.0f : -w.offset * dot_floats(gs, xsums.data() + m * groups, groups);
+    for (int64_t m = 0; m < M; ++m) mt[m] = w.offset == 0.0f ? 0.0f : -w.offset * dot(gs, xsums.data() + m * groups);
   }
   const bool fold = M == 1;
   float* sc = s.scales.data() + r * s.stride;
