@@ -108,6 +108,28 @@ def test_native_kernel_on_rows_of_partial_tiles(name: str, m: int) -> None:
     _check_kernel(name, m, torch.float32, 50, 576)
 
 
+@needs_kernel
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_1", "q8_0", "q4_k", "q6_k", "int4_g128"])
+@pytest.mark.parametrize("k", [576, 1024, 960])  # 8-block chunks with and without a remainder (q6_k: 16-groups)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_kernel_rows_equal_one_row_products(name: str, k: int, dtype: torch.dtype) -> None:
+    """Up to 4 rows, each row's result is bit for bit what the one-row path gives it: a step that
+    verifies draft tokens (or decodes a few requests) computes what one-token steps compute."""
+    if name == "int4_g128" and k % 128:
+        pytest.skip("groups of 128")
+    torch.manual_seed(k)
+    packed = PackedWeight.quantize(torch.randn(40, k) * 0.05, FORMATS[name])
+    x = torch.randn(4, k).to(dtype)
+
+    def product(rows: torch.Tensor) -> torch.Tensor:
+        return native_ops().quant_matmul(rows, packed.qs, packed.qh, packed.scale, packed.min, packed.fmt.bits,
+                                         packed.group, float(packed.fmt.offset), None)
+
+    single = torch.cat([product(x[i : i + 1]) for i in range(4)])
+    for m in (2, 3, 4):
+        assert torch.equal(product(x[:m]), single[:m]), m
+
+
 def _check_kernel(name: str, m: int, dtype: torch.dtype, n: int, k: int) -> None:
     torch.manual_seed(m)
     packed = PackedWeight.quantize(torch.randn(n, k) * 0.05, FORMATS[name])

@@ -186,7 +186,7 @@ inline float gemv_order_dot(const float* a, const float* b, int64_t full, int64_
   __m256 acc = _mm256_setzero_ps();
   for (int64_t i = 0; i < full; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
   float total = 0.0f;
-  for (int64_t i = full; i < n; ++i) total += a[i] * b[i];
+  for (int64_t i = full; i < n; ++i) total = std::fma(a[i], b[i], total);  // as gemv_rows's tail
   return hsum(_mm256_add_ps(acc, _mm256_setr_ps(total, 0, 0, 0, 0, 0, 0, 0)));
 }
 
@@ -425,7 +425,7 @@ void gemv_rows(const Weights& w, const QuantizedRows& xq, int64_t n0, float* out
           for (int e = 0; e < (Group16 ? 2 : 1); ++e) {
             const int64_t g = Group16 ? 2 * (b0 + j) + e : b0 + j;
             const float s1 = half(sc[r][g]);
-            total += (mn[r] ? half(mn[r][g]) : s1) * xsums[g];
+            total = std::fma(mn[r] ? half(mn[r][g]) : s1, xsums[g], total);  // as gemv_order_dot
             if constexpr (Group16) {
               for (int l = 0; l < 4; ++l) folded[r][j * 8 + 4 * e + l] = s1 * dx;
             } else {
