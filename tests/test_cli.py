@@ -73,6 +73,10 @@ def test_help_shows_each_default_from_the_config(capsys: pytest.CaptureFixture[s
         (["--device", "tpu"], "loom: error: device (--device) must be one of auto, cpu, cuda; got 'tpu'"),
         (["--kv-cache-memory", "0"], "loom: error: kv_cache_bytes (--kv-cache-memory) must be > 0"),
         (["--max-num-seqs", "-1"], "loom: error: max_num_seqs (--max-num-seqs) must be >= 1"),
+        (["--speculative", "ngram", "--speculative-k", "-1"], "loom: error: speculative_k (--speculative-k) must be auto"),
+        (["--speculative", "ngram", "--speculative-config", '{"depth": 3}'],
+         "loom: error: unknown option 'depth' for the ngram proposer (its options: min_n, max_n)"),
+        (["--speculative", "draft"], "loom: error: --speculative draft needs a draft model (--speculative-model)"),
     ],
 )
 @pytest.mark.parametrize("command", [["generate", "hi"], ["chat"], ["serve"], ["bench", "latency"]])
@@ -103,6 +107,16 @@ def test_generate_with_an_output_constraint(tiny_model, tmp_path, capsys) -> Non
     assert "invalid regex constraint" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse("generate", "hi", "--regex", "a", "--choice", "b")  # one constraint at a time
+
+
+def test_generate_with_speculative_decoding(tiny_model, capsys) -> None:
+    common = ["generate", "one two three one two three one two", "--model", str(tiny_model("llama")), "--dtype",
+              "float32", "--max-tokens", "24"]
+    assert cli.main(common) == 0
+    plain = capsys.readouterr().out
+    for method in ("ngram", "lookahead"):
+        assert cli.main([*common, "--speculative", method, "--speculative-k", "4"]) == 0
+        assert capsys.readouterr().out == plain
 
 
 def test_serve_tool_call_parser_option(monkeypatch) -> None:

@@ -132,12 +132,15 @@ def _prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
 def engine_config(model: str | None = None, **options: Any) -> EngineConfig:
     """An EngineConfig from flat keyword options (as ``LLM(...)`` and the CLI take them: the names
     ``loom.config.engine_options()`` lists), checked before anything loads: ValueError names an
-    unknown option, a bad value, a scheduling policy or policy option that ``loom.scheduler.registry`` refuses, or a
-    weight format not in ``loom.model.quant.formats.QUANTIZATION_CHOICES``."""
+    unknown option, a bad value, a scheduling policy or policy option that ``loom.scheduler.registry`` refuses, a
+    speculative proposer option that ``loom.spec`` refuses, or a weight format not in
+    ``loom.model.quant.formats.QUANTIZATION_CHOICES``."""
     from loom.model.quant.formats import QUANTIZATION_CHOICES
     from loom.scheduler import policy_from_config
+    from loom.spec import check_speculation
 
     config = EngineConfig.from_options(model, **options)
     policy_from_config(config.scheduler)
+    check_speculation(config)
     config.check_quantization(QUANTIZATION_CHOICES)
     return config

@@ -28,6 +28,7 @@ from loom.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
+MAX_KV_CACHE_TOKENS = 1 << 24
 GREEDY = SamplingParams(temperature=0.0)  # drafts are the draft model's most likely tokens
 
 
@@ -36,8 +37,9 @@ class DraftOptions:
     kv_cache_tokens: int = 0  # tokens the draft's KV cache holds (0: as many as the target's)
 
     def __post_init__(self) -> None:
-        if self.kv_cache_tokens < 0:
-            raise ValueError(f"draft proposer: kv_cache_tokens must be >= 0, got {self.kv_cache_tokens}")
+        if not 0 <= self.kv_cache_tokens <= MAX_KV_CACHE_TOKENS:
+            raise ValueError(f"draft proposer: kv_cache_tokens must be from 0 to {MAX_KV_CACHE_TOKENS}, "
+                             f"got {self.kv_cache_tokens}")
 
 
 class DraftModelProposer(Proposer):

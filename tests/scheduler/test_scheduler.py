@@ -99,6 +99,22 @@ def test_drafts_are_cut_to_the_token_budget():
     assert s.draft_token_ids == (1, 2, 3)
 
 
+@pytest.mark.parametrize(("budget", "parents", "is_decode"), [
+    (8, (-1, 0, -1, 2, 0), False),  # the whole tree: a chunk with a tree mask
+    (5, (-1, 0, -1, 2), False),
+    (3, (), True),  # cut to (-1, 0): the first branch's start, a chain again
+])
+def test_a_tree_of_drafts_is_cut_with_its_parents(budget, parents, is_decode):
+    sched, _ = make(budget=budget)
+    a = req("a", 3, 0.0)
+    sched.add(a)
+    run(sched, sched.schedule())
+    a.draft_token_ids = [1, 2, 3, 4, 5]
+    a.draft_parents = [-1, 0, -1, 2, 0]
+    (s,) = sched.schedule().scheduled
+    assert s.draft_parents == parents and len(s.draft_token_ids) == min(5, budget - 1) and s.is_decode == is_decode
+
+
 def test_eos_among_accepted_drafts_finishes_and_drops_the_rest():
     sched, kv = make()
     a = req("a", 3, 0.0)

@@ -99,9 +99,33 @@ void weighted_values(const V* const* rows, const float* w, int64_t stride, int64
   }
 }
 
+// Rows that verify draft tokens: runs of consecutive rows of one sequence (the same block table,
+// each seeing one more key than the row before). Such a run is served as one task per KV head, its
+// keys and values read once for all its rows (each row's later keys masked): on a CPU a row of its
+// own would read the whole context again. Returns (first row, rows) per run; every run is 1 row
+// with a sliding window.
+std::vector<std::pair<int64_t, int64_t>> sequence_runs(const int32_t* block_tables, const int32_t* context_lens,
+                                                       int64_t num_seqs, int64_t max_blocks, int64_t block_size,
+                                                       int64_t window) {
+  std::vector<std::pair<int64_t, int64_t>> runs;
+  for (int64_t s = 0; s < num_seqs;) {
+    int64_t r = 1;
+    while (window <= 0 && s + r < num_seqs && context_lens[s + r] == context_lens[s + r - 1] + 1 &&
+           std::memcmp(block_tables + s * max_blocks, block_tables + (s + r) * max_blocks,
+                       sizeof(int32_t) * std::min<int64_t>(max_blocks, (context_lens[s + r] + block_size - 1) / block_size)) == 0)
+      ++r;
+    runs.emplace_back(s, r);
+    s += r;
+  }
+  return runs;
+}
+
 // The bf16 fast path (head_dim a multiple of 32, up to 256). Scores: VDPBF16PS dot products of
 // up to 16 keys of a block at once, reduced together; softmax with a vectorised exp; values
-// accumulate in fp32. Keys of one head are contiguous within a block (head-major layout).
+// accumulate in fp32. Keys of one head are contiguous within a block (head-major layout). The
+// rows of a run (sequence_runs) are served together as if they were more query heads of the group;
+// each row's scores past its own length are -inf and its weights there 0, so it gets exactly what
+// it would get alone.
 void decode_attention_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* k_cache,
                                   const c10::BFloat16* v_cache, const int32_t* block_tables,
                                   const int32_t* context_lens, c10::BFloat16* out, int64_t num_seqs,
@@ -109,25 +133,34 @@ void decode_attention_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* k
                                   int64_t max_blocks, float scale, int64_t window, int64_t q_row) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t nq = head_dim / 32, nv = head_dim / 16;
-  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<__m512bh> qv(group * nq);
-    std::vector<__m512> acc(group * nv);
-    std::vector<float> scores;  // [group][n padded to 16]
+  const auto runs = sequence_runs(block_tables, context_lens, num_seqs, max_blocks, block_size, window);
+  const int64_t num_runs = static_cast<int64_t>(runs.size());
+  at::parallel_for(0, num_runs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<__m512bh> qv;
+    std::vector<__m512> acc;
+    std::vector<float> scores;  // [rows x group][n padded to 16]
     std::vector<const c10::BFloat16*> rows;  // each visible token's value row
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t s = task / num_kv_heads, h = task % num_kv_heads;
-      const int64_t len = context_lens[s];
+      const auto [s0, nr] = runs[task / num_kv_heads];
+      const int64_t h = task % num_kv_heads, heads = nr * group;
+      const int64_t len = context_lens[s0 + nr - 1];  // the run's last row sees the most keys
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
       const int64_t n = len - first, stride = (n + 15) / 16 * 16;
-      c10::BFloat16* o = out + (s * num_heads + h * group) * head_dim;
       if (n <= 0) {
-        std::fill(o, o + group * head_dim, c10::BFloat16(0.f));
+        for (int64_t r = 0; r < nr; ++r) {
+          c10::BFloat16* o = out + ((s0 + r) * num_heads + h * group) * head_dim;
+          std::fill(o, o + group * head_dim, c10::BFloat16(0.f));
+        }
         continue;
       }
-      const c10::BFloat16* qs = q + s * q_row + h * group * head_dim;
-      for (int64_t i = 0; i < group * nq; ++i) qv[i] = load_bh(qs + i * 32);
-      scores.assign(group * stride, -INFINITY);
-      const int32_t* table = block_tables + s * max_blocks;
+      qv.resize(heads * nq);
+      acc.resize(heads * nv);
+      for (int64_t r = 0; r < nr; ++r) {
+        const c10::BFloat16* qs = q + (s0 + r) * q_row + h * group * head_dim;
+        for (int64_t i = 0; i < group * nq; ++i) qv[r * group * nq + i] = load_bh(qs + i * 32);
+      }
+      scores.assign(heads * stride, -INFINITY);
+      const int32_t* table = block_tables + s0 * max_blocks;
       const __m512 vscale = _mm512_set1_ps(scale);
       // Pass 1: scores, a block (or part of one) at a time, at most 16 keys per reduction.
       for (int64_t t = first; t < len;) {
@@ -135,34 +168,40 @@ void decode_attention_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* k
         const int64_t cnt = std::min<int64_t>({16, block_size - off, len - t});
         const c10::BFloat16* kb =
             k_cache + (((int64_t)table[t / block_size] * num_kv_heads + h) * block_size + off) * head_dim;
-        const __mmask16 valid = (__mmask16)((1u << cnt) - 1);
-        for (int64_t g = 0; g < group; ++g) {
-          __m512 dots[16];
-          for (int64_t j = 0; j < 16; ++j) {
-            __m512 d = _mm512_setzero_ps();
-            if (j < cnt)
-              for (int64_t c = 0; c < nq; ++c) d = _mm512_dpbf16_ps(d, load_bh(kb + j * head_dim + c * 32), qv[g * nq + c]);
-            dots[j] = d;
+        for (int64_t r = 0; r < nr; ++r) {
+          // this row sees keys up to its own length
+          const int64_t visible = std::min<int64_t>(cnt, context_lens[s0 + r] - t);
+          if (visible <= 0) continue;
+          const __mmask16 valid = (__mmask16)((1u << visible) - 1);
+          for (int64_t g = r * group; g < (r + 1) * group; ++g) {
+            __m512 dots[16];
+            for (int64_t j = 0; j < 16; ++j) {
+              __m512 d = _mm512_setzero_ps();
+              if (j < visible)
+                for (int64_t c = 0; c < nq; ++c) d = _mm512_dpbf16_ps(d, load_bh(kb + j * head_dim + c * 32), qv[g * nq + c]);
+              dots[j] = d;
+            }
+            float* dst = scores.data() + g * stride + (t - first);
+            _mm512_mask_storeu_ps(dst, valid, _mm512_mul_ps(reduce16(dots), vscale));
           }
-          float* dst = scores.data() + g * stride + (t - first);
-          _mm512_mask_storeu_ps(dst, valid, _mm512_mul_ps(reduce16(dots), vscale));
         }
         t += cnt;
       }
-      std::vector<float> inv(group);
-      softmax_padded(scores.data(), group, stride, inv.data());
+      std::vector<float> inv(heads);
+      softmax_padded(scores.data(), heads, stride, inv.data());
       // Pass 2: weighted sum of values in fp32.
       rows.resize(n);
       for (int64_t t = first; t < len; ++t)
         rows[t - first] =
             v_cache + (((int64_t)table[t / block_size] * num_kv_heads + h) * block_size + t % block_size) * head_dim;
-      weighted_values(rows.data(), scores.data(), stride, n, nv, group, acc.data());
-      for (int64_t g = 0; g < group; ++g) {
+      weighted_values(rows.data(), scores.data(), stride, n, nv, heads, acc.data());
+      for (int64_t g = 0; g < heads; ++g) {
         const __m512 vinv = _mm512_set1_ps(inv[g]);
+        c10::BFloat16* o = out + ((s0 + g / group) * num_heads + h * group + g % group) * head_dim;
         for (int64_t j = 0; j < nv; ++j) {
           // fp32 -> bf16 with round-to-nearest-even.
           const __m256bh packed = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[g * nv + j], vinv));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + g * head_dim + j * 16), (__m256i)packed);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + j * 16), (__m256i)packed);
         }
       }
     }
