@@ -2,8 +2,9 @@
 several numbers of concurrent requests, on workloads where speculation should pay (code editing,
 rewriting) and where it should not (chat), with acceptance rate and mean accepted length.
 
-Offline, through the public ``LLM`` API: a run at concurrency ``c`` generates ``c`` prompts at once
-(``--max-num-seqs`` is the largest concurrency), greedy unless ``--temperature`` says otherwise."""
+Offline, through the engine's public API: a run at concurrency ``c`` sends ``3c`` requests, ``c`` in
+flight at any time (the next is added as one finishes, as ``c`` clients would), greedy unless
+``--temperature`` says otherwise."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ CODE_INSTRUCTION = ("Add the comment line `# Reviewed.` at the top of this Pytho
 # (an editor integration sends what it knows of the answer; small models otherwise talk about the
 # code instead of copying it).
 CODE_ANSWER_START = "```python\n# Reviewed.\n{first_line}\n"
+ROUNDS = 3  # requests per run: this many times the concurrency
 REWRITE_INSTRUCTION = "Rewrite the following text with any spelling mistakes fixed, otherwise word for word:"
 
 
@@ -75,18 +77,23 @@ def workload_prompts(name: str, n: int, sharegpt: str) -> list[tuple[str, str]]:
 
 
 def _run(llm: Any, prompts: list[str], concurrency: int, params: Any) -> tuple[list[list[int]], float]:
-    """Each request's output tokens, and the seconds, ``concurrency`` prompts at a time (three
-    rounds at concurrency 1)."""
-    outputs: list[list[int]] = []
-    seconds = 0.0
-    rounds = 3 if concurrency == 1 else 1
-    for r in range(rounds):
-        batch = prompts[r * concurrency : (r + 1) * concurrency]
-        t0 = time.perf_counter()
-        outs = llm.generate(batch, params, use_tqdm=False)
-        seconds += time.perf_counter() - t0
-        outputs += [o.outputs[0].token_ids for o in outs]
-    return outputs, seconds
+    """Each request's output tokens, and the seconds, for ``ROUNDS * concurrency`` prompts kept
+    ``concurrency`` in flight (closed loop: the next is added as soon as one finishes)."""
+    engine = llm.engine
+    queue = list(enumerate(prompts[: ROUNDS * concurrency]))
+    outputs: dict[int, list[int]] = {}
+    in_flight = 0
+    t0 = time.perf_counter()
+    while queue or in_flight:
+        while queue and in_flight < concurrency:
+            i, prompt = queue.pop(0)
+            engine.add_request(f"spec-bench-{i}", prompt, params)
+            in_flight += 1
+        for out in engine.step():
+            if out.finished:
+                outputs[int(out.request_id.rsplit("-", 1)[1])] = out.outputs[0].token_ids
+                in_flight -= 1
+    return [outputs[i] for i in sorted(outputs)], time.perf_counter() - t0
 
 
 def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
@@ -114,7 +121,7 @@ def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
         llm = LLM(args.model, **opts)
         llm.generate(["Hello"], SamplingParams(max_tokens=4), use_tqdm=False)  # kernels built, weights touched
         for workload in workloads:
-            messages = workload_prompts(workload, 3 * max(levels), args.sharegpt)
+            messages = workload_prompts(workload, ROUNDS * max(levels), args.sharegpt)
             prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": m}]) + start for m, start in messages]
             for c in levels:
                 before = llm.stats().spec

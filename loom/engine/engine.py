@@ -147,7 +147,7 @@ class Engine:
         if proposer is None and config.speculation.speculative != "none":
             proposer = make_proposer(Target(config, self.tokenizer, self.kv.num_blocks * self.kv.block_size,
                                             self.max_model_len))
-        self.speculator = (make_speculator(config, proposer, self.worker.measure_step_seconds, trees=not kv.num_slots)
+        self.speculator = (make_speculator(config, proposer, self.worker, self.max_model_len, trees=not kv.num_slots)
                            if proposer is not None else None)
         self.groups: dict[str, RequestGroup] = {}
         self._sample_of: dict[str, tuple[RequestGroup, SampleState]] = {}

@@ -185,26 +185,39 @@ class Worker:
                  "swap space %d blocks", swap_seconds * 1e3, bs, costs.recompute_seconds_per_token * 1e3, capacity_blocks)
         return costs
 
-    def measure_step_seconds(self, max_tokens: int) -> list[tuple[int, float]]:
-        """Seconds of a verification-shaped forward pass (one sequence's decode rows, logits and
-        greedy sampling for each) at 1, 2, 4, ... query tokens up to ``max_tokens``, on blocks no
-        request holds yet (at start-up): the speculation controller's cost curve."""
+    def _probe_seconds(self, start: int, rows: int) -> float:
+        """Seconds of a verification-shaped forward pass: one sequence's decode rows at positions
+        ``start .. start + rows - 1``, logits and greedy sampling for each, on blocks no request
+        holds yet (at start-up; the cache holds zeros there, which cost what real keys cost)."""
         bs = self.kv.block_size
-        max_tokens = max(1, min(max_tokens, self.kv.num_blocks * bs))
-        probe = Request("__probe__", [0], SamplingParams(max_tokens=1, temperature=0.0),
-                        block_ids=list(range(-(-max_tokens // bs))), residual_slot=0 if self.kv.num_slots else -1)
+        probe = Request("__probe__", [0] * (start + 1), SamplingParams(max_tokens=1, temperature=0.0),
+                        block_ids=list(range(-(-(start + rows) // bs))), residual_slot=0 if self.kv.num_slots else -1)
+        plan = StepPlan([ScheduledRequest(probe, start, 1, sample=True, draft_token_ids=(0,) * (rows - 1))])
+        seconds = float("inf")
+        for _ in range(2):  # the first pass may pay one-time costs
+            t0 = time.perf_counter()
+            self.execute(plan)
+            seconds = min(seconds, time.perf_counter() - t0)
+        return seconds
+
+    def measure_step_seconds(self, max_tokens: int) -> list[tuple[int, float]]:
+        """Seconds of a verification-shaped pass over a short context at 1, 2, 4, ... query tokens
+        up to ``max_tokens``: the speculation controller's cost curve."""
+        max_tokens = max(1, min(max_tokens, self.kv.num_blocks * self.kv.block_size))
         sizes = [n for n in (1 << i for i in range(16)) if n < max_tokens] + [max_tokens]
-        points = []
-        for n in sizes:
-            plan = StepPlan([ScheduledRequest(probe, 0, 1, sample=True, draft_token_ids=(0,) * (n - 1))])
-            seconds = float("inf")
-            for _ in range(2):  # the first pass may pay one-time costs
-                t0 = time.perf_counter()
-                self.execute(plan)
-                seconds = min(seconds, time.perf_counter() - t0)
-            points.append((n, seconds))
+        points = [(n, self._probe_seconds(0, n)) for n in sizes]
         self.phase_seconds.clear()
         return points
+
+    def measure_context_seconds(self, max_model_len: int, rows: int = 9, context: int = 1024) -> float:
+        """Seconds per query row and token of context it reads: ``rows`` rows over ``context``
+        tokens (or what fits) against the same over none, per row and token."""
+        context = min(context, self.kv.num_blocks * self.kv.block_size - rows, max_model_len - rows)
+        if context < 64:
+            return 0.0
+        extra = self._probe_seconds(context - 1, rows) - self._probe_seconds(0, rows)
+        self.phase_seconds.clear()
+        return max(extra, 0.0) / (rows * context)
 
     # -- the step -----------------------------------------------------------------------------
     @torch.inference_mode()

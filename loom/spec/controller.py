@@ -22,16 +22,20 @@ CORRECTION_DECAY = 0.9  # per decode step: the model's correction to the measure
 
 
 class StepCostModel:
-    """Seconds of a forward pass as a function of the query tokens in it: measured at start-up at a
-    few sizes (interpolated linearly, extrapolated along the last segment), then scaled by a moving
-    average of observed / predicted over the decode steps actually run."""
+    """Seconds of a forward pass as a function of its query tokens and of the context they attend
+    to: a curve measured at start-up at a few sizes over a short context (interpolated linearly,
+    extrapolated along the last segment) plus ``per_context_token`` seconds per query row and
+    token of context it reads (attention: a verification row reads its whole sequence, which on a
+    CPU costs as much as a row's matrix products at a few thousand tokens). All of it is scaled by a
+    moving average of observed / predicted over the decode steps actually run."""
 
-    def __init__(self, points: Sequence[tuple[int, float]]) -> None:
+    def __init__(self, points: Sequence[tuple[int, float]], per_context_token: float = 0.0) -> None:
         if not points:
             raise ValueError("a step cost model needs at least one measured point")
         pts = sorted(points)
         self.tokens = [n for n, _ in pts]
         self.seconds = [max(s, 1e-9) for _, s in pts]
+        self.per_context_token = max(per_context_token, 0.0)
         self.correction = 1.0
 
     def _curve(self, n: float) -> float:
@@ -42,11 +46,15 @@ class StepCostModel:
         x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
         return max(y0 + (y1 - y0) * (n - x0) / (x1 - x0), ys[0])
 
-    def __call__(self, n: float) -> float:
-        return self.correction * self._curve(n)
+    def _model(self, n: float, context: float) -> float:
+        return self._curve(n) + self.per_context_token * context
 
-    def observe(self, n: int, seconds: float) -> None:
-        ratio = seconds / self._curve(n)
+    def __call__(self, n: float, context: float = 0.0) -> float:
+        """Seconds for ``n`` query tokens whose rows read ``context`` tokens of context in all."""
+        return self.correction * self._model(n, context)
+
+    def observe(self, n: int, seconds: float, context: float = 0.0) -> None:
+        ratio = seconds / self._model(n, context)
         self.correction = CORRECTION_DECAY * self.correction + (1 - CORRECTION_DECAY) * min(max(ratio, 0.1), 10.0)
 
 
@@ -71,12 +79,14 @@ def expected_tokens(rate: float, k: int) -> float:
 
 
 def choose_lengths(rates: Sequence[float], limits: Sequence[int], base_tokens: int, budget: int,
-                   step_cost: StepCostModel, pass_cost: StepCostModel | None = None) -> list[int]:
-    """Draft tokens per request maximising ``sum(expected tokens) / (step_cost(query tokens) +
-    proposing)``. ``base_tokens``: the step's query tokens without drafts (one per decode, plus
-    prefill chunks); ``budget``: the step's token budget; ``pass_cost``: a draft model's forward
-    pass over a number of requests (its ``j``-th pass serves the requests given ``j`` or more
-    drafts), None when proposing is free.
+                   step_cost: StepCostModel, pass_cost: StepCostModel | None = None,
+                   contexts: Sequence[int] = (), base_context: int = 0) -> list[int]:
+    """Draft tokens per request maximising ``sum(expected tokens) / (step_cost(query tokens, context
+    read) + proposing)``. ``base_tokens``, ``base_context``: the step's query tokens and the context
+    their rows read without drafts (a decode's row reads its sequence); ``contexts[i]``: what each
+    draft row of request ``i`` reads (its sequence's length); ``budget``: the step's token budget;
+    ``pass_cost``: a draft model's forward pass over a number of requests (its ``j``-th pass serves
+    the requests given ``j`` or more drafts), None when proposing is free.
 
     Adding a draft to a request raises its expected tokens by ``rate^(k+1)``, less for each further
     one, so the best lengths for a given total are the largest such gains: the increments are
@@ -84,20 +94,21 @@ def choose_lengths(rates: Sequence[float], limits: Sequence[int], base_tokens: i
     pay only past a point)."""
     gains = sorted(((rates[i] ** j, j, i) for i in range(len(rates)) for j in range(1, limits[i] + 1)), reverse=True)
     gains = gains[: max(budget - base_tokens, 0)]
-    tokens = base_tokens
+    tokens, context = base_tokens, base_context
     produced = float(len(rates))
     proposing = 0.0
     passes: list[int] = []  # requests served by each draft pass
-    best, best_n = produced / step_cost(tokens), 0
-    for n, (gain, j, _) in enumerate(gains, start=1):
+    best, best_n = produced / step_cost(tokens, context), 0
+    for n, (gain, j, i) in enumerate(gains, start=1):
         tokens += 1
+        context += contexts[i] if contexts else 0
         produced += gain
         if pass_cost is not None:
             if len(passes) < j:
                 passes.append(0)
             proposing += pass_cost(passes[j - 1] + 1) - (pass_cost(passes[j - 1]) if passes[j - 1] else 0.0)
             passes[j - 1] += 1
-        goodput = produced / (step_cost(tokens) + proposing)
+        goodput = produced / (step_cost(tokens, context) + proposing)
         if goodput > best:
             best, best_n = goodput, n
     out = [0] * len(rates)

@@ -9,6 +9,7 @@ from typing import Any
 
 from loom.config import EngineConfig
 from loom.json_source import json_object, parse_options
+from loom.model.worker import Worker
 from loom.spec.controller import StepCostModel
 from loom.spec.draft import DraftModelProposer, DraftOptions
 from loom.spec.lookahead import LookaheadOptions, LookaheadProposer
@@ -57,16 +58,16 @@ def make_proposer(target: Target) -> Proposer:
     return build(parse_options(options_cls, proposer_options(target.config), f"the {method} proposer"), target)
 
 
-def make_speculator(config: EngineConfig, proposer: Proposer, measure: Callable[[int], list[tuple[int, float]]],
+def make_speculator(config: EngineConfig, proposer: Proposer, worker: Worker, max_model_len: int,
                     trees: bool) -> Speculator:
-    """``measure(max_tokens)``: the target's step costs (``Worker.measure_step_seconds``), measured
-    only when the speculation length is chosen per step."""
+    """The target's step costs are measured (``worker``) only when the speculation length is chosen
+    per step."""
     sc = config.speculation
     budget = config.scheduler.max_num_batched_tokens
     step_cost = None
     if sc.fixed_k is None:
-        points = measure(budget)
-        step_cost = StepCostModel(points)
-        log.info("speculation (%s): step costs %s", proposer.name,
-                 ", ".join(f"{n} tokens {s * 1e3:.1f} ms" for n, s in points))
+        points = worker.measure_step_seconds(budget)
+        step_cost = StepCostModel(points, worker.measure_context_seconds(max_model_len))
+        log.info("speculation (%s): step costs %s; %.3f us per row and token of context", proposer.name,
+                 ", ".join(f"{n} tokens {s * 1e3:.1f} ms" for n, s in points), step_cost.per_context_token * 1e6)
     return Speculator(proposer, sc.speculative_max_k, sc.fixed_k, step_cost, budget, trees)

@@ -53,7 +53,8 @@ class Speculator:
         self.trees = trees and proposer.makes_trees
         # A tree is verified as a chunk with a mask, which costs more than the chain-shaped rows the
         # start-up curve measured: steps with a tree keep their own correction.
-        self.tree_cost = StepCostModel(list(zip(step_cost.tokens, step_cost.seconds))) if step_cost and self.trees else None
+        self.tree_cost = (StepCostModel(list(zip(step_cost.tokens, step_cost.seconds)), step_cost.per_context_token)
+                          if step_cost and self.trees else None)
         self.proposer_acceptance = Acceptance()
         self.acceptance: dict[str, Acceptance] = {}
         self.draft_tokens = self.accepted_tokens = self.verifications = self.steps_without_drafts = 0
@@ -101,10 +102,14 @@ class Speculator:
         rates = [self.acceptance.get(r.request_id, Acceptance()).rate(prior, PRIOR_WEIGHT) for r in reqs]
         prefill = sum(r.num_tokens - r.num_computed_tokens for r in running if r.num_tokens - r.num_computed_tokens > 1)
         base = min(len(reqs) + prefill, self.budget)
-        if not any(choose_lengths([max(rates)] * len(reqs), room, base, self.budget, cost, self.proposer.pass_cost)):
+        contexts = [r.num_tokens for r in reqs]
+        base_context = sum(contexts)
+        pass_cost = self.proposer.pass_cost
+        if not any(choose_lengths([max(rates)] * len(reqs), room, base, self.budget, cost, pass_cost, contexts,
+                                  base_context)):
             return [0] * len(reqs)
         limits = [min(k, n) for k, n in zip(self.proposer.limits(reqs, max(room)), room)]
-        return choose_lengths(rates, limits, base, self.budget, cost, self.proposer.pass_cost)
+        return choose_lengths(rates, limits, base, self.budget, cost, pass_cost, contexts, base_context)
 
     def observe(self, plan: StepPlan, result: StepResult, seconds: float) -> None:
         """Learn acceptance from the verified drafts, and the step's cost if it only decoded."""
@@ -124,10 +129,11 @@ class Speculator:
             self.proposer_acceptance.observe(accepted, tried, PROPOSER_DECAY)
             self.acceptance.setdefault(s.request.request_id, Acceptance()).observe(accepted, tried, REQUEST_DECAY)
         tokens = sum(s.num_query_tokens for s in plan.scheduled)
+        context = sum(s.num_query_tokens * (s.start + 1) for s in plan.scheduled)
         if self.tree_cost is not None and any(s.draft_parents for s in plan.scheduled):
-            self.tree_cost.observe(tokens, seconds)
+            self.tree_cost.observe(tokens, seconds, context)
         elif decode_only and plan.scheduled and self.step_cost is not None:
-            self.step_cost.observe(tokens, seconds)
+            self.step_cost.observe(tokens, seconds, context)
 
     def forget(self, request_ids: Iterable[str]) -> None:
         ids = list(request_ids)

@@ -50,3 +50,15 @@ def test_a_draft_models_passes_cost_speculation():
     costly = choose_lengths([0.6], [8], 1, 512, flat, StepCostModel([(1, 0.004), (64, 0.005)]))
     assert free[0] > costly[0] >= 1
     assert choose_lengths([0.6], [8], 1, 512, flat, StepCostModel([(1, 0.050)])) == [0]
+
+
+def test_long_contexts_make_draft_rows_dearer():
+    """A draft row reads its whole sequence: over a long context a row costs more than the curve
+    measured over a short one, and fewer drafts pay."""
+    cost = StepCostModel([(1, 0.010), (8, 0.012), (64, 0.040)], per_context_token=1e-6)
+    assert cost(1, 1000) == pytest.approx(0.011)
+    short = choose_lengths([0.5], [8], 1, 512, cost, contexts=[100], base_context=100)
+    long = choose_lengths([0.5], [8], 1, 512, cost, contexts=[4000], base_context=4000)
+    assert short[0] > long[0]
+    cost.observe(1, 0.022, 1000)  # twice the prediction: the correction moves towards 2
+    assert 1.0 < cost.correction < 2.0
