@@ -19,6 +19,9 @@ PRIOR_WEIGHT = 2.0  # how many observed positions the proposer's average is wort
 REQUEST_DECAY = 0.7  # per verification: a request's older observations fade (its text changes)
 PROPOSER_DECAY = 0.98
 CORRECTION_DECAY = 0.9  # per decode step: the model's correction to the measured curve
+# Drafts must be predicted to raise goodput by this share: smaller predicted gains are within the
+# cost model's error and the proposer's own time (at 64 requests they measured as losses).
+MIN_GAIN = 0.05
 
 
 class StepCostModel:
@@ -80,13 +83,14 @@ def expected_tokens(rate: float, k: int) -> float:
 
 def choose_lengths(rates: Sequence[float], limits: Sequence[int], base_tokens: int, budget: int,
                    step_cost: StepCostModel, pass_cost: StepCostModel | None = None,
-                   contexts: Sequence[int] = (), base_context: int = 0) -> list[int]:
+                   contexts: Sequence[int] = (), base_context: int = 0, min_gain: float = MIN_GAIN) -> list[int]:
     """Draft tokens per request maximising ``sum(expected tokens) / (step_cost(query tokens, context
     read) + proposing)``. ``base_tokens``, ``base_context``: the step's query tokens and the context
     their rows read without drafts (a decode's row reads its sequence); ``contexts[i]``: what each
     draft row of request ``i`` reads (its sequence's length); ``budget``: the step's token budget;
     ``pass_cost``: a draft model's forward pass over a number of requests (its ``j``-th pass serves
-    the requests given ``j`` or more drafts), None when proposing is free.
+    the requests given ``j`` or more drafts), None when proposing is free; ``min_gain``: drafts must be
+    predicted to beat no drafts by this share.
 
     Adding a draft to a request raises its expected tokens by ``rate^(k+1)``, less for each further
     one, so the best lengths for a given total are the largest such gains: the increments are
@@ -98,7 +102,7 @@ def choose_lengths(rates: Sequence[float], limits: Sequence[int], base_tokens: i
     produced = float(len(rates))
     proposing = 0.0
     passes: list[int] = []  # requests served by each draft pass
-    best, best_n = produced / step_cost(tokens, context), 0
+    best, best_n = produced / step_cost(tokens, context) * (1 + min_gain), 0
     for n, (gain, j, i) in enumerate(gains, start=1):
         tokens += 1
         context += contexts[i] if contexts else 0
