@@ -32,7 +32,8 @@ REWRITE_INSTRUCTION = "Rewrite the following text with any spelling mistakes fix
 def add_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speculative decoding benchmark")
     g.add_argument("--methods", default="none,ngram,lookahead",
-                   help="comma-separated --speculative methods (draft needs --speculative-model); default none,ngram,lookahead")
+                   help="comma-separated --speculative methods (draft needs --draft-model); default none,ngram,lookahead")
+    g.add_argument("--draft-model", help="the draft method's --speculative-model")
     g.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of {', '.join(WORKLOADS)}")
     g.add_argument("--concurrency", default="1,4,16,64", help="comma-separated numbers of requests run at once")
     g.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (default 128)")
@@ -103,9 +104,8 @@ def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     levels = sorted({int(c) for c in args.concurrency.split(",")})
-    draft_model = engine_opts.pop("speculative_model", None)
-    if "draft" in methods and not draft_model:
-        raise ValueError("the draft method needs --speculative-model")
+    if "draft" in methods and not args.draft_model:
+        raise ValueError("the draft method needs --draft-model")
     engine_opts.pop("speculative", None)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, ignore_eos=True)
     rows: list[dict[str, Any]] = []
@@ -117,7 +117,7 @@ def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
         if method != "none":
             opts["speculative"] = method
         if method == "draft":
-            opts["speculative_model"] = draft_model
+            opts["speculative_model"] = args.draft_model
         llm = LLM(args.model, **opts)
         llm.generate(["Hello"], SamplingParams(max_tokens=4), use_tqdm=False)  # kernels built, weights touched
         for workload in workloads:

@@ -32,7 +32,17 @@ def test_peaks_preemptions_and_prefix_hits_during_the_run():
         stats.add(scrape_values(LOOM_PAGE.format(running=running, usage=usage, preempted=preempted, prompt=prompt,
                                                  hits=hits)))
     assert stats.to_json() == {"scrapes": 4, "peak_running": 12, "peak_kv_usage": 0.9, "preemptions": 4,
-                               "prefix_cache_hit_rate": 0.25}
+                               "prefix_cache_hit_rate": 0.25, "spec_acceptance_rate": None, "spec_mean_accepted": None,
+                               "spec_draft_tokens": None}
+
+
+def test_speculation_during_the_run():
+    page = ("# TYPE {p}draft_tokens counter\n{p}draft_tokens_total {d}\n# TYPE {p}accepted_tokens counter\n"
+            "{p}accepted_tokens_total {a}\n# TYPE {p}verifications counter\n{p}verifications_total {v}\n")
+    stats = ServerStats()
+    for d, a, v in [(100, 50, 20), (300, 170, 60), (500, 250, 100)]:
+        stats.add(scrape_values(page.format(p="loom_spec_", d=d, a=a, v=v)))
+    assert (stats.spec_draft_tokens, stats.spec_acceptance_rate, stats.spec_mean_accepted) == (400, 0.5, 2.5)
 
 
 def test_vllm_names_and_unknown_servers():
@@ -43,4 +53,5 @@ def test_vllm_names_and_unknown_servers():
     other = ServerStats()
     other.add(scrape_values("# TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing 3\n"))
     assert other.to_json() == {"scrapes": 1, "peak_running": None, "peak_kv_usage": None, "preemptions": None,
-                               "prefix_cache_hit_rate": None}
+                               "prefix_cache_hit_rate": None, "spec_acceptance_rate": None, "spec_mean_accepted": None,
+                               "spec_draft_tokens": None}
