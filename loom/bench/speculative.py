@@ -39,14 +39,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (default 128)")
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     g.add_argument("--sharegpt", default=str(SHAREGPT_FILE), help="ShareGPT JSON for the rewrite and chat workloads")
+    g.add_argument("--code-chars", type=int, default=2400, help="characters of each source file in a code prompt (default 2400)")
     g.add_argument("--output-json", help="write every row here")
 
 
-def _code_prompts(n: int) -> list[tuple[str, str]]:
+def _code_prompts(n: int, chars: int) -> list[tuple[str, str]]:
     files = sorted(p for p in Path(loom.__file__).parent.rglob("*.py") if 1500 < p.stat().st_size < 20000)
     out = []
     for path in files[:n]:
-        text = path.read_text()[:2400]
+        text = path.read_text()[:chars]
         code = text[: text.rfind("\n") + 1]
         out.append((f"{CODE_INSTRUCTION}\n\n```python\n{code}```", CODE_ANSWER_START.format(first_line=code.split("\n")[0])))
     return out
@@ -62,10 +63,10 @@ def _sharegpt(path: str, min_chars: int, n: int) -> list[str]:
     return texts[:n]
 
 
-def workload_prompts(name: str, n: int, sharegpt: str) -> list[tuple[str, str]]:
+def workload_prompts(name: str, n: int, sharegpt: str, code_chars: int = 2400) -> list[tuple[str, str]]:
     """``n`` (user message, start of the answer) of the workload, repeated if its source runs short."""
     if name == "code":
-        prompts = _code_prompts(n)
+        prompts = _code_prompts(n, code_chars)
     elif name == "rewrite":
         prompts = [(f"{REWRITE_INSTRUCTION}\n\n{t}", "") for t in _sharegpt(sharegpt, 400, n)]
     elif name == "chat":
@@ -121,8 +122,14 @@ def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
         llm = LLM(args.model, **opts)
         llm.generate(["Hello"], SamplingParams(max_tokens=4), use_tqdm=False)  # kernels built, weights touched
         for workload in workloads:
-            messages = workload_prompts(workload, ROUNDS * max(levels), args.sharegpt)
+            messages = workload_prompts(workload, ROUNDS * max(levels), args.sharegpt, args.code_chars)
             prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": m}]) + start for m, start in messages]
+            room = llm.model_info().max_model_len - args.max_tokens
+            prompts = [p for p in prompts if len(llm.tokenizer.encode(p)) < room]
+            if not prompts:
+                raise ValueError(f"no prompt of the {workload} workload fits the context with --max-tokens "
+                                 f"{args.max_tokens} (try a smaller --code-chars)")
+            prompts = (prompts * -(-ROUNDS * max(levels) // len(prompts)))[: ROUNDS * max(levels)]
             for c in levels:
                 before = llm.stats().spec
                 outputs, seconds = _run(llm, prompts, c, params)

@@ -43,3 +43,22 @@ def test_context_switch_reports_both_ways_per_context(tiny_model, tmp_path):
     for row in r["rows"]:
         assert row["blocks"] == -(-row["context"] // 16) and row["recompute_ms"] > 0 and row["swap_ms"] > 0
         assert row["chosen"] in ("swap", "recompute") and row["predicted_swap_ms"] > 0
+
+
+def test_spec_bench_reports_every_method_workload_and_concurrency(tiny_model, tmp_path):
+    sharegpt = tmp_path / "sharegpt.json"
+    texts = ["one two three " * 40, "hello there, how are you today?", "write a poem " * 50]
+    sharegpt.write_text(json.dumps([{"conversations": [{"from": "human", "value": t}]} for t in texts]))
+    out = tmp_path / "spec.json"
+    rc = main(["bench", "spec", "--model", str(tiny_model("llama")), "--dtype", "float32", "--methods", "none,ngram",
+               "--workloads", "code,rewrite,chat", "--concurrency", "1,2", "--max-tokens", "8", "--sharegpt",
+               str(sharegpt), "--speculative-k", "3", "--code-chars", "600", "--output-json", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["workload"], r["method"], r["concurrency"]) for r in rows} == {
+        (w, m, c) for w in ("code", "rewrite", "chat") for m in ("none", "ngram") for c in (1, 2)}
+    for r in rows:
+        assert r["output_tokens_per_s"] > 0 and r["same_output"] == 1.0  # fp32: greedy output unchanged
+        if r["method"] == "ngram":
+            assert r["speedup"] > 0 and r["draft_tokens"] >= 0
+    assert main(["bench", "spec", "--methods", "none,draft", "--model", str(tiny_model("llama"))]) == 2  # no --draft-model
