@@ -12,6 +12,9 @@ from loom.outputs import TokenLogprob
 from loom.request import Request
 
 
+DECODE_ROWS_CHUNK = 4  # chunks up to this many tokens are served as decode rows
+
+
 @dataclass(frozen=True)
 class ScheduledRequest:
     """One request's share of a step, fixed when it is scheduled.
@@ -40,6 +43,14 @@ class ScheduledRequest:
     @property
     def num_query_tokens(self) -> int:
         return self.num_new_tokens + len(self.draft_token_ids)
+
+    @property
+    def decode_rows(self) -> bool:
+        """Served as rows of the paged decode path (each row attends to its sequence up to itself):
+        a decode with a chain of drafts, or a chunk of at most ``DECODE_ROWS_CHUNK`` tokens (a draft
+        model catching up, a prompt's tail after a prefix hit), which would otherwise be a chunk of
+        its own through SDPA and keep the step off the fused decode stack."""
+        return self.num_new_tokens <= DECODE_ROWS_CHUNK and not self.draft_parents
 
     @property
     def is_decode(self) -> bool:

@@ -270,12 +270,12 @@ class Worker:
         offsets: list[int] = [0] * len(scheduled)
         tables: list[list[int]] = []
         lens: list[int] = []
-        decodes = [i for i, s in enumerate(scheduled) if s.is_decode]
+        decodes = [i for i, s in enumerate(scheduled) if s.decode_rows]
         for i in decodes:
             s = scheduled[i]
             r = s.request
             offsets[i] = len(ids)
-            ids.append(r.token_ids_slice(s.start, s.end)[0])
+            ids.extend(r.token_ids_slice(s.start, s.end))
             ids.extend(s.draft_token_ids)
             for p in range(s.start, s.start + s.num_query_tokens):
                 pos.append(p)
@@ -286,7 +286,7 @@ class Worker:
         num_decode_rows = len(ids)
         prefills: list[PrefillChunk] = []
         for i, s in enumerate(scheduled):
-            if s.is_decode:
+            if s.decode_rows:
                 continue
             r = s.request
             offsets[i] = len(ids)
