@@ -22,6 +22,10 @@ CORRECTION_DECAY = 0.9  # per decode step: the model's correction to the measure
 # Drafts must be predicted to raise goodput by this share: smaller predicted gains are within the
 # cost model's error and the proposer's own time (at 64 requests they measured as losses).
 MIN_GAIN = 0.05
+# After this many steps in which the controller gave no request a draft, one request gets one: the
+# acceptance it measures is what lets speculation start again (a rate that never gets measured
+# stays at its prior, which may be too low to ever pay).
+EXPLORE_EVERY = 32
 
 
 class StepCostModel:

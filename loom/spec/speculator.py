@@ -8,8 +8,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from loom.request import Request, RequestStatus
-from loom.spec.controller import (PRIOR_WEIGHT, PROPOSER_DECAY, PROPOSER_PRIOR, REQUEST_DECAY, Acceptance,
-                                  StepCostModel, choose_lengths)
+from loom.spec.controller import (EXPLORE_EVERY, PRIOR_WEIGHT, PROPOSER_DECAY, PROPOSER_PRIOR, REQUEST_DECAY,
+                                  Acceptance, StepCostModel, choose_lengths)
 from loom.spec.proposer import Draft, Proposer
 from loom.step import StepPlan, StepResult
 
@@ -58,6 +58,7 @@ class Speculator:
         self.proposer_acceptance = Acceptance()
         self.acceptance: dict[str, Acceptance] = {}
         self.draft_tokens = self.accepted_tokens = self.verifications = self.steps_without_drafts = 0
+        self.idle_steps = 0  # steps in a row in which the controller chose no draft
 
     def stats(self) -> SpecStats:
         return SpecStats(self.proposer.name, self.draft_tokens, self.accepted_tokens, self.verifications,
@@ -105,11 +106,17 @@ class Speculator:
         contexts = [r.num_tokens for r in reqs]
         base_context = sum(contexts)
         pass_cost = self.proposer.pass_cost
-        if not any(choose_lengths([max(rates)] * len(reqs), room, base, self.budget, cost, pass_cost, contexts,
-                                  base_context)):
+        explore = self.idle_steps + 1 >= EXPLORE_EVERY
+        if not explore and not any(choose_lengths([max(rates)] * len(reqs), room, base, self.budget, cost, pass_cost,
+                                                  contexts, base_context)):
+            self.idle_steps += 1
             return [0] * len(reqs)
         limits = [min(k, n) for k, n in zip(self.proposer.limits(reqs, max(room)), room)]
-        return choose_lengths(rates, limits, base, self.budget, cost, pass_cost, contexts, base_context)
+        ks = choose_lengths(rates, limits, base, self.budget, cost, pass_cost, contexts, base_context)
+        if explore and not any(ks) and any(limits):
+            ks[max((i for i in range(len(reqs)) if limits[i]), key=rates.__getitem__)] = 1
+        self.idle_steps = 0 if any(ks) else self.idle_steps + 1
+        return ks
 
     def observe(self, plan: StepPlan, result: StepResult, seconds: float) -> None:
         """Learn acceptance from the verified drafts, and the step's cost if it only decoded."""

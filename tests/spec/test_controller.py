@@ -63,3 +63,28 @@ def test_long_contexts_make_draft_rows_dearer():
     assert short[0] > long[0]
     cost.observe(1, 0.022, 1000)  # twice the prediction: the correction moves towards 2
     assert 1.0 < cost.correction < 2.0
+
+
+def test_the_speculator_tries_one_draft_after_a_run_of_idle_steps():
+    """A proposer whose acceptance was never measured stays at its prior; after EXPLORE_EVERY steps
+    without drafts one request gets one, so that its acceptance gets measured."""
+    from loom.request import Request, RequestStatus
+    from loom.sampling import SamplingParams
+    from loom.spec import Draft, Proposer, Speculator
+    from loom.spec.controller import EXPLORE_EVERY
+
+    class Always(Proposer):
+        name = "always"
+
+        def propose(self, requests, ks):
+            return [Draft((5,) * k) for k in ks]
+
+    steep = StepCostModel([(1, 0.001), (512, 0.512)])  # drafts never pay
+    spec = Speculator(Always(), 4, None, steep, 512)
+    req = Request("r", [1, 2, 3], SamplingParams(), status=RequestStatus.RUNNING, num_computed_tokens=2,
+                  max_total_tokens=100)
+    tried = []
+    for _ in range(2 * EXPLORE_EVERY):
+        spec.prepare([req])
+        tried.append(len(req.draft_token_ids))
+    assert tried.count(1) == 2 and sum(tried) == 2
