@@ -15,6 +15,14 @@ from loom.request import Request
 DECODE_ROWS_CHUNK = 4  # chunks up to this many tokens are served as decode rows
 
 
+def tree_depths(parents: tuple[int, ...] | list[int]) -> list[int]:
+    """Each draft's depth in a tree given by its parents (-1: the last known token, depth 0)."""
+    depths: list[int] = []
+    for p in parents:
+        depths.append(1 + (depths[p] if p >= 0 else 0))
+    return depths
+
+
 @dataclass(frozen=True)
 class ScheduledRequest:
     """One request's share of a step, fixed when it is scheduled.

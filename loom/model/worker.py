@@ -27,7 +27,7 @@ from loom.model.weights import iter_weights
 from loom.outputs import TokenLogprob
 from loom.request import Request
 from loom.sampling import Sampler, SamplingParams, SamplingRow, TokenBitmask, compute_logprobs
-from loom.step import RequestResult, ScheduledRequest, StepPlan, StepResult, SwitchCosts
+from loom.step import RequestResult, ScheduledRequest, StepPlan, StepResult, SwitchCosts, tree_depths
 from loom.structured import fill_bitmasks, new_bitmask
 
 log = logging.getLogger(__name__)
@@ -87,14 +87,11 @@ def draft_paths(drafts: tuple[int, ...], parents: tuple[int, ...]) -> list[tuple
 def tree_mask(parents: tuple[int, ...], device: torch.device) -> tuple[list[int], torch.Tensor]:
     """A draft tree's depths (1 for children of the known token) and its attention mask over the
     verification rows (the known token, then each draft): a row sees its ancestors and itself."""
-    n = len(parents) + 1
-    mask = torch.eye(n, dtype=torch.bool)
+    mask = torch.eye(len(parents) + 1, dtype=torch.bool)
     mask[:, 0] = True
-    depths = []
     for j, p in enumerate(parents):
         mask[j + 1] |= mask[p + 1]
-        depths.append(1 + (depths[p] if p >= 0 else 0))
-    return depths, mask.to(device)
+    return tree_depths(parents), mask.to(device)
 
 
 class Worker:

@@ -80,11 +80,6 @@ class Acceptance:
         self.tried = decay * self.tried + tried
 
 
-def expected_tokens(rate: float, k: int) -> float:
-    """Tokens a verification of ``k`` drafts yields when each is accepted with probability ``rate``."""
-    return sum(rate**j for j in range(k + 1))
-
-
 def choose_lengths(rates: Sequence[float], limits: Sequence[int], base_tokens: int, budget: int,
                    step_cost: StepCostModel, pass_cost: StepCostModel | None = None,
                    contexts: Sequence[int] = (), base_context: int = 0, min_gain: float = MIN_GAIN) -> list[int]:

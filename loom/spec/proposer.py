@@ -9,6 +9,7 @@ from typing import ClassVar
 
 from loom.request import Request
 from loom.spec.controller import StepCostModel
+from loom.step import tree_depths
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,7 @@ class Draft:
     @property
     def depth(self) -> int:
         """Tokens on the longest branch."""
-        if not self.parents:
-            return len(self.token_ids)
-        depths: list[int] = []
-        for p in self.parents:
-            depths.append(1 + (depths[p] if p >= 0 else 0))
-        return max(depths, default=0)
+        return max(tree_depths(self.parents), default=0) if self.parents else len(self.token_ids)
 
     def chain(self) -> Draft:
         """The first branch alone (for requests that cannot verify a tree)."""

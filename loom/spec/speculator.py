@@ -79,7 +79,7 @@ class Speculator:
             return
         room = [min(self.max_k, r.max_total_tokens - r.num_tokens - 1) for r in reqs]
         if self.fixed_k is not None:
-            ks = [min(k, n) for k, n in zip(self.proposer.limits(reqs, max(room)), room)]
+            ks = self._limits(reqs, room)
         else:
             ks = self._choose(reqs, room, running)
         self.steps_without_drafts += ks.count(0)
@@ -93,6 +93,10 @@ class Speculator:
             draft = draft.cut(k)
             req.draft_token_ids[:] = draft.token_ids
             req.draft_parents[:] = draft.parents
+
+    def _limits(self, reqs: list[Request], room: list[int]) -> list[int]:
+        """What the proposer could propose for each request, within its room."""
+        return [min(k, n) for k, n in zip(self.proposer.limits(reqs, max(room)), room)]
 
     def _choose(self, reqs: list[Request], room: list[int], running: Sequence[Request]) -> list[int]:
         """Each request's number of drafts by predicted goodput; the proposer is not asked when no
@@ -111,7 +115,7 @@ class Speculator:
                                                   contexts, base_context)):
             self.idle_steps += 1
             return [0] * len(reqs)
-        limits = [min(k, n) for k, n in zip(self.proposer.limits(reqs, max(room)), room)]
+        limits = self._limits(reqs, room)
         ks = choose_lengths(rates, limits, base, self.budget, cost, pass_cost, contexts, base_context)
         if explore and not any(ks) and any(limits):
             ks[max((i for i in range(len(reqs)) if limits[i]), key=rates.__getitem__)] = 1

@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loom.spec.controller import Acceptance, StepCostModel, choose_lengths, expected_tokens
-
-
-def test_expected_tokens():
-    assert expected_tokens(0.5, 0) == 1.0
-    assert expected_tokens(0.5, 3) == pytest.approx(1.875)
-    assert expected_tokens(1.0, 4) == 5.0
+from loom.spec.controller import Acceptance, StepCostModel, choose_lengths
 
 
 def test_step_cost_model_interpolates_and_corrects():
