@@ -187,8 +187,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tool_call_parser=args.tool_call_parser,
         **given,
     )
-    serve(engine_config(args.model, **engine_options(args)), config)
+    serve(engine_config(args.model, **engine_options(args)), config, cluster_config(args))
     return 0
+
+
+def cluster_config(args: argparse.Namespace):
+    """The ClusterConfig of ``loom serve``'s cluster flags; None (one engine in this process) unless
+    --replicas or --ray-address is given."""
+    from loom.cluster import ClusterConfig
+
+    if args.replicas is None and args.ray_address is None:
+        extra = [flag for flag, value in (("--router", args.router), ("--router-config", args.router_config),
+                                          ("--replica-threads", args.replica_threads),
+                                          ("--max-restarts", args.max_restarts)) if value is not None]
+        if extra:
+            raise ValueError(f"{extra[0]} applies to replicas on Ray: add --replicas N (or --ray-address)")
+        return None
+    given = {name: getattr(args, name) for name in ("replicas", "router", "router_config", "ray_address",
+                                                    "replica_threads", "max_restarts")}
+    return ClusterConfig(**{k: v for k, v in given.items() if v is not None})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,6 +247,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tool-call-parser", default=ServerConfig.tool_call_parser, choices=TOOL_CALL_PARSERS,
                    help="how tool calls are read from the output when tool_choice is 'auto': auto picks one from "
                         "the chat template, none turns that off (default: %(default)s)")
+    from loom.cluster import ROUTERS, ClusterConfig
+
+    g = p.add_argument_group("cluster (replicas on Ray; needs pip install loom[cluster])")
+    g.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="serve from N engine replicas, each a Ray actor in its own process (default: one engine "
+                        "in this process, no Ray)")
+    g.add_argument("--router", default=None, choices=tuple(ROUTERS),
+                   help=f"how requests are spread over the replicas (default: {ClusterConfig.router})")
+    g.add_argument("--router-config", default=None, metavar="FILE|JSON", help="the router's options")
+    g.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="join this Ray cluster (default: start a local Ray with this machine's cores)")
+    g.add_argument("--replica-threads", type=int, default=None, metavar="N",
+                   help="compute threads (Ray CPUs) per replica (default: the cores divided among the replicas)")
+    g.add_argument("--max-restarts", type=int, default=None, metavar="N",
+                   help=f"times Ray restarts a replica that died (default: {ClusterConfig.max_restarts})")
     add_engine_args(p, server=True)
     p.set_defaults(func=cmd_serve)
 
@@ -262,6 +294,8 @@ def check_engine_args(args: argparse.Namespace) -> None:
         from loom.engine import engine_config
 
         engine_config(args.model, **engine_options(args))
+    if hasattr(args, "replicas"):
+        cluster_config(args)
 
 
 def main(argv: list[str] | None = None) -> int:

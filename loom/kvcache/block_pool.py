@@ -8,8 +8,15 @@ cached block first.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+# The parent hash of a sequence's first block. An int, not None: ints and tuples of ints hash the
+# same in every process (None does not before Python 3.12), so a router can compute the hashes a
+# replica's prefix cache holds (``chain_hashes``).
+ROOT_HASH = 0
+MAX_PREFIX_EVENTS = 1 << 16  # changes kept for a reader (a router) before it must take a snapshot
 
 
 @dataclass(frozen=True)
@@ -19,12 +26,32 @@ class BlockKey:
     The tokens are kept beside the hash so that a hash collision can never map a request to
     another request's KV."""
 
-    parent_hash: int | None
+    parent_hash: int
     tokens: tuple[int, ...]
 
     @property
     def hash(self) -> int:
         return hash((self.parent_hash, self.tokens))
+
+
+def chain_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
+    """The hashes of the full blocks of ``token_ids``, each chained to the one before: the keys
+    under which a prefix cache with this block size holds them."""
+    out: list[int] = []
+    parent = ROOT_HASH
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = BlockKey(parent, tuple(token_ids[start : start + block_size])).hash
+        out.append(parent)
+    return out
+
+
+@dataclass(frozen=True)
+class PrefixEvents:
+    """How the prefix cache changed since the last read: ``changes`` in order, each (stored?,
+    hash); or, when more changed than was kept, ``snapshot``: every hash it holds now."""
+
+    changes: tuple[tuple[bool, int], ...] = ()
+    snapshot: tuple[int, ...] | None = None
 
 
 class BlockPool:
@@ -37,6 +64,34 @@ class BlockPool:
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self._key_of_block: dict[int, BlockKey] = {}
         self._block_of_key: dict[BlockKey, int] = {}
+        # (stored?, hash) per change of the prefix index, once someone reads them (track_events).
+        self._events: deque[tuple[bool, int]] | None = None
+        self._events_lost = False
+
+    def track_events(self) -> None:
+        """Start recording the prefix index's changes for ``take_events`` (a replica reporting to a
+        router); the first read is a snapshot."""
+        self._events = deque()
+        self._events_lost = True
+
+    def take_events(self) -> PrefixEvents:
+        """The changes since the last call (a snapshot after too many). Safe to call from another
+        thread than the one that allocates and registers blocks: that one only appends to the
+        deque, this one drains it."""
+        assert self._events is not None, "track_events() first"
+        if self._events_lost:
+            self._events_lost = False
+            self._events.clear()
+            return PrefixEvents(snapshot=tuple(key.hash for key in list(self._block_of_key)))
+        return PrefixEvents(tuple(self._events.popleft() for _ in range(len(self._events))))
+
+    def _record(self, stored: bool, key: BlockKey) -> None:
+        if self._events is None:
+            return
+        if len(self._events) >= MAX_PREFIX_EVENTS:
+            self._events_lost = True
+        else:
+            self._events.append((stored, key.hash))
 
     @property
     def num_free_blocks(self) -> int:
@@ -52,6 +107,7 @@ class BlockPool:
             key = self._key_of_block.pop(block, None)
             if key is not None:
                 del self._block_of_key[key]
+                self._record(False, key)
             self.ref_counts[block] = 1
             out.append(block)
         return out
@@ -85,3 +141,4 @@ class BlockPool:
             return
         self._key_of_block[block] = key
         self._block_of_key[key] = block
+        self._record(True, key)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loom.kvcache.block_pool import BlockKey, BlockPool
+from loom.kvcache.block_pool import ROOT_HASH, BlockKey, BlockPool
 from loom.request import Request
 
 
@@ -68,7 +68,7 @@ class KVCacheManager:
         return self.pool.num_blocks
 
     def _key(self, req: Request, index: int) -> BlockKey:
-        parent = req.block_hashes[index - 1] if index > 0 else None
+        parent = req.block_hashes[index - 1] if index > 0 else ROOT_HASH
         bs = self.block_size
         return BlockKey(parent, tuple(req.token_ids_slice(index * bs, (index + 1) * bs)))
 
@@ -78,7 +78,7 @@ class KVCacheManager:
         memo = self._keys_memo.get(req.request_id)
         if memo is None or memo[0] != req.num_tokens:
             keys: list[BlockKey] = []
-            parent = None
+            parent = ROOT_HASH
             bs = self.block_size
             for i in range(self._sealed(req.num_tokens - 1) // bs):
                 keys.append(BlockKey(parent, tuple(req.token_ids_slice(i * bs, (i + 1) * bs))))

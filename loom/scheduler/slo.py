@@ -121,20 +121,28 @@ class LengthPredictor:
         self._sorted: dict[tuple, list[int]] = {}  # the same, sorted; rebuilt after a new length arrives
 
     @staticmethod
-    def _features(req: Request) -> tuple[tuple, ...]:
-        bucket = _bucket(req.num_prompt_tokens)
-        return (("tenant", tenant_of(req), bucket), ("bucket", bucket), ("all",))
+    def _features(tenant: str, num_prompt_tokens: int) -> tuple[tuple, ...]:
+        bucket = _bucket(num_prompt_tokens)
+        return (("tenant", tenant, bucket), ("bucket", bucket), ("all",))
 
     def observe(self, req: Request) -> None:
-        for key in self._features(req):
-            self._lengths[key].append(len(req.output_token_ids))
+        self.observe_length(tenant_of(req), req.num_prompt_tokens, len(req.output_token_ids))
+
+    def observe_length(self, tenant: str, num_prompt_tokens: int, num_output_tokens: int) -> None:
+        """Learn that a request of ``tenant`` with this many prompt tokens made this many tokens."""
+        for key in self._features(tenant, num_prompt_tokens):
+            self._lengths[key].append(num_output_tokens)
             self._sorted.pop(key, None)
 
     def remaining(self, req: Request, quantile: float | None = None) -> int | None:
         """Predicted output tokens ``req`` still generates; None without enough history."""
+        return self.remaining_for(tenant_of(req), req.num_prompt_tokens, len(req.output_token_ids), quantile)
+
+    def remaining_for(self, tenant: str, num_prompt_tokens: int, done: int, quantile: float | None = None) -> int | None:
+        """Predicted output tokens still to come of a request with these features that has made
+        ``done``; None without enough history."""
         q = self.options.length_quantile if quantile is None else quantile
-        done = len(req.output_token_ids)
-        for key in self._features(req):
+        for key in self._features(tenant, num_prompt_tokens):
             lengths = self._lengths.get(key)
             if lengths is None or len(lengths) < self.options.min_samples:
                 continue

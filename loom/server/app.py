@@ -4,13 +4,14 @@ Every GET route answers HEAD too (same status and headers, no body)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 import loom
 from loom.engine import EngineClient
@@ -47,12 +48,14 @@ def _get(app: FastAPI, path: str) -> Callable[[Endpoint], Endpoint]:
     return register
 
 
-def build_app(engine: EngineClient, config: ServerConfig | None = None) -> FastAPI:
+def build_app(engine: EngineClient, config: ServerConfig | None = None,
+              collectors: Sequence[Collector] = ()) -> FastAPI:
     """The app serving ``engine``. The app owns the engine from here on: its lifespan shutdown
-    (uvicorn's, after in-flight requests had their grace period) shuts the engine down."""
+    (uvicorn's, after in-flight requests had their grace period) shuts the engine down.
+    ``collectors``: more Prometheus metrics for ``/metrics``."""
     config = config or ServerConfig()
     serving = Serving(engine, config)
-    metrics = ServerMetrics(engine.stats)
+    metrics = ServerMetrics(engine.stats, collectors)
     engine.add_listener(metrics.observe)
     engine.add_step_listener(metrics.observe_step)
 

@@ -7,7 +7,7 @@ its own registry, so several servers can live in one process (tests)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -105,7 +105,8 @@ def _tenant_families(s: EngineStats) -> Iterator[Metric]:
 
 
 class ServerMetrics:
-    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats], collectors: Sequence[Collector] = ()) -> None:
+        """``collectors``: more metrics to serve (a cluster's per-replica ones)."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.finished = Counter("loom_request_finished", "Finished completions (each of a request's n choices) by finish reason.",
@@ -129,6 +130,8 @@ class ServerMetrics:
                                     "update (request bookkeeping, detokenizing, outputs).",
                                     ["phase"], buckets=STEP_BUCKETS, registry=r)
         r.register(_EngineCollector(stats))
+        for collector in collectors:
+            r.register(collector)
         self._last_token_time: dict[str, float] = {}  # engine thread only
 
     def observe(self, outputs: list[RequestOutput]) -> None:

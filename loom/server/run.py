@@ -10,7 +10,9 @@ import socket
 from collections.abc import Iterator
 
 import uvicorn
+from prometheus_client.registry import Collector
 
+from loom.cluster.config import ClusterConfig
 from loom.config import EngineConfig
 from loom.engine import AsyncEngine, Engine, EngineClient
 from loom.server.app import build_app
@@ -54,15 +56,31 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def serve(engine_config: EngineConfig, config: ServerConfig) -> None:
+def serve(engine_config: EngineConfig, config: ServerConfig, cluster: ClusterConfig | None = None) -> None:
     """Load the model (before the port opens, so a reachable server is a ready one) and serve.
+    With ``cluster``, the model is served by replicas on Ray behind a router.
 
     On SIGTERM uvicorn stops accepting connections and lets in-flight requests finish for up to
     ``config.graceful_timeout`` seconds; then the engine aborts them (each response still ends
-    properly), and the app's lifespan shutdown stops the engine thread."""
-    engine = AsyncEngine(lambda: Engine(engine_config))  # built on the engine thread (see AsyncEngine)
-    app = build_app(engine, config)
-    log.info("serving %s on http://%s:%d", ", ".join(config.served_model_names), config.host, config.port)
+    properly), and the app's lifespan shutdown stops the engine thread (or the replicas)."""
+    engine: EngineClient
+    collectors: tuple[Collector, ...] = ()
+    if cluster is None:
+        engine = AsyncEngine(lambda: Engine(engine_config))  # built on the engine thread (see AsyncEngine)
+    else:
+        try:
+            from loom.cluster.client import ClusterClient  # imports Ray: only for a cluster
+            from loom.cluster.metrics import ClusterCollector
+        except ModuleNotFoundError as e:
+            if e.name != "ray":
+                raise
+            raise ValueError("replicas run on Ray, which is not installed: pip install 'loom[cluster]'") from None
+
+        engine = ClusterClient(engine_config, cluster)
+        collectors = (ClusterCollector(engine),)
+    app = build_app(engine, config, collectors)
+    log.info("serving %s on http://%s:%d%s", ", ".join(config.served_model_names), config.host, config.port,
+             "" if cluster is None else f" with {cluster.replicas} replicas ({cluster.router} router)")
     uvicorn_config = uvicorn.Config(
         app,
         host=config.host,

@@ -1,6 +1,6 @@
 import pytest
 
-from loom.kvcache import BlockKey, BlockPool, ForkCopies, KVCacheManager
+from loom.kvcache import ROOT_HASH, BlockKey, BlockPool, ForkCopies, KVCacheManager
 from loom.request import Request
 from loom.sampling import SamplingParams
 
@@ -32,14 +32,14 @@ def test_pool_allocate_free_and_refcounts():
 def test_pool_lru_evicts_least_recently_freed_cached_block():
     pool = BlockPool(2)
     a, b = pool.allocate(2)
-    pool.register(a, BlockKey(None, (1,)))
-    pool.register(b, BlockKey(None, (2,)))
+    pool.register(a, BlockKey(ROOT_HASH, (1,)))
+    pool.register(b, BlockKey(ROOT_HASH, (2,)))
     pool.free([a])
     pool.free([b])
     (c,) = pool.allocate(1)  # evicts a (freed first)
     assert c == a
-    assert pool.lookup(BlockKey(None, (1,))) is None
-    assert pool.lookup(BlockKey(None, (2,))) == b
+    assert pool.lookup(BlockKey(ROOT_HASH, (1,))) is None
+    assert pool.lookup(BlockKey(ROOT_HASH, (2,))) == b
 
 
 def test_prefix_match_reuses_full_blocks_and_counts_hits():
@@ -161,3 +161,49 @@ def test_fork_with_a_residual_copies_the_slot_not_the_block():
     kv.free(child)
     kv.free(parent)
     assert kv.num_free_blocks == 16 and sorted(kv.free_slots) == [0, 1]
+
+
+def test_chain_hashes_are_the_prefix_cache_keys_in_any_process():
+    import subprocess
+    import sys
+
+    from loom.kvcache import chain_hashes
+
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    r = computed(kv, "a", list(range(10)))
+    assert chain_hashes(list(range(10)), 4) == r.block_hashes
+    # A router in another process computes the same numbers (hash(None) would differ before 3.12).
+    code = "from loom.kvcache import chain_hashes; print(chain_hashes(list(range(10)), 4))"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": "123", "PATH": ""}, cwd=".")
+    assert other.stdout.strip() == str(r.block_hashes)
+
+
+def test_pool_reports_stored_and_evicted_blocks_in_order():
+    pool = BlockPool(2)
+    pool.track_events()
+    assert pool.take_events().snapshot == ()  # the first read is a snapshot
+    a, b = pool.allocate(2)
+    k1, k2, k3 = (BlockKey(ROOT_HASH, (t,)) for t in (1, 2, 3))
+    pool.register(a, k1)
+    pool.register(b, k2)
+    pool.free([a, b])
+    (c,) = pool.allocate(1)  # evicts k1
+    pool.register(c, k3)
+    assert pool.take_events().changes == ((True, k1.hash), (True, k2.hash), (False, k1.hash), (True, k3.hash))
+    assert pool.take_events().changes == ()
+
+
+def test_pool_events_past_the_cap_become_a_snapshot(monkeypatch):
+    import loom.kvcache.block_pool as block_pool
+
+    monkeypatch.setattr(block_pool, "MAX_PREFIX_EVENTS", 2)
+    pool = BlockPool(4)
+    pool.track_events()
+    pool.take_events()
+    blocks = pool.allocate(3)
+    keys = [BlockKey(ROOT_HASH, (t,)) for t in range(3)]
+    for block, key in zip(blocks, keys):
+        pool.register(block, key)
+    events = pool.take_events()
+    assert events.snapshot is not None and set(events.snapshot) == {k.hash for k in keys}

@@ -1,0 +1,428 @@
+"""``ClusterClient``: an ``EngineClient`` over engine replicas that run as Ray actors.
+
+The server talks to it exactly as to one in-process engine. Behind it, each request is tokenized
+here, routed (``loom.cluster.router``) and submitted to one replica; the replica's output stream
+comes back to the caller's event loop. All Ray traffic and all router state live on one thread
+with its own event loop (``loom-router``), so the client serves callers on any loop, like
+``AsyncEngine``.
+
+A replica that dies fails its in-flight requests with ``EngineDeadError`` (a 503 for the server)
+and leaves the routing at once; Ray restarts it (``max_restarts``) and it rejoins when it answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import ray
+from ray.exceptions import RayActorError
+
+from loom.cluster.config import ClusterConfig
+from loom.cluster.replica import Hello, OutputBatch, Refusal, Replica, Submit, refusal_error
+from loom.cluster.router import Router, make_router
+from loom.cluster.stats import empty_stats, merge_stats
+from loom.config import EngineConfig
+from loom.engine import EngineDeadError, EngineStats, ModelInfo
+from loom.engine.async_engine import check_prompt_type
+from loom.engine.client import OutputListener, StepListener
+from loom.engine.engine import EMBEDDING_PARAMS, check_prompt_chars
+from loom.kvcache import chain_hashes
+from loom.model.files import resolve_model
+from loom.outputs import RequestOutput
+from loom.request import RequestTags
+from loom.sampling import SamplingParams
+from loom.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+START_TIMEOUT = 600.0  # seconds for every replica to load its model
+RECOVERY_POLL = 1.0  # seconds between tries to reach a replica Ray is restarting
+SHUTDOWN_DRAIN = 5.0  # seconds for the final outputs of aborted requests to arrive
+
+
+@dataclass(frozen=True)
+class ReplicaSnapshot:
+    """One replica as ``/metrics`` shows it."""
+
+    index: int
+    up: bool
+    restarts: int
+    routed: int
+    in_flight: int
+    stats: EngineStats
+
+
+@dataclass(eq=False)
+class _Sink:
+    """Where one request's outputs go: a queue on the caller's event loop."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException] = field(default_factory=asyncio.Queue)
+    replica: int = -1
+
+
+@dataclass(eq=False)
+class _Handle:
+    index: int
+    actor: Any
+    epoch: str = ""
+    restarts: int = 0
+    stats: EngineStats = field(default_factory=empty_stats)
+    reader: asyncio.Task[None] | None = None
+
+
+def start_ray(cluster: ClusterConfig, threads: int) -> bool:
+    """Connect to ``cluster.ray_address``, or start a local Ray sized to this machine's cores.
+    True if this call started it. ValueError when the replicas' CPUs exceed what Ray has."""
+    started = False
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.WARNING)
+        if cluster.ray_address is None:
+            kwargs["num_cpus"] = len(os.sched_getaffinity(0))
+        ray.init(address=cluster.ray_address, **kwargs)
+        started = True
+    cpus = ray.cluster_resources().get("CPU", 0)
+    need = cluster.replicas * threads
+    if need > cpus:
+        if started:
+            ray.shutdown()
+        raise ValueError(f"{cluster.replicas} replicas x {threads} threads need {need} CPUs but the Ray cluster has "
+                         f"{cpus:g}; use fewer replicas or --replica-threads")
+    return started
+
+
+class ClusterClient:
+    """Serve ``engine_config``'s model from ``cluster.replicas`` Ray actors behind a router."""
+
+    def __init__(self, engine_config: EngineConfig, cluster: ClusterConfig) -> None:
+        self.cluster = cluster
+        threads = cluster.replica_threads or max(1, len(os.sched_getaffinity(0)) // cluster.replicas)
+        self._policy = make_router(cluster.router, cluster.router_config)
+        model_dir = resolve_model(engine_config.model)  # an unknown model fails here, before Ray starts
+        self.tokenizer = Tokenizer.from_dir(model_dir)
+        self._owns_ray = start_ray(cluster, threads)
+        replica_config = dataclasses.replace(engine_config, num_threads=threads)
+        actor_class = ray.remote(Replica).options(num_cpus=threads, max_restarts=cluster.max_restarts,
+                                                  max_task_retries=0)
+        self._handles = [_Handle(i, actor_class.remote(replica_config)) for i in range(cluster.replicas)]
+        try:
+            hellos: list[Hello] = ray.get([h.actor.hello.remote() for h in self._handles], timeout=START_TIMEOUT)
+        except Exception as e:
+            self._kill_actors()
+            raise RuntimeError(f"a replica failed to start: {e}") from e
+        for h, hello in zip(self._handles, hellos, strict=True):
+            h.epoch = hello.epoch
+        self._model_info = hellos[0].model_info
+        per_replica = hellos[0].max_waiting
+        self.max_waiting = None if per_replica is None else per_replica * cluster.replicas
+        self.router = Router(self._policy, cluster.replicas, engine_config.cache.block_size)
+        self._sinks: dict[str, _Sink] = {}  # router thread only
+        self._listeners: tuple[OutputListener, ...] = ()
+        self._step_listeners: tuple[StepListener, ...] = ()
+        self._stats = empty_stats()
+        self._snapshots: tuple[ReplicaSnapshot, ...] = ()
+        self._closed: EngineDeadError | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="loom-router", daemon=True)
+        self._refresh()
+        self._thread.start()
+        for h in self._handles:
+            self._loop.call_soon_threadsafe(self._start_reader, h)
+        self._poller = asyncio.run_coroutine_threadsafe(self._poll(), self._loop)
+
+    # -- EngineClient ---------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        *,
+        priority: int = 0,
+        tenant: str | None = None,
+        slo_class: str | None = None,
+        session_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        return self._outputs(prompt, params or SamplingParams(), request_id,
+                             RequestTags(priority, tenant, slo_class, session_id), embed=False)
+
+    async def embed(
+        self,
+        prompt: str | list[int],
+        request_id: str | None = None,
+        *,
+        priority: int = 0,
+        tenant: str | None = None,
+        slo_class: str | None = None,
+    ) -> RequestOutput:
+        async with contextlib.aclosing(self._outputs(prompt, EMBEDDING_PARAMS, request_id,
+                                                     RequestTags(priority, tenant, slo_class), embed=True)) as outputs:
+            return [out async for out in outputs][-1]
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request; its stream ends with finish_reason "abort" (a no-op for unknown ids)."""
+        await self._await_router(self._abort(request_id))
+
+    def add_listener(self, listener: OutputListener) -> None:
+        """Called on the router thread with every batch of outputs that arrives."""
+        self._listeners = (*self._listeners, listener)
+
+    def add_step_listener(self, listener: StepListener) -> None:
+        """Called on the router thread with the replicas' step timings, as they are reported."""
+        self._step_listeners = (*self._step_listeners, listener)
+
+    def stats(self) -> EngineStats:
+        """Summed over the replicas that are up, as of their latest reports."""
+        return self._stats
+
+    def replica_snapshots(self) -> tuple[ReplicaSnapshot, ...]:
+        return self._snapshots
+
+    def model_info(self) -> ModelInfo:
+        return self._model_info
+
+    @property
+    def is_running(self) -> bool:
+        """Serving: not shut down, and at least one replica up."""
+        return self._closed is None and any(s.up for s in self._snapshots)
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        """Abort what is in flight (streams end with finish_reason "abort"), stop the replicas and,
+        if this client started Ray, Ray."""
+        if self._closed is not None:
+            return
+        self._closed = EngineDeadError("the server is shut down")
+        try:
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout)
+        except Exception:  # a replica that does not answer: it is killed below anyway
+            log.exception("shutting the replicas down failed")
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+        self._kill_actors()
+        if self._owns_ray:
+            ray.shutdown()
+
+    # -- caller side ----------------------------------------------------------------------------
+    async def _outputs(self, prompt: str | list[int], params: SamplingParams, request_id: str | None,
+                       tags: RequestTags, embed: bool) -> AsyncIterator[RequestOutput]:
+        check_prompt_type(prompt)
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if self._closed is not None:
+            raise self._closed
+        if isinstance(prompt, str):
+            check_prompt_chars(len(prompt), self.tokenizer, self._model_info.max_model_len)
+            ids = await asyncio.to_thread(self.tokenizer.encode, prompt) if prompt else []
+        else:
+            ids = prompt
+        msg = Submit(request_id or uuid.uuid4().hex, prompt, ids, params, tags, embed)
+        sink = _Sink(asyncio.get_running_loop())
+        finished = False
+        try:
+            await self._await_router(self._dispatch(msg, sink))
+            while not finished:
+                item = await sink.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished and self._loop.is_running():
+                self._loop.call_soon_threadsafe(self._forget, msg.request_id)
+
+    async def _await_router(self, coro: Coroutine[Any, Any, T]) -> T:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+
+    # -- router thread --------------------------------------------------------------------------
+    async def _dispatch(self, msg: Submit, sink: _Sink) -> None:
+        if msg.request_id in self._sinks:
+            raise ValueError(f"request id {msg.request_id!r} is already in flight")
+        hashes = chain_hashes(msg.prompt_token_ids, self.router.block_size)
+        request = self.router.request(msg.request_id, msg.tags.tenant, msg.prompt_token_ids, hashes,
+                                      msg.params.max_tokens)
+        tried: set[int] = set()
+        while True:
+            replica = self.router.choose(request, frozenset(tried))
+            if replica is None:
+                raise EngineDeadError(f"no replica is serving (all {len(self._handles)} are down or restarting); "
+                                      "retry later")
+            sink.replica = replica.index
+            self._sinks[msg.request_id] = sink
+            self.router.routed(request, replica)
+            self._refresh()
+            try:
+                await self._handles[replica.index].actor.submit.remote(msg)
+                return
+            except RayActorError as e:
+                del self._sinks[msg.request_id]
+                self.router.finished(msg.request_id, learn=False)
+                self._lost(replica.index, e)
+                tried.add(replica.index)
+
+    async def _abort(self, request_id: str) -> None:
+        sink = self._sinks.get(request_id)
+        if sink is not None:
+            with contextlib.suppress(RayActorError):
+                await self._handles[sink.replica].actor.abort.remote(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        """The caller stopped reading: cancel the request on its replica."""
+        sink = self._sinks.pop(request_id, None)
+        if sink is None:
+            return
+        self.router.finished(request_id, learn=False)
+        self._refresh()
+        self._handles[sink.replica].actor.cancel.remote(request_id)
+
+    def _start_reader(self, handle: _Handle) -> None:
+        handle.reader = self._loop.create_task(self._read(handle))
+
+    async def _read(self, handle: _Handle) -> None:
+        try:
+            async for ref in handle.actor.outputs.remote():
+                self._deliver(handle.index, await ref)
+        except RayActorError as e:
+            self._lost(handle.index, e)
+        except Exception as e:  # the stream broke some other way: treat the replica as lost
+            log.exception("reading replica %d failed", handle.index)
+            self._lost(handle.index, e)
+
+    def _deliver(self, index: int, batch: OutputBatch) -> None:
+        outputs = [item for _, item in batch if isinstance(item, RequestOutput)]
+        if outputs:
+            self._notify(self._listeners, outputs)
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Sink, RequestOutput | BaseException]]] = defaultdict(list)
+        before = len(self._sinks)
+        for request_id, item in batch:
+            sink = self._sinks.get(request_id)
+            if sink is None:
+                continue
+            if isinstance(item, Refusal):
+                del self._sinks[request_id]
+                self.router.finished(request_id, learn=False)
+                by_loop[sink.loop].append((sink, refusal_error(item, index)))
+                continue
+            self.router.progressed(request_id, item.num_generated_tokens)
+            if item.finished:
+                del self._sinks[request_id]
+                self.router.finished(request_id, learn=all(c.finish_reason != "abort" for c in item.outputs))
+            by_loop[sink.loop].append((sink, item))
+        if len(self._sinks) < before:
+            self._refresh()
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that caller's loop is closed: nobody reads
+                loop.call_soon_threadsafe(_put_all, items)
+
+    def _lost(self, index: int, error: BaseException) -> None:
+        """Replica ``index`` stopped answering: fail its requests, stop routing to it, and wait for
+        Ray to bring it back."""
+        replica = self.router.replicas[index]
+        if not replica.healthy:
+            return
+        log.error("replica %d stopped serving: %s", index, error)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        dead = EngineDeadError(f"replica {index} stopped serving ({reason[:200]}); the request was lost, retry it")
+        for request_id in self.router.replica_lost(index):
+            sink = self._sinks.pop(request_id, None)
+            if sink is not None:
+                with contextlib.suppress(RuntimeError):
+                    sink.loop.call_soon_threadsafe(sink.queue.put_nowait, dead)
+        handle = self._handles[index]
+        if handle.reader is not None and handle.reader is not asyncio.current_task():
+            handle.reader.cancel()
+        self._refresh()
+        if self._closed is None:
+            asyncio.ensure_future(self._recover(handle))
+
+    async def _recover(self, handle: _Handle) -> None:
+        while self._closed is None:
+            await asyncio.sleep(RECOVERY_POLL)
+            try:
+                hello: Hello = await handle.actor.hello.remote()
+            except RayActorError:
+                continue
+            if hello.epoch != handle.epoch:
+                handle.restarts += 1
+            handle.epoch = hello.epoch
+            handle.stats = empty_stats()
+            self.router.replicas[handle.index].healthy = True
+            self._start_reader(handle)
+            log.warning("replica %d is serving again (restarts: %d)", handle.index, handle.restarts)
+            self._refresh()
+            return
+
+    async def _poll(self) -> None:
+        while self._closed is None:
+            await asyncio.gather(*(self._report(h) for h in self._handles if self.router.replicas[h.index].healthy))
+            self._refresh()
+            await asyncio.sleep(self.cluster.report_interval)
+
+    async def _report(self, handle: _Handle) -> None:
+        try:
+            report = await handle.actor.report.remote()
+        except RayActorError as e:
+            self._lost(handle.index, e)
+            return
+        if report.epoch != handle.epoch:  # restarted between two reads: what it held is gone
+            self._lost(handle.index, RuntimeError("it restarted"))
+            return
+        handle.stats = s = report.stats
+        self.router.reported(handle.index, 1 - s.num_free_blocks / max(s.num_blocks, 1), report.prefix)
+        for timing in report.steps:
+            self._notify(self._step_listeners, timing)
+
+    def _refresh(self) -> None:
+        """Publish stats and snapshots for other threads (``stats``, ``/metrics``): after each report,
+        and when a request is routed or ends."""
+        up = [self.router.replicas[h.index].healthy for h in self._handles]
+        self._stats = merge_stats([h.stats for h, ok in zip(self._handles, up, strict=True) if ok])
+        self._snapshots = tuple(
+            ReplicaSnapshot(h.index, ok, h.restarts, self.router.replicas[h.index].routed,
+                            self.router.replicas[h.index].in_flight, h.stats)
+            for h, ok in zip(self._handles, up, strict=True))
+
+    async def _shutdown(self) -> None:
+        await asyncio.gather(*(h.actor.shutdown.remote() for h in self._handles), return_exceptions=True)
+        deadline = time.monotonic() + SHUTDOWN_DRAIN
+        while self._sinks and time.monotonic() < deadline:  # the aborted requests' final outputs
+            await asyncio.sleep(0.01)
+        for request_id in list(self._sinks):
+            sink = self._sinks.pop(request_id)
+            with contextlib.suppress(RuntimeError):
+                sink.loop.call_soon_threadsafe(sink.queue.put_nowait, EngineDeadError("the server is shut down"))
+        self._poller.cancel()
+        for h in self._handles:
+            if h.reader is not None:
+                h.reader.cancel()
+
+    def _kill_actors(self) -> None:
+        for h in self._handles:
+            with contextlib.suppress(Exception):
+                ray.kill(h.actor, no_restart=True)
+
+    @staticmethod
+    def _notify(listeners: tuple[Callable[[Any], None], ...], payload: Any) -> None:
+        for listener in listeners:
+            try:
+                listener(payload)
+            except Exception:  # metrics must never stop the serving
+                log.exception("listener %r failed", listener)
+
+
+def _put_all(items: list[tuple[_Sink, RequestOutput | BaseException]]) -> None:
+    for sink, item in items:
+        sink.queue.put_nowait(item)

@@ -1,0 +1,44 @@
+"""Per-replica and router metrics for ``/metrics`` (``loom_replica_*``, ``loom_router_*``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from loom.cluster.client import ClusterClient
+
+
+class ClusterCollector(Collector):
+    def __init__(self, client: ClusterClient) -> None:
+        self._client = client
+
+    def collect(self) -> Iterator[Metric]:
+        snapshots = self._client.replica_snapshots()
+        families: tuple[tuple[type, str, str, Callable], ...] = (
+            (GaugeMetricFamily, "loom_replica_up", "1 while the replica serves, 0 while it is down or restarting.",
+             lambda s: int(s.up)),
+            (CounterMetricFamily, "loom_replica_restarts", "Times the replica came back after dying.",
+             lambda s: s.restarts),
+            (CounterMetricFamily, "loom_replica_requests_routed", "Requests the router sent to the replica.",
+             lambda s: s.routed),
+            (GaugeMetricFamily, "loom_replica_requests_in_flight", "Requests routed to the replica and not finished.",
+             lambda s: s.in_flight),
+            (GaugeMetricFamily, "loom_replica_kv_cache_usage_ratio", "Fraction of the replica's KV blocks in use.",
+             lambda s: 1 - s.stats.num_free_blocks / max(s.stats.num_blocks, 1)),
+            (GaugeMetricFamily, "loom_replica_prefix_cache_hit_rate",
+             "Fraction of the replica's admitted prompt tokens served from its prefix cache.",
+             lambda s: s.stats.prefix_cache_hit_rate),
+        )
+        for kind, name, doc, value in families:
+            family = kind(name, doc, labels=["replica"])
+            for s in snapshots:
+                family.add_metric([str(s.index)], value(s))
+            yield family
+        router = self._client.router
+        yield CounterMetricFamily("loom_router_prompt_tokens", "Prompt tokens of the requests routed.",
+                                  value=router.prompt_tokens)
+        yield CounterMetricFamily("loom_router_matched_tokens",
+                                  "Prompt tokens the chosen replica's prefix cache held when routed, per the "
+                                  "router's index.", value=router.matched_tokens)
