@@ -196,15 +196,28 @@ def cluster_config(args: argparse.Namespace):
     --replicas or --ray-address is given."""
     from loom.cluster import ClusterConfig
 
-    if args.replicas is None and args.ray_address is None:
+    split = args.prefill_replicas is not None or args.decode_replicas is not None
+    if split:
+        if args.prefill_replicas is None or args.decode_replicas is None:
+            raise ValueError("--prefill-replicas and --decode-replicas go together")
+        if args.replicas is not None and args.replicas != args.prefill_replicas + args.decode_replicas:
+            raise ValueError("--replicas must be --prefill-replicas + --decode-replicas (or left out)")
+        if args.prefill_replicas < 1 or args.decode_replicas < 1:
+            raise ValueError("--prefill-replicas and --decode-replicas must be >= 1")
+    if args.replicas is None and args.ray_address is None and not split:
         extra = [flag for flag, value in (("--router", args.router), ("--router-config", args.router_config),
                                           ("--replica-threads", args.replica_threads),
-                                          ("--max-restarts", args.max_restarts)) if value is not None]
+                                          ("--max-restarts", args.max_restarts),
+                                          ("--rebalance", args.rebalance or None)) if value is not None]
         if extra:
             raise ValueError(f"{extra[0]} applies to replicas on Ray: add --replicas N (or --ray-address)")
         return None
     given = {name: getattr(args, name) for name in ("replicas", "router", "router_config", "ray_address",
                                                     "replica_threads", "max_restarts")}
+    if split:
+        given.update(replicas=args.prefill_replicas + args.decode_replicas, prefill_replicas=args.prefill_replicas)
+    if args.rebalance:
+        given["rebalance"] = True
     return ClusterConfig(**{k: v for k, v in given.items() if v is not None})
 
 
@@ -262,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute threads (Ray CPUs) per replica (default: the cores divided among the replicas)")
     g.add_argument("--max-restarts", type=int, default=None, metavar="N",
                    help=f"times Ray restarts a replica that died (default: {ClusterConfig.max_restarts})")
+    g.add_argument("--prefill-replicas", type=int, default=None, metavar="P",
+                   help="disaggregated: P replicas compute prompts and hand each request, with its KV blocks, to one "
+                        "of the --decode-replicas after its first token")
+    g.add_argument("--decode-replicas", type=int, default=None, metavar="D", help="see --prefill-replicas")
+    g.add_argument("--rebalance", action="store_true",
+                   help=f"migrate running requests from the busiest replica to the least busy when they differ by "
+                        f"{ClusterConfig.rebalance_gap} requests or more (POST /admin/drain/N works without it)")
     add_engine_args(p, server=True)
     p.set_defaults(func=cmd_serve)
 
@@ -278,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("kv-sensitivity", "loom.bench.kv_sensitivity", "per-layer KV cache format sensitivity and a plan for a bit budget"),
         ("context-switch", "loom.bench.context_switch", "preemption cost by recompute and by swap per context length"),
         ("spec", "loom.bench.speculative", "speculative decoding methods vs none: tok/s, acceptance, per concurrency"),
+        ("migration", "loom.bench.migration", "live migration between two replicas on Ray: downtime, stages, token check"),
     ):
         p = bench.add_parser(name, help=doc)
         add_engine_args(p)

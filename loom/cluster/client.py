@@ -8,6 +8,11 @@ with its own event loop (``loom-router``), so the client serves callers on any l
 
 A replica that dies fails its in-flight requests with ``EngineDeadError`` (a 503 for the server)
 and leaves the routing at once; Ray restarts it (``max_restarts``) and it rejoins when it answers.
+
+Requests move between replicas without the caller noticing (their stream goes on, no token lost
+or repeated): with prefill replicas, every request after its first token; and by migration
+(Llumnix), to drain a replica or to rebalance load. A migration copies the request's blocks while
+it keeps running, then stops it, copies the blocks made meanwhile and resumes it on the target.
 """
 
 from __future__ import annotations
@@ -20,17 +25,17 @@ import os
 import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayError
 
 from loom.cluster.config import ClusterConfig
-from loom.cluster.replica import Hello, OutputBatch, Refusal, Replica, Submit, refusal_error
-from loom.cluster.router import Router, make_router
+from loom.cluster.replica import Hello, Moved, OutputBatch, Refusal, Replica, Submit, refusal_error
+from loom.cluster.router import ReplicaState, Router, least_load, make_router
 from loom.cluster.stats import empty_stats, merge_stats
 from loom.config import EngineConfig
 from loom.engine import EngineDeadError, EngineStats, ModelInfo
@@ -51,6 +56,36 @@ T = TypeVar("T")
 START_TIMEOUT = 600.0  # seconds for every replica to load its model
 RECOVERY_POLL = 1.0  # seconds between tries to reach a replica Ray is restarting
 SHUTDOWN_DRAIN = 5.0  # seconds for the final outputs of aborted requests to arrive
+MAX_MOVE_RECORDS = 1000
+
+
+@dataclass(frozen=True)
+class MoveRecord:
+    """One request moved between replicas: ``kind`` is ``handoff`` (prefill to decode) or
+    ``migration``. ``transfer_seconds``: copying the blocks out, the target fetching them and
+    writing them into its cache (the final stage's, for a migration). ``downtime_seconds``: from
+    the request's last token on the source being asked to stop (a migration's final stage, a
+    handoff's first token) to the request being queued on the target."""
+
+    request_id: str
+    kind: str
+    source: int
+    target: int
+    context_tokens: int
+    kv_bytes: int  # all stages
+    staged_blocks: int  # moved while it kept running (migration)
+    final_blocks: int
+    transfer_seconds: float
+    downtime_seconds: float
+
+
+@dataclass(eq=False)
+class _Migration:
+    target: ReplicaState
+    staged_blocks: int
+    staged_bytes: int
+    final_start: float
+    done: asyncio.Future[MoveRecord | None]
 
 
 @dataclass(frozen=True)
@@ -59,6 +94,7 @@ class ReplicaSnapshot:
 
     index: int
     up: bool
+    draining: bool
     restarts: int
     routed: int
     in_flight: int
@@ -126,6 +162,12 @@ class ClusterClient:
             raise RuntimeError(f"a replica failed to start: {e}") from e
         for h, hello in zip(self._handles, hellos, strict=True):
             h.epoch = hello.epoch
+        if cluster.disaggregated and not hellos[0].can_move:
+            self._kill_actors()
+            if self._owns_ray:
+                ray.shutdown()
+            raise ValueError("--prefill-replicas needs a KV cache whose blocks can move: an int4/int2 (KIVI) cache "
+                             "cannot; use --kv-cache-dtype auto, bf16, fp32 or int8")
         self._model_info = hellos[0].model_info
         per_replica = hellos[0].max_waiting
         self.max_waiting = None if per_replica is None else per_replica * cluster.replicas
@@ -135,6 +177,11 @@ class ClusterClient:
         self._step_listeners: tuple[StepListener, ...] = ()
         self._stats = empty_stats()
         self._snapshots: tuple[ReplicaSnapshot, ...] = ()
+        self._moves: deque[MoveRecord] = deque(maxlen=MAX_MOVE_RECORDS)
+        self.move_totals: dict[str, list[float]] = {}  # kind -> [moves, kv bytes, transfer s, downtime s, tokens]
+        self._migrating: dict[str, _Migration] = {}  # router thread only
+        self._background: set[asyncio.Task[Any]] = set()  # moves and rebalancing in progress
+        self._rebalancing: asyncio.Task[Any] | None = None
         self._closed: EngineDeadError | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="loom-router", daemon=True)
@@ -190,6 +237,23 @@ class ClusterClient:
 
     def replica_snapshots(self) -> tuple[ReplicaSnapshot, ...]:
         return self._snapshots
+
+    def move_records(self) -> tuple[MoveRecord, ...]:
+        """The latest moves (at most MAX_MOVE_RECORDS), oldest first."""
+        return tuple(self._moves)
+
+    async def migrate(self, request_id: str, target: int | None = None) -> MoveRecord | None:
+        """Move a running request to replica ``target`` (None: the least loaded other replica that
+        decodes); None if it finished first. ValueError for an unknown id or target."""
+        return await self._await_router(self._migrate(request_id, target))
+
+    async def drain(self, replica: int) -> list[MoveRecord]:
+        """Stop routing to ``replica`` and migrate its running requests away (those that cannot move,
+        ``n`` > 1, finish there); ``resume`` routes to it again."""
+        return await self._await_router(self._drain(replica))
+
+    async def resume(self, replica: int) -> None:
+        await self._await_router(self._resume(replica))
 
     def model_info(self) -> ModelInfo:
         return self._model_info
@@ -254,12 +318,19 @@ class ClusterClient:
         hashes = chain_hashes(msg.prompt_token_ids, self.router.block_size)
         request = self.router.request(msg.request_id, msg.tags.tenant, msg.prompt_token_ids, hashes,
                                       msg.params.max_tokens)
+        # Prefill replicas take what they hand off, and what ends at its prompt or first token (embeddings,
+        # max_tokens 0 or 1); what cannot move (n or best_of > 1) runs where it decodes.
+        prefill_only = msg.embed or msg.params.max_tokens in (0, 1)
+        hand_off = self.cluster.disaggregated and msg.params.num_samples == 1 and not prefill_only
+        among = self.cluster.prefill if hand_off or prefill_only else self.cluster.decode
+        if hand_off:
+            msg = dataclasses.replace(msg, hand_off=True)
         tried: set[int] = set()
         while True:
-            replica = self.router.choose(request, frozenset(tried))
+            replica = self.router.choose(request, frozenset(tried), among)
             if replica is None:
-                raise EngineDeadError(f"no replica is serving (all {len(self._handles)} are down or restarting); "
-                                      "retry later")
+                raise EngineDeadError(f"no replica is serving (all {len(among)} that could take this request are "
+                                      "down, restarting or draining); retry later")
             sink.replica = replica.index
             self._sinks[msg.request_id] = sink
             self.router.routed(request, replica)
@@ -287,6 +358,145 @@ class ClusterClient:
         self.router.finished(request_id, learn=False)
         self._refresh()
         self._handles[sink.replica].actor.cancel.remote(request_id)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = self._loop.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    # -- moving requests ------------------------------------------------------------------------
+    async def _move(self, source: int, request_id: str, moved: Moved) -> None:
+        """A request left ``source`` (its last outputs there came before this): adopt it elsewhere."""
+        migration = self._migrating.pop(request_id, None)
+        sink = self._sinks.get(request_id)
+        started = migration.final_start if migration else time.monotonic() - moved.export_seconds
+        if sink is None:  # the caller is gone: nothing to continue
+            if migration is not None:
+                migration.done.set_result(None)
+            return
+        target = migration.target if migration else self._decode_target(exclude=source)
+        tried: set[int] = set()
+        while True:
+            if target is None:
+                self._fail(request_id, EngineDeadError("no decode replica can take the request (all are down or "
+                                                       "draining); the request was lost, retry it"))
+                break
+            t0 = time.monotonic()
+            try:
+                await self._handles[target.index].actor.adopt.remote(moved.handoff)
+            except RayActorError as e:
+                self._lost(target.index, e)
+                tried.add(target.index)
+                target = self._decode_target(exclude=source, also=tried)
+                continue
+            except RayError as e:  # the handoff itself is gone (its source died)
+                self._fail(request_id, EngineDeadError(f"moving the request from replica {source} failed "
+                                                       f"({type(e).__name__}); the request was lost, retry it"))
+                target = None
+                break
+            done = time.monotonic()
+            sink.replica = target.index
+            self.router.moved(request_id, target)
+            self._refresh()
+            if request_id not in self._sinks:  # the caller left while it moved
+                self._handles[target.index].actor.cancel.remote(request_id)
+            kind = "migration" if migration else "handoff"
+            staged = (migration.staged_blocks, migration.staged_bytes) if migration else (0, 0)
+            record = MoveRecord(request_id, kind, source, target.index, moved.num_tokens, moved.kv_bytes + staged[1],
+                                staged[0], moved.num_blocks, moved.export_seconds + (done - t0), done - started)
+            self._moves.append(record)
+            totals = self.move_totals.setdefault(kind, [0, 0, 0.0, 0.0, 0])
+            for i, v in enumerate((1, record.kv_bytes, record.transfer_seconds, record.downtime_seconds,
+                                   record.context_tokens)):
+                totals[i] += v
+            if migration is not None:
+                migration.done.set_result(record)
+            return
+        if migration is not None:
+            migration.done.set_result(None)
+
+    def _decode_target(self, exclude: int, also: set[int] = frozenset()) -> ReplicaState | None:
+        candidates = [r for r in self.router.open(self.cluster.decode) if r.index != exclude and r.index not in also]
+        return least_load(candidates) if candidates else None
+
+    def _fail(self, request_id: str, error: BaseException) -> None:
+        sink = self._sinks.pop(request_id, None)
+        self.router.finished(request_id, learn=False)
+        if sink is not None:
+            with contextlib.suppress(RuntimeError):
+                sink.loop.call_soon_threadsafe(sink.queue.put_nowait, error)
+
+    async def _migrate(self, request_id: str, target: int | None) -> MoveRecord | None:
+        source = self.router.replica_of(request_id)
+        if source is None:
+            raise ValueError(f"no request {request_id!r} is running")
+        if request_id in self._migrating:
+            raise ValueError(f"request {request_id!r} is already moving")
+        if target is None:
+            chosen = self._decode_target(exclude=source.index)
+            if chosen is None:
+                raise ValueError("no other replica can take the request")
+        else:
+            if not 0 <= target < len(self._handles) or target == source.index:
+                raise ValueError(f"replica {target} is not another replica (0..{len(self._handles) - 1})")
+            chosen = self.router.replicas[target]
+            if not chosen.healthy or target not in self.cluster.decode:
+                raise ValueError(f"replica {target} cannot take the request (down, or a prefill replica)")
+        actor = self._handles[source.index].actor
+        stage = await actor.migrate_out.remote(request_id, 0, False)
+        if stage is None:
+            return None  # it finished, or it cannot move (n > 1)
+        await self._handles[chosen.index].actor.import_blocks.remote(stage.handoff)
+        migration = _Migration(chosen, stage.num_blocks, stage.kv_bytes, time.monotonic(), self._loop.create_future())
+        self._migrating[request_id] = migration
+        stopped = await actor.migrate_out.remote(request_id, stage.num_blocks, True)  # then Moved on the stream
+        if stopped is None and self._migrating.get(request_id) is migration:  # it finished first: no Moved
+            del self._migrating[request_id]
+            migration.done.set_result(None)
+        return await migration.done
+
+    async def _drain(self, replica: int) -> list[MoveRecord]:
+        if not 0 <= replica < len(self._handles):
+            raise ValueError(f"no replica {replica} (0..{len(self._handles) - 1})")
+        self.router.replicas[replica].draining = True
+        self._refresh()
+        records = []
+        for request_id in self.router.in_flight_on(replica):
+            with contextlib.suppress(ValueError):
+                record = await self._migrate(request_id, None)
+                if record is not None:
+                    records.append(record)
+        return records
+
+    async def _resume(self, replica: int) -> None:
+        if not 0 <= replica < len(self._handles):
+            raise ValueError(f"no replica {replica} (0..{len(self._handles) - 1})")
+        self.router.replicas[replica].draining = False
+        self._refresh()
+
+    def _rebalance(self) -> None:
+        """Start one migration from the busiest decode replica to the least busy when they differ by
+        ``rebalance_gap`` requests: its request with the least context (the cheapest to move)."""
+        if self._rebalancing is not None and not self._rebalancing.done():
+            return
+        open_ = self.router.open(self.cluster.decode)
+        if len(open_) < 2:
+            return
+        busiest = max(open_, key=lambda r: (r.in_flight, -r.index))
+        idlest = least_load(open_)
+        if busiest.in_flight - idlest.in_flight < self.cluster.rebalance_gap:
+            return
+        candidates = [rid for rid in self.router.in_flight_on(busiest.index) if rid not in self._migrating]
+        if candidates:
+            request_id = min(candidates, key=self.router.context_tokens)
+            self._rebalancing = self._spawn(self._migrate_quietly(request_id, idlest.index))
+
+    async def _migrate_quietly(self, request_id: str, target: int) -> None:
+        try:
+            await self._migrate(request_id, target)
+        except (ValueError, RayError) as e:
+            log.info("rebalancing migration of %r skipped: %s", request_id, e)
 
     def _start_reader(self, handle: _Handle) -> None:
         handle.reader = self._loop.create_task(self._read(handle))
@@ -316,6 +526,9 @@ class ClusterClient:
                 self.router.finished(request_id, learn=False)
                 by_loop[sink.loop].append((sink, refusal_error(item, index)))
                 continue
+            if isinstance(item, Moved):
+                self._spawn(self._move(index, request_id, item))
+                continue
             self.router.progressed(request_id, item.num_generated_tokens)
             if item.finished:
                 del self._sinks[request_id]
@@ -341,6 +554,9 @@ class ClusterClient:
             if sink is not None:
                 with contextlib.suppress(RuntimeError):
                     sink.loop.call_soon_threadsafe(sink.queue.put_nowait, dead)
+            migration = self._migrating.pop(request_id, None)
+            if migration is not None:
+                migration.done.set_result(None)
         handle = self._handles[index]
         if handle.reader is not None and handle.reader is not asyncio.current_task():
             handle.reader.cancel()
@@ -369,6 +585,8 @@ class ClusterClient:
         while self._closed is None:
             await asyncio.gather(*(self._report(h) for h in self._handles if self.router.replicas[h.index].healthy))
             self._refresh()
+            if self.cluster.rebalance:
+                self._rebalance()
             await asyncio.sleep(self.cluster.report_interval)
 
     async def _report(self, handle: _Handle) -> None:
@@ -391,7 +609,8 @@ class ClusterClient:
         up = [self.router.replicas[h.index].healthy for h in self._handles]
         self._stats = merge_stats([h.stats for h, ok in zip(self._handles, up, strict=True) if ok])
         self._snapshots = tuple(
-            ReplicaSnapshot(h.index, ok, h.restarts, self.router.replicas[h.index].routed,
+            ReplicaSnapshot(h.index, ok, self.router.replicas[h.index].draining, h.restarts,
+                            self.router.replicas[h.index].routed,
                             self.router.replicas[h.index].in_flight, h.stats)
             for h, ok in zip(self._handles, up, strict=True))
 

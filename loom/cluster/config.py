@@ -13,7 +13,10 @@ class ClusterConfig:
     this machine's cores). ``replica_threads``: compute threads (and Ray CPUs) per replica (None:
     the cores divided among the replicas). ``max_restarts``: times Ray restarts a replica that
     died. ``report_interval``: seconds between the router's reads of each replica's stats and
-    prefix-cache changes."""
+    prefix-cache changes. ``prefill_replicas``: of the replicas, how many only compute prompts and
+    hand each request off after its first token to the others, which decode (DistServe,
+    Splitwise); 0: every replica does both. ``rebalance``: migrate running requests from the
+    busiest replica to the least busy when they differ by ``rebalance_gap`` requests or more."""
 
     replicas: int = 2
     router: str = "prefix"
@@ -22,6 +25,9 @@ class ClusterConfig:
     replica_threads: int | None = None
     max_restarts: int = 3
     report_interval: float = 0.25
+    prefill_replicas: int = 0
+    rebalance: bool = False
+    rebalance_gap: int = 4
 
     def __post_init__(self) -> None:
         from loom.cluster.router import make_router
@@ -34,4 +40,23 @@ class ClusterConfig:
             raise ValueError(f"max_restarts (--max-restarts) must be >= 0, got {self.max_restarts}")
         if not self.report_interval > 0:
             raise ValueError(f"report_interval must be > 0 seconds, got {self.report_interval}")
+        if not 0 <= self.prefill_replicas < self.replicas or (self.prefill_replicas and self.replicas < 2):
+            raise ValueError(f"prefill_replicas (--prefill-replicas) must leave at least one decode replica: got "
+                             f"{self.prefill_replicas} of {self.replicas} replicas")
+        if self.rebalance_gap < 2:
+            raise ValueError(f"rebalance_gap must be >= 2 requests, got {self.rebalance_gap}")
         make_router(self.router, self.router_config)  # names a bad router or option now
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.prefill_replicas > 0
+
+    @property
+    def prefill(self) -> range:
+        """The replicas that take new requests first: the prefill ones, or all."""
+        return range(self.prefill_replicas or self.replicas)
+
+    @property
+    def decode(self) -> range:
+        """The replicas requests are handed off to (those that decode), or all."""
+        return range(self.prefill_replicas, self.replicas)

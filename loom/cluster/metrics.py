@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 from loom.cluster.client import ClusterClient
@@ -19,6 +19,8 @@ class ClusterCollector(Collector):
         families: tuple[tuple[type, str, str, Callable], ...] = (
             (GaugeMetricFamily, "loom_replica_up", "1 while the replica serves, 0 while it is down or restarting.",
              lambda s: int(s.up)),
+            (GaugeMetricFamily, "loom_replica_draining", "1 while the replica takes no new requests (drained).",
+             lambda s: int(s.draining)),
             (CounterMetricFamily, "loom_replica_restarts", "Times the replica came back after dying.",
              lambda s: s.restarts),
             (CounterMetricFamily, "loom_replica_requests_routed", "Requests the router sent to the replica.",
@@ -35,6 +37,26 @@ class ClusterCollector(Collector):
             family = kind(name, doc, labels=["replica"])
             for s in snapshots:
                 family.add_metric([str(s.index)], value(s))
+            yield family
+        moves = self._client.move_totals
+        for name, doc, column in (
+            ("loom_kv_transfer_bytes", "KV cache bytes moved between replicas, by kind (handoff: prefill to decode; "
+                                       "migration).", 1),
+            ("loom_kv_transfer_tokens", "Context tokens of the requests moved, by kind.", 4),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["kind"])
+            for kind, totals in moves.items():
+                family.add_metric([kind], totals[column])
+            yield family
+        for name, doc, column in (
+            ("loom_kv_transfer_seconds", "Seconds to move a request's KV blocks: copy out, fetch, write in (a "
+                                         "migration's final stage), by kind.", 2),
+            ("loom_move_downtime_seconds", "Seconds a moved request ran nowhere: from the source being asked to stop "
+                                           "it to the target queueing it, by kind.", 3),
+        ):
+            family = SummaryMetricFamily(name, doc, labels=["kind"])
+            for kind, totals in moves.items():
+                family.add_metric([kind], count_value=totals[0], sum_value=totals[column])
             yield family
         router = self._client.router
         yield CounterMetricFamily("loom_router_prompt_tokens", "Prompt tokens of the requests routed.",

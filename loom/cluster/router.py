@@ -38,6 +38,7 @@ class ReplicaState:
 
     index: int
     healthy: bool = True
+    draining: bool = False  # takes no new requests (POST /admin/drain); its requests migrate away
     in_flight: int = 0  # requests routed here and not finished
     prefill_tokens: int = 0  # uncached prompt tokens of in-flight requests that have no token yet
     decode_tokens: float = 0.0  # predicted output tokens its in-flight requests still make
@@ -119,7 +120,7 @@ class RouterPolicy(ABC):
         """Called once the request was handed to ``replica``."""
 
 
-def _least_load(replicas: Sequence[ReplicaState]) -> ReplicaState:
+def least_load(replicas: Sequence[ReplicaState]) -> ReplicaState:
     return min(replicas, key=lambda r: (r.in_flight, r.kv_usage, r.index))
 
 
@@ -138,7 +139,7 @@ class LeastLoad(RouterPolicy):
     name = "least_load"
 
     def choose(self, request: RouteRequest, replicas: Sequence[ReplicaState]) -> ReplicaState:
-        return _least_load(replicas)
+        return least_load(replicas)
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ class PrefixAware(RouterPolicy):
     Options = PrefixOptions
 
     def choose(self, request: RouteRequest, replicas: Sequence[ReplicaState]) -> ReplicaState:
-        least = _least_load(replicas)
+        least = least_load(replicas)
         best = max(replicas, key=lambda r: (request.matched.get(r.index, 0), -r.in_flight, -r.index))
         if not request.matched.get(best.index):
             # No replica holds any of it: the least loaded, and among equals the one caching least.
@@ -303,12 +304,41 @@ class Router:
                 req.matched[r.index] = min(blocks * self.block_size, len(prompt_ids) - 1)
         return req
 
-    def healthy(self) -> list[ReplicaState]:
-        return [r for r in self.replicas if r.healthy]
+    def open(self, among: range | None = None) -> list[ReplicaState]:
+        """The replicas that take new requests (healthy, not draining), of ``among`` if given."""
+        return [r for r in self.replicas if r.healthy and not r.draining and (among is None or r.index in among)]
 
-    def choose(self, request: RouteRequest, exclude: frozenset[int] = frozenset()) -> ReplicaState | None:
-        candidates = [r for r in self.replicas if r.healthy and r.index not in exclude]
+    def choose(self, request: RouteRequest, exclude: frozenset[int] = frozenset(),
+               among: range | None = None) -> ReplicaState | None:
+        candidates = [r for r in self.open(among) if r.index not in exclude]
         return self.policy.choose(request, candidates) if candidates else None
+
+    def replica_of(self, request_id: str) -> ReplicaState | None:
+        r = self._routed.get(request_id)
+        return None if r is None else r.replica
+
+    def context_tokens(self, request_id: str) -> int:
+        r = self._routed[request_id]
+        return r.num_prompt_tokens + r.produced
+
+    def in_flight_on(self, replica: int) -> list[str]:
+        return [rid for rid, r in self._routed.items() if r.replica.index == replica]
+
+    def moved(self, request_id: str, to: ReplicaState) -> None:
+        """The request continues on ``to``: its remaining work moves with it."""
+        r = self._routed.get(request_id)
+        if r is None or r.replica is to:
+            return
+        old = r.replica
+        left = max(r.predicted - r.produced, 0)
+        old.in_flight -= 1
+        old.decode_tokens -= left
+        if r.produced == 0:
+            old.prefill_tokens -= r.uncached
+            r.uncached = 0
+        to.in_flight += 1
+        to.decode_tokens += left
+        r.replica = to
 
     def routed(self, request: RouteRequest, replica: ReplicaState) -> None:
         self.policy.on_routed(request, replica)

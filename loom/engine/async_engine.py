@@ -23,6 +23,7 @@ from typing import Any
 
 from loom.engine.client import OutputListener, StepListener
 from loom.engine.engine import EMBEDDING_PARAMS, Engine, EngineStats, ModelInfo, check_prompt_chars
+from loom.engine.handoff import Handoff
 from loom.outputs import RequestOutput
 from loom.request import RequestTags
 from loom.sampling import SamplingParams
@@ -36,6 +37,14 @@ class EngineOverloadedError(RuntimeError):
 
 class EngineDeadError(RuntimeError):
     """The engine was shut down or its step loop failed; it serves nothing any more."""
+
+
+class RequestMovedError(Exception):
+    """Ends the stream of a request exported with ``stop`` (it continues in another engine)."""
+
+    def __init__(self, handoff: Handoff) -> None:
+        super().__init__(f"request {handoff.request_id!r} moved to another engine")
+        self.handoff = handoff
 
 
 @dataclass(eq=False)
@@ -57,6 +66,21 @@ class _Add:
     stream: _Stream
     accepted: asyncio.Future[None]
     embed: bool  # an embedding request (``params`` unused)
+    resume: Handoff | None = None  # a request another engine exported: adopted, not added
+
+
+@dataclass(frozen=True, eq=False)
+class _Export:
+    request_id: str
+    start_block: int
+    stop: bool
+    done: asyncio.Future[Handoff]
+
+
+@dataclass(frozen=True, eq=False)
+class _Import:
+    handoff: Handoff
+    done: asyncio.Future[int]
 
 
 @dataclass(frozen=True, eq=False)
@@ -141,8 +165,28 @@ class AsyncEngine:
                                                      ids=prompt_token_ids)) as outputs:
             return [out async for out in outputs][-1]
 
+    def adopt(self, handoff: Handoff) -> AsyncIterator[RequestOutput]:
+        """Continue a request another engine exported with ``stop`` (``Engine.adopt_request``) and
+        stream its outputs from here on; raises as ``generate`` does."""
+        return self._outputs(handoff.prompt or handoff.prompt_token_ids, handoff.params, handoff.request_id,
+                             handoff.tags, embed=False, ids=handoff.prompt_token_ids, resume=handoff)
+
+    async def export(self, request_id: str, start_block: int = 0, stop: bool = False) -> Handoff:
+        """``Engine.export_request`` on the engine thread, between steps. With ``stop`` the
+        request's stream ends with RequestMovedError. ValueError for what cannot move."""
+        done: asyncio.Future[Handoff] = asyncio.get_running_loop().create_future()
+        self._submit(_Export(request_id, start_block, stop, done))
+        return await done
+
+    async def import_blocks(self, handoff: Handoff) -> int:
+        """``Engine.import_blocks`` on the engine thread: a stage of a request's KV arriving ahead
+        of the request; the number of blocks written."""
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._submit(_Import(handoff, done))
+        return await done
+
     async def _outputs(self, prompt: str | list[int], params: SamplingParams, request_id: str | None, tags: RequestTags,
-                       embed: bool, ids: list[int] | None) -> AsyncIterator[RequestOutput]:
+                       embed: bool, ids: list[int] | None, resume: Handoff | None = None) -> AsyncIterator[RequestOutput]:
         check_prompt_type(prompt)
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -156,7 +200,7 @@ class AsyncEngine:
         request_id = request_id or uuid.uuid4().hex
         stream = _Stream(loop)
         accepted: asyncio.Future[None] = loop.create_future()
-        self._submit(_Add(request_id, prompt, ids, params, tags, arrival_time, stream, accepted, embed))
+        self._submit(_Add(request_id, prompt, ids, params, tags, arrival_time, stream, accepted, embed, resume))
         await accepted  # a cancelled wait cancels the add (see _handle); an error means nothing runs
         finished = False
         try:
@@ -214,7 +258,7 @@ class AsyncEngine:
                 self._commands.put(_STOP)
         self._thread.join(timeout)
 
-    def _submit(self, command: _Add | _Abort) -> None:
+    def _submit(self, command: _Add | _Abort | _Export | _Import) -> None:
         """Queue a command for the engine thread (EngineDeadError once it has stopped)."""
         with self._lock:
             if self._closed is not None:
@@ -228,7 +272,7 @@ class AsyncEngine:
         self.max_waiting = engine.config.scheduler.max_waiting  # checked (>= 1 or None) by SchedulerConfig
         self._listeners: tuple[OutputListener, ...] = ()
         self._step_listeners: tuple[StepListener, ...] = ()
-        self._commands: queue.SimpleQueue[_Add | _Abort | object] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Abort | _Export | _Import | object] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._stats = engine.stats()
         self._lock = threading.Lock()  # orders "closed?" checks against the final drain
@@ -273,7 +317,17 @@ class AsyncEngine:
             self._streams.clear()
             self._reject_pending(_drain(self._commands), error)
 
-    def _handle(self, command: _Add | _Abort | object) -> None:
+    def _handle(self, command: _Add | _Abort | _Export | _Import | object) -> None:
+        if isinstance(command, _Export):
+            self._export(command)
+            return
+        if isinstance(command, _Import):
+            loop = command.done.get_loop()
+            try:
+                _call(loop, _set_result, command.done, self.engine.import_blocks(command.handoff))
+            except Exception as e:
+                _call(loop, _set_exception, command.done, e)
+            return
         if isinstance(command, _Abort):
             final = self.engine.abort_request(command.request_id)
             if final is not None:
@@ -285,11 +339,14 @@ class AsyncEngine:
         if command.accepted.cancelled():
             return  # the caller went away before its request reached the engine
         try:
-            self._check_capacity()
+            if command.resume is None:  # a request moving here was admitted elsewhere: never refused for a full queue
+                self._check_capacity()
             t = command.tags
             common: dict[str, Any] = dict(arrival_time=command.arrival_time, priority=t.priority, tenant=t.tenant,
                                           slo_class=t.slo_class, prompt_token_ids=command.prompt_token_ids)
-            if command.embed:
+            if command.resume is not None:
+                self.engine.adopt_request(command.resume)
+            elif command.embed:
                 self.engine.add_embedding_request(command.request_id, command.prompt, **common)
             else:
                 self.engine.add_request(command.request_id, command.prompt, command.params, session_id=t.session_id,
@@ -302,6 +359,21 @@ class AsyncEngine:
         self._streams[command.request_id] = command.stream
         if not _call(command.stream.loop, self._accepted, command):
             self._abort_unheard([command.request_id])
+
+    def _export(self, command: _Export) -> None:
+        loop = command.done.get_loop()
+        try:
+            handoff = self.engine.export_request(command.request_id, command.start_block, command.stop)
+        except Exception as e:
+            if not isinstance(e, ValueError):
+                log.exception("export_request(%r) failed", command.request_id)
+            _call(loop, _set_exception, command.done, e)
+            return
+        if command.stop:
+            stream = self._streams.pop(command.request_id, None)
+            if stream is not None:
+                _call(stream.loop, stream.queue.put_nowait, RequestMovedError(handoff))
+        _call(loop, _set_result, command.done, handoff)
 
     def _accepted(self, command: _Add) -> None:
         """On the caller's loop: tell it the request runs, unless it stopped waiting meanwhile,
@@ -351,7 +423,7 @@ class AsyncEngine:
             if not _call(loop, _put_all, items):
                 self._abort_unheard([out.request_id for _, out in items if not out.finished])
 
-    def _stop(self, commands: list[_Add | _Abort | object]) -> None:
+    def _stop(self, commands: list[_Add | _Abort | _Export | _Import | object]) -> None:
         error = EngineDeadError("the engine is shut down")
         self._reject_pending([c for c in commands if c is not _STOP] + _drain(self._commands), error)
         for request_id in list(self._streams):
@@ -361,10 +433,12 @@ class AsyncEngine:
         self._stats = self.engine.stats()
 
     @staticmethod
-    def _reject_pending(commands: list[_Add | _Abort | object], error: BaseException) -> None:
+    def _reject_pending(commands: list[_Add | _Abort | _Export | _Import | object], error: BaseException) -> None:
         for c in commands:
             if isinstance(c, _Add):
                 _call(c.stream.loop, _set_exception, c.accepted, error)
+            elif isinstance(c, (_Export, _Import)):
+                _call(c.done.get_loop(), _set_exception, c.done, error)
             elif isinstance(c, _Abort) and c.done is not None:
                 _call(c.done.get_loop(), _set_result, c.done)
 
@@ -385,9 +459,9 @@ def _drain(q: queue.SimpleQueue) -> list:
             return items
 
 
-def _set_result(future: asyncio.Future[None]) -> None:
+def _set_result(future: asyncio.Future[Any], value: Any = None) -> None:
     if not future.done():
-        future.set_result(None)
+        future.set_result(value)
 
 
 def _set_exception(future: asyncio.Future[None], error: BaseException) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from loom.config import EngineConfig
 from loom.engine.group import RequestGroup, SampleState
+from loom.engine.handoff import Handoff, kv_layout, read_blocks, write_blocks
 from loom.kvcache import KVCacheManager
 from loom.model.arch import load_model_config
 from loom.model.files import gguf_file, resolve_model
@@ -212,7 +213,7 @@ class Engine:
                   RequestTags(priority, tenant, slo_class), embed=True)
 
     def _add(self, request_id: str, prompt: str | list[int], prompt_token_ids: list[int] | None, params: SamplingParams,
-             arrival_time: float | None, tags: RequestTags, embed: bool) -> None:
+             arrival_time: float | None, tags: RequestTags, embed: bool, resume: Handoff | None = None) -> None:
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self._tokenize(prompt, prompt_token_ids)
@@ -253,6 +254,8 @@ class Engine:
         account.prompt_tokens += len(ids)
         for req in samples:
             self._sample_of[req.request_id] = (group, group.new_sample(req))
+        if resume is not None:
+            self._resume(group, resume)
         first, forks = samples[0], samples[1:]
         if params.max_tokens == 0:  # echo / loglikelihood / embedding: only the prompt
             for req in forks:
@@ -263,6 +266,24 @@ class Engine:
         else:
             first.forks = list(forks)  # they fork from sample 0 once the prompt is in the cache
         self.scheduler.add(first)
+
+    @staticmethod
+    def _resume(group: RequestGroup, h: Handoff) -> None:
+        """Give a single-sample group the output, metrics and sent counts a handoff carries."""
+        (st,) = group.samples
+        req = st.request
+        req.output_token_ids = list(h.output_token_ids)
+        req.output_logprobs = list(h.output_logprobs)
+        req.cumulative_logprob = h.cumulative_logprob
+        req.metrics = dataclasses.replace(h.metrics)
+        req.num_cached_tokens = h.num_cached_tokens
+        req.num_served_prompt_tokens = len(h.prompt_token_ids)
+        if req.grammar is not None:
+            for token in h.output_token_ids:
+                req.grammar.accept(token)
+        st.text = st.detok.add(h.output_token_ids)
+        st.num_detokenized = len(h.output_token_ids)
+        st.sent_chars, st.sent_tokens, st.sent_logprobs = h.sent_chars, h.sent_tokens, h.sent_logprobs
 
     def _tokenize(self, prompt: str | list[int], prompt_token_ids: list[int] | None) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -317,6 +338,64 @@ class Engine:
     @property
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
+
+    # -- moving requests between engines (disaggregation, migration) ---------------------------
+    def export_request(self, request_id: str, start_block: int = 0, stop: bool = False) -> Handoff:
+        """The request ``request_id`` with the KV of its computed full blocks from ``start_block``
+        on, for another engine's ``adopt_request``. ``stop``: it leaves this engine (no final
+        output; its full blocks stay in the prefix cache). ValueError for what cannot move: an
+        unknown or finished request, ``n``/``best_of`` > 1, an embedding, or a KV cache with a
+        residual (KIVI int4/int2)."""
+        group = self.groups.get(request_id)
+        if group is None or group.finished:
+            raise ValueError(f"no request {request_id!r} is running here")
+        if group.embed or group.params.num_samples > 1:
+            raise ValueError("only single-sample generation requests move between engines (not n or best_of > 1, "
+                             "not embeddings)")
+        if self.worker.kv.num_slots:
+            raise ValueError("a KV cache with a residual (int4/int2) cannot move its blocks; use --kv-cache-dtype "
+                             "auto, bf16, fp32 or int8")
+        (st,) = group.samples
+        req = st.request
+        tensors = self.worker.kv.block_tensors()
+        full = min(req.num_computed_tokens, len(req.block_ids) * self.kv.block_size) // self.kv.block_size
+        blocks = req.block_ids[start_block:full] if req.block_ids else []
+        t0 = time.perf_counter()
+        kv = read_blocks(tensors, blocks)
+        handoff = Handoff(
+            request_id=request_id, prompt=group.prompt, prompt_token_ids=list(group.prompt_token_ids),
+            params=group.params, tags=RequestTags(req.priority, req.tenant, req.slo_class, req.session_id),
+            output_token_ids=list(req.output_token_ids), output_logprobs=list(req.output_logprobs),
+            cumulative_logprob=req.cumulative_logprob, metrics=dataclasses.replace(req.metrics),
+            num_cached_tokens=req.num_cached_tokens, sent_chars=st.sent_chars, sent_tokens=st.sent_tokens,
+            sent_logprobs=st.sent_logprobs, block_size=self.kv.block_size, start_block=start_block,
+            kv=kv, layout=kv_layout(tensors), copy_seconds=time.perf_counter() - t0,
+        )
+        if stop:
+            self.abort_request(request_id)
+        return handoff
+
+    def import_blocks(self, handoff: Handoff) -> int:
+        """Write the handoff's blocks into this engine's prefix cache (blocks it already holds are
+        skipped, and as many as there is room for are written); the number written."""
+        if handoff.block_size != self.kv.block_size or handoff.layout != kv_layout(self.worker.kv.block_tensors()):
+            raise ValueError("the KV blocks come from an engine with another block size or KV cache format")
+        if self.worker.kv.num_slots:
+            raise ValueError("a KV cache with a residual (int4/int2) cannot take blocks from another engine")
+        rows, blocks = self.kv.adopt_blocks(handoff.token_ids, handoff.start_block, handoff.num_blocks)
+        write_blocks(self.worker.kv.block_tensors(), blocks, handoff.kv, rows)
+        self.kv.release_adopted(blocks)
+        return len(blocks)
+
+    def adopt_request(self, handoff: Handoff) -> None:
+        """Continue a request another engine exported (with ``stop``): its blocks into the prefix
+        cache, and the request, with its output so far, into the queue. Its outputs carry the
+        whole output; the deltas start after what the source had sent."""
+        if handoff.request_id in self.groups:
+            raise ValueError(f"request id {handoff.request_id!r} is already in use")
+        self.import_blocks(handoff)
+        self._add(handoff.request_id, handoff.prompt or handoff.prompt_token_ids, handoff.prompt_token_ids,
+                  handoff.params, handoff.metrics.arrival_time, handoff.tags, embed=False, resume=handoff)
 
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

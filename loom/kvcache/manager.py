@@ -161,6 +161,31 @@ class KVCacheManager:
             del req.block_ids[keep:]
         del req.block_hashes[num_tokens // self.block_size :]
 
+    def adopt_blocks(self, token_ids: list[int], start_block: int, num_blocks: int) -> tuple[list[int], list[int]]:
+        """Take blocks for full blocks ``start_block .. start_block + num_blocks`` of ``token_ids``
+        that come from another engine, registered in the prefix index under their keys: those not
+        held already, as many as are free. Returns (their indices among the ``num_blocks``, the
+        blocks to write them into); ``release_adopted`` once written."""
+        if not self.pool.enable_prefix_caching:
+            return [], []
+        bs = self.block_size
+        parent = ROOT_HASH
+        wanted: list[tuple[int, BlockKey]] = []
+        for i in range(start_block + num_blocks):
+            key = BlockKey(parent, tuple(token_ids[i * bs : (i + 1) * bs]))
+            parent = key.hash
+            if i >= start_block and self.pool.lookup(key) is None:
+                wanted.append((i - start_block, key))
+        wanted = wanted[: self.pool.num_free_blocks]
+        blocks = self.pool.allocate(len(wanted))
+        for block, (_, key) in zip(blocks, wanted):
+            self.pool.register(block, key)
+        return [row for row, _ in wanted], blocks
+
+    def release_adopted(self, blocks: list[int]) -> None:
+        """Free adopted blocks into the prefix cache (last first, so the head is evicted last)."""
+        self.pool.free(list(reversed(blocks)))
+
     def free(self, req: Request) -> None:
         self._keys_memo.pop(req.request_id, None)
         self.pool.free(list(reversed(req.block_ids)))

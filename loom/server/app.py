@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -49,10 +49,11 @@ def _get(app: FastAPI, path: str) -> Callable[[Endpoint], Endpoint]:
 
 
 def build_app(engine: EngineClient, config: ServerConfig | None = None,
-              collectors: Sequence[Collector] = ()) -> FastAPI:
+              collectors: Sequence[Collector] = (), routes: Sequence[APIRouter] = ()) -> FastAPI:
     """The app serving ``engine``. The app owns the engine from here on: its lifespan shutdown
     (uvicorn's, after in-flight requests had their grace period) shuts the engine down.
-    ``collectors``: more Prometheus metrics for ``/metrics``."""
+    ``collectors``: more Prometheus metrics for ``/metrics``; ``routes``: more routes (a cluster's
+    ``/admin``)."""
     config = config or ServerConfig()
     serving = Serving(engine, config)
     metrics = ServerMetrics(engine.stats, collectors)
@@ -69,6 +70,8 @@ def build_app(engine: EngineClient, config: ServerConfig | None = None,
     app.add_middleware(RequestGuard, api_key=config.api_key, max_request_bytes=config.max_request_bytes)
     app.state.serving = serving
     app.state.metrics = metrics
+    for extra in routes:
+        app.include_router(extra)
 
     @_get(app, "/v1/models")
     async def list_models() -> dict[str, Any]:

@@ -10,6 +10,7 @@ import socket
 from collections.abc import Iterator
 
 import uvicorn
+from fastapi import APIRouter
 from prometheus_client.registry import Collector
 
 from loom.cluster.config import ClusterConfig
@@ -65,10 +66,12 @@ def serve(engine_config: EngineConfig, config: ServerConfig, cluster: ClusterCon
     properly), and the app's lifespan shutdown stops the engine thread (or the replicas)."""
     engine: EngineClient
     collectors: tuple[Collector, ...] = ()
+    routes: tuple[APIRouter, ...] = ()
     if cluster is None:
         engine = AsyncEngine(lambda: Engine(engine_config))  # built on the engine thread (see AsyncEngine)
     else:
         try:
+            from loom.cluster.admin import admin_routes
             from loom.cluster.client import ClusterClient  # imports Ray: only for a cluster
             from loom.cluster.metrics import ClusterCollector
         except ModuleNotFoundError as e:
@@ -78,9 +81,11 @@ def serve(engine_config: EngineConfig, config: ServerConfig, cluster: ClusterCon
 
         engine = ClusterClient(engine_config, cluster)
         collectors = (ClusterCollector(engine),)
-    app = build_app(engine, config, collectors)
+        routes = (admin_routes(engine),)
+    app = build_app(engine, config, collectors, routes)
     log.info("serving %s on http://%s:%d%s", ", ".join(config.served_model_names), config.host, config.port,
-             "" if cluster is None else f" with {cluster.replicas} replicas ({cluster.router} router)")
+             "" if cluster is None else f" with {cluster.replicas} replicas ({cluster.router} router"
+             + (f", {cluster.prefill_replicas} of them prefill only)" if cluster.disaggregated else ")"))
     uvicorn_config = uvicorn.Config(
         app,
         host=config.host,

@@ -15,6 +15,7 @@ import pytest
 ray = pytest.importorskip("ray", reason="the cluster extra (pip install loom[cluster]) is not installed")
 
 from loom.cluster import ClusterConfig  # noqa: E402
+from loom.cluster.admin import admin_routes  # noqa: E402
 from loom.cluster.client import ClusterClient  # noqa: E402
 from loom.cluster.metrics import ClusterCollector  # noqa: E402
 from loom.engine import LLM, EngineDeadError, engine_config  # noqa: E402
@@ -86,6 +87,62 @@ def test_bad_requests_are_refused_by_the_replica(cluster: ClusterClient) -> None
         asyncio.run(_run(cluster, []))
 
 
+def _stream_tokens(outputs: list) -> list[int]:
+    return [t for o in outputs for t in o.outputs[0].delta_token_ids]
+
+
+def test_migration_moves_a_running_request_without_losing_a_token(cluster: ClusterClient, tiny_model) -> None:
+    params = SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True)
+    prompt = list(range(100, 180))
+    (reference,) = LLM(str(tiny_model("llama")), num_threads=1, **ENGINE).generate([prompt], params)
+
+    async def migrate_mid_stream() -> tuple[list, object]:
+        outs, record = [], None
+        async for out in cluster.generate(prompt, params, request_id="moving"):
+            outs.append(out)
+            if len(outs) == 3:
+                record = await cluster.migrate("moving")
+        return outs, record
+
+    outs, record = asyncio.run(migrate_mid_stream())
+    assert record is not None and record.kind == "migration" and record.source != record.target
+    assert record.staged_blocks >= 5 and record.context_tokens > 80  # most blocks moved while it ran
+    assert outs[-1].outputs[0].token_ids == reference.outputs[0].token_ids
+    assert _stream_tokens(outs) == reference.outputs[0].token_ids  # none lost, none twice
+    assert "".join(o.outputs[0].delta_text for o in outs) == reference.outputs[0].text
+    assert cluster.move_records()[-1] == record
+
+
+def test_drain_migrates_everything_away_and_resume_takes_work_again(cluster: ClusterClient) -> None:
+    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+
+    async def drain_under_load() -> tuple[list, list]:
+        streams = [cluster.generate(f"request {i} " * 8, params) for i in range(4)]
+        firsts = [await anext(s) for s in streams]
+        busy = max(cluster.replica_snapshots(), key=lambda s: s.in_flight).index
+        records = await cluster.drain(busy)
+        async def rest(stream) -> list:
+            return [o async for o in stream]
+
+        rests = await asyncio.gather(*(rest(s) for s in streams))
+        return [[f, *r] for f, r in zip(firsts, rests, strict=True)], [busy, records]
+
+    finals, (busy, records) = asyncio.run(drain_under_load())
+    assert records and all(r.source == busy and r.target != busy for r in records)
+    for outs in finals:
+        assert outs[-1].finished and len(_stream_tokens(outs)) == 200
+    assert cluster.replica_snapshots()[busy].draining
+    routed = cluster.replica_snapshots()[busy].routed
+    asyncio.run(_run(cluster, "goes elsewhere"))
+    assert cluster.replica_snapshots()[busy].routed == routed
+    asyncio.run(cluster.resume(busy))
+    assert not cluster.replica_snapshots()[busy].draining
+    with pytest.raises(ValueError, match="no replica 7"):
+        asyncio.run(cluster.drain(7))
+    with pytest.raises(ValueError, match="no request 'gone'"):
+        asyncio.run(cluster.migrate("gone"))
+
+
 def test_killed_replica_fails_its_requests_and_comes_back(cluster: ClusterClient) -> None:
     long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
 
@@ -113,7 +170,8 @@ def test_killed_replica_fails_its_requests_and_comes_back(cluster: ClusterClient
 
 
 def test_server_streams_and_reports_replicas(cluster: ClusterClient) -> None:
-    live = serve_engine(cluster, ServerConfig(served_model_names=("tiny",)), (ClusterCollector(cluster),))
+    live = serve_engine(cluster, ServerConfig(served_model_names=("tiny",)), (ClusterCollector(cluster),),
+                        (admin_routes(cluster),))
     try:
         with live.http() as http:
             r = http.post("/v1/completions", json={"model": "tiny", "prompt": "hello loom", "max_tokens": 5,
@@ -124,6 +182,13 @@ def test_server_streams_and_reports_replicas(cluster: ClusterClient) -> None:
             assert 'loom_replica_up{replica="0"} 1.0' in metrics and 'loom_replica_up{replica="1"} 1.0' in metrics
             assert "loom_router_prompt_tokens_total" in metrics
             assert http.get("/health").status_code == 200
+            replicas = http.get("/admin/replicas").json()["replicas"]
+            assert [(r["replica"], r["up"], r["role"]) for r in replicas] == [(0, True, "both"), (1, True, "both")]
+            assert http.post("/admin/drain/9").status_code == 404
+            r = http.post("/admin/drain/1")
+            assert r.status_code == 200 and r.json()["replica"] == 1
+            assert http.get("/admin/replicas").json()["replicas"][1]["draining"]
+            assert http.post("/admin/resume/1").json() == {"replica": 1, "draining": False}
 
             # A replica killed under a non-streaming request: a clear 503, and the other one serves on.
             def long_request() -> httpx.Response:

@@ -61,8 +61,8 @@ def start_server(model: Path | None, config: ServerConfig, **engine_options: Any
     return serve_engine(AsyncEngine(lambda: Engine(built)), config)
 
 
-def serve_engine(engine: EngineClient, config: ServerConfig, collectors: tuple = ()) -> LiveServer:
-    app = build_app(engine, config, collectors)
+def serve_engine(engine: EngineClient, config: ServerConfig, collectors: tuple = (), routes: tuple = ()) -> LiveServer:
+    app = build_app(engine, config, collectors, routes)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()

@@ -1,0 +1,96 @@
+"""Moving a running request from one engine to another: same output, KV blocks adopted as prefix hits."""
+
+from __future__ import annotations
+
+import pytest
+
+from loom.engine import Engine, engine_config
+from loom.sampling import SamplingParams
+
+OPTS = dict(dtype="float32", num_threads=1, num_blocks=64, block_size=4, max_num_batched_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model):
+    path = str(tiny_model("llama"))
+    return Engine(engine_config(path, **OPTS)), Engine(engine_config(path, **OPTS))
+
+
+def _run(engine: Engine, request_id: str) -> list:
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += [o for o in engine.step() if o.request_id == request_id]
+    return outs
+
+
+def _steps(engine: Engine, n: int) -> list:
+    outs = []
+    for _ in range(n):
+        outs += engine.step()
+    return outs
+
+
+@pytest.mark.parametrize("params", [SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
+                                    SamplingParams(max_tokens=20, temperature=1.0, seed=7, ignore_eos=True,
+                                                   logprobs=2, stop=["zzz"])])
+def test_a_request_moved_mid_decode_continues_as_if_it_had_not(engines, params) -> None:
+    source, target = engines
+    prompt = list(range(5, 40))
+    source.add_request("ref", prompt, params)
+    (reference,) = [o for o in _run(source, "ref") if o.finished]
+
+    source.add_request("moving", prompt, params)
+    before = _steps(source, 4)
+    handoff = source.export_request("moving", stop=True)
+    assert not source.has_unfinished_requests()
+    assert handoff.num_blocks == (len(prompt) + len(handoff.output_token_ids) - 1) // 4  # computed full blocks
+    assert handoff.kv_bytes > 0 and 0 < len(handoff.output_token_ids) < 20
+    target.adopt_request(handoff)
+    after = _run(target, "moving")
+    final = after[-1]
+    assert final.finished and final.outputs[0].token_ids == reference.outputs[0].token_ids
+    assert final.outputs[0].text == reference.outputs[0].text
+    if params.logprobs:  # the recomputed tail runs as a chunk, not as decode rows: equal to rounding
+        for got, want in zip(final.outputs[0].logprobs, reference.outputs[0].logprobs, strict=True):
+            assert got.token_id == want.token_id and got.logprob == pytest.approx(want.logprob, abs=1e-4)
+            assert [t for t, _ in got.top] == [t for t, _ in want.top]
+    # The client sees each token once: the source's deltas, then the target's.
+    streamed = [t for o in before + after for t in o.outputs[0].delta_token_ids]
+    assert streamed == reference.outputs[0].token_ids
+    assert "".join(o.outputs[0].delta_text for o in before + after) == reference.outputs[0].text
+
+
+def test_blocks_move_in_stages_and_are_found_as_prefix_hits(engines) -> None:
+    source, target = engines
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompt = list(range(50, 90))
+    source.add_request("staged", prompt, params)
+    _steps(source, 2)
+    first = source.export_request("staged")  # while it keeps running
+    assert target.import_blocks(first) == first.num_blocks > 0
+    _steps(source, 3)
+    last = source.export_request("staged", start_block=first.num_blocks, stop=True)
+    assert last.start_block == first.num_blocks
+    target.adopt_request(last)
+    steps_before = target.stats().steps
+    outs = _run(target, "staged")
+    source.add_request("whole", prompt, params)
+    (reference,) = [o for o in _run(source, "whole") if o.finished]
+    assert outs[-1].outputs[0].token_ids == reference.outputs[0].token_ids
+    assert target.stats().steps - steps_before <= 12  # no long recompute of the context
+
+
+def test_what_cannot_move_is_refused(engines) -> None:
+    source, target = engines
+    with pytest.raises(ValueError, match="no request 'nope'"):
+        source.export_request("nope")
+    source.add_request("two", [1, 2, 3], SamplingParams(n=2, max_tokens=3))
+    with pytest.raises(ValueError, match="single-sample"):
+        source.export_request("two")
+    source.abort_request("two")
+    source.add_request("dup", [1, 2, 3], SamplingParams(max_tokens=3))
+    target.add_request("dup", [1, 2, 3], SamplingParams(max_tokens=3))
+    h = source.export_request("dup", stop=True)
+    with pytest.raises(ValueError, match="already in use"):
+        target.adopt_request(h)
+    target.abort_request("dup")
