@@ -76,6 +76,10 @@ class Request:
     # prompt position into ``hidden_sum`` (never served from the prefix cache).
     embed: bool = False
     hidden_sum: list[float] = field(default_factory=list)
+    # A request moved here from another engine: (its full blocks, the tokens in its partial last
+    # block, that block's contents per block tensor), written in place of computing those tokens
+    # when its full blocks are found in the prefix cache on admission.
+    adopted_tail: tuple[int, int, tuple] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     metrics: RequestMetrics = field(init=False)

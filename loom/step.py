@@ -111,6 +111,9 @@ class StepPlan:
     swap_out: list[tuple[str, list[int]]] = field(default_factory=list)
     swap_drop: list[str] = field(default_factory=list)
     swap_in: list[SwapIn] = field(default_factory=list)
+    # Whole blocks to write before the forward pass: (block, its contents per block tensor), the
+    # partial last block of a request moved here from another engine (``loom.engine.handoff``).
+    block_writes: list[tuple[int, tuple]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.scheduled or self.swap_out or self.swap_in or self.swap_drop)

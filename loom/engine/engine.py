@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 
 from loom.config import EngineConfig
 from loom.engine.group import RequestGroup, SampleState
-from loom.engine.handoff import Handoff, kv_layout, read_blocks, write_blocks
+from loom.engine.handoff import Handoff
 from loom.kvcache import KVCacheManager
 from loom.model.arch import load_model_config
 from loom.model.files import gguf_file, resolve_model
+from loom.model.kv_cache import kv_layout, read_blocks, write_blocks
 from loom.model.quant.formats import QUANTIZATION_CHOICES
 from loom.model.worker import Worker
 from loom.outputs import RequestOutput
@@ -278,6 +279,9 @@ class Engine:
         req.metrics = dataclasses.replace(h.metrics)
         req.num_cached_tokens = h.num_cached_tokens
         req.num_served_prompt_tokens = len(h.prompt_token_ids)
+        if h.tail is not None:
+            bs = h.block_size
+            req.adopted_tail = (h.num_computed_tokens // bs, h.num_computed_tokens % bs, h.tail)
         if req.grammar is not None:
             for token in h.output_token_ids:
                 req.grammar.accept(token)
@@ -362,6 +366,8 @@ class Engine:
         blocks = req.block_ids[start_block:full] if req.block_ids else []
         t0 = time.perf_counter()
         kv = read_blocks(tensors, blocks)
+        partial = req.num_computed_tokens % self.kv.block_size
+        tail = read_blocks(tensors, [req.block_ids[full]]) if stop and partial and len(req.block_ids) > full else None
         handoff = Handoff(
             request_id=request_id, prompt=group.prompt, prompt_token_ids=list(group.prompt_token_ids),
             params=group.params, tags=RequestTags(req.priority, req.tenant, req.slo_class, req.session_id),
@@ -370,6 +376,7 @@ class Engine:
             num_cached_tokens=req.num_cached_tokens, sent_chars=st.sent_chars, sent_tokens=st.sent_tokens,
             sent_logprobs=st.sent_logprobs, block_size=self.kv.block_size, start_block=start_block,
             kv=kv, layout=kv_layout(tensors), copy_seconds=time.perf_counter() - t0,
+            num_computed_tokens=req.num_computed_tokens if req.block_ids else 0, tail=tail,
         )
         if stop:
             self.abort_request(request_id)
@@ -389,8 +396,8 @@ class Engine:
 
     def adopt_request(self, handoff: Handoff) -> None:
         """Continue a request another engine exported (with ``stop``): its blocks into the prefix
-        cache, and the request, with its output so far, into the queue. Its outputs carry the
-        whole output; the deltas start after what the source had sent."""
+        cache, and the request, with its output so far and its partial last block, into the queue.
+        Its outputs carry the whole output; the deltas start after what the source had sent."""
         if handoff.request_id in self.groups:
             raise ValueError(f"request id {handoff.request_id!r} is already in use")
         self.import_blocks(handoff)

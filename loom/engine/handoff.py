@@ -3,15 +3,17 @@ to another (migration).
 
 The KV moves as the contents of the request's full blocks; the target writes them into its own
 blocks and its prefix cache (``Engine.import_blocks``), and the request, readmitted there with its
-output so far (``Engine.adopt_request``), finds them as a prefix hit. Only the tail that does not
-fill a block (fewer than ``block_size`` tokens) is computed again. Blocks can move in stages while
-the request keeps running on the source (``start_block``): only the last stage stops it."""
+output so far (``Engine.adopt_request``), finds them as a prefix hit. The last stage also carries
+the partial last block, which is written into the request's own block on admission, so nothing is
+computed again and the next step is the decode step the source would have run. Blocks can move in
+stages while the request keeps running on the source (``start_block``): only the last stage stops
+it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from loom.outputs import RequestMetrics, TokenLogprob
 from loom.request import RequestTags
@@ -36,9 +38,11 @@ class Handoff:
     sent_logprobs: int
     block_size: int
     start_block: int  # the first block ``kv`` holds (earlier ones moved in an earlier stage)
-    kv: tuple[torch.Tensor, ...]  # per block tensor of the cache: the moved blocks, on the CPU
+    kv: tuple[np.ndarray, ...]  # per block tensor of the cache: the moved blocks' bytes (``read_blocks``)
     layout: tuple[tuple[tuple[int, ...], str], ...]  # per block tensor: one block's shape and dtype
     copy_seconds: float  # copying the blocks out of the cache
+    num_computed_tokens: int  # tokens whose KV the source held
+    tail: tuple[np.ndarray, ...] | None  # the last stage's partial last block, whole (None: none)
 
     @property
     def token_ids(self) -> list[int]:
@@ -50,28 +54,4 @@ class Handoff:
 
     @property
     def kv_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.kv)
-
-
-def kv_layout(tensors: list[torch.Tensor]) -> tuple[tuple[tuple[int, ...], str], ...]:
-    """One block's shape and dtype per block tensor: two caches can trade blocks when equal."""
-    return tuple((tuple(t.shape[1:]), str(t.dtype).removeprefix("torch.")) for t in tensors)
-
-
-def read_blocks(tensors: list[torch.Tensor], block_ids: list[int]) -> tuple[torch.Tensor, ...]:
-    """Copies of the blocks ``block_ids`` of each block tensor, on the CPU."""
-    if not block_ids:
-        return tuple(t.new_empty((0, *t.shape[1:]), device="cpu") for t in tensors)
-    index = torch.tensor(block_ids, device=tensors[0].device)
-    return tuple(t.index_select(0, index).to("cpu") for t in tensors)
-
-
-def write_blocks(tensors: list[torch.Tensor], block_ids: list[int], data: tuple[torch.Tensor, ...],
-                 rows: list[int]) -> None:
-    """Write rows ``rows`` of ``data`` (per block tensor) into blocks ``block_ids``."""
-    if not block_ids:
-        return
-    index = torch.tensor(block_ids, device=tensors[0].device)
-    pick = torch.tensor(rows)
-    for t, d in zip(tensors, data, strict=True):
-        t.index_copy_(0, index, d.index_select(0, pick).to(t.device))
+        return sum(a.nbytes for a in (*self.kv, *(self.tail or ())))

@@ -17,7 +17,7 @@ from loom.model.arch import model_class
 from loom.model.arch.base import CausalLM, quantize_model
 from loom.model.attention import AttentionMetadata, PrefillChunk, StepAttention, make_attention_backend
 from loom.model.device import keep_freed_memory, kv_cache_budget, resolve_device, resolve_dtype, set_threads, synchronize
-from loom.model.kv_cache import KIVI_BITS, KVCacheSpec, SequenceWrite, make_kv_cache
+from loom.model.kv_cache import KIVI_BITS, KVCacheSpec, SequenceWrite, make_kv_cache, write_blocks
 from loom.model.kv_layer_plan import read_layer_plan
 from loom.model.quant.formats import FORMATS, NONE
 from loom.model.quant.gguf_blocks import gguf_packed_weights
@@ -227,6 +227,8 @@ class Worker:
             self.kv.copy_block(src, dst)
         for src, dst in plan.slot_copies:
             self.kv.copy_slot(src, dst)
+        for block, contents in plan.block_writes:
+            write_blocks(self.kv.block_tensors(), [block], contents, [0])
         if self.swap is not None:
             for request_id in plan.swap_drop:
                 self.swap.drop(request_id)

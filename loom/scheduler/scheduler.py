@@ -204,10 +204,18 @@ class Scheduler:
                 continue
             hits = self.kv.match_prefix(req)
             num_computed = len(hits) * self.kv.block_size
+            tail = req.adopted_tail
+            if tail is not None and (len(hits) != tail[0] or num_computed + tail[1] >= req.num_tokens):
+                tail = None  # its blocks were evicted meanwhile: the tail is computed again
+            if tail is not None:
+                num_computed += tail[1]
             num_new = min(req.num_tokens - num_computed, budget)
             if not self.kv.allocate(req, num_computed + num_new, hits):
                 req.block_hashes.clear()
                 break
+            if tail is not None:
+                plan.block_writes.append((req.block_ids[len(hits)], tail[2]))
+            req.adopted_tail = None
             self.waiting.remove(req)
             if req.session_id is not None and self.kv.unpin(req.session_id):
                 self.pinned_hits += 1  # the pin's blocks are this request's now (the hits took them)
