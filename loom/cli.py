@@ -299,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("context-switch", "loom.bench.context_switch", "preemption cost by recompute and by swap per context length"),
         ("spec", "loom.bench.speculative", "speculative decoding methods vs none: tok/s, acceptance, per concurrency"),
         ("migration", "loom.bench.migration", "live migration between two replicas on Ray: downtime, stages, token check"),
+        ("simulate", "loom.bench.simulate", "replay a trace through the real router and scheduler on simulated replicas"),
     ):
         p = bench.add_parser(name, help=doc)
         add_engine_args(p)
@@ -315,7 +316,7 @@ def check_engine_args(args: argparse.Namespace) -> None:
         from loom.engine import engine_config
 
         engine_config(args.model, **engine_options(args))
-    if hasattr(args, "replicas"):
+    if args.command == "serve":
         cluster_config(args)
 
 

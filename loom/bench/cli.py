@@ -82,6 +82,31 @@ def _json_object(text: str) -> dict[str, Any]:
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:
     """Workload, shaping, prompt, client and output options shared by serve and peers."""
+    add_trace_args(p)
+    t = p.add_argument_group("prompts")
+    t.add_argument(
+        "--corpus",
+        help=f"text for prompts: ShareGPT .json or a text file (default {SHAREGPT_FILE.name} if present, else sonnets)",
+    )
+    t.add_argument("--tokenizer", help="tokenizer.json (or its directory); default: the server's /tokenize")
+    c = p.add_argument_group("client")
+    c.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    c.add_argument("--max-concurrency", type=_positive_int, help="cap on requests in flight (default: none, pure open loop)")
+    c.add_argument("--request-timeout", type=_positive_float, default=600.0, help="seconds per request (default 600)")
+    c.add_argument(
+        "--no-ignore-eos", dest="ignore_eos", action="store_false", help="do not send ignore_eos (for servers that reject it)"
+    )
+    c.add_argument("--extra-body", type=_json_object, default={}, help="JSON object merged into every request body")
+    c.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token (default $OPENAI_API_KEY)")
+    c.add_argument("--warmup", type=int, default=1, help="short requests sent before the run, not measured (default 1)")
+    add_slo_arg(c)
+    o = p.add_argument_group("output")
+    o.add_argument("--no-plots", dest="plots", action="store_false")
+    o.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def add_trace_args(p: argparse.ArgumentParser) -> None:
+    """The workload and how it is shaped (``loom bench serve``, ``peers`` and ``simulate``)."""
     w = p.add_argument_group("workload")
     w.add_argument(
         "--workload", default="synthetic", metavar="KIND[:PATH]", help=f"one of {', '.join(KINDS)} (default synthetic)"
@@ -108,6 +133,7 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     w.add_argument("--length-trace", metavar="KIND:PATH", help="trace to sample lengths from with --length-dist trace")
     w.add_argument("--burstgpt-model", help="BurstGPT: keep only this Model (ChatGPT, GPT-4)")
     w.add_argument("--burstgpt-log-type", help="BurstGPT: keep only this Log Type")
+    w.add_argument("--seed", type=int, default=0, help="of generated workloads and prompts")
     s = p.add_argument_group("shaping (traces come from GPU clusters; fit them to this machine)")
     s.add_argument("--start", type=float, default=0.0, help="window start, seconds into the trace")
     s.add_argument("--duration", type=_positive_float, help="window length in seconds")
@@ -115,27 +141,10 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--length-scale", type=_positive_float, help="multiply input and output lengths")
     s.add_argument("--max-input-len", type=_positive_int, help="cap input tokens")
     s.add_argument("--max-output-len", type=_positive_int, help="cap output tokens")
-    t = p.add_argument_group("prompts")
-    t.add_argument(
-        "--corpus",
-        help=f"text for prompts: ShareGPT .json or a text file (default {SHAREGPT_FILE.name} if present, else sonnets)",
-    )
-    t.add_argument("--tokenizer", help="tokenizer.json (or its directory); default: the server's /tokenize")
-    t.add_argument("--seed", type=int, default=0)
-    c = p.add_argument_group("client")
-    c.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
-    c.add_argument("--max-concurrency", type=_positive_int, help="cap on requests in flight (default: none, pure open loop)")
-    c.add_argument("--request-timeout", type=_positive_float, default=600.0, help="seconds per request (default 600)")
-    c.add_argument(
-        "--no-ignore-eos", dest="ignore_eos", action="store_false", help="do not send ignore_eos (for servers that reject it)"
-    )
-    c.add_argument("--extra-body", type=_json_object, default={}, help="JSON object merged into every request body")
-    c.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token (default $OPENAI_API_KEY)")
-    c.add_argument("--warmup", type=int, default=1, help="short requests sent before the run, not measured (default 1)")
-    c.add_argument("--slo", type=_slo, default=metrics.SLO(), help="e.g. ttft=2s,tpot=200ms,e2e=30s (units us, ms, s, m)")
-    o = p.add_argument_group("output")
-    o.add_argument("--no-plots", dest="plots", action="store_false")
-    o.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def add_slo_arg(g: argparse._ActionsContainer) -> None:
+    g.add_argument("--slo", type=_slo, default=metrics.SLO(), help="e.g. ttft=2s,tpot=200ms,e2e=30s (units us, ms, s, m)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
