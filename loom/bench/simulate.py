@@ -222,6 +222,7 @@ class Simulation:
         heapq.heappush(self._events, (t, next(self._seq), kind, payload))
 
     def run(self, workload: Sequence[Any], tokens: Sequence[list[int]]) -> float:
+        from loom.kvcache import chain_hashes
         from loom.request import Request
         from loom.sampling import SamplingParams
 
@@ -237,13 +238,8 @@ class Simulation:
                 params = SamplingParams(max_tokens=r.output_len, ignore_eos=True)
                 req = Request(rid, ids, params, arrival_time=now, priority=r.priority, tenant=r.tenant,
                               slo_class=r.slo_class, max_total_tokens=len(ids) + r.output_len)
-                from loom.kvcache import chain_hashes
-
                 route = self.router.request(rid, r.tenant, ids, chain_hashes(ids, self.router.block_size), r.output_len)
-                among = self.prefill if self.disaggregated and r.output_len > 1 else self.decode
-                if not self.disaggregated:
-                    among = range(len(self.replicas))
-                replica = self.router.choose(route, among=among)
+                replica = self.router.choose(route, among=self.prefill)  # every replica, or the prefill ones
                 self.router.routed(route, replica)
                 self._admit(self.replicas[replica.index], req, now)
             elif kind == "step":

@@ -57,15 +57,17 @@ START_TIMEOUT = 600.0  # seconds for every replica to load its model
 RECOVERY_POLL = 1.0  # seconds between tries to reach a replica Ray is restarting
 SHUTDOWN_DRAIN = 5.0  # seconds for the final outputs of aborted requests to arrive
 MAX_MOVE_RECORDS = 1000
+MIN_TOKENS_TO_MIGRATE = 32  # rebalancing leaves alone requests predicted to end sooner
 
 
 @dataclass(frozen=True)
 class MoveRecord:
     """One request moved between replicas: ``kind`` is ``handoff`` (prefill to decode) or
-    ``migration``. ``transfer_seconds``: copying the blocks out, the target fetching them and
-    writing them into its cache (the final stage's, for a migration). ``downtime_seconds``: from
-    the request's last token on the source being asked to stop (a migration's final stage, a
-    handoff's first token) to the request being queued on the target."""
+    ``migration``. ``transfer_seconds``: copying the blocks out and publishing them, and the
+    target fetching them (the final stage's, for a migration). ``downtime_seconds``: from the
+    source being asked to stop the request (a migration's final stage; for a handoff, the export
+    after its first token) to the target taking the handoff. The target's engine thread then
+    writes the blocks and queues the request before its next step (in neither figure)."""
 
     request_id: str
     kind: str
@@ -159,6 +161,8 @@ class ClusterClient:
             hellos: list[Hello] = ray.get([h.actor.hello.remote() for h in self._handles], timeout=START_TIMEOUT)
         except Exception as e:
             self._kill_actors()
+            if self._owns_ray:
+                ray.shutdown()
             raise RuntimeError(f"a replica failed to start: {e}") from e
         for h, hello in zip(self._handles, hellos, strict=True):
             h.epoch = hello.epoch
@@ -170,7 +174,7 @@ class ClusterClient:
                              "cannot; use --kv-cache-dtype auto, bf16, fp32 or int8")
         self._model_info = hellos[0].model_info
         per_replica = hellos[0].max_waiting
-        self.max_waiting = None if per_replica is None else per_replica * cluster.replicas
+        self.max_waiting = None if per_replica is None else per_replica * len(cluster.prefill)
         self.router = Router(self._policy, cluster.replicas, engine_config.cache.block_size)
         self._sinks: dict[str, _Sink] = {}  # router thread only
         self._listeners: tuple[OutputListener, ...] = ()
@@ -179,7 +183,9 @@ class ClusterClient:
         self._snapshots: tuple[ReplicaSnapshot, ...] = ()
         self._moves: deque[MoveRecord] = deque(maxlen=MAX_MOVE_RECORDS)
         self.move_totals: dict[str, list[float]] = {}  # kind -> [moves, kv bytes, transfer s, downtime s, tokens]
-        self._migrating: dict[str, _Migration] = {}  # router thread only
+        self._migrating: dict[str, _Migration] = {}  # waiting for their final stage's Moved; router thread only
+        self._moving: set[str] = set()  # ids with a migration under way, from its first stage
+        self._unmovable: set[str] = set()  # ids a migration found it could not move (rebalancing skips them)
         self._background: set[asyncio.Task[Any]] = set()  # moves and rebalancing in progress
         self._rebalancing: asyncio.Task[Any] | None = None
         self._closed: EngineDeadError | None = None
@@ -275,6 +281,8 @@ class ClusterClient:
             log.exception("shutting the replicas down failed")
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._loop.close()
         self._kill_actors()
         if self._owns_ray:
             ray.shutdown()
@@ -306,9 +314,12 @@ class ClusterClient:
                 yield item
         finally:
             if not finished and self._loop.is_running():
-                self._loop.call_soon_threadsafe(self._forget, msg.request_id)
+                self._loop.call_soon_threadsafe(self._forget, msg.request_id, sink)
 
     async def _await_router(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._closed is not None or self._loop.is_closed():
+            coro.close()
+            raise EngineDeadError("the server is shut down")
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
 
     # -- router thread --------------------------------------------------------------------------
@@ -319,9 +330,10 @@ class ClusterClient:
         request = self.router.request(msg.request_id, msg.tags.tenant, msg.prompt_token_ids, hashes,
                                       msg.params.max_tokens)
         # Prefill replicas take what they hand off, and what ends at its prompt or first token (embeddings,
-        # max_tokens 0 or 1); what cannot move (n or best_of > 1) runs where it decodes.
+        # max_tokens 0 or 1); what cannot move (n or best_of > 1, prompt_logprobs) runs where it decodes.
         prefill_only = msg.embed or msg.params.max_tokens in (0, 1)
-        hand_off = self.cluster.disaggregated and msg.params.num_samples == 1 and not prefill_only
+        hand_off = (self.cluster.disaggregated and msg.params.num_samples == 1 and not prefill_only
+                    and msg.params.prompt_logprobs is None)
         among = self.cluster.prefill if hand_off or prefill_only else self.cluster.decode
         if hand_off:
             msg = dataclasses.replace(msg, hand_off=True)
@@ -339,10 +351,11 @@ class ClusterClient:
                 await self._handles[replica.index].actor.submit.remote(msg)
                 return
             except RayActorError as e:
-                del self._sinks[msg.request_id]
-                self.router.finished(msg.request_id, learn=False)
+                self._sinks.pop(msg.request_id, None)
+                self._ended(msg.request_id, learn=False)
                 self._lost(replica.index, e)
                 tried.add(replica.index)
+                sink.queue = asyncio.Queue()  # not the lost replica's error, which may be on its way to the old one
 
     async def _abort(self, request_id: str) -> None:
         sink = self._sinks.get(request_id)
@@ -350,20 +363,29 @@ class ClusterClient:
             with contextlib.suppress(RayActorError):
                 await self._handles[sink.replica].actor.abort.remote(request_id)
 
-    def _forget(self, request_id: str) -> None:
-        """The caller stopped reading: cancel the request on its replica."""
-        sink = self._sinks.pop(request_id, None)
-        if sink is None:
-            return
-        self.router.finished(request_id, learn=False)
+    def _ended(self, request_id: str, learn: bool) -> None:
+        self.router.finished(request_id, learn)
+        self._unmovable.discard(request_id)
+
+    def _forget(self, request_id: str, sink: _Sink) -> None:
+        """The caller of ``sink`` stopped reading: cancel its request on its replica."""
+        if self._sinks.get(request_id) is not sink:
+            return  # it ended already, or the id was another caller's (a refused duplicate)
+        del self._sinks[request_id]
+        self._ended(request_id, learn=False)
         self._refresh()
         self._handles[sink.replica].actor.cancel.remote(request_id)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = self._loop.create_task(coro)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._finished_background)
         return task
+
+    def _finished_background(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a cluster task failed", exc_info=task.exception())
 
     # -- moving requests ------------------------------------------------------------------------
     async def _move(self, source: int, request_id: str, moved: Moved) -> None:
@@ -373,7 +395,7 @@ class ClusterClient:
         started = migration.final_start if migration else time.monotonic() - moved.export_seconds
         if sink is None:  # the caller is gone: nothing to continue
             if migration is not None:
-                migration.done.set_result(None)
+                _resolve(migration.done, None)
             return
         target = migration.target if migration else self._decode_target(exclude=source)
         tried: set[int] = set()
@@ -411,10 +433,10 @@ class ClusterClient:
                                    record.context_tokens)):
                 totals[i] += v
             if migration is not None:
-                migration.done.set_result(record)
+                _resolve(migration.done, record)
             return
         if migration is not None:
-            migration.done.set_result(None)
+            _resolve(migration.done, None)
 
     def _decode_target(self, exclude: int, also: set[int] = frozenset()) -> ReplicaState | None:
         candidates = [r for r in self.router.open(self.cluster.decode) if r.index != exclude and r.index not in also]
@@ -422,7 +444,7 @@ class ClusterClient:
 
     def _fail(self, request_id: str, error: BaseException) -> None:
         sink = self._sinks.pop(request_id, None)
-        self.router.finished(request_id, learn=False)
+        self._ended(request_id, learn=False)
         if sink is not None:
             with contextlib.suppress(RuntimeError):
                 sink.loop.call_soon_threadsafe(sink.queue.put_nowait, error)
@@ -431,7 +453,7 @@ class ClusterClient:
         source = self.router.replica_of(request_id)
         if source is None:
             raise ValueError(f"no request {request_id!r} is running")
-        if request_id in self._migrating:
+        if request_id in self._moving:
             raise ValueError(f"request {request_id!r} is already moving")
         if target is None:
             chosen = self._decode_target(exclude=source.index)
@@ -441,20 +463,31 @@ class ClusterClient:
             if not 0 <= target < len(self._handles) or target == source.index:
                 raise ValueError(f"replica {target} is not another replica (0..{len(self._handles) - 1})")
             chosen = self.router.replicas[target]
-            if not chosen.healthy or target not in self.cluster.decode:
-                raise ValueError(f"replica {target} cannot take the request (down, or a prefill replica)")
+            if not chosen.healthy or chosen.draining or target not in self.cluster.decode:
+                raise ValueError(f"replica {target} cannot take the request (down, draining, or a prefill replica)")
+        self._moving.add(request_id)
+        try:
+            return await self._stages(request_id, source, chosen)
+        except RayError as e:
+            raise EngineDeadError(f"migrating request {request_id!r} failed ({type(e).__name__}); it runs on where "
+                                  "it was, unless its replica died") from None
+        finally:
+            self._moving.discard(request_id)
+
+    async def _stages(self, request_id: str, source: ReplicaState, target: ReplicaState) -> MoveRecord | None:
         actor = self._handles[source.index].actor
         stage = await actor.migrate_out.remote(request_id, 0, False)
         if stage is None:
+            self._unmovable.add(request_id)
             return None  # it finished, or it cannot move (n > 1)
-        await self._handles[chosen.index].actor.import_blocks.remote(stage.handoff)
-        migration = _Migration(chosen, stage.num_blocks, stage.kv_bytes, time.monotonic(), self._loop.create_future())
+        await self._handles[target.index].actor.import_blocks.remote(stage.handoff)
+        migration = _Migration(target, stage.num_blocks, stage.kv_bytes, time.monotonic(), self._loop.create_future())
         self._migrating[request_id] = migration
         stopped = await actor.migrate_out.remote(request_id, stage.num_blocks, True)  # then Moved on the stream
         if stopped is None and self._migrating.get(request_id) is migration:  # it finished first: no Moved
             del self._migrating[request_id]
-            migration.done.set_result(None)
-        return await migration.done
+            _resolve(migration.done, None)
+        return await asyncio.shield(migration.done)
 
     async def _drain(self, replica: int) -> list[MoveRecord]:
         if not 0 <= replica < len(self._handles):
@@ -463,10 +496,13 @@ class ClusterClient:
         self._refresh()
         records = []
         for request_id in self.router.in_flight_on(replica):
-            with contextlib.suppress(ValueError):
+            try:
                 record = await self._migrate(request_id, None)
-                if record is not None:
-                    records.append(record)
+            except (ValueError, EngineDeadError) as e:  # finished, moving already, or no target: the rest still go
+                log.warning("draining replica %d: request %r not migrated: %s", replica, request_id, e)
+                continue
+            if record is not None:
+                records.append(record)
         return records
 
     async def _resume(self, replica: int) -> None:
@@ -477,7 +513,8 @@ class ClusterClient:
 
     def _rebalance(self) -> None:
         """Start one migration from the busiest decode replica to the least busy when they differ by
-        ``rebalance_gap`` requests: its request with the least context (the cheapest to move)."""
+        ``rebalance_gap`` requests: its request with the least context (the cheapest to move) among
+        those predicted to make MIN_TOKENS_TO_MIGRATE more tokens (moving one about to end buys nothing)."""
         if self._rebalancing is not None and not self._rebalancing.done():
             return
         open_ = self.router.open(self.cluster.decode)
@@ -487,7 +524,9 @@ class ClusterClient:
         idlest = least_load(open_)
         if busiest.in_flight - idlest.in_flight < self.cluster.rebalance_gap:
             return
-        candidates = [rid for rid in self.router.in_flight_on(busiest.index) if rid not in self._migrating]
+        candidates = [rid for rid in self.router.in_flight_on(busiest.index)
+                      if rid not in self._moving and rid not in self._unmovable
+                      and self.router.remaining_tokens(rid) >= MIN_TOKENS_TO_MIGRATE]
         if candidates:
             request_id = min(candidates, key=self.router.context_tokens)
             self._rebalancing = self._spawn(self._migrate_quietly(request_id, idlest.index))
@@ -495,7 +534,7 @@ class ClusterClient:
     async def _migrate_quietly(self, request_id: str, target: int) -> None:
         try:
             await self._migrate(request_id, target)
-        except (ValueError, RayError) as e:
+        except (ValueError, EngineDeadError) as e:
             log.info("rebalancing migration of %r skipped: %s", request_id, e)
 
     def _start_reader(self, handle: _Handle) -> None:
@@ -518,21 +557,21 @@ class ClusterClient:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Sink, RequestOutput | BaseException]]] = defaultdict(list)
         before = len(self._sinks)
         for request_id, item in batch:
+            if isinstance(item, Moved):  # even when its caller is gone: a migration waits on it
+                self._spawn(self._move(index, request_id, item))
+                continue
             sink = self._sinks.get(request_id)
             if sink is None:
                 continue
             if isinstance(item, Refusal):
                 del self._sinks[request_id]
-                self.router.finished(request_id, learn=False)
+                self._ended(request_id, learn=False)
                 by_loop[sink.loop].append((sink, refusal_error(item, index)))
-                continue
-            if isinstance(item, Moved):
-                self._spawn(self._move(index, request_id, item))
                 continue
             self.router.progressed(request_id, item.num_generated_tokens)
             if item.finished:
                 del self._sinks[request_id]
-                self.router.finished(request_id, learn=all(c.finish_reason != "abort" for c in item.outputs))
+                self._ended(request_id, learn=all(c.finish_reason != "abort" for c in item.outputs))
             by_loop[sink.loop].append((sink, item))
         if len(self._sinks) < before:
             self._refresh()
@@ -556,13 +595,14 @@ class ClusterClient:
                     sink.loop.call_soon_threadsafe(sink.queue.put_nowait, dead)
             migration = self._migrating.pop(request_id, None)
             if migration is not None:
-                migration.done.set_result(None)
+                _resolve(migration.done, None)
+            self._unmovable.discard(request_id)
         handle = self._handles[index]
         if handle.reader is not None and handle.reader is not asyncio.current_task():
             handle.reader.cancel()
         self._refresh()
         if self._closed is None:
-            asyncio.ensure_future(self._recover(handle))
+            self._spawn(self._recover(handle))
 
     async def _recover(self, handle: _Handle) -> None:
         while self._closed is None:
@@ -583,10 +623,14 @@ class ClusterClient:
 
     async def _poll(self) -> None:
         while self._closed is None:
-            await asyncio.gather(*(self._report(h) for h in self._handles if self.router.replicas[h.index].healthy))
-            self._refresh()
-            if self.cluster.rebalance:
-                self._rebalance()
+            try:
+                await asyncio.gather(*(self._report(h) for h in self._handles
+                                       if self.router.replicas[h.index].healthy))
+                self._refresh()
+                if self.cluster.rebalance:
+                    self._rebalance()
+            except Exception:  # keep reporting: stats, the prefix index and failure detection depend on it
+                log.exception("reading the replicas' reports failed")
             await asyncio.sleep(self.cluster.report_interval)
 
     async def _report(self, handle: _Handle) -> None:
@@ -594,6 +638,9 @@ class ClusterClient:
             report = await handle.actor.report.remote()
         except RayActorError as e:
             self._lost(handle.index, e)
+            return
+        except RayError as e:
+            log.warning("replica %d did not report: %s", handle.index, e)
             return
         if report.epoch != handle.epoch:  # restarted between two reads: what it held is gone
             self._lost(handle.index, RuntimeError("it restarted"))
@@ -640,6 +687,11 @@ class ClusterClient:
                 listener(payload)
             except Exception:  # metrics must never stop the serving
                 log.exception("listener %r failed", listener)
+
+
+def _resolve(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():  # its waiter may have been cancelled
+        future.set_result(value)
 
 
 def _put_all(items: list[tuple[_Sink, RequestOutput | BaseException]]) -> None:

@@ -40,7 +40,7 @@ class ClusterConfig:
             raise ValueError(f"max_restarts (--max-restarts) must be >= 0, got {self.max_restarts}")
         if not self.report_interval > 0:
             raise ValueError(f"report_interval must be > 0 seconds, got {self.report_interval}")
-        if not 0 <= self.prefill_replicas < self.replicas or (self.prefill_replicas and self.replicas < 2):
+        if not 0 <= self.prefill_replicas < self.replicas:
             raise ValueError(f"prefill_replicas (--prefill-replicas) must leave at least one decode replica: got "
                              f"{self.prefill_replicas} of {self.replicas} replicas")
         if self.rebalance_gap < 2:

@@ -51,8 +51,8 @@ class ClusterCollector(Collector):
         for name, doc, column in (
             ("loom_kv_transfer_seconds", "Seconds to move a request's KV blocks: copy out, fetch, write in (a "
                                          "migration's final stage), by kind.", 2),
-            ("loom_move_downtime_seconds", "Seconds a moved request ran nowhere: from the source being asked to stop "
-                                           "it to the target queueing it, by kind.", 3),
+            ("loom_move_downtime_seconds", "Seconds from the source being asked to stop a moved request to the target "
+                                           "taking the handoff, by kind.", 3),
         ):
             family = SummaryMetricFamily(name, doc, labels=["kind"])
             for kind, totals in moves.items():

@@ -15,6 +15,7 @@ The last stage's handoff comes on the output stream, after the request's last ou
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from collections import deque
@@ -126,12 +127,11 @@ class Replica:
 
     async def submit(self, msg: Submit) -> None:
         """Start a request; its outputs (or a Refusal) come on ``outputs``."""
-        self._tasks[msg.request_id] = asyncio.create_task(self._run(msg))
+        self._start(msg.request_id, self._run(msg))
 
     async def adopt(self, handoff: Handoff) -> None:
         """Continue a request another replica handed off; its outputs come on ``outputs``."""
-        self._tasks[handoff.request_id] = asyncio.create_task(
-            self._pump(handoff.request_id, self.engine.adopt(handoff)))
+        self._start(handoff.request_id, self._pump(handoff.request_id, self.engine.adopt(handoff)))
 
     async def import_blocks(self, handoff: Handoff) -> int:
         """An early stage of a migration: the blocks into this replica's prefix cache."""
@@ -181,6 +181,16 @@ class Replica:
         self.engine.shutdown()
 
     # -- internals ------------------------------------------------------------------------------
+    def _start(self, request_id: str, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks[request_id] = task
+        task.add_done_callback(functools.partial(self._ended, request_id))
+
+    def _ended(self, request_id: str, task: asyncio.Task[None]) -> None:
+        """Drop a request's task when it ends, even one cancelled before it started running."""
+        if self._tasks.get(request_id) is task:
+            del self._tasks[request_id]
+
     def _push(self, request_id: str, item: RequestOutput | Refusal | Moved) -> None:
         self._pending.append((request_id, item))
         if self._ready is not None:
@@ -226,8 +236,6 @@ class Replica:
         except Exception as e:  # a bug: this request fails, the replica keeps serving
             log.exception("request %r failed", request_id)
             self._push(request_id, Refusal("dead", f"{type(e).__name__}: {e}"))
-        finally:
-            self._tasks.pop(request_id, None)
 
 
 def refusal_error(refusal: Refusal, replica: int) -> Exception:

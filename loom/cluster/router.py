@@ -58,6 +58,7 @@ class RouteRequest:
     block_size: int
     predicted_output: int  # tokens it is predicted to make
     matched: dict[int, int] = field(default_factory=dict)  # replica -> prompt tokens its cache holds
+    max_tokens: int | None = None
 
     def uncached(self, replica: ReplicaState) -> int:
         return self.num_prompt_tokens - self.matched.get(replica.index, 0)
@@ -269,6 +270,7 @@ class _Routed:
     num_prompt_tokens: int
     uncached: int
     predicted: int
+    max_tokens: int | None
     produced: int = 0
 
 
@@ -296,7 +298,7 @@ class Router:
             predicted = self.default_output_tokens
         if max_tokens is not None:
             predicted = min(predicted, max_tokens)
-        req = RouteRequest(request_id, tenant, len(prompt_ids), hashes, self.block_size, predicted)
+        req = RouteRequest(request_id, tenant, len(prompt_ids), hashes, self.block_size, predicted, max_tokens=max_tokens)
         for r in self.replicas:
             if r.healthy:
                 # The last prompt token is always computed, so a whole-prompt match counts one less.
@@ -321,6 +323,14 @@ class Router:
         r = self._routed[request_id]
         return r.num_prompt_tokens + r.produced
 
+    def remaining_tokens(self, request_id: str) -> int:
+        """Output tokens the request is predicted still to make (its length so far says the most)."""
+        r = self._routed[request_id]
+        left = self.predictor.remaining_for(r.tenant, r.num_prompt_tokens, r.produced)
+        if left is None:
+            left = max(self.default_output_tokens - r.produced, 1)
+        return left if r.max_tokens is None else min(left, r.max_tokens - r.produced)
+
     def in_flight_on(self, replica: int) -> list[str]:
         return [rid for rid, r in self._routed.items() if r.replica.index == replica]
 
@@ -344,7 +354,7 @@ class Router:
         self.policy.on_routed(request, replica)
         uncached = request.uncached(replica)
         self._routed[request.request_id] = _Routed(replica, request.tenant, request.num_prompt_tokens, uncached,
-                                                   request.predicted_output)
+                                                   request.predicted_output, request.max_tokens)
         replica.in_flight += 1
         replica.routed += 1
         replica.prefill_tokens += uncached

@@ -18,11 +18,11 @@ def empty_stats() -> EngineStats:
 
 
 def merge_stats(stats: Sequence[EngineStats]) -> EngineStats:
-    """Counters and gauges summed; the prefix hit rate weighted by each replica's prompt tokens."""
+    """Counters and gauges summed; the prefix hit rate over all replicas' admitted prompt tokens."""
     if not stats:
         return empty_stats()
-    prompt = sum(s.prompt_tokens for s in stats)
-    rate = sum(s.prefix_cache_hit_rate * s.prompt_tokens for s in stats) / prompt if prompt else 0.0
+    queried = sum(s.prefix_cache_queried_tokens for s in stats)
+    rate = sum(s.prefix_cache_hit_tokens for s in stats) / queried if queried else 0.0
     phases: Counter[str] = Counter()
     tenants: dict[str, TenantStats] = {}
     slo: dict[str, tuple[int, int]] = {}

@@ -21,7 +21,7 @@ from loom.model.files import gguf_file, resolve_model
 from loom.model.kv_cache import kv_layout, read_blocks, write_blocks
 from loom.model.quant.formats import QUANTIZATION_CHOICES
 from loom.model.worker import Worker
-from loom.outputs import RequestOutput
+from loom.outputs import RequestMetrics, RequestOutput
 from loom.request import Request, RequestTags
 from loom.sampling import SamplingParams, sample_seed
 from loom.scheduler import Scheduler, policy_from_config
@@ -88,6 +88,7 @@ class EngineStats:
     prompt_tokens: int
     generation_tokens: int
     steps: int
+    prefix_cache_queried_tokens: int = 0  # the prompt tokens of admitted requests (the hit rate's denominator)
     # Cumulative seconds per phase: schedule / execute / update of the step, and inside execute
     # the worker's prepare / forward / sample.
     phase_seconds: dict[str, float] = field(default_factory=dict)
@@ -214,7 +215,8 @@ class Engine:
                   RequestTags(priority, tenant, slo_class), embed=True)
 
     def _add(self, request_id: str, prompt: str | list[int], prompt_token_ids: list[int] | None, params: SamplingParams,
-             arrival_time: float | None, tags: RequestTags, embed: bool, resume: Handoff | None = None) -> None:
+             arrival_time: float | None, tags: RequestTags, embed: bool,
+             resume: tuple[Handoff, RequestMetrics] | None = None) -> None:
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self._tokenize(prompt, prompt_token_ids)
@@ -249,14 +251,15 @@ class Engine:
         ]
         self.scheduler.check(samples[0])
         self.groups[request_id] = group
-        self.prompt_tokens += len(ids)
-        account = self._tenant(tags.tenant)
-        account.requests += 1
-        account.prompt_tokens += len(ids)
+        if resume is None:  # a moved request was counted where it arrived
+            self.prompt_tokens += len(ids)
+            account = self._tenant(tags.tenant)
+            account.requests += 1
+            account.prompt_tokens += len(ids)
         for req in samples:
             self._sample_of[req.request_id] = (group, group.new_sample(req))
         if resume is not None:
-            self._resume(group, resume)
+            self._resume(group, *resume)
         first, forks = samples[0], samples[1:]
         if params.max_tokens == 0:  # echo / loglikelihood / embedding: only the prompt
             for req in forks:
@@ -269,14 +272,14 @@ class Engine:
         self.scheduler.add(first)
 
     @staticmethod
-    def _resume(group: RequestGroup, h: Handoff) -> None:
+    def _resume(group: RequestGroup, h: Handoff, metrics: RequestMetrics) -> None:
         """Give a single-sample group the output, metrics and sent counts a handoff carries."""
         (st,) = group.samples
         req = st.request
         req.output_token_ids = list(h.output_token_ids)
         req.output_logprobs = list(h.output_logprobs)
         req.cumulative_logprob = h.cumulative_logprob
-        req.metrics = dataclasses.replace(h.metrics)
+        req.metrics = metrics
         req.num_cached_tokens = h.num_cached_tokens
         req.num_served_prompt_tokens = len(h.prompt_token_ids)
         if h.tail is not None:
@@ -353,9 +356,9 @@ class Engine:
         group = self.groups.get(request_id)
         if group is None or group.finished:
             raise ValueError(f"no request {request_id!r} is running here")
-        if group.embed or group.params.num_samples > 1:
+        if group.embed or group.params.num_samples > 1 or group.params.prompt_logprobs is not None:
             raise ValueError("only single-sample generation requests move between engines (not n or best_of > 1, "
-                             "not embeddings)")
+                             "not embeddings, not with prompt_logprobs)")
         if self.worker.kv.num_slots:
             raise ValueError("a KV cache with a residual (int4/int2) cannot move its blocks; use --kv-cache-dtype "
                              "auto, bf16, fp32 or int8")
@@ -377,6 +380,7 @@ class Engine:
             sent_logprobs=st.sent_logprobs, block_size=self.kv.block_size, start_block=start_block,
             kv=kv, layout=kv_layout(tensors), copy_seconds=time.perf_counter() - t0,
             num_computed_tokens=req.num_computed_tokens if req.block_ids else 0, tail=tail,
+            clock_offset=time.monotonic() - time.time(),
         )
         if stop:
             self.abort_request(request_id)
@@ -401,8 +405,9 @@ class Engine:
         if handoff.request_id in self.groups:
             raise ValueError(f"request id {handoff.request_id!r} is already in use")
         self.import_blocks(handoff)
+        metrics = handoff.local_metrics()
         self._add(handoff.request_id, handoff.prompt or handoff.prompt_token_ids, handoff.prompt_token_ids,
-                  handoff.params, handoff.metrics.arrival_time, handoff.tags, embed=False, resume=handoff)
+                  handoff.params, metrics.arrival_time, handoff.tags, embed=False, resume=(handoff, metrics))
 
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -509,6 +514,7 @@ class Engine:
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens,
             steps=self.steps,
+            prefix_cache_queried_tokens=s.prompt_tokens_admitted,
             phase_seconds={**self.phase_seconds, **self.worker.phase_seconds},
             tenants={name: dataclasses.replace(t) for name, t in self.tenants.items()},
             slo_classes=s.policy.slo_report(),

@@ -11,6 +11,8 @@ it."""
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +20,9 @@ import numpy as np
 from loom.outputs import RequestMetrics, TokenLogprob
 from loom.request import RequestTags
 from loom.sampling import SamplingParams
+
+
+CLOCK_TOLERANCE = 0.01  # seconds: clock offsets closer than this are one machine's (no shift)
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,19 @@ class Handoff:
     layout: tuple[tuple[tuple[int, ...], str], ...]  # per block tensor: one block's shape and dtype
     copy_seconds: float  # copying the blocks out of the cache
     num_computed_tokens: int  # tokens whose KV the source held
+    clock_offset: float  # the source's time.monotonic() - time.time() at export (``metrics`` are on its clock)
     tail: tuple[np.ndarray, ...] | None  # the last stage's partial last block, whole (None: none)
+
+    def local_metrics(self) -> RequestMetrics:
+        """``metrics`` on this process's monotonic clock: shifted by the difference of the two
+        machines' monotonic-to-wall offsets (wall clocks agree across machines, monotonic ones do
+        not); unshifted on the source's machine."""
+        shift = (time.monotonic() - time.time()) - self.clock_offset
+        if abs(shift) < CLOCK_TOLERANCE:
+            return dataclasses.replace(self.metrics)
+        return dataclasses.replace(self.metrics, **{f.name: getattr(self.metrics, f.name) + shift
+                                                    for f in dataclasses.fields(RequestMetrics)
+                                                    if f.name.endswith("time") and getattr(self.metrics, f.name) is not None})
 
     @property
     def token_ids(self) -> list[int]:

@@ -4,6 +4,7 @@ prefix, the server on top, and a replica killed mid-stream."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
@@ -141,6 +142,34 @@ def test_drain_migrates_everything_away_and_resume_takes_work_again(cluster: Clu
         asyncio.run(cluster.drain(7))
     with pytest.raises(ValueError, match="no request 'gone'"):
         asyncio.run(cluster.migrate("gone"))
+
+
+def test_rebalance_moves_requests_to_an_idle_replica(cluster: ClusterClient) -> None:
+    params = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
+    before = len(cluster.move_records())
+
+    async def imbalanced() -> list[list]:
+        await cluster.drain(1)  # everything lands on replica 0 ...
+        streams = [cluster.generate(f"busy {i} " * 6, params) for i in range(4)]
+        firsts = [await anext(s) for s in streams]
+        await cluster.resume(1)  # ... then replica 1 is idle, and the poller rebalances
+        cluster.cluster = dataclasses.replace(cluster.cluster, rebalance=True, rebalance_gap=2)
+
+        async def rest(stream) -> list:
+            return [o async for o in stream]
+
+        try:
+            rests = await asyncio.gather(*(rest(s) for s in streams))
+        finally:
+            cluster.cluster = dataclasses.replace(cluster.cluster, rebalance=False)
+        return [[f, *r] for f, r in zip(firsts, rests, strict=True)]
+
+    for outs in asyncio.run(imbalanced()):
+        assert outs[-1].finished and len(_stream_tokens(outs)) == 300
+    moved = cluster.move_records()[before:]
+    assert moved and all(m.kind == "migration" for m in moved)
+    assert (moved[0].source, moved[0].target) == (0, 1)
+    assert all(m.context_tokens < 300 for m in moved)  # none in its last 32 tokens
 
 
 def test_killed_replica_fails_its_requests_and_comes_back(cluster: ClusterClient) -> None:

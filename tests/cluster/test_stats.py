@@ -3,11 +3,12 @@ from loom.engine.engine import TenantStats
 from loom.spec import SpecStats
 
 
-def test_merge_sums_counters_and_weighs_the_hit_rate():
+def test_merge_sums_counters_and_computes_the_hit_rate_over_all_replicas():
     a, b = empty_stats(), empty_stats()
     a.num_running, b.num_running = 2, 3
     a.prompt_tokens, b.prompt_tokens = 100, 300
-    a.prefix_cache_hit_rate, b.prefix_cache_hit_rate = 0.5, 0.1
+    a.prefix_cache_queried_tokens, b.prefix_cache_queried_tokens = 100, 300
+    a.prefix_cache_hit_tokens, b.prefix_cache_hit_tokens = 50, 30
     a.phase_seconds, b.phase_seconds = {"execute": 1.0}, {"execute": 2.0, "schedule": 0.5}
     a.tenants = {"x": TenantStats(requests=1, prompt_tokens=10)}
     b.tenants = {"x": TenantStats(requests=2, prompt_tokens=5), "y": TenantStats(requests=1)}

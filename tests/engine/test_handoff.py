@@ -93,3 +93,21 @@ def test_what_cannot_move_is_refused(engines) -> None:
     with pytest.raises(ValueError, match="already in use"):
         target.adopt_request(h)
     target.abort_request("dup")
+
+
+def test_metrics_move_onto_the_target_machines_clock(engines) -> None:
+    import dataclasses
+    import time
+
+    source, _ = engines
+    source.add_request("clock", [1, 2, 3, 4, 5], SamplingParams(max_tokens=8, ignore_eos=True))
+    _steps(source, 2)
+    here = source.export_request("clock", stop=True)
+    assert here.local_metrics() == here.metrics  # the same machine: no shift
+    # A source whose monotonic clock ran 100 s ahead of this one's, against the same wall clock.
+    there = dataclasses.replace(here, clock_offset=here.clock_offset + 100.0)
+    moved = there.local_metrics()
+    assert moved.arrival_time == pytest.approx(here.metrics.arrival_time - 100.0, abs=0.01)
+    assert moved.first_token_time - moved.arrival_time == pytest.approx(
+        here.metrics.first_token_time - here.metrics.arrival_time)
+    assert moved.finished_time is None and time.monotonic() > moved.arrival_time
