@@ -40,7 +40,7 @@ from loom.cluster.stats import empty_stats, merge_stats
 from loom.config import EngineConfig
 from loom.engine import EngineDeadError, EngineStats, ModelInfo
 from loom.engine.async_engine import check_prompt_type
-from loom.engine.client import OutputListener, StepListener
+from loom.engine.client import OutputListener, StepListener, notify
 from loom.engine.engine import EMBEDDING_PARAMS, check_prompt_chars
 from loom.kvcache import chain_hashes
 from loom.model.files import resolve_model
@@ -553,7 +553,7 @@ class ClusterClient:
     def _deliver(self, index: int, batch: OutputBatch) -> None:
         outputs = [item for _, item in batch if isinstance(item, RequestOutput)]
         if outputs:
-            self._notify(self._listeners, outputs)
+            notify(self._listeners, outputs)
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Sink, RequestOutput | BaseException]]] = defaultdict(list)
         before = len(self._sinks)
         for request_id, item in batch:
@@ -648,7 +648,7 @@ class ClusterClient:
         handle.stats = s = report.stats
         self.router.reported(handle.index, 1 - s.num_free_blocks / max(s.num_blocks, 1), report.prefix)
         for timing in report.steps:
-            self._notify(self._step_listeners, timing)
+            notify(self._step_listeners, timing)
 
     def _refresh(self) -> None:
         """Publish stats and snapshots for other threads (``stats``, ``/metrics``): after each report,
@@ -680,13 +680,6 @@ class ClusterClient:
             with contextlib.suppress(Exception):
                 ray.kill(h.actor, no_restart=True)
 
-    @staticmethod
-    def _notify(listeners: tuple[Callable[[Any], None], ...], payload: Any) -> None:
-        for listener in listeners:
-            try:
-                listener(payload)
-            except Exception:  # metrics must never stop the serving
-                log.exception("listener %r failed", listener)
 
 
 def _resolve(future: asyncio.Future[Any], value: Any) -> None:

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from loom.engine.client import OutputListener, StepListener
+from loom.engine.client import OutputListener, StepListener, notify
 from loom.engine.engine import EMBEDDING_PARAMS, Engine, EngineStats, ModelInfo, check_prompt_chars
 from loom.engine.handoff import Handoff
 from loom.outputs import RequestOutput
@@ -305,7 +305,7 @@ class AsyncEngine:
                         if engine.has_unfinished_requests():
                             time.sleep(0.001)  # nothing schedulable this instant: do not spin hot
                     else:
-                        self._notify(self._step_listeners, engine.last_step)
+                        notify(self._step_listeners, engine.last_step)
                 self._stats = engine.stats()
         except Exception as e:  # a bug in the step loop: fail loudly, do not hang the callers
             log.exception("engine loop failed; the engine is no longer serving")
@@ -389,13 +389,6 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             self.engine.abort_request(request_id)
 
-    @staticmethod
-    def _notify(listeners: tuple[Callable[[Any], None], ...], payload: Any) -> None:
-        for listener in listeners:
-            try:
-                listener(payload)
-            except Exception:  # metrics must never stop the serving
-                log.exception("listener %r failed", listener)
 
     def _check_capacity(self) -> None:
         if self.max_waiting is not None and self.engine.num_waiting >= self.max_waiting:
@@ -410,7 +403,7 @@ class AsyncEngine:
         if not outputs:
             return
         self._stats = self.engine.stats()
-        self._notify(self._listeners, outputs)
+        notify(self._listeners, outputs)
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = defaultdict(list)
         for out in outputs:
             stream = self._streams.get(out.request_id)

@@ -3,8 +3,9 @@ the step loop. ``AsyncEngine`` implements it in-process; a replica proxy impleme
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from loom.engine.engine import EngineStats, ModelInfo, StepTiming
 from loom.outputs import RequestOutput
@@ -13,6 +14,17 @@ from loom.tokenizer import Tokenizer
 
 OutputListener = Callable[[list[RequestOutput]], None]
 StepListener = Callable[[StepTiming], None]
+
+log = logging.getLogger(__name__)
+
+
+def notify(listeners: tuple[Callable[[Any], None], ...], payload: Any) -> None:
+    """Call each listener with ``payload``; one that fails is logged, and the others still run."""
+    for listener in listeners:
+        try:
+            listener(payload)
+        except Exception:  # metrics must never stop the serving
+            log.exception("listener %r failed", listener)
 
 
 class EngineClient(Protocol):
