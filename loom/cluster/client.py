@@ -120,6 +120,7 @@ class _Handle:
     restarts: int = 0
     stats: EngineStats = field(default_factory=empty_stats)
     reader: asyncio.Task[None] | None = None
+    orphans: list[str] = field(default_factory=list)  # requests failed when it was lost
 
 
 def start_ray(cluster: ClusterConfig, threads: int) -> bool:
@@ -186,6 +187,8 @@ class ClusterClient:
         self._migrating: dict[str, _Migration] = {}  # waiting for their final stage's Moved; router thread only
         self._moving: set[str] = set()  # ids with a migration under way, from its first stage
         self._unmovable: set[str] = set()  # ids a migration found it could not move (rebalancing skips them)
+        self._in_transit: set[str] = set()  # left a replica, not yet adopted by another
+        self._abort_on_arrival: set[str] = set()  # aborted while in transit
         self._background: set[asyncio.Task[Any]] = set()  # moves and rebalancing in progress
         self._rebalancing: asyncio.Task[Any] | None = None
         self._closed: EngineDeadError | None = None
@@ -359,9 +362,13 @@ class ClusterClient:
 
     async def _abort(self, request_id: str) -> None:
         sink = self._sinks.get(request_id)
-        if sink is not None:
-            with contextlib.suppress(RayActorError):
-                await self._handles[sink.replica].actor.abort.remote(request_id)
+        if sink is None:
+            return
+        if request_id in self._in_transit:  # between two replicas: the target aborts it once it has it
+            self._abort_on_arrival.add(request_id)
+            return
+        with contextlib.suppress(RayActorError):
+            await self._handles[sink.replica].actor.abort.remote(request_id)
 
     def _ended(self, request_id: str, learn: bool) -> None:
         self.router.finished(request_id, learn)
@@ -390,6 +397,15 @@ class ClusterClient:
     # -- moving requests ------------------------------------------------------------------------
     async def _move(self, source: int, request_id: str, moved: Moved) -> None:
         """A request left ``source`` (its last outputs there came before this): adopt it elsewhere."""
+        try:
+            await self._adopt(source, request_id, moved)
+        finally:
+            self._in_transit.discard(request_id)
+            if request_id in self._abort_on_arrival:
+                self._abort_on_arrival.discard(request_id)
+                await self._abort(request_id)
+
+    async def _adopt(self, source: int, request_id: str, moved: Moved) -> None:
         migration = self._migrating.pop(request_id, None)
         sink = self._sinks.get(request_id)
         started = migration.final_start if migration else time.monotonic() - moved.export_seconds
@@ -558,6 +574,7 @@ class ClusterClient:
         before = len(self._sinks)
         for request_id, item in batch:
             if isinstance(item, Moved):  # even when its caller is gone: a migration waits on it
+                self._in_transit.add(request_id)
                 self._spawn(self._move(index, request_id, item))
                 continue
             sink = self._sinks.get(request_id)
@@ -588,7 +605,9 @@ class ClusterClient:
         log.error("replica %d stopped serving: %s", index, error)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         dead = EngineDeadError(f"replica {index} stopped serving ({reason[:200]}); the request was lost, retry it")
-        for request_id in self.router.replica_lost(index):
+        handle = self._handles[index]
+        handle.orphans = self.router.replica_lost(index)
+        for request_id in handle.orphans:
             sink = self._sinks.pop(request_id, None)
             if sink is not None:
                 with contextlib.suppress(RuntimeError):
@@ -597,7 +616,6 @@ class ClusterClient:
             if migration is not None:
                 _resolve(migration.done, None)
             self._unmovable.discard(request_id)
-        handle = self._handles[index]
         if handle.reader is not None and handle.reader is not asyncio.current_task():
             handle.reader.cancel()
         self._refresh()
@@ -613,6 +631,13 @@ class ClusterClient:
                 continue
             if hello.epoch != handle.epoch:
                 handle.restarts += 1
+            else:
+                # The same process was only out of reach: stop what it still runs for callers that
+                # got an error, and have it report its whole prefix cache (the index forgot it).
+                for request_id in handle.orphans:
+                    handle.actor.cancel.remote(request_id)
+                await handle.actor.resync.remote()
+            handle.orphans = []
             handle.epoch = hello.epoch
             handle.stats = empty_stats()
             self.router.replicas[handle.index].healthy = True

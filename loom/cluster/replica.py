@@ -177,6 +177,10 @@ class Replica:
         steps = tuple(self._steps.popleft() for _ in range(len(self._steps)))
         return Report(self.epoch, self.engine.stats(), steps, self.engine.engine.kv.pool.take_events())
 
+    def resync(self) -> None:
+        """Report the whole prefix cache next time (the router lost its copy)."""
+        self.engine.engine.kv.pool.track_events()
+
     def shutdown(self) -> None:
         self.engine.shutdown()
 

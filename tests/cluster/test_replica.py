@@ -58,3 +58,10 @@ def test_refusals_carry_the_kind_of_error(replica: Replica) -> None:
     assert isinstance(refusal_error(Refusal("overloaded", "full"), 0), EngineOverloadedError)
     dead = refusal_error(Refusal("dead", "boom"), 3)
     assert isinstance(dead, EngineDeadError) and "replica 3" in str(dead)
+
+
+def test_resync_makes_the_next_report_a_snapshot(replica: Replica) -> None:
+    replica.report()
+    assert replica.report().prefix.snapshot is None
+    replica.resync()
+    assert replica.report().prefix.snapshot is not None
