@@ -17,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 import uuid
 from collections import deque
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -67,7 +67,7 @@ class Moved:
     num_tokens: int  # its context: prompt and output so far
     num_blocks: int  # blocks in this stage
     kv_bytes: int
-    export_seconds: float
+    export_seconds: float  # copying its blocks out and publishing them
 
 
 @dataclass(frozen=True)
