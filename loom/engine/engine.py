@@ -7,6 +7,7 @@ sees: detokenized text, stop strings and the ``n`` samples of a request."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import time
 from collections import defaultdict
@@ -160,6 +161,14 @@ class Engine:
         self.phase_seconds: dict[str, float] = defaultdict(float)
         self.tenants: dict[str, TenantStats] = {}
         self.last_step = StepTiming(0.0, 0.0, 0.0)
+        # Everything built so far (weights' modules, tokenizer, caches, the imports) lives as long as
+        # the engine: out of the cyclic collector's sight (after collecting what is already garbage),
+        # so that a full collection during a step scans only what steps allocate. Without it, one
+        # extra module imported by the CLI tipped the collector into full passes during decode:
+        # 0.3 ms a step at batch 1 (5% of the step). The engine itself holds no reference cycles, so
+        # dropping it still frees it.
+        gc.collect()
+        gc.freeze()
         kv_spec = self.worker.kv.spec
         residual = (f" + {kv.num_slots} residual slots x {kv_spec.residual_tokens} tokens "
                     f"({kv.num_slots * kv_spec.bytes_per_residual_slot / 1e6:.1f} MB)" if kv.num_slots else "")
