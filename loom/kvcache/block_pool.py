@@ -8,6 +8,7 @@ cached block first.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,20 +30,28 @@ class BlockKey:
     parent_hash: int
     tokens: tuple[int, ...]
 
-    @property
+    @functools.cached_property
     def hash(self) -> int:
         return hash((self.parent_hash, self.tokens))
 
 
-def chain_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
-    """The hashes of the full blocks of ``token_ids``, each chained to the one before: the keys
-    under which a prefix cache with this block size holds them."""
-    out: list[int] = []
+def block_keys(token_ids: Sequence[int], block_size: int, num_blocks: int | None = None) -> list[BlockKey]:
+    """The keys of the first ``num_blocks`` full blocks of ``token_ids`` (all its full blocks by
+    default), each chained to the one before."""
+    if num_blocks is None:
+        num_blocks = len(token_ids) // block_size
+    keys: list[BlockKey] = []
     parent = ROOT_HASH
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = BlockKey(parent, tuple(token_ids[start : start + block_size])).hash
-        out.append(parent)
-    return out
+    for i in range(num_blocks):
+        keys.append(BlockKey(parent, tuple(token_ids[i * block_size : (i + 1) * block_size])))
+        parent = keys[-1].hash
+    return keys
+
+
+def chain_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
+    """The hashes of the full blocks of ``token_ids``: the keys under which a prefix cache with
+    this block size holds them."""
+    return [key.hash for key in block_keys(token_ids, block_size)]
 
 
 @dataclass(frozen=True)

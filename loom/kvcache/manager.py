@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loom.kvcache.block_pool import ROOT_HASH, BlockKey, BlockPool
+from loom.kvcache.block_pool import ROOT_HASH, BlockKey, BlockPool, block_keys
 from loom.request import Request
 
 
@@ -77,13 +77,9 @@ class KVCacheManager:
         each chained to the one before; computed once per request and length."""
         memo = self._keys_memo.get(req.request_id)
         if memo is None or memo[0] != req.num_tokens:
-            keys: list[BlockKey] = []
-            parent = ROOT_HASH
             bs = self.block_size
-            for i in range(self._sealed(req.num_tokens - 1) // bs):
-                keys.append(BlockKey(parent, tuple(req.token_ids_slice(i * bs, (i + 1) * bs))))
-                parent = keys[-1].hash
-            memo = self._keys_memo[req.request_id] = (req.num_tokens, keys)
+            n = self._sealed(req.num_tokens - 1) // bs
+            memo = self._keys_memo[req.request_id] = (req.num_tokens, block_keys(req.token_ids_slice(0, n * bs), bs))
         return memo[1]
 
     def _cached_prefix(self, req: Request) -> list[tuple[BlockKey, int]]:
@@ -168,14 +164,8 @@ class KVCacheManager:
         blocks to write them into); ``release_adopted`` once written."""
         if not self.pool.enable_prefix_caching:
             return [], []
-        bs = self.block_size
-        parent = ROOT_HASH
-        wanted: list[tuple[int, BlockKey]] = []
-        for i in range(start_block + num_blocks):
-            key = BlockKey(parent, tuple(token_ids[i * bs : (i + 1) * bs]))
-            parent = key.hash
-            if i >= start_block and self.pool.lookup(key) is None:
-                wanted.append((i - start_block, key))
+        keys = block_keys(token_ids, self.block_size, start_block + num_blocks)[start_block:]
+        wanted = [(row, key) for row, key in enumerate(keys) if self.pool.lookup(key) is None]
         wanted = wanted[: self.pool.num_free_blocks]
         blocks = self.pool.allocate(len(wanted))
         for block, (_, key) in zip(blocks, wanted):
