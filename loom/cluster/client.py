@@ -39,9 +39,9 @@ from loom.cluster.router import ReplicaState, Router, least_load, make_router
 from loom.cluster.stats import empty_stats, merge_stats
 from loom.config import EngineConfig
 from loom.engine import EngineDeadError, EngineStats, ModelInfo
-from loom.engine.async_engine import check_prompt_type
+from loom.engine.async_engine import check_prompt_type, prompt_ids
 from loom.engine.client import OutputListener, StepListener, notify
-from loom.engine.engine import EMBEDDING_PARAMS, check_prompt_chars
+from loom.engine.engine import EMBEDDING_PARAMS
 from loom.kvcache import chain_hashes
 from loom.model.files import resolve_model
 from loom.outputs import RequestOutput
@@ -298,11 +298,9 @@ class ClusterClient:
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         if self._closed is not None:
             raise self._closed
-        if isinstance(prompt, str):
-            check_prompt_chars(len(prompt), self.tokenizer, self._model_info.max_model_len)
-            ids = await asyncio.to_thread(self.tokenizer.encode, prompt) if prompt else []
-        else:
-            ids = prompt
+        ids = await prompt_ids(prompt, self.tokenizer, self._model_info.max_model_len)
+        if ids is None:
+            ids = [] if isinstance(prompt, str) else prompt  # an empty text prompt: the replica refuses it
         msg = Submit(request_id or uuid.uuid4().hex, prompt, ids, params, tags, embed)
         sink = _Sink(asyncio.get_running_loop())
         finished = False

@@ -27,6 +27,7 @@ from loom.engine.handoff import Handoff
 from loom.outputs import RequestOutput
 from loom.request import RequestTags
 from loom.sampling import SamplingParams
+from loom.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +71,11 @@ class _Add:
 
 
 @dataclass(frozen=True, eq=False)
-class _Export:
-    request_id: str
-    start_block: int
-    stop: bool
-    done: asyncio.Future[Handoff]
+class _Call:
+    """Run ``fn`` on the engine thread between steps; its result or error goes to ``done``."""
 
-
-@dataclass(frozen=True, eq=False)
-class _Import:
-    handoff: Handoff
-    done: asyncio.Future[int]
+    fn: Callable[[], Any]
+    done: asyncio.Future[Any]
 
 
 @dataclass(frozen=True, eq=False)
@@ -174,15 +169,24 @@ class AsyncEngine:
     async def export(self, request_id: str, start_block: int = 0, stop: bool = False) -> Handoff:
         """``Engine.export_request`` on the engine thread, between steps. With ``stop`` the
         request's stream ends with RequestMovedError. ValueError for what cannot move."""
-        done: asyncio.Future[Handoff] = asyncio.get_running_loop().create_future()
-        self._submit(_Export(request_id, start_block, stop, done))
-        return await done
+        def export() -> Handoff:
+            handoff = self.engine.export_request(request_id, start_block, stop)
+            if stop:
+                stream = self._streams.pop(request_id, None)
+                if stream is not None:
+                    _call(stream.loop, stream.queue.put_nowait, RequestMovedError(handoff))
+            return handoff
+
+        return await self._on_engine_thread(export)
 
     async def import_blocks(self, handoff: Handoff) -> int:
         """``Engine.import_blocks`` on the engine thread: a stage of a request's KV arriving ahead
         of the request; the number of blocks written."""
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._submit(_Import(handoff, done))
+        return await self._on_engine_thread(lambda: self.engine.import_blocks(handoff))
+
+    async def _on_engine_thread(self, fn: Callable[[], Any]) -> Any:
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._submit(_Call(fn, done))
         return await done
 
     async def _outputs(self, prompt: str | list[int], params: SamplingParams, request_id: str | None, tags: RequestTags,
@@ -195,7 +199,7 @@ class AsyncEngine:
             # Compile here, off the engine thread (the engine then finds it in the cache).
             await asyncio.to_thread(self.engine.grammars.compile, params.structured_outputs)
         if ids is None or not isinstance(prompt, str):
-            ids = await self._tokenize(prompt)
+            ids = await prompt_ids(prompt, self.tokenizer, self._model_info.max_model_len)
         loop = asyncio.get_running_loop()
         request_id = request_id or uuid.uuid4().hex
         stream = _Stream(loop)
@@ -214,14 +218,6 @@ class AsyncEngine:
         finally:
             if not finished:
                 self._commands.put(_Abort(request_id))
-
-    async def _tokenize(self, prompt: str | list[int]) -> list[int] | None:
-        """A text prompt's ids, computed on a worker thread: neither this event loop nor the engine
-        thread (whose steps every request shares) waits for a long prompt's tokenization."""
-        if not isinstance(prompt, str) or not prompt:
-            return None  # the engine checks (and refuses an empty prompt)
-        check_prompt_chars(len(prompt), self.tokenizer, self._model_info.max_model_len)
-        return await asyncio.to_thread(self.tokenizer.encode, prompt)
 
     async def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks; its stream ends with finish_reason "abort".
@@ -258,7 +254,7 @@ class AsyncEngine:
                 self._commands.put(_STOP)
         self._thread.join(timeout)
 
-    def _submit(self, command: _Add | _Abort | _Export | _Import) -> None:
+    def _submit(self, command: _Add | _Abort | _Call) -> None:
         """Queue a command for the engine thread (EngineDeadError once it has stopped)."""
         with self._lock:
             if self._closed is not None:
@@ -272,7 +268,7 @@ class AsyncEngine:
         self.max_waiting = engine.config.scheduler.max_waiting  # checked (>= 1 or None) by SchedulerConfig
         self._listeners: tuple[OutputListener, ...] = ()
         self._step_listeners: tuple[StepListener, ...] = ()
-        self._commands: queue.SimpleQueue[_Add | _Abort | _Export | _Import | object] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Abort | _Call | object] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._stats = engine.stats()
         self._lock = threading.Lock()  # orders "closed?" checks against the final drain
@@ -317,16 +313,17 @@ class AsyncEngine:
             self._streams.clear()
             self._reject_pending(_drain(self._commands), error)
 
-    def _handle(self, command: _Add | _Abort | _Export | _Import | object) -> None:
-        if isinstance(command, _Export):
-            self._export(command)
-            return
-        if isinstance(command, _Import):
+    def _handle(self, command: _Add | _Abort | _Call | object) -> None:
+        if isinstance(command, _Call):
             loop = command.done.get_loop()
             try:
-                _call(loop, _set_result, command.done, self.engine.import_blocks(command.handoff))
+                result = command.fn()
             except Exception as e:
+                if not isinstance(e, ValueError):  # a bug: keep serving the others
+                    log.exception("%r on the engine thread failed", command.fn)
                 _call(loop, _set_exception, command.done, e)
+            else:
+                _call(loop, _set_result, command.done, result)
             return
         if isinstance(command, _Abort):
             final = self.engine.abort_request(command.request_id)
@@ -359,21 +356,6 @@ class AsyncEngine:
         self._streams[command.request_id] = command.stream
         if not _call(command.stream.loop, self._accepted, command):
             self._abort_unheard([command.request_id])
-
-    def _export(self, command: _Export) -> None:
-        loop = command.done.get_loop()
-        try:
-            handoff = self.engine.export_request(command.request_id, command.start_block, command.stop)
-        except Exception as e:
-            if not isinstance(e, ValueError):
-                log.exception("export_request(%r) failed", command.request_id)
-            _call(loop, _set_exception, command.done, e)
-            return
-        if command.stop:
-            stream = self._streams.pop(command.request_id, None)
-            if stream is not None:
-                _call(stream.loop, stream.queue.put_nowait, RequestMovedError(handoff))
-        _call(loop, _set_result, command.done, handoff)
 
     def _accepted(self, command: _Add) -> None:
         """On the caller's loop: tell it the request runs, unless it stopped waiting meanwhile,
@@ -416,7 +398,7 @@ class AsyncEngine:
             if not _call(loop, _put_all, items):
                 self._abort_unheard([out.request_id for _, out in items if not out.finished])
 
-    def _stop(self, commands: list[_Add | _Abort | _Export | _Import | object]) -> None:
+    def _stop(self, commands: list[_Add | _Abort | _Call | object]) -> None:
         error = EngineDeadError("the engine is shut down")
         self._reject_pending([c for c in commands if c is not _STOP] + _drain(self._commands), error)
         for request_id in list(self._streams):
@@ -426,14 +408,24 @@ class AsyncEngine:
         self._stats = self.engine.stats()
 
     @staticmethod
-    def _reject_pending(commands: list[_Add | _Abort | _Export | _Import | object], error: BaseException) -> None:
+    def _reject_pending(commands: list[_Add | _Abort | _Call | object], error: BaseException) -> None:
         for c in commands:
             if isinstance(c, _Add):
                 _call(c.stream.loop, _set_exception, c.accepted, error)
-            elif isinstance(c, (_Export, _Import)):
+            elif isinstance(c, _Call):
                 _call(c.done.get_loop(), _set_exception, c.done, error)
             elif isinstance(c, _Abort) and c.done is not None:
                 _call(c.done.get_loop(), _set_result, c.done)
+
+
+async def prompt_ids(prompt: str | list[int], tokenizer: Tokenizer, max_model_len: int) -> list[int] | None:
+    """A text prompt's ids, computed on a worker thread: neither the caller's event loop nor an
+    engine thread (whose steps every request shares) waits for a long prompt's tokenization. None
+    for token ids or an empty prompt (the engine checks, and refuses an empty one)."""
+    if not isinstance(prompt, str) or not prompt:
+        return None
+    check_prompt_chars(len(prompt), tokenizer, max_model_len)
+    return await asyncio.to_thread(tokenizer.encode, prompt)
 
 
 def check_prompt_type(prompt: object) -> None:
