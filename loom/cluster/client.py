@@ -180,7 +180,6 @@ class ClusterClient:
         self._sinks: dict[str, _Sink] = {}  # router thread only
         self._listeners: tuple[OutputListener, ...] = ()
         self._step_listeners: tuple[StepListener, ...] = ()
-        self._stats = empty_stats()
         self._snapshots: tuple[ReplicaSnapshot, ...] = ()
         self._moves: deque[MoveRecord] = deque(maxlen=MAX_MOVE_RECORDS)
         self.move_totals: dict[str, list[float]] = {}  # kind -> [moves, kv bytes, transfer s, downtime s, tokens]
@@ -242,7 +241,7 @@ class ClusterClient:
 
     def stats(self) -> EngineStats:
         """Summed over the replicas that are up, as of their latest reports."""
-        return self._stats
+        return merge_stats([s.stats for s in self._snapshots if s.up])
 
     def replica_snapshots(self) -> tuple[ReplicaSnapshot, ...]:
         return self._snapshots
@@ -674,15 +673,11 @@ class ClusterClient:
             notify(self._step_listeners, timing)
 
     def _refresh(self) -> None:
-        """Publish stats and snapshots for other threads (``stats``, ``/metrics``): after each report,
-        and when a request is routed or ends."""
-        up = [self.router.replicas[h.index].healthy for h in self._handles]
-        self._stats = merge_stats([h.stats for h, ok in zip(self._handles, up, strict=True) if ok])
+        """Publish the replicas' snapshots for other threads (``stats``, ``/metrics``): after each
+        report, and when a request is routed or ends."""
         self._snapshots = tuple(
-            ReplicaSnapshot(h.index, ok, self.router.replicas[h.index].draining, h.restarts,
-                            self.router.replicas[h.index].routed,
-                            self.router.replicas[h.index].in_flight, h.stats)
-            for h, ok in zip(self._handles, up, strict=True))
+            ReplicaSnapshot(h.index, r.healthy, r.draining, h.restarts, r.routed, r.in_flight, h.stats)
+            for h, r in zip(self._handles, self.router.replicas, strict=True))
 
     async def _shutdown(self) -> None:
         await asyncio.gather(*(h.actor.shutdown.remote() for h in self._handles), return_exceptions=True)
