@@ -380,7 +380,14 @@ class EngineConfig:
                         "they build, else torch)", flag="--attention-backend", choices=ATTENTION_BACKENDS),
     )
     num_threads: int | None = field(
-        default=None, metadata=option("compute threads", flag="--threads", minimum=1, default_help="one per core")
+        default=None,
+        metadata=option("compute threads (per tensor-parallel process)", flag="--threads", minimum=1,
+                        default_help="one per core, shared out among tensor-parallel processes"),
+    )
+    tensor_parallel_size: int = field(
+        default=1,
+        metadata=option("processes the model is split over: attention heads and MLP units sharded, partial outputs "
+                        "summed with torch.distributed over gloo", flag="--tensor-parallel-size", minimum=1),
     )
     max_model_len: int | None = field(
         default=None,
@@ -395,6 +402,9 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _check_options(self)
+        if self.tensor_parallel_size > 1 and self.cache.swap_space:
+            raise ValueError("--swap-space is not supported with --tensor-parallel-size > 1 (each process would "
+                             "have to swap its own share of the KV cache); preemption recomputes instead")
 
     def check_quantization(self, names: tuple[str, ...]) -> None:
         """ValueError unless ``quantization`` is one of ``names`` (``loom.model.quant.formats.

@@ -148,6 +148,9 @@ class ClusterClient:
     """Serve ``engine_config``'s model from ``cluster.replicas`` Ray actors behind a router."""
 
     def __init__(self, engine_config: EngineConfig, cluster: ClusterConfig) -> None:
+        if engine_config.tensor_parallel_size > 1:
+            raise ValueError("--replicas and --tensor-parallel-size > 1 do not combine yet: a replica's tensor-parallel "
+                             "processes would run outside Ray's CPU accounting, and its KV blocks cannot move")
         self.cluster = cluster
         threads = cluster.replica_threads or max(1, len(os.sched_getaffinity(0)) // cluster.replicas)
         self._policy = make_router(cluster.router, cluster.router_config)

@@ -368,6 +368,7 @@ class Engine:
         if group.embed or group.params.num_samples > 1 or group.params.prompt_logprobs is not None:
             raise ValueError("only single-sample generation requests move between engines (not n or best_of > 1, "
                              "not embeddings, not with prompt_logprobs)")
+        self._check_blocks_move()
         if self.worker.kv.num_slots:
             raise ValueError("a KV cache with a residual (int4/int2) cannot move its blocks; use --kv-cache-dtype "
                              "auto, bf16, fp32 or int8")
@@ -395,9 +396,15 @@ class Engine:
             self.abort_request(request_id)
         return handoff
 
+    def _check_blocks_move(self) -> None:
+        if self.config.tensor_parallel_size > 1:
+            raise ValueError("KV blocks do not move between engines with --tensor-parallel-size > 1 "
+                             "(each process holds a share of every block)")
+
     def import_blocks(self, handoff: Handoff) -> int:
         """Write the handoff's blocks into this engine's prefix cache (blocks it already holds are
         skipped, and as many as there is room for are written); the number written."""
+        self._check_blocks_move()
         if handoff.block_size != self.kv.block_size or handoff.layout != kv_layout(self.worker.kv.block_tensors()):
             raise ValueError("the KV blocks come from an engine with another block size or KV cache format")
         if self.worker.kv.num_slots:

@@ -19,8 +19,9 @@ MEMORY_HEADROOM_FRACTION = 0.25
 MIN_MEMORY_HEADROOM = 1 << 30
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when a GPU is visible, else the CPU."""
+def resolve_device(name: str, rank: int = 0) -> torch.device:
+    """``auto``: CUDA when a GPU is visible, else the CPU. ``rank``: a tensor-parallel rank, which
+    takes GPU ``rank`` (ranks on the CPU share it)."""
     if name not in DEVICES:
         raise ValueError(f"unknown device {name!r} (choose {', '.join(DEVICES)})")
     if name == "auto":
@@ -28,6 +29,10 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but torch sees no GPU "
                          f"(torch {torch.__version__} was built {'with' if torch.version.cuda else 'without'} CUDA)")
+    if name == "cuda" and rank:
+        if rank >= torch.cuda.device_count():
+            raise ValueError(f"tensor-parallel rank {rank} needs GPU {rank}; torch sees {torch.cuda.device_count()}")
+        return torch.device(name, rank)
     return torch.device(name)
 
 
@@ -83,9 +88,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def set_threads(num_threads: int | None) -> None:
-    """Use one compute thread per core by default; more than the cores only adds contention."""
-    n = num_threads or len(os.sched_getaffinity(0))
+def set_threads(num_threads: int | None, processes: int = 1) -> None:
+    """Use one compute thread per core by default (shared by ``processes`` tensor-parallel ranks);
+    more than the cores only adds contention."""
+    n = num_threads or max(1, len(os.sched_getaffinity(0)) // processes)
     if n < 1:
         raise ValueError(f"num_threads must be >= 1, got {n}")
     torch.set_num_threads(n)

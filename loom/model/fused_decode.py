@@ -83,7 +83,8 @@ def fused_decoder(model: LlamaForCausalLM, built: FusedDecoder | None, x: torch.
     """The model's fused stack (``built`` when it is bound to this step's cache, else a new one) if
     this step can run on it, else None."""
     backend = attention.backend
-    if (os.environ.get("LOOM_DISABLE_FUSED_DECODE") == "1" or not isinstance(backend, CPUAttention)
+    if (os.environ.get("LOOM_DISABLE_FUSED_DECODE") == "1" or model.tensor_parallel  # no all-reduce in the stack
+            or not isinstance(backend, CPUAttention)
             or type(backend.kv) not in (KVCache, Int8KVCache, KiviKVCache) or x.dtype not in (torch.float32, torch.bfloat16)
             or not (backend.kv.spec.quantized or backend.kv.dtype == x.dtype)
             or (isinstance(backend.kv, KiviKVCache) and not backend.serves_kivi_natively)):

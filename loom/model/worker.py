@@ -7,8 +7,9 @@ import itertools
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,6 +20,8 @@ from loom.model.attention import AttentionMetadata, PrefillChunk, StepAttention,
 from loom.model.device import keep_freed_memory, kv_cache_budget, resolve_device, resolve_dtype, set_threads, synchronize
 from loom.model.kv_cache import KIVI_BITS, KVCacheSpec, SequenceWrite, make_kv_cache, write_blocks
 from loom.model.kv_layer_plan import read_layer_plan
+from loom.model.parallel.group import TensorGroup
+from loom.model.parallel.shard import Shard, reduce_row_parallel
 from loom.model.quant.formats import FORMATS, NONE
 from loom.model.quant.gguf_blocks import gguf_packed_weights
 from loom.model.quant.packed import PackedWeight
@@ -34,11 +37,12 @@ log = logging.getLogger(__name__)
 
 
 def load_model(config: ModelConfig, model_dir: Path, dtype: torch.dtype, device: torch.device,
-               quantization: str = NONE, gguf: Path | None = None) -> CausalLM:
+               quantization: str = NONE, gguf: Path | None = None, shard: Shard | None = None) -> CausalLM:
     """The model with its weights. ``quantization`` (``EngineConfig.quantization``): with ``auto``, the
     matrices of ``gguf`` (the file ``model_dir`` was converted from) stored in a type loom keeps
     packed stay packed; with a format name, those already in that format stay packed and every
-    other matrix layer is quantized to it; with ``none`` everything is dense."""
+    other matrix layer is quantized to it; with ``none`` everything is dense. ``shard``: load one
+    tensor-parallel rank's part (``config`` is then that rank's, :meth:`Shard.config`)."""
     cls = model_class(config.architecture)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -49,7 +53,8 @@ def load_model(config: ModelConfig, model_dir: Path, dtype: torch.dtype, device:
         torch.set_default_dtype(prev)
     fmt = FORMATS.get(quantization)
     packed = dict(gguf_packed_weights(gguf, only=fmt)) if gguf is not None and quantization != NONE else {}
-    model.load_weights(itertools.chain(iter_weights(model_dir, skip=packed.keys()), packed.items()))
+    weights = itertools.chain(iter_weights(model_dir, skip=packed.keys()), packed.items())
+    model.load_weights(shard.weights(weights) if shard is not None else weights)
     if fmt is not None:
         quantize_model(model, fmt)
     return model.eval()
@@ -94,18 +99,58 @@ def tree_mask(parents: tuple[int, ...], device: torch.device) -> tuple[list[int]
     return tree_depths(parents), mask.to(device)
 
 
+@dataclass
+class PeerStep:
+    """What a tensor-parallel peer rank needs of a step to run its part: the cache operations, in
+    rank 0's order, and the flat batch (None: cache operations only). ``moves``: the previous
+    step's accepted tree drafts, moved into place (rank 0 knows them only after sampling)."""
+
+    moves: list[tuple[list[int], list[int], list[int], list[int]]]
+    block_copies: list[tuple[int, int]]
+    slot_copies: list[tuple[int, int]]
+    batch: _Batch | None
+
+
+def run_peer(group: TensorGroup, *worker_args: Any) -> None:
+    """A tensor-parallel peer rank's process: its part of the model, then rank 0's steps until it stops."""
+    worker = Worker(*worker_args, group=group)
+    while (step := group.receive(worker.device)) is not None:
+        worker.follow(step)
+
+
 class Worker:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, model_dir: Path, max_model_len: int,
-                 eos_token_ids: tuple[int, ...], gguf: Path | None = None) -> None:
-        self.device = resolve_device(config.device)
+                 eos_token_ids: tuple[int, ...], gguf: Path | None = None, group: TensorGroup | None = None) -> None:
+        """``group``: a peer rank's tensor-parallel group; rank 0 (``config.tensor_parallel_size`` > 1
+        and no group) starts the peers."""
+        tp = config.tensor_parallel_size
+        if group is None and tp > 1:
+            Shard.of(model_config, 0, tp)  # a model that cannot split fails before any process starts
+            group = TensorGroup.start(tp, run_peer, (config, model_config, model_dir, max_model_len, eos_token_ids, gguf))
+        self.group = group
+        try:
+            self._build(config, model_config, model_dir, max_model_len, eos_token_ids, gguf)
+        except RuntimeError as e:  # a collective broke (gloo's errors are RuntimeErrors)
+            if group is not None and group.rank == 0:
+                group.check_peers(e)  # the peer's own error says more
+            raise
+
+    def _build(self, config: EngineConfig, model_config: ModelConfig, model_dir: Path, max_model_len: int,
+               eos_token_ids: tuple[int, ...], gguf: Path | None) -> None:
+        group = self.group
+        self.device = resolve_device(config.device, group.rank if group else 0)
         if self.device.type == "cpu":
-            set_threads(config.num_threads)
+            set_threads(config.num_threads, config.tensor_parallel_size)
             keep_freed_memory()
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.model_config = model_config
+        shard = Shard.of(model_config, group.rank, group.size) if group else None
+        self.model_config = c = shard.config(model_config) if shard else model_config
         self.eos_token_ids = eos_token_ids
-        self.model = load_model(model_config, model_dir, self.dtype, self.device, config.quantization, gguf)
-        c = model_config
+        self.model = load_model(c, model_dir, self.dtype, self.device, config.quantization, gguf, shard)
+        self._pending_moves: list[tuple[list[int], list[int], list[int], list[int]]] = []  # for the peers
+        if group is not None:
+            reduce_row_parallel(self.model, group.all_reduce)
+            group.barrier()  # every rank's weights are in memory before the cache is sized
         cc = config.cache
         layers = read_layer_plan(cc.kv_cache_layers, c.num_layers) if cc.kv_cache_layers else ()
         if layers and cc.kv_cache_dtype != "auto":
@@ -115,7 +160,10 @@ class Worker:
                            cc.kv_residual_tokens if kivi else 0, cc.kv_quant_group, layers)
         # A KIVI cache's residual: a slot for each sequence that may run.
         num_slots = config.scheduler.max_num_seqs if spec.kivi else 0
-        self.kv = make_kv_cache(spec, self._num_blocks(config, spec, max_model_len, num_slots), self.device, num_slots)
+        num_blocks = self._num_blocks(config, spec, max_model_len, num_slots, model_config.num_kv_heads)
+        if group is not None:
+            num_blocks = group.min_int(num_blocks)  # block ids mean the same on every rank
+        self.kv = make_kv_cache(spec, num_blocks, self.device, num_slots)
         self.attention = make_attention_backend(config.attention_backend, self.kv)
         self.sampler = Sampler(seed=config.seed)
         self.phase_seconds: dict[str, float] = defaultdict(float)  # prepare / forward / sample
@@ -149,14 +197,20 @@ class Worker:
             found += packed if isinstance(packed, list) else [packed] if packed is not None else []
         return found
 
-    def _num_blocks(self, config: EngineConfig, spec: KVCacheSpec, max_model_len: int, num_slots: int) -> int:
-        """The blocks the budget buys after the residual slots."""
+    def _num_blocks(self, config: EngineConfig, spec: KVCacheSpec, max_model_len: int, num_slots: int,
+                    all_kv_heads: int) -> int:
+        """The blocks the budget buys after the residual slots. Tensor-parallel ranks that share the
+        memory (the CPU's) size a block by every rank's heads (``all_kv_heads``), and so does
+        ``kv_cache_bytes``: the budget is the whole cache's."""
         if config.cache.num_blocks is not None:
             return config.cache.num_blocks
+        whole = replace(spec, num_kv_heads=all_kv_heads)
         if config.cache.kv_cache_bytes is not None:
-            return spec.num_blocks_for(config.cache.kv_cache_bytes, num_slots)
+            return whole.num_blocks_for(config.cache.kv_cache_bytes, num_slots)
         # Measured: free memory less the headroom, and never more than max_num_seqs sequences
         # of max_model_len tokens can use at once.
+        if self.device.type == "cpu":
+            spec = whole
         useful = config.scheduler.max_num_seqs * -(-max_model_len // spec.block_size)
         budget = max(kv_cache_budget(self.device), spec.bytes_per_block)
         return max(1, min(spec.num_blocks_for(budget, num_slots), useful))
@@ -236,10 +290,13 @@ class Worker:
                 self.swap.load(s.request_id, list(s.block_ids), s.start)
                 if s.last:
                     self.swap.drop(s.request_id)
-        if not plan.scheduled:
+        batch = self._prepare(plan.scheduled) if plan.scheduled else None
+        if self.group is not None and (batch or plan.block_copies or plan.slot_copies or self._pending_moves):
+            self.group.send(PeerStep(self._pending_moves, plan.block_copies, plan.slot_copies, batch))
+            self._pending_moves = []
+        if batch is None:
             self.phase_seconds["prepare"] += time.perf_counter() - t0
             return StepResult({}, time.monotonic())
-        batch = self._prepare(plan.scheduled)
         rows = self._logits_rows(plan.scheduled, batch.offsets)
         t1 = time.perf_counter()
         hidden = self.model(batch.input_ids, batch.positions, StepAttention(self.attention, batch.meta))
@@ -250,14 +307,30 @@ class Worker:
         results: dict[str, RequestResult] = {}
         if logits is not None:
             for s, accepted in self._sample(logits, rows.sample, results):
-                self._move_accepted(s, accepted)
+                self._move_tokens(self._accepted_moves(s, accepted))
             self._prompt_logprobs(logits, rows.prompt, results)
         self._hidden_sums(hidden, plan.scheduled, batch.offsets, results)
         t3 = time.perf_counter()
         self.phase_seconds["prepare"] += t1 - t0
         self.phase_seconds["forward"] += t2 - t1
         self.phase_seconds["sample"] += t3 - t2
+        if self.group is not None:
+            self.phase_seconds["all_reduce"] += self.group.take_all_reduce_seconds()
         return StepResult(results, forward_end)
+
+    @torch.inference_mode()
+    def follow(self, step: PeerStep) -> None:
+        """A peer rank's part of rank 0's step: the same cache operations and forward pass (whose
+        all-reduces meet rank 0's); rank 0 alone computes logits and samples."""
+        for move in step.moves:
+            self._move_tokens(move)
+        for src, dst in step.block_copies:
+            self.kv.copy_block(src, dst)
+        for src, dst in step.slot_copies:
+            self.kv.copy_slot(src, dst)
+        if step.batch is not None:
+            b = step.batch
+            self.model(b.input_ids, b.positions, StepAttention(self.attention, b.meta))
 
     def _prepare(self, scheduled: list[ScheduledRequest]) -> _Batch:
         """The flat batch: decode rows first (one per query token), then prefill chunks."""
@@ -405,16 +478,23 @@ class Worker:
             i += n
         return moves
 
-    def _move_accepted(self, s: ScheduledRequest, rows: list[int]) -> None:
-        """Copy the KV of a tree's accepted drafts (in slots ``start + row``) to the positions they
-        take in the sequence (``start + 1, start + 2, ...``)."""
+    def _accepted_moves(self, s: ScheduledRequest, rows: list[int]) -> tuple[list[int], list[int], list[int], list[int]]:
+        """Where the KV of a tree's accepted drafts is (slots ``start + row``) and where it goes (the
+        positions they take in the sequence, ``start + 1, start + 2, ...``): (source blocks, source
+        offsets, target blocks, target offsets)."""
         bs = self.kv.block_size
         blocks = s.request.block_ids
         src = [s.start + r for r in rows]
         dst = [s.start + 1 + j for j in range(len(rows))]
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=self.device)  # noqa: E731
-        self.kv.move_tokens(as_tensor([blocks[p // bs] for p in src]), as_tensor([p % bs for p in src]),
-                            as_tensor([blocks[p // bs] for p in dst]), as_tensor([p % bs for p in dst]))
+        return ([blocks[p // bs] for p in src], [p % bs for p in src], [blocks[p // bs] for p in dst],
+                [p % bs for p in dst])
+
+    def _move_tokens(self, move: tuple[list[int], list[int], list[int], list[int]]) -> None:
+        """Move tokens' KV in this rank's cache; a tensor-parallel rank 0 has its peers do the same
+        before their next step."""
+        self.kv.move_tokens(*(torch.tensor(xs, dtype=torch.int64, device=self.device) for xs in move))
+        if self.group is not None and self.group.rank == 0:
+            self._pending_moves.append(move)
 
     @staticmethod
     def _grammar_bitmask(constrained: list[tuple[int, Request, ScheduledRequest]], num_rows: int,

@@ -58,7 +58,7 @@ class DraftModelProposer(Proposer):
         bs = config.cache.block_size
         tokens = options.kv_cache_tokens or target_tokens
         draft_config = dataclasses.replace(
-            config, model=model,
+            config, model=model, tensor_parallel_size=1,  # the draft is small: whole, in the engine's process
             cache=CacheConfig(block_size=bs, num_blocks=max(1, -(-tokens // bs)),
                               enable_prefix_caching=config.cache.enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens=config.scheduler.max_num_batched_tokens,

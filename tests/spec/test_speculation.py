@@ -96,6 +96,7 @@ class Fixed(Proposer):
     """Proposes given continuations per prompt (by their first token)."""
 
     name = "fixed"
+    makes_trees = True  # offered trees are verified as trees, not cut to their first branch
 
     def __init__(self, guesses: dict[int, list[int]], parents: dict[int, list[int]] | None = None) -> None:
         self.guesses = guesses

@@ -28,6 +28,7 @@ class CausalLM(nn.Module, ABC):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self.tensor_parallel = False  # one rank's shard, its row-parallel outputs all-reduced (loom.model.parallel)
 
     @abstractmethod
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: StepAttention) -> torch.Tensor: ...

@@ -128,6 +128,25 @@ class PackedWeight:
         pick = lambda t: None if t is None else t.index_select(0, rows.to(t.device))  # noqa: E731
         return PackedWeight(self.fmt, pick(self.qs), pick(self.qh), pick(self.scale), pick(self.min))
 
+    def rows(self, start: int, stop: int) -> PackedWeight:
+        """Rows ``start:stop`` (a tensor-parallel rank's output features)."""
+        cut = lambda t: None if t is None else t[start:stop].contiguous()  # noqa: E731
+        return PackedWeight(self.fmt, cut(self.qs), cut(self.qh), cut(self.scale), cut(self.min))
+
+    def columns(self, start: int, stop: int) -> PackedWeight:
+        """Columns ``start:stop`` (a tensor-parallel rank's input features); ValueError unless both
+        ends fall on a group and block boundary."""
+        unit = max(self.group, BLOCK)
+        if start % unit or stop % unit or not 0 <= start < stop <= self.shape[1]:
+            raise ValueError(f"columns {start}:{stop} are not whole groups of {unit} of {self.shape[1]}")
+        per_element = self.qs.shape[1] / self.shape[1]
+        plane = None if self.qh is None else self.qh.shape[1] // (self.shape[1] // BLOCK)  # bytes per block
+        cut = lambda t, a, b: None if t is None else t[:, a:b].contiguous()  # noqa: E731
+        return PackedWeight(self.fmt, cut(self.qs, int(start * per_element), int(stop * per_element)),
+                            None if plane is None else cut(self.qh, start // BLOCK * plane, stop // BLOCK * plane),
+                            cut(self.scale, start // self.group, stop // self.group),
+                            cut(self.min, start // self.group, stop // self.group))
+
     def to(self, device: torch.device) -> PackedWeight:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return PackedWeight(self.fmt, move(self.qs), move(self.qh), move(self.scale), move(self.min))

@@ -1,0 +1,184 @@
+"""The processes of a tensor-parallel model: rank 0 (the engine's own process, which schedules and
+samples) and peer ranks, each in its own process with its own threads, weights and KV cache.
+
+The ranks sum their partial outputs over a gloo process group (``torch.distributed``), built on its
+own store so that several models in one process each have their own. Steps reach the peers as
+pickled messages through a pipe from rank 0: a peer that waits for the next step waits on the pipe,
+with no collective timeout however long the engine idles, and it learns that rank 0 is gone when the
+pipe closes."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import pickle
+import socket
+import subprocess
+import sys
+import time
+import weakref
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+# A collective waits this long for the other ranks: a step's layer on a slow rank, or a rank that
+# loads its weights. Longer means a rank that hangs is noticed later; a rank that exits is noticed at once.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+JOIN_TIMEOUT = datetime.timedelta(minutes=2)  # for a spawned rank to import torch and join
+_HOST = "127.0.0.1"
+_STOP = b""
+
+
+class TensorGroup:
+    """One rank's view of the group: the all-reduce, and (rank 0) the pipes to the peers."""
+
+    def __init__(self, rank: int, size: int, store: dist.Store, conns: list[Connection],
+                 processes: list[subprocess.Popen]) -> None:
+        """``conns``: rank 0's pipes to each peer, or a peer's pipe from rank 0."""
+        options = dist.ProcessGroupGloo._Options()
+        options._timeout = JOIN_TIMEOUT
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname=_HOST)]
+        self.rank = rank
+        self.size = size
+        self._store = store
+        self._pg = dist.ProcessGroupGloo(store, rank, size, options)
+        self._pg.set_timeout(COLLECTIVE_TIMEOUT)
+        self._conns = conns
+        self._all_reduce_seconds = 0.0  # in all-reduce calls, waiting for slower ranks included
+        if processes:
+            weakref.finalize(self, _stop, conns, processes)
+
+    @staticmethod
+    def start(size: int, target: Callable[..., None], args: tuple[Any, ...]) -> TensorGroup:
+        """Rank 0: start ranks ``1 .. size - 1``, each running ``target(group, *args)`` in a new Python
+        process (``python -m loom.model.parallel``: unlike multiprocessing's spawn, it does not
+        run the caller's script again, so a script needs no ``if __name__ == "__main__"`` guard), and
+        join the group with them."""
+        store = dist.TCPStore(_HOST, 0, size, True, timeout=JOIN_TIMEOUT, wait_for_workers=False)
+        peers, processes = [], []
+        for rank in range(1, size):
+            ours, theirs = socket.socketpair()
+            p = subprocess.Popen([sys.executable, "-m", "loom.model.parallel", str(theirs.fileno())], pass_fds=(theirs.fileno(),))
+            theirs.close()
+            conn = Connection(ours.detach())
+            conn.send((rank, size, store.port, target, args))
+            peers.append(conn)
+            processes.append(p)
+        try:
+            return TensorGroup(0, size, store, peers, processes)
+        except Exception:
+            _stop(peers, processes)
+            raise
+
+    def check_peers(self, error: BaseException) -> None:
+        """Rank 0, after a collective failed: raise the error a peer reported, if one did, else ``error``."""
+        for conn in self._conns:
+            if conn.poll(5.0):
+                try:
+                    message = conn.recv_bytes()
+                except (EOFError, OSError):
+                    continue
+                raise ValueError(f"tensor-parallel rank failed: {message.decode(errors='replace')}") from error
+        raise error
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum ``x`` over the ranks, in place; returns it."""
+        t0 = time.perf_counter()
+        self._pg.allreduce([x]).wait()
+        self._all_reduce_seconds += time.perf_counter() - t0
+        return x
+
+    def take_all_reduce_seconds(self) -> float:
+        """Seconds spent in :meth:`all_reduce` since the last call."""
+        seconds, self._all_reduce_seconds = self._all_reduce_seconds, 0.0
+        return seconds
+
+    def barrier(self) -> None:
+        self._pg.barrier().wait()
+
+    def min_int(self, value: int) -> int:
+        """The smallest of every rank's ``value``."""
+        t = torch.tensor([value], dtype=torch.int64)
+        options = dist.AllreduceOptions()
+        options.reduceOp = dist.ReduceOp.MIN
+        self._pg.allreduce([t], options).wait()
+        return int(t.item())
+
+    def send(self, message: Any) -> None:
+        """Rank 0: send a step's message to every peer (tensors travel as NumPy arrays)."""
+        data = pickle.dumps(_to_wire(message), protocol=pickle.HIGHEST_PROTOCOL)
+        for conn in self._conns:
+            conn.send_bytes(data)
+
+    def receive(self, device: torch.device) -> Any:
+        """A peer: the next message from rank 0, or None when rank 0 stopped the group or is gone."""
+        try:
+            data = self._conns[0].recv_bytes()
+        except (EOFError, OSError):
+            return None
+        return None if data == _STOP else _from_wire(pickle.loads(data), device)
+
+
+def peer_main(fd: int) -> None:
+    """A peer process: join the group, then run the target rank 0 sent. A failure goes back to rank 0 as text."""
+    conn = Connection(fd)
+    rank, size, port, target, args = conn.recv()
+    try:
+        store = dist.TCPStore(_HOST, port, size, False, timeout=JOIN_TIMEOUT)
+        target(TensorGroup(rank, size, store, [conn], []), *args)
+    except Exception as e:  # reported to rank 0, which raises it
+        log.exception("tensor-parallel rank %d failed", rank)
+        try:
+            conn.send_bytes(f"rank {rank}: {type(e).__name__}: {e}".encode())
+        except OSError:
+            pass
+
+
+def _stop(peers: list[Connection], processes: list[subprocess.Popen]) -> None:
+    for conn in peers:
+        try:
+            conn.send_bytes(_STOP)
+        except OSError:
+            pass
+        conn.close()
+    for p in processes:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+@dataclasses.dataclass(frozen=True)
+class _WireTensor:
+    array: np.ndarray
+
+
+def _to_wire(obj: Any) -> Any:
+    """``obj`` with every tensor replaced by a NumPy copy on the CPU (which pickles without
+    torch's per-tensor archive, and lands on the peer's own device)."""
+    if isinstance(obj, torch.Tensor):
+        return _WireTensor(obj.detach().cpu().numpy())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_wire(x) for x in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return type(obj)(**{f.name: _to_wire(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+    return obj
+
+
+def _from_wire(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, _WireTensor):
+        return torch.from_numpy(obj.array).to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_from_wire(x, device) for x in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return type(obj)(**{f.name: _from_wire(getattr(obj, f.name), device) for f in dataclasses.fields(obj)})
+    return obj
+
