@@ -139,6 +139,11 @@ def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
           f"{1 - split['forward']:.1%})")
     report: dict[str, Any] = {"loom": asdict(loom_result) | {"output_tokens_per_s": loom_result.output_tokens_per_s},
                               "step_split": split, "steps": steps}
+    if "all_reduce" in phases:  # tensor parallel: rank 0's time in all-reduces, waiting for the others included
+        per_step = phases["all_reduce"] / max(steps, 1)
+        print(f"   all-reduce: {1000 * per_step:.2f} ms/step, {phases['all_reduce'] / (phases['forward'] or 1):.1%} of "
+              f"the forward pass")
+        report["all_reduce_ms_per_step"] = 1000 * per_step
     if args.compare_hf:
         del llm
         hf = run_hf(resolve_model(model), requests, engine_opts.get("dtype", "auto"), args.hf_batch_size)

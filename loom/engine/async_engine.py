@@ -312,6 +312,8 @@ class AsyncEngine:
                 _call(stream.loop, stream.queue.put_nowait, error)
             self._streams.clear()
             self._reject_pending(_drain(self._commands), error)
+        finally:
+            engine.close()
 
     def _handle(self, command: _Add | _Abort | _Call | object) -> None:
         if isinstance(command, _Call):

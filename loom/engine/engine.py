@@ -396,6 +396,10 @@ class Engine:
             self.abort_request(request_id)
         return handoff
 
+    def close(self) -> None:
+        """Stop the worker's tensor-parallel processes, if any; the engine cannot step afterwards."""
+        self.worker.close()
+
     def _check_blocks_move(self) -> None:
         if self.config.tensor_parallel_size > 1:
             raise ValueError("KV blocks do not move between engines with --tensor-parallel-size > 1 "

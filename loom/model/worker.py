@@ -175,6 +175,11 @@ class Worker:
                                                            cc.preemption_mode, max_model_len, cc.swap_blocks_per_step)
             self.phase_seconds.clear()
 
+    def close(self) -> None:
+        """Rank 0: stop the peer ranks (they also stop when this process exits)."""
+        if self.group is not None:
+            self.group.close()
+
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters()) + sum(w.shape[0] * w.shape[1] for w in self._packed())

@@ -73,6 +73,10 @@ class _EngineCollector(Collector):
                 ("loom_spec_skipped", "Decode request-steps the controller gave no drafts (k = 0).",
                  s.spec.steps_without_drafts),
             )
+        if "all_reduce" in s.phase_seconds:
+            counters += (("loom_tensor_parallel_all_reduce_seconds",
+                          "Seconds rank 0 spent in the all-reduces of tensor-parallel forward passes (waiting for "
+                          "the other ranks included).", s.phase_seconds["all_reduce"]),)
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)
         yield from _tenant_families(s)

@@ -52,8 +52,8 @@ class TensorGroup:
         self._pg.set_timeout(COLLECTIVE_TIMEOUT)
         self._conns = conns
         self._all_reduce_seconds = 0.0  # in all-reduce calls, waiting for slower ranks included
-        if processes:
-            weakref.finalize(self, _stop, conns, processes)
+        self.peer_pids = tuple(p.pid for p in processes)
+        self._finalizer = weakref.finalize(self, _stop, conns, processes) if processes else None
 
     @staticmethod
     def start(size: int, target: Callable[..., None], args: tuple[Any, ...]) -> TensorGroup:
@@ -76,6 +76,11 @@ class TensorGroup:
         except Exception:
             _stop(peers, processes)
             raise
+
+    def close(self) -> None:
+        """Rank 0: stop the peers (at most once; also when the group is garbage collected)."""
+        if self._finalizer is not None:
+            self._finalizer()
 
     def check_peers(self, error: BaseException) -> None:
         """Rank 0, after a collective failed: raise the error a peer reported, if one did, else ``error``."""
