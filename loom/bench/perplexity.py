@@ -1,8 +1,9 @@
 """``loom bench perplexity``: what each quantization mode costs in quality, beside the bytes it saves.
 
 Weight modes (``--modes``) are compared with the same model unquantized in fp32; KV cache modes
-(``--kv-modes``) with the engine as configured over its default cache (the compute dtype). Each
-mode is compared with its reference in three ways:
+(``--kv-modes``) with the engine as configured over its default cache (the compute dtype);
+tensor-parallel sizes (``--tp-sizes``) with the engine as configured in one process. Each mode is
+compared with its reference in three ways:
 
 1. perplexity over a text file, by rolling windows (the Hugging Face sliding-window recipe): the
    text is tokenized once, windows of ``window`` tokens start every ``stride`` tokens, and each
@@ -137,9 +138,15 @@ def plan_runs(args: argparse.Namespace, engine_opts: dict[str, Any]) -> list[tup
     from loom.config import KV_CACHE_DTYPES
     from loom.model.quant.formats import QUANTIZATION_CHOICES
 
+    if sum(x is not None for x in (args.modes, args.kv_modes, args.tp_sizes)) > 1:
+        raise ValueError("pass one of --modes (weight formats), --kv-modes (KV cache formats) and --tp-sizes")
+    if args.tp_sizes is not None:
+        sizes = [int(n) for n in args.tp_sizes.split(",") if n.strip().isdigit() and int(n) > 1]
+        if len(sizes) != len(args.tp_sizes.split(",")):
+            raise ValueError(f"--tp-sizes takes tensor-parallel sizes above 1, comma-separated; got {args.tp_sizes!r}")
+        base = {**engine_opts, "tensor_parallel_size": 1}
+        return [("reference", base)] + [(f"tp={n}", {**base, "tensor_parallel_size": n}) for n in sizes]
     if args.kv_modes is not None:
-        if args.modes is not None:
-            raise ValueError("pass --modes (weight formats) or --kv-modes (KV cache formats), not both")
         own = [engine_opts["kv_cache_dtype"]] if engine_opts.get("kv_cache_dtype") else []
         kv_modes = parse_modes(args.kv_modes, KV_CACHE_DTYPES, "--kv-modes", "KV cache dtype")
         modes = [m for m in dict.fromkeys(own + kv_modes) if m != "auto"]
@@ -259,6 +266,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-modes", default=None, metavar="A,B,...",
                    help="measure KV cache formats instead (--kv-cache-dtype values, comma-separated, besides "
                         "--kv-cache-dtype if given) against the engine as configured over its default cache")
+    p.add_argument("--tp-sizes", default=None, metavar="N,M,...",
+                   help="measure tensor-parallel sizes instead (comma-separated, above 1) against the engine as "
+                        "configured in one process")
     p.add_argument("--text", default=str(SHAREGPT_FILE), metavar="FILE",
                    help="UTF-8 text to score, or a ShareGPT .json file (its turns, in order; default: "
                         "../shared/data/sharegpt/ShareGPT_V3_filtered_500.json)")

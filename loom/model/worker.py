@@ -99,6 +99,9 @@ def tree_mask(parents: tuple[int, ...], device: torch.device) -> tuple[list[int]
     return tree_depths(parents), mask.to(device)
 
 
+SHARED_SLOT_MAX = 64 << 20  # a rank's shared all-reduce slot; larger tensors (long prefill chunks) go over gloo
+
+
 @dataclass
 class PeerStep:
     """What a tensor-parallel peer rank needs of a step to run its part: the cache operations, in
@@ -126,7 +129,11 @@ class Worker:
         tp = config.tensor_parallel_size
         if group is None and tp > 1:
             Shard.of(model_config, 0, tp)  # a model that cannot split fails before any process starts
-            group = TensorGroup.start(tp, run_peer, (config, model_config, model_dir, max_model_len, eos_token_ids, gguf))
+            # Ranks on the CPU share its memory: they sum a step's activations (fp32 at most) through it.
+            shared = (min(SHARED_SLOT_MAX, config.scheduler.max_num_batched_tokens * model_config.hidden_size * 4)
+                      if resolve_device(config.device).type == "cpu" else 0)
+            group = TensorGroup.start(tp, run_peer, (config, model_config, model_dir, max_model_len, eos_token_ids, gguf),
+                                      shared)
         self.group = group
         try:
             self._build(config, model_config, model_dir, max_model_len, eos_token_ids, gguf)

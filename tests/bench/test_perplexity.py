@@ -111,6 +111,18 @@ def test_cli_kv_modes_compare_cache_formats_with_the_default_cache(tiny_model, t
     assert 0 < int8["logprob_mae"] < 0.05 and abs(int8["delta_pct"]) < 2
 
 
+def test_cli_tp_sizes_compare_split_models_with_one_process(tiny_model, tmp_path):
+    text, out = tmp_path / "text.txt", tmp_path / "p.json"
+    text.write_text(TEXT)
+    rc = main(["bench", "perplexity", "--model", str(tiny_model("llama")), "--dtype", "float32", "--quantization",
+               "none", "--tp-sizes", "2", "--text", str(text), "--window", "128", "--agreement-prompts", "2",
+               "--agreement-tokens", "8", "--output-json", str(out)])
+    assert rc == 0
+    ref, tp2 = json.loads(out.read_text())["modes"]
+    assert [m["mode"] for m in (ref, tp2)] == ["reference", "tp=2"]
+    assert tp2["agreement"] == 2 and tp2["logprob_mae"] < 1e-5 and abs(tp2["delta_pct"]) < 1e-3
+
+
 def test_short_text_has_fewer_agreement_prompts(tiny_model, tmp_path, capsys):
     text, out = tmp_path / "text.txt", tmp_path / "p.json"
     text.write_text("Shall I compare thee to a summer's day?")
@@ -126,7 +138,8 @@ def test_short_text_has_fewer_agreement_prompts(tiny_model, tmp_path, capsys):
 @pytest.mark.parametrize("extra,message", [
     (["--modes", "int8,q3_x"], "unknown quantization mode 'q3_x'"),
     (["--kv-modes", "int8,int3"], "unknown KV cache dtype 'int3' in --kv-modes"),
-    (["--kv-modes", "int8", "--modes", "int8"], "--modes (weight formats) or --kv-modes"),
+    (["--kv-modes", "int8", "--modes", "int8"], "one of --modes (weight formats), --kv-modes"),
+    (["--tp-sizes", "2,x"], "--tp-sizes takes tensor-parallel sizes above 1"),
     (["--kv-modes", "auto"], "names no format besides auto"),
     (["--text", "/nonexistent/text.txt"], "text file not found"),
     (["--window", "64", "--stride", "64"], "--stride must be between 1 and window - 1"),

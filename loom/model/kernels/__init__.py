@@ -20,7 +20,7 @@ import torch
 
 log = logging.getLogger(__name__)
 _DIR = Path(__file__).parent
-_SOURCES = [_DIR / n for n in ("paged_attention.cpp", "fused_ops.cpp", "gemv.cpp", "quant_matmul.cpp", "amx_matmul.cpp", "decoder_stack.cpp")]
+_SOURCES = [_DIR / n for n in ("paged_attention.cpp", "fused_ops.cpp", "gemv.cpp", "quant_matmul.cpp", "amx_matmul.cpp", "decoder_stack.cpp", "all_reduce.cpp")]
 _CFLAGS = ("-O3", "-march=native", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
 

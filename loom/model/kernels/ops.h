@@ -41,3 +41,6 @@ torch::Tensor quant_dequantize(torch::Tensor qs, c10::optional<torch::Tensor> qh
 bool has_quant_matmul();
 bool has_amx_matmul();
 void register_decoder_stack(pybind11::module& m);
+void shm_all_reduce(torch::Tensor x, torch::Tensor region, int64_t rank, int64_t world, int64_t slot_bytes,
+                    int64_t seq, std::vector<int64_t> watch_fds);
+int64_t shm_header_bytes(int64_t world);

@@ -838,5 +838,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("K"), py::arg("dtype"));
   m.def("has_quant_matmul", &has_quant_matmul);
   m.def("has_amx_matmul", &has_amx_matmul, "whether bf16 products over packed weights run on AMX tiles");
+  m.def("shm_all_reduce", &shm_all_reduce, "sum a tensor over tensor-parallel ranks through shared memory, in place",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("shm_header_bytes", &shm_header_bytes, "bytes of a shared all-reduce region before its slots");
   register_decoder_stack(m);
 }

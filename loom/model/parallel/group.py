@@ -13,9 +13,11 @@ import dataclasses
 import datetime
 import logging
 import pickle
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import weakref
 from collections.abc import Callable
@@ -26,6 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from loom.model.kernels import native_ops
+
 log = logging.getLogger(__name__)
 
 # A collective waits this long for the other ranks: a step's layer on a slow rank, or a rank that
@@ -34,48 +38,86 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 JOIN_TIMEOUT = datetime.timedelta(minutes=2)  # for a spawned rank to import torch and join
 _HOST = "127.0.0.1"
 _STOP = b""
+_SHM_DIR = "/dev/shm"
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedRegion:
+    """Where ranks on one machine sum their tensors: a file in shared memory that every rank maps
+    (unlinked once they all have), with a slot of ``slot_bytes`` per rank (``kernels/all_reduce.cpp``)."""
+
+    path: str
+    slot_bytes: int
+
+    @staticmethod
+    def create(size: int, slot_bytes: int) -> SharedRegion | None:
+        """None when the native kernels or a shared-memory directory are missing (the ranks then
+        sum over gloo alone)."""
+        ops = native_ops()
+        if ops is None or not os.path.isdir(_SHM_DIR) or os.environ.get("LOOM_TP_ALL_REDUCE") == "gloo":
+            return None
+        fd, path = tempfile.mkstemp(prefix="loom-tp-", dir=_SHM_DIR)
+        try:
+            os.ftruncate(fd, ops.shm_header_bytes(size) + 2 * size * slot_bytes)
+        finally:
+            os.close(fd)
+        return SharedRegion(path, slot_bytes)
+
+    def map(self) -> torch.Tensor:
+        return torch.from_file(self.path, shared=True, size=os.path.getsize(self.path), dtype=torch.uint8)
 
 
 class TensorGroup:
     """One rank's view of the group: the all-reduce, and (rank 0) the pipes to the peers."""
 
     def __init__(self, rank: int, size: int, store: dist.Store, conns: list[Connection],
-                 processes: list[subprocess.Popen]) -> None:
-        """``conns``: rank 0's pipes to each peer, or a peer's pipe from rank 0."""
+                 processes: list[subprocess.Popen], region: SharedRegion | None) -> None:
+        """``conns``: rank 0's pipes to each peer, or a peer's pipe from rank 0. ``region``: the
+        shared all-reduce region, mapped before the group forms (rank 0 unlinks it after)."""
         options = dist.ProcessGroupGloo._Options()
         options._timeout = JOIN_TIMEOUT
         options._devices = [dist.ProcessGroupGloo.create_device(hostname=_HOST)]
         self.rank = rank
         self.size = size
         self._store = store
+        self._region = region
+        self._shared = region.map() if region is not None else None
         self._pg = dist.ProcessGroupGloo(store, rank, size, options)
         self._pg.set_timeout(COLLECTIVE_TIMEOUT)
         self._conns = conns
+        self._watch = [c.fileno() for c in conns]  # readable when the far end exits or reports an error
+        self._seq = 0
         self._all_reduce_seconds = 0.0  # in all-reduce calls, waiting for slower ranks included
         self.peer_pids = tuple(p.pid for p in processes)
         self._finalizer = weakref.finalize(self, _stop, conns, processes) if processes else None
 
     @staticmethod
-    def start(size: int, target: Callable[..., None], args: tuple[Any, ...]) -> TensorGroup:
+    def start(size: int, target: Callable[..., None], args: tuple[Any, ...], shared_slot_bytes: int = 0) -> TensorGroup:
         """Rank 0: start ranks ``1 .. size - 1``, each running ``target(group, *args)`` in a new Python
         process (``python -m loom.model.parallel``: unlike multiprocessing's spawn, it does not
         run the caller's script again, so a script needs no ``if __name__ == "__main__"`` guard), and
-        join the group with them."""
+        join the group with them. ``shared_slot_bytes`` > 0: the ranks share this machine's memory and
+        sum tensors up to that size through it, larger ones over gloo."""
+        region = SharedRegion.create(size, shared_slot_bytes) if shared_slot_bytes else None
         store = dist.TCPStore(_HOST, 0, size, True, timeout=JOIN_TIMEOUT, wait_for_workers=False)
         peers, processes = [], []
-        for rank in range(1, size):
-            ours, theirs = socket.socketpair()
-            p = subprocess.Popen([sys.executable, "-m", "loom.model.parallel", str(theirs.fileno())], pass_fds=(theirs.fileno(),))
-            theirs.close()
-            conn = Connection(ours.detach())
-            conn.send((rank, size, store.port, target, args))
-            peers.append(conn)
-            processes.append(p)
         try:
-            return TensorGroup(0, size, store, peers, processes)
+            for rank in range(1, size):
+                ours, theirs = socket.socketpair()
+                p = subprocess.Popen([sys.executable, "-m", "loom.model.parallel", str(theirs.fileno())],
+                                     pass_fds=(theirs.fileno(),))
+                theirs.close()
+                conn = Connection(ours.detach())
+                conn.send((rank, size, store.port, region, target, args))
+                peers.append(conn)
+                processes.append(p)
+            return TensorGroup(0, size, store, peers, processes, region)
         except Exception:
             _stop(peers, processes)
             raise
+        finally:
+            if region is not None:
+                os.unlink(region.path)  # mapped by every rank by now, or no longer needed
 
     def close(self) -> None:
         """Rank 0: stop the peers (at most once; also when the group is garbage collected)."""
@@ -94,9 +136,16 @@ class TensorGroup:
         raise error
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum ``x`` over the ranks, in place; returns it."""
+        """Sum ``x`` over the ranks, in place; returns it. Through the shared region when it holds
+        ``x`` (every rank then sums in rank order, in fp32: the same bits on every rank), else gloo."""
         t0 = time.perf_counter()
-        self._pg.allreduce([x]).wait()
+        if (self._shared is not None and x.is_cpu and x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous()
+                and x.numel() * x.element_size() <= self._region.slot_bytes):
+            self._seq += 1
+            native_ops().shm_all_reduce(x, self._shared, self.rank, self.size, self._region.slot_bytes, self._seq,
+                                        self._watch)
+        else:
+            self._pg.allreduce([x]).wait()
         self._all_reduce_seconds += time.perf_counter() - t0
         return x
 
@@ -134,10 +183,10 @@ class TensorGroup:
 def peer_main(fd: int) -> None:
     """A peer process: join the group, then run the target rank 0 sent. A failure goes back to rank 0 as text."""
     conn = Connection(fd)
-    rank, size, port, target, args = conn.recv()
+    rank, size, port, region, target, args = conn.recv()
     try:
         store = dist.TCPStore(_HOST, port, size, False, timeout=JOIN_TIMEOUT)
-        target(TensorGroup(rank, size, store, [conn], []), *args)
+        target(TensorGroup(rank, size, store, [conn], [], region), *args)
     except Exception as e:  # reported to rank 0, which raises it
         log.exception("tensor-parallel rank %d failed", rank)
         try:
