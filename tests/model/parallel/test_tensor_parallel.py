@@ -44,8 +44,11 @@ def test_two_ranks_give_the_output_of_one(tiny_model, arch: str) -> None:
     _compare(tiny_model(arch), GREEDY)
 
 
-def test_uneven_heads_and_units_split(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["shared", "gloo"])
+def test_uneven_heads_and_units_split(tmp_path: Path, transport: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # 3 key/value heads and 96 intermediate units over 2 ranks: 1 and 2 heads, 32 and 64 units.
+    if transport == "gloo":
+        monkeypatch.setenv("LOOM_TP_ALL_REDUCE", "gloo")
     path = make_tiny_hf_model("llama", tmp_path / "m", hidden_size=96, num_attention_heads=6, num_key_value_heads=3,
                               intermediate_size=96)
     _compare(path, GREEDY)
