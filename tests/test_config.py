@@ -14,7 +14,8 @@ from loom.config import GIB, CacheConfig, EngineConfig, ModelConfig, RopeScaling
 from loom.engine import engine_config
 
 LLM_KEYWORDS = {
-    "dtype", "quantization", "device", "attention_backend", "num_threads", "max_model_len", "block_size", "num_blocks", "kv_cache_bytes",
+    "dtype", "quantization", "device", "attention_backend", "num_threads", "tensor_parallel_size", "max_model_len", "block_size",
+    "num_blocks", "kv_cache_bytes",
     "kv_cache_dtype", "kv_cache_layers", "kv_residual_tokens", "kv_quant_group", "swap_space", "swap_dtype",
     "preemption_mode", "session_ttl", "session_ttl_max", "swap_blocks_per_step",
     "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "policy", "policy_config", "tenant_weights", "max_waiting", "seed",

@@ -1,19 +1,20 @@
 """The processes of a tensor-parallel model: rank 0 (the engine's own process, which schedules and
 samples) and peer ranks, each in its own process with its own threads, weights and KV cache.
 
-The ranks sum their partial outputs over a gloo process group (``torch.distributed``), built on its
-own store so that several models in one process each have their own. Steps reach the peers as
-pickled messages through a pipe from rank 0: a peer that waits for the next step waits on the pipe,
-with no collective timeout however long the engine idles, and it learns that rank 0 is gone when the
-pipe closes."""
+Ranks on one machine sum their partial outputs through a shared-memory region (a native kernel,
+``kernels/all_reduce.cpp``); a gloo process group (``torch.distributed``) forms the group, agrees on
+the cache size and sums what the region cannot hold or reach (another device). It is built on its own
+store, so that several models in one process each have their own. Steps reach the peers as pickled
+messages through a pipe from rank 0: a peer waits for the next step on the pipe, with no collective
+timeout however long the engine idles, and learns that rank 0 is gone when the pipe closes."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
 import logging
-import pickle
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -79,7 +80,7 @@ class TensorGroup:
         options._devices = [dist.ProcessGroupGloo.create_device(hostname=_HOST)]
         self.rank = rank
         self.size = size
-        self._store = store
+        self._store = store  # the group's rendezvous: kept for as long as the group lives
         self._region = region
         self._shared = region.map() if region is not None else None
         self._pg = dist.ProcessGroupGloo(store, rank, size, options)
