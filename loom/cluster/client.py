@@ -582,6 +582,7 @@ class ClusterClient:
                 continue
             if isinstance(item, Refusal):
                 del self._sinks[request_id]
+                self.router.refused(request_id)
                 self._ended(request_id, learn=False)
                 by_loop[sink.loop].append((sink, refusal_error(item, index)))
                 continue

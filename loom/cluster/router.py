@@ -71,8 +71,17 @@ class PrefixIndex:
     def __init__(self) -> None:
         self._held: dict[int, set[int]] = defaultdict(set)
 
-    def add(self, replica: int, hashes: Sequence[int]) -> None:
-        self._held[replica].update(hashes)
+    def add(self, replica: int, hashes: Sequence[int]) -> list[int]:
+        """Hold ``hashes`` too; the ones that were not held already."""
+        held = self._held[replica]
+        new = [h for h in hashes if h not in held]
+        held.update(new)
+        return new
+
+    def discard(self, replica: int, hashes: Sequence[int]) -> None:
+        held = self._held.get(replica)
+        if held:
+            held.difference_update(hashes)
 
     def apply(self, replica: int, events: PrefixEvents) -> None:
         held = self._held[replica]
@@ -271,6 +280,7 @@ class _Routed:
     uncached: int
     predicted: int
     max_tokens: int | None
+    provisional: list[int]  # block hashes the index holds for the replica only because this was routed there
     produced: int = 0
 
 
@@ -353,13 +363,13 @@ class Router:
     def routed(self, request: RouteRequest, replica: ReplicaState) -> None:
         self.policy.on_routed(request, replica)
         uncached = request.uncached(replica)
+        provisional = self.index.add(replica.index, request.block_hashes)
         self._routed[request.request_id] = _Routed(replica, request.tenant, request.num_prompt_tokens, uncached,
-                                                   request.predicted_output, request.max_tokens)
+                                                   request.predicted_output, request.max_tokens, provisional)
         replica.in_flight += 1
         replica.routed += 1
         replica.prefill_tokens += uncached
         replica.decode_tokens += request.predicted_output
-        self.index.add(replica.index, request.block_hashes)
         self.matched_tokens += request.matched.get(replica.index, 0)
         self.prompt_tokens += request.num_prompt_tokens
 
@@ -385,6 +395,15 @@ class Router:
         r.replica.in_flight -= 1
         if learn:
             self.predictor.observe_length(r.tenant, r.num_prompt_tokens, r.produced)
+
+    def refused(self, request_id: str) -> None:
+        """The replica refused the request: it will not cache its prompt, so the index drops the
+        blocks it assumed at routing (a block another request stored there meanwhile goes too, and
+        comes back with the replica's next snapshot)."""
+        r = self._routed.get(request_id)
+        if r is not None:
+            self.index.discard(r.replica.index, r.provisional)
+            self.finished(request_id, learn=False)
 
     def replica_lost(self, index: int) -> list[str]:
         """Mark a replica down and forget its cache; the ids of the requests it had in flight."""

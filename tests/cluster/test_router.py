@@ -130,6 +130,20 @@ def test_router_tracks_work_in_flight_and_learns_lengths() -> None:
     assert router.request("d", "t", list(range(10)), [], None).predicted_output == 7
 
 
+def test_a_refused_request_leaves_no_blocks_in_the_index() -> None:
+    router = Router(LeastLoad(), 1, BS)
+    held = list(range(8))
+    router.index.add(0, chain_hashes(held, BS))  # the replica reported these
+    tokens = held + list(range(100, 112))  # shares 2 blocks with what it holds, then 3 new ones
+    req = router.request("a", "", tokens, chain_hashes(tokens, BS), None)
+    router.routed(req, router.replicas[0])
+    assert router.index.size(0) == 5
+    router.refused("a")
+    assert router.index.size(0) == 2 and router.replicas[0].in_flight == 0
+    again = router.request("b", "", tokens, chain_hashes(tokens, BS), None)
+    assert again.matched[0] == 8  # the held blocks still match
+
+
 def test_a_lost_replica_is_skipped_and_its_requests_returned() -> None:
     router = Router(RoundRobin(), 2, BS)
     first = router.request("a", "", [1, 2, 3, 4, 5], chain_hashes([1, 2, 3, 4, 5], BS), None)
