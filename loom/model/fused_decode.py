@@ -7,7 +7,8 @@ the module-by-module forward's. It applies when the step holds decode rows only,
 backend is the native CPU one over a plain cache in the compute dtype, an int8 cache or a KIVI cache
 its kernel serves, and every
 projection runs its native path (packed weights up to ``NATIVE_MATMUL_MAX_ROWS`` rows, or dense
-ones); any other step runs the modules.
+ones); any other step runs the modules. A tensor-parallel rank runs it too when its group sums
+through shared memory: the stack then sums the o and down outputs over the ranks itself.
 ``LOOM_DISABLE_FUSED_DECODE=1`` turns it off (to measure one against the other)."""
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from loom.model.attention.cpu import CPUAttention
 from loom.model.kernels import native_ops
 from loom.model.kv_cache import Int8KVCache, KiviKVCache, KVCache
 from loom.model.layers import Linear
+from loom.model.parallel.shard import unwrapped
 from loom.model.quant.packed import NATIVE_MATMUL_MAX_ROWS
 
 if TYPE_CHECKING:
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 
 
 def _projections(model: LlamaForCausalLM) -> list[Linear]:
-    return [lin for layer in model.layers
+    return [unwrapped(lin) for layer in model.layers
             for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
 
 
@@ -54,8 +56,12 @@ class FusedDecoder:
         for layer in model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             self.stack.add_layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                                 _projection(ops, attn.qkv_proj), _projection(ops, attn.o_proj),
-                                 _projection(ops, mlp.gate_up_proj), _projection(ops, mlp.down_proj))
+                                 *(_projection(ops, unwrapped(p))
+                                   for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)))
+        self.group = model.tensor_parallel
+        if self.group is not None:
+            self.stack.set_tensor_parallel(*self.group.shared_memory_args())
+        self.num_all_reduces = 2 * len(model.layers)
 
     def applies(self, x: torch.Tensor, attention: StepAttention) -> bool:
         meta = attention.meta
@@ -66,16 +72,22 @@ class FusedDecoder:
         meta = attention.meta
         cos, sin = cos_sin
         kv = self.kv
+        # A tensor-parallel rank's all-reduces take their turn in the group's sequence.
+        seq = self.group.reserve(self.num_all_reduces) if self.group is not None else 0
         if isinstance(kv, KiviKVCache):
             w = meta.residual
             assert w is not None
-            return self.stack.forward_kivi(x, cos.squeeze(1), sin.squeeze(1), self.kivi_layers,
-                                           [w.seal_blocks, *w.seal_from_residual, *w.seal_from_step, *w.open_rows],
-                                           meta.decode_block_tables, meta.decode_context_lens, meta.decode_slots,
-                                           kv.spec.bits, kv.spec.residual_tokens)
-        return self.stack.forward(x, cos.squeeze(1), sin.squeeze(1), kv.keys, kv.values, kv.key_scales,
-                                  kv.value_scales, meta.decode_block_tables, meta.decode_context_lens,
-                                  meta.slot_blocks, meta.slot_offsets)
+            out = self.stack.forward_kivi(x, cos.squeeze(1), sin.squeeze(1), self.kivi_layers,
+                                          [w.seal_blocks, *w.seal_from_residual, *w.seal_from_step, *w.open_rows],
+                                          meta.decode_block_tables, meta.decode_context_lens, meta.decode_slots,
+                                          kv.spec.bits, kv.spec.residual_tokens, seq)
+        else:
+            out = self.stack.forward(x, cos.squeeze(1), sin.squeeze(1), kv.keys, kv.values, kv.key_scales,
+                                     kv.value_scales, meta.decode_block_tables, meta.decode_context_lens,
+                                     meta.slot_blocks, meta.slot_offsets, seq)
+        if self.group is not None:
+            self.group.add_all_reduce_seconds(self.stack.take_all_reduce_seconds())
+        return out
 
 
 def fused_decoder(model: LlamaForCausalLM, built: FusedDecoder | None, x: torch.Tensor,
@@ -83,7 +95,8 @@ def fused_decoder(model: LlamaForCausalLM, built: FusedDecoder | None, x: torch.
     """The model's fused stack (``built`` when it is bound to this step's cache, else a new one) if
     this step can run on it, else None."""
     backend = attention.backend
-    if (os.environ.get("LOOM_DISABLE_FUSED_DECODE") == "1" or model.tensor_parallel  # no all-reduce in the stack
+    group = model.tensor_parallel
+    if (os.environ.get("LOOM_DISABLE_FUSED_DECODE") == "1" or (group is not None and not group.shares_memory)
             or not isinstance(backend, CPUAttention)
             or type(backend.kv) not in (KVCache, Int8KVCache, KiviKVCache) or x.dtype not in (torch.float32, torch.bfloat16)
             or not (backend.kv.spec.quantized or backend.kv.dtype == x.dtype)

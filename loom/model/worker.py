@@ -156,7 +156,7 @@ class Worker:
         self.model = load_model(c, model_dir, self.dtype, self.device, config.quantization, gguf, shard)
         self._pending_moves: list[tuple[list[int], list[int], list[int], list[int]]] = []  # for the peers
         if group is not None:
-            reduce_row_parallel(self.model, group.all_reduce)
+            reduce_row_parallel(self.model, group)
             group.barrier()  # every rank's weights are in memory before the cache is sized
         cc = config.cache
         layers = read_layer_plan(cc.kv_cache_layers, c.num_layers) if cc.kv_cache_layers else ()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 import re
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -14,6 +15,9 @@ from loom.model.attention import StepAttention
 from loom.model.layers import Embedding, Linear
 from loom.model.quant.formats import QuantFormat
 from loom.model.quant.packed import PackedWeight
+
+if TYPE_CHECKING:
+    from loom.model.parallel.group import TensorGroup
 
 class CausalLM(nn.Module, ABC):
     """A decoder-only LM over the paged KV cache.
@@ -28,7 +32,8 @@ class CausalLM(nn.Module, ABC):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.tensor_parallel = False  # one rank's shard, its row-parallel outputs all-reduced (loom.model.parallel)
+        # One rank's shard: its group, over which the row-parallel outputs are all-reduced (loom.model.parallel).
+        self.tensor_parallel: TensorGroup | None = None
 
     @abstractmethod
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: StepAttention) -> torch.Tensor: ...

@@ -5,6 +5,7 @@
 // themselves. loom/model/fused_decode.py builds the stack and decides when it applies.
 #include <torch/extension.h>
 
+#include <chrono>
 #include <tuple>
 #include <vector>
 
@@ -70,6 +71,21 @@ class DecoderStack {
                        std::move(down)});
   }
 
+  // One rank of a tensor-parallel model: the o and down outputs are partial sums, summed over the
+  // ranks through the shared region (see all_reduce.cpp) with sequence numbers seq, seq + 1, ...
+  // (two per layer) from the `seq` each forward call gets.
+  void set_tensor_parallel(torch::Tensor region, int64_t rank, int64_t world, int64_t slot_bytes,
+                           std::vector<int64_t> watch_fds) {
+    tp_ = TensorParallel{std::move(region), rank, world, slot_bytes, std::move(watch_fds)};
+  }
+
+  // Seconds spent in the all-reduces since the last call.
+  double take_all_reduce_seconds() {
+    const double s = all_reduce_seconds_;
+    all_reduce_seconds_ = 0.0;
+    return s;
+  }
+
   // x: the embedded tokens [T, hidden], every row a decode row; cos/sin: [T, head_dim / 2]; keys/values:
   // the cache's layers, key_scales/value_scales an int8 cache's scales (empty for a plain cache); the
   // rest as AttentionMetadata holds them. Returns the final-normed hidden states.
@@ -77,12 +93,12 @@ class DecoderStack {
                         const std::vector<torch::Tensor>& keys, const std::vector<torch::Tensor>& values,
                         const std::vector<torch::Tensor>& key_scales, const std::vector<torch::Tensor>& value_scales,
                         const torch::Tensor& block_tables, const torch::Tensor& context_lens,
-                        const torch::Tensor& slot_blocks, const torch::Tensor& slot_offsets) const {
+                        const torch::Tensor& slot_blocks, const torch::Tensor& slot_offsets, int64_t seq) {
     TORCH_CHECK(keys.size() == layers_.size() && values.size() == layers_.size(), "one cache layer per decoder layer");
     const bool scaled = !key_scales.empty();
     TORCH_CHECK(!scaled || (key_scales.size() == layers_.size() && value_scales.size() == layers_.size()),
                 "one scale layer per decoder layer");
-    return run(x, cos, sin, [&](size_t l, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+    return run(x, cos, sin, seq, [&](size_t l, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
       c10::optional<torch::Tensor> ks, vs;
       if (scaled) ks = key_scales[l], vs = value_scales[l];
       kv_write(keys[l], values[l], k, v, slot_blocks, slot_offsets, ks, vs);
@@ -96,11 +112,11 @@ class DecoderStack {
                              const std::vector<std::vector<torch::Tensor>>& layers,
                              const std::vector<torch::Tensor>& writes, const torch::Tensor& block_tables,
                              const torch::Tensor& context_lens, const torch::Tensor& slots, int64_t bits,
-                             int64_t residual_tokens) const {
+                             int64_t residual_tokens, int64_t seq) {
     TORCH_CHECK(layers.size() == layers_.size(), "one cache layer per decoder layer");
     TORCH_CHECK(writes.size() == 9, "the residual writes are 9 tensors");
     for (const auto& c : layers) TORCH_CHECK(c.size() == 8, "a KIVI cache layer is 8 tensors");
-    return run(x, cos, sin, [&](size_t l, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+    return run(x, cos, sin, seq, [&](size_t l, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
       const auto& c = layers[l];
       kivi_write(c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], k, v, writes[0], writes[1], writes[2], writes[3],
                  writes[4], writes[5], writes[6], writes[7], writes[8], bits);
@@ -111,8 +127,24 @@ class DecoderStack {
 
  private:
   // The layers, with `attend(layer, q, k, v)` writing the cache and returning the attention output.
+  struct TensorParallel {
+    torch::Tensor region;
+    int64_t rank, world, slot_bytes;
+    std::vector<int64_t> watch_fds;
+  };
+
+  // The partial sum `y` summed over the ranks (in place), when this is one rank of several.
+  torch::Tensor reduced(torch::Tensor y, int64_t& seq) {
+    if (!tp_) return y;
+    const auto t0 = std::chrono::steady_clock::now();
+    shm_all_reduce(y, tp_->region, tp_->rank, tp_->world, tp_->slot_bytes, seq++, tp_->watch_fds);
+    all_reduce_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return y;
+  }
+
   template <typename Attend>
-  torch::Tensor run(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin, const Attend& attend) const {
+  torch::Tensor run(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin, int64_t seq,
+                    const Attend& attend) {
     const int64_t T = x.size(0), q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
     torch::Tensor residual;
     for (size_t l = 0; l < layers_.size(); ++l) {
@@ -129,8 +161,8 @@ class DecoderStack {
       rotary_(qk, cos, sin);
       const torch::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({T, num_kv_heads_, head_dim_});
       const torch::Tensor attn = attend(l, qk.narrow(1, 0, num_heads_), qk.narrow(1, num_heads_, num_kv_heads_), v);
-      h = add_rms_norm(L.o(attn.reshape({T, q_size})), residual, L.post_norm, eps_, 0.0);
-      x = L.down(act_and_mul(L.gate_up(h), act_));
+      h = add_rms_norm(reduced(L.o(attn.reshape({T, q_size})), seq), residual, L.post_norm, eps_, 0.0);
+      x = reduced(L.down(act_and_mul(L.gate_up(h), act_)), seq);
     }
     return add_rms_norm(x, residual, final_norm_, eps_, 0.0);
   }
@@ -141,6 +173,8 @@ class DecoderStack {
   double scale_;
   torch::Tensor final_norm_;
   std::vector<DecoderLayer> layers_;
+  c10::optional<TensorParallel> tp_;
+  double all_reduce_seconds_ = 0.0;
 };
 
 void register_decoder_stack(pybind11::module& m) {
@@ -154,6 +188,8 @@ void register_decoder_stack(pybind11::module& m) {
            py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("act"), py::arg("scale"),
            py::arg("final_norm"))
       .def("add_layer", &DecoderStack::add_layer)
+      .def("set_tensor_parallel", &DecoderStack::set_tensor_parallel)
+      .def("take_all_reduce_seconds", &DecoderStack::take_all_reduce_seconds)
       .def("forward", &DecoderStack::forward, py::call_guard<py::gil_scoped_release>())
       .def("forward_kivi", &DecoderStack::forward_kivi, py::call_guard<py::gil_scoped_release>());
 }

@@ -150,6 +150,25 @@ class TensorGroup:
         self._all_reduce_seconds += time.perf_counter() - t0
         return x
 
+    @property
+    def shares_memory(self) -> bool:
+        """Whether the ranks sum through the shared region (one machine, the CPU)."""
+        return self._shared is not None
+
+    def shared_memory_args(self) -> tuple[torch.Tensor, int, int, int, list[int]]:
+        """What ``DecoderStack.set_tensor_parallel`` takes: the region, rank, size, slot bytes and the pipes to watch."""
+        assert self._shared is not None and self._region is not None
+        return self._shared, self.rank, self.size, self._region.slot_bytes, self._watch
+
+    def reserve(self, n: int) -> int:
+        """The first of ``n`` sequence numbers for all-reduces made natively (the fused decode stack)."""
+        first = self._seq + 1
+        self._seq += n
+        return first
+
+    def add_all_reduce_seconds(self, seconds: float) -> None:
+        self._all_reduce_seconds += seconds
+
     def take_all_reduce_seconds(self) -> float:
         """Seconds spent in :meth:`all_reduce` since the last call."""
         seconds, self._all_reduce_seconds = self._all_reduce_seconds, 0.0

@@ -23,6 +23,7 @@ from torch import nn
 from loom.config import ModelConfig
 from loom.model.arch.base import CausalLM
 from loom.model.layers import Linear
+from loom.model.parallel.group import TensorGroup
 from loom.model.quant.packed import PackedWeight
 
 log = logging.getLogger(__name__)
@@ -110,11 +111,16 @@ class AllReduced(nn.Module):
         return self.all_reduce(self.inner(x))
 
 
-def reduce_row_parallel(model: CausalLM, all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """Wrap every row-parallel projection of a sharded ``model`` in :class:`AllReduced`."""
+def reduce_row_parallel(model: CausalLM, group: TensorGroup) -> None:
+    """Wrap every row-parallel projection of a sharded ``model`` in :class:`AllReduced` over ``group``."""
     owners = [m for m in model.modules() if any(isinstance(getattr(m, n, None), Linear) for n in ROW_PARALLEL)]
     for m in owners:
         for n in ROW_PARALLEL:
             if isinstance(getattr(m, n, None), Linear):
-                setattr(m, n, AllReduced(getattr(m, n), all_reduce))
-    model.tensor_parallel = True
+                setattr(m, n, AllReduced(getattr(m, n), group.all_reduce))
+    model.tensor_parallel = group
+
+
+def unwrapped(layer: nn.Module) -> nn.Module:
+    """The projection itself, without its all-reduce."""
+    return layer.inner if isinstance(layer, AllReduced) else layer
