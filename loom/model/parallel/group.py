@@ -52,14 +52,21 @@ class SharedRegion:
 
     @staticmethod
     def create(size: int, slot_bytes: int) -> SharedRegion | None:
-        """None when the native kernels or a shared-memory directory are missing (the ranks then
-        sum over gloo alone)."""
+        """None when the native kernels or a shared-memory directory are missing, or the directory
+        has no room for the region (the ranks then sum over gloo alone)."""
         ops = native_ops()
         if ops is None or not os.path.isdir(_SHM_DIR) or os.environ.get("LOOM_TP_ALL_REDUCE") == "gloo":
             return None
         fd, path = tempfile.mkstemp(prefix="loom-tp-", dir=_SHM_DIR)
+        nbytes = ops.shm_header_bytes(size) + 2 * size * slot_bytes
         try:
-            os.ftruncate(fd, ops.shm_header_bytes(size) + 2 * size * slot_bytes)
+            # Reserved now: a sparse file on a full tmpfs would kill the ranks with SIGBUS on first touch.
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError as e:
+            os.unlink(path)
+            log.warning("no room for a %.1f MB all-reduce region in %s (%s); tensor-parallel ranks sum over gloo, "
+                        "which is far slower", nbytes / 1e6, _SHM_DIR, e)
+            return None
         finally:
             os.close(fd)
         return SharedRegion(path, slot_bytes)

@@ -64,6 +64,16 @@ def test_a_tensor_larger_than_the_slot_is_refused() -> None:
         native_ops().shm_all_reduce(torch.ones(32), mapped, 0, 2, region.slot_bytes, 1, [])
 
 
+def test_no_room_for_the_region_falls_back_to_gloo(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("loom.model.parallel.group._SHM_DIR", str(tmp_path))
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    assert SharedRegion.create(2, 1 << 20) is None
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
 def test_step_messages_keep_their_structure_on_the_wire() -> None:
     meta = AttentionMetadata(torch.tensor([1, 2]), torch.tensor([0, 1]), 1, torch.zeros(1, 3, dtype=torch.int32),
                              torch.tensor([4], dtype=torch.int32),
