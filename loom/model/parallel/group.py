@@ -39,6 +39,7 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 JOIN_TIMEOUT = datetime.timedelta(minutes=2)  # for a spawned rank to import torch and join
 _HOST = "127.0.0.1"
 _STOP = b""
+_READY = b"ready"
 _SHM_DIR = "/dev/shm"
 
 
@@ -109,16 +110,20 @@ class TensorGroup:
         region = SharedRegion.create(size, shared_slot_bytes) if shared_slot_bytes else None
         store = dist.TCPStore(_HOST, 0, size, True, timeout=JOIN_TIMEOUT, wait_for_workers=False)
         peers, processes = [], []
+        # The peers import what this process imports from where it does (a script may have extended sys.path).
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         try:
             for rank in range(1, size):
                 ours, theirs = socket.socketpair()
                 p = subprocess.Popen([sys.executable, "-m", "loom.model.parallel", str(theirs.fileno())],
-                                     pass_fds=(theirs.fileno(),))
+                                     pass_fds=(theirs.fileno(),), env=env)
                 theirs.close()
                 conn = Connection(ours.detach())
                 conn.send((rank, size, store.port, region, target, args))
                 peers.append(conn)
                 processes.append(p)
+            for rank, (conn, p) in enumerate(zip(peers, processes), start=1):
+                _await_ready(rank, conn, p)
             return TensorGroup(0, size, store, peers, processes, region)
         except Exception:
             _stop(peers, processes)
@@ -207,10 +212,32 @@ class TensorGroup:
         return None if data == _STOP else _from_wire(pickle.loads(data), device)
 
 
+def _await_ready(rank: int, conn: Connection, process: subprocess.Popen) -> None:
+    """Until the peer has unpacked its task (its imports done), or fail at once if it exits first."""
+    deadline = time.monotonic() + JOIN_TIMEOUT.total_seconds()
+    while not conn.poll(0.1):
+        if process.poll() is not None or time.monotonic() > deadline:
+            break
+    else:
+        try:
+            if conn.recv_bytes() == _READY:
+                return
+        except (EOFError, OSError):  # it closed the pipe: it is exiting
+            pass
+    try:
+        code = process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"tensor-parallel rank {rank} did not start within "
+                           f"{JOIN_TIMEOUT.total_seconds():.0f} s") from None
+    raise RuntimeError(f"tensor-parallel rank {rank} exited while starting (exit code {code}; its error is above, "
+                       "on this process's stderr)")
+
+
 def peer_main(fd: int) -> None:
     """A peer process: join the group, then run the target rank 0 sent. A failure goes back to rank 0 as text."""
     conn = Connection(fd)
     rank, size, port, region, target, args = conn.recv()
+    conn.send_bytes(_READY)
     try:
         store = dist.TCPStore(_HOST, port, size, False, timeout=JOIN_TIMEOUT)
         target(TensorGroup(rank, size, store, [conn], [], region), *args)

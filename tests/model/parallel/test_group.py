@@ -1,18 +1,20 @@
 """loom.model.parallel.group: the shared-memory all-reduce (two threads stand in for two ranks: the
-kernel releases the GIL), its failure when a rank is gone, and step messages on the wire."""
+kernel releases the GIL), its failure when a rank is gone, a peer that dies while starting, and step
+messages on the wire."""
 
 from __future__ import annotations
 
 import os
 import socket
 import threading
+import time
 
 import pytest
 import torch
 
 from loom.model.attention import AttentionMetadata, PrefillChunk
 from loom.model.kernels import native_ops
-from loom.model.parallel.group import SharedRegion, _from_wire, _to_wire
+from loom.model.parallel.group import SharedRegion, TensorGroup, _from_wire, _to_wire
 
 pytestmark = pytest.mark.skipif(native_ops() is None, reason="the native kernels did not build")
 
@@ -72,6 +74,20 @@ def test_no_room_for_the_region_falls_back_to_gloo(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(os, "posix_fallocate", full)
     assert SharedRegion.create(2, 1 << 20) is None
     assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+class _ExitOnArrival:
+    """Unpickled in the peer, it ends the peer's process before the peer reports ready."""
+
+    def __reduce__(self):
+        return os._exit, (3,)
+
+
+def test_a_peer_that_dies_while_starting_fails_the_start_at_once() -> None:
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"rank 1 exited while starting \(exit code 3"):
+        TensorGroup.start(2, print, (_ExitOnArrival(),))
+    assert time.monotonic() - t0 < 30  # not the 2-minute join timeout
 
 
 def test_step_messages_keep_their_structure_on_the_wire() -> None:
