@@ -179,17 +179,6 @@ inline float dot_floats(const float* a, const float* b, int64_t n) {
   return total;
 }
 
-// sum_i a_i b_i in the order gemv_rows sums its min terms: 8-lane FMAs over [0, full), the rest
-// [full, n) summed one by one into lane 0, then the lanes. With it, a product over 2..4 rows gives
-// each row exactly what the one-row path gives it (speculative verification rows equal plain decode).
-inline float gemv_order_dot(const float* a, const float* b, int64_t full, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t i = 0; i < full; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  float total = 0.0f;
-  for (int64_t i = full; i < n; ++i) total = std::fma(a[i], b[i], total);  // as gemv_rows's tail
-  return hsum(_mm256_add_ps(acc, _mm256_setr_ps(total, 0, 0, 0, 0, 0, 0, 0)));
-}
-
 // MT activation rows (from m0) against one unpacked weight row; writes out[0..MT).
 template <int MT, bool Signed, bool Group16>
 inline void row_dot(const RowBuffer& row, const QuantizedRows& xq, int64_t m0, int64_t K, float* out) {
@@ -227,26 +216,24 @@ void rows_dot(const RowBuffer& row, const QuantizedRows& xq, int64_t M, int64_t 
     with_count<3>(M - m, [&](auto r) { row_dot<decltype(r)::value, Signed, Group16>(row, xq, m, K, out + m); });
 }
 
-// Few activation rows (decode). Per weight row, what the inner loop needs besides the codes is
-// prepared first: the block scales as the loop reads them (one float per block, or 8 lanes per block
-// for 16-element groups), with the activation's block scale folded in when there is one activation
-// row, and the min term sum_g min_g xsum_g of every activation row.
+// Few activation rows over groups of 64 or more (gemv below serves 16 and 32). Per weight row, what
+// the inner loop needs besides the codes is prepared first: the block scales (with the activation's
+// block scale folded in when there is one activation row), and the min term sum_g min_g xsum_g of
+// every activation row.
 struct SmallMScratch {
   std::vector<float> group_scales, group_mins;  // [groups] of the row being prepared
-  std::vector<float> scales;                    // [NR][blocks * 8]
+  std::vector<float> scales;                    // [NR][blocks]
   std::vector<float> min_terms;                 // [NR][M]
   int64_t stride;                               // floats per row in `scales`
 
-  SmallMScratch(int64_t K, int64_t M, int nr)
-      : group_scales(K / 16), group_mins(K / 16), scales(nr * (K / kBlock) * 8), min_terms(nr * M),
-        stride((K / kBlock) * 8) {}
+  SmallMScratch(int64_t K, int64_t group, int64_t M, int nr)
+      : group_scales(K / group), group_mins(K / group), scales(nr * (K / kBlock)), min_terms(nr * M),
+        stride(K / kBlock) {}
 };
 
 // Activation sums per weight group ([M][groups]), for the min terms.
 std::vector<float> group_sums(const QuantizedRows& xq, int64_t M, int64_t K, int64_t group) {
   const int64_t groups = K / group, blocks = K / kBlock;
-  if (group == 16) return xq.sums16;
-  if (group == kBlock) return xq.sums32;
   std::vector<float> out(M * groups, 0.0f);
   const int64_t per_group = group / kBlock;
   for (int64_t m = 0; m < M; ++m)
@@ -256,40 +243,20 @@ std::vector<float> group_sums(const QuantizedRows& xq, int64_t M, int64_t K, int
 
 void prepare_row(const Weights& w, const QuantizedRows& xq, const std::vector<float>& xsums, int64_t n, int64_t M,
                  SmallMScratch& s, int r) {
-  const int64_t K = w.K, blocks = K / kBlock, groups = K / w.group;
+  const int64_t K = w.K, blocks = K / kBlock, groups = K / w.group, per_group = w.group / kBlock;
   float* gs = s.group_scales.data();
   halves_to_floats(w.scale + n * groups, gs, groups);
   float* mt = s.min_terms.data() + r * M;
-  // The groups gemv_rows (the one-row path, for 16- and 32-element groups) sums 8 lanes at a time.
-  const bool gemv_groups = w.group == kBlock || w.group == 16;
-  const int64_t full = (blocks / 8 * 8) * (w.group == 16 ? 2 : 1);
-  auto dot = [&](const float* a, const float* b) {
-    return gemv_groups ? gemv_order_dot(a, b, full, groups) : dot_floats(a, b, groups);
-  };
   if (w.min) {
     halves_to_floats(w.min + n * groups, s.group_mins.data(), groups);
-    for (int64_t m = 0; m < M; ++m) mt[m] = dot(s.group_mins.data(), xsums.data() + m * groups);
+    for (int64_t m = 0; m < M; ++m) mt[m] = dot_floats(s.group_mins.data(), xsums.data() + m * groups, groups);
   } else {
-    for (int64_t m = 0; m < M; ++m) mt[m] = w.offset == 0.0f ? 0.0f : -w.offset * dot(gs, xsums.data() + m * groups);
+    for (int64_t m = 0; m < M; ++m)
+      mt[m] = w.offset == 0.0f ? 0.0f : -w.offset * dot_floats(gs, xsums.data() + m * groups, groups);
   }
   const bool fold = M == 1;
   float* sc = s.scales.data() + r * s.stride;
-  if (w.group == 16) {
-    for (int64_t b = 0; b < blocks; ++b) {
-      const float dx = fold ? xq.d[b] : 1.0f;
-      _mm256_storeu_ps(sc + b * 8, _mm256_set_m128(_mm_set1_ps(gs[2 * b + 1] * dx), _mm_set1_ps(gs[2 * b] * dx)));
-    }
-  } else if (w.group == kBlock) {
-    int64_t b = 0;
-    for (; b + 8 <= blocks; b += 8) {
-      const __m256 v = _mm256_loadu_ps(gs + b);
-      _mm256_storeu_ps(sc + b, fold ? _mm256_mul_ps(v, _mm256_loadu_ps(xq.d.data() + b)) : v);
-    }
-    for (; b < blocks; ++b) sc[b] = fold ? gs[b] * xq.d[b] : gs[b];
-  } else {
-    const int64_t per_group = w.group / kBlock;
-    for (int64_t b = 0; b < blocks; ++b) sc[b] = fold ? gs[b / per_group] * xq.d[b] : gs[b / per_group];
-  }
+  for (int64_t b = 0; b < blocks; ++b) sc[b] = fold ? gs[b / per_group] * xq.d[b] : gs[b / per_group];
 }
 
 // MT activation rows against NR weight rows from n0: codes unpacked in registers and used at once,
@@ -297,7 +264,7 @@ void prepare_row(const Weights& w, const QuantizedRows& xq, const std::vector<fl
 // accumulators stay in registers. Rows are short (K = 576 is 288 bytes of 4-bit codes), so each
 // block's prefetch is the same block of the same row in the next tile, NR rows on (a prefetch past
 // the end of the weights is harmless).
-template <int MT, int NR, int Bits, bool Group16>
+template <int MT, int NR, int Bits>
 void small_m_rows(const Weights& w, const QuantizedRows& xq, int64_t n0, const SmallMScratch& s, float* out /* [NR][MT] */) {
   const int64_t K = w.K, blocks = K / kBlock;
   constexpr bool kFoldDx = MT == 1;
@@ -329,7 +296,7 @@ void small_m_rows(const Weights& w, const QuantizedRows& xq, int64_t n0, const S
       _mm_prefetch(reinterpret_cast<const char*>(qs[r] + ahead + b * kBlockBytes), _MM_HINT_T0);
       __m256i sign;
       const __m256i wv = load_codes<Bits>(qs[r], qh[r], b, sign);
-      const __m256 ws = Group16 ? _mm256_loadu_ps(sc[r] + b * 8) : _mm256_broadcast_ss(sc[r] + b);
+      const __m256 ws = _mm256_broadcast_ss(sc[r] + b);
 #pragma GCC unroll 4
       for (int m = 0; m < MT; ++m) {
         const __m256i xs = Bits == 8 ? _mm256_sign_epi8(xv[m], sign) : xv[m];
@@ -351,7 +318,7 @@ inline void prefetch_scales(const Weights& w, int64_t n, int NR) {
   }
 }
 
-template <int MT, int Bits, bool Group16>
+template <int MT, int Bits>
 void small_m(const Weights& w, const QuantizedRows& xq, const std::vector<float>& xsums, int64_t begin, int64_t end,
              SmallMScratch& s, float* tile) {
   constexpr int NR = MT <= 2 ? 4 : 2;  // MT * NR accumulators stay in registers
@@ -359,19 +326,22 @@ void small_m(const Weights& w, const QuantizedRows& xq, const std::vector<float>
   for (; n + NR <= end; n += NR) {
     prefetch_scales(w, n + NR, NR);
     for (int r = 0; r < NR; ++r) prepare_row(w, xq, xsums, n + r, MT, s, r);
-    small_m_rows<MT, NR, Bits, Group16>(w, xq, n, s, tile + n * MT);
+    small_m_rows<MT, NR, Bits>(w, xq, n, s, tile + n * MT);
   }
   for (; n < end; ++n) {
     prepare_row(w, xq, xsums, n, MT, s, 0);
-    small_m_rows<MT, 1, Bits, Group16>(w, xq, n, s, tile + n * MT);
+    small_m_rows<MT, 1, Bits>(w, xq, n, s, tile + n * MT);
   }
 }
 
-// One activation row (decode at batch 1) and 32- or 16-element groups: the scales and mins are read as
-// stored, 8 blocks at a time, inside the block loop, so there is no preparation pass per weight row
-// (at K = 576 a row is only 18 blocks, and that pass cost as much as the dot products).
-template <int NR, int Bits, bool Group16>
-void gemv_rows(const Weights& w, const QuantizedRows& xq, int64_t n0, float* out /* [NR] */) {
+// MT activation rows (decode, or a few verification rows) and 32- or 16-element groups: the scales and
+// mins are read as stored, 8 blocks at a time, inside the block loop, so there is no preparation pass
+// per weight row (at K = 576 a row is only 18 blocks, and that pass cost as much as the dot products).
+// Each weight block is unpacked once for the MT rows. Every row's sums are made in the same order as
+// with MT = 1, so a row's result does not depend on the rows beside it (speculative verification
+// rows equal plain decode, bit for bit).
+template <int MT, int NR, int Bits, bool Group16>
+void gemv_rows(const Weights& w, const QuantizedRows& xq, int64_t n0, float* out /* [NR][MT] */) {
   const int64_t K = w.K, blocks = K / kBlock, groups = K / w.group;
   constexpr int64_t kBlockBytes = Bits == 8 ? kBlock : 16;
   constexpr int64_t kPlaneBytes = Bits == 5 || Bits == 6 ? 4 * (Bits - 4) : 0;  // bit planes per block
@@ -387,58 +357,68 @@ void gemv_rows(const Weights& w, const QuantizedRows& xq, int64_t n0, float* out
     sc[r] = w.scale + (n0 + r) * groups;
     mn[r] = w.min ? w.min + (n0 + r) * groups : nullptr;
   }
-  const float* xsums = Group16 ? xq.sums16.data() : xq.sums32.data();  // one per group
-  __m256 acc[NR], min_acc[NR];  // min_acc: sum_g min_g xsum_g, or sum_g scale_g xsum_g without mins
+  const int64_t sums_per_row = Group16 ? K / 16 : blocks;  // one per group
+  const float* xsums = Group16 ? xq.sums16.data() : xq.sums32.data();
+  __m256 acc[MT][NR], min_acc[MT][NR];  // min_acc: sum_g min_g xsum_g, or sum_g scale_g xsum_g without mins
+#pragma GCC unroll 4
+  for (int m = 0; m < MT; ++m)
 #pragma GCC unroll 8
-  for (int r = 0; r < NR; ++r) acc[r] = min_acc[r] = _mm256_setzero_ps();
-  alignas(32) float folded[NR][8 * kLanes];  // scale * dx for the 8 blocks at hand
+    for (int r = 0; r < NR; ++r) acc[m][r] = min_acc[m][r] = _mm256_setzero_ps();
+  alignas(32) float folded[MT][NR][8 * kLanes];  // scale * dx for the 8 blocks at hand
   for (int64_t b0 = 0; b0 < blocks; b0 += 8) {
     const int64_t nb = std::min<int64_t>(8, blocks - b0);
-    if (nb == 8 && !Group16) {
-      const __m256 dx = _mm256_loadu_ps(xq.d.data() + b0), xs = _mm256_loadu_ps(xsums + b0);
+    for (int m = 0; m < MT; ++m) {
+      const float* dxm = xq.d.data() + m * blocks;
+      const float* xsm = xsums + m * sums_per_row;
+      if (nb == 8 && !Group16) {
+        const __m256 dx = _mm256_loadu_ps(dxm + b0), xs = _mm256_loadu_ps(xsm + b0);
 #pragma GCC unroll 8
-      for (int r = 0; r < NR; ++r) {
-        const __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc[r] + b0)));
-        _mm256_store_ps(folded[r], _mm256_mul_ps(s8, dx));
-        const __m256 m8 = mn[r] ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn[r] + b0))) : s8;
-        min_acc[r] = _mm256_fmadd_ps(m8, xs, min_acc[r]);
-      }
-    } else if (nb == 8) {  // 16-element groups: 16 scales, two per block
-#pragma GCC unroll 8
-      for (int r = 0; r < NR; ++r)
-        for (int h = 0; h < 2; ++h) {  // blocks b0 + 4h .. b0 + 4h + 3
-          const int64_t g = 2 * b0 + 8 * h;
-          const __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc[r] + g)));
-          const __m256 m8 = mn[r] ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn[r] + g))) : s8;
-          min_acc[r] = _mm256_fmadd_ps(m8, _mm256_loadu_ps(xsums + g), min_acc[r]);
-          for (int j = 0; j < 4; ++j) {  // lanes 0-3: the block's first group, 4-7: its second
-            const __m256i pick = _mm256_setr_epi32(2 * j, 2 * j, 2 * j, 2 * j, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1);
-            const __m256 lanes = _mm256_permutevar8x32_ps(s8, pick);
-            _mm256_store_ps(folded[r] + (4 * h + j) * 8, _mm256_mul_ps(lanes, _mm256_broadcast_ss(xq.d.data() + b0 + 4 * h + j)));
-          }
+        for (int r = 0; r < NR; ++r) {
+          const __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc[r] + b0)));
+          _mm256_store_ps(folded[m][r], _mm256_mul_ps(s8, dx));
+          const __m256 m8 = mn[r] ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn[r] + b0))) : s8;
+          min_acc[m][r] = _mm256_fmadd_ps(m8, xs, min_acc[m][r]);
         }
-    } else {  // the last blocks of a row whose block count is not a multiple of 8
-      for (int r = 0; r < NR; ++r) {
-        float total = 0.0f;
-        for (int64_t j = 0; j < nb; ++j) {
-          const float dx = xq.d[b0 + j];
-          for (int e = 0; e < (Group16 ? 2 : 1); ++e) {
-            const int64_t g = Group16 ? 2 * (b0 + j) + e : b0 + j;
-            const float s1 = half(sc[r][g]);
-            total = std::fma(mn[r] ? half(mn[r][g]) : s1, xsums[g], total);  // as gemv_order_dot
-            if constexpr (Group16) {
-              for (int l = 0; l < 4; ++l) folded[r][j * 8 + 4 * e + l] = s1 * dx;
-            } else {
-              folded[r][j] = s1 * dx;
+      } else if (nb == 8) {  // 16-element groups: 16 scales, two per block
+#pragma GCC unroll 8
+        for (int r = 0; r < NR; ++r)
+          for (int h = 0; h < 2; ++h) {  // blocks b0 + 4h .. b0 + 4h + 3
+            const int64_t g = 2 * b0 + 8 * h;
+            const __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc[r] + g)));
+            const __m256 m8 = mn[r] ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn[r] + g))) : s8;
+            min_acc[m][r] = _mm256_fmadd_ps(m8, _mm256_loadu_ps(xsm + g), min_acc[m][r]);
+            for (int j = 0; j < 4; ++j) {  // lanes 0-3: the block's first group, 4-7: its second
+              const __m256i pick = _mm256_setr_epi32(2 * j, 2 * j, 2 * j, 2 * j, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1);
+              const __m256 lanes = _mm256_permutevar8x32_ps(s8, pick);
+              _mm256_store_ps(folded[m][r] + (4 * h + j) * 8, _mm256_mul_ps(lanes, _mm256_broadcast_ss(dxm + b0 + 4 * h + j)));
             }
           }
+      } else {  // the last blocks of a row whose block count is not a multiple of 8
+        for (int r = 0; r < NR; ++r) {
+          float total = 0.0f;
+          for (int64_t j = 0; j < nb; ++j) {
+            const float dx = dxm[b0 + j];
+            for (int e = 0; e < (Group16 ? 2 : 1); ++e) {
+              const int64_t g = Group16 ? 2 * (b0 + j) + e : b0 + j;
+              const float s1 = half(sc[r][g]);
+              total = std::fma(mn[r] ? half(mn[r][g]) : s1, xsm[g], total);  // as gemv_order_dot
+              if constexpr (Group16) {
+                for (int l = 0; l < 4; ++l) folded[m][r][j * 8 + 4 * e + l] = s1 * dx;
+              } else {
+                folded[m][r][j] = s1 * dx;
+              }
+            }
+          }
+          min_acc[m][r] = _mm256_add_ps(min_acc[m][r], _mm256_setr_ps(total, 0, 0, 0, 0, 0, 0, 0));
         }
-        min_acc[r] = _mm256_add_ps(min_acc[r], _mm256_setr_ps(total, 0, 0, 0, 0, 0, 0, 0));
       }
     }
     for (int64_t j = 0; j < nb; ++j) {
       const int64_t b = b0 + j;
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + b * kBlock));
+      __m256i xv[MT];
+#pragma GCC unroll 4
+      for (int m = 0; m < MT; ++m)
+        xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + m * K + b * kBlock));
 #pragma GCC unroll 8
       for (int r = 0; r < NR; ++r) {
         _mm_prefetch(reinterpret_cast<const char*>(qs[r] + ahead + b * kBlockBytes), _MM_HINT_T0);
@@ -446,25 +426,30 @@ void gemv_rows(const Weights& w, const QuantizedRows& xq, int64_t n0, float* out
           _mm_prefetch(reinterpret_cast<const char*>(qh[r] + NR * blocks * kPlaneBytes + b * kPlaneBytes), _MM_HINT_T0);
         __m256i sign;
         const __m256i wv = load_codes<Bits>(qs[r], qh[r], b, sign);
-        const __m256i xs = Bits == 8 ? _mm256_sign_epi8(xv, sign) : xv;
-        const __m256 ws = Group16 ? _mm256_load_ps(folded[r] + j * 8) : _mm256_broadcast_ss(folded[r] + j);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(wv, xs)), ws, acc[r]);
+#pragma GCC unroll 4
+        for (int m = 0; m < MT; ++m) {
+          const __m256i xs = Bits == 8 ? _mm256_sign_epi8(xv[m], sign) : xv[m];
+          const __m256 ws = Group16 ? _mm256_load_ps(folded[m][r] + j * 8) : _mm256_broadcast_ss(folded[m][r] + j);
+          acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(wv, xs)), ws, acc[m][r]);
+        }
       }
     }
   }
   const float min_factor = w.min ? 1.0f : -w.offset;  // without mins, min_g = -offset * scale_g
-  for (int r = 0; r < NR; ++r) out[r] = hsum(acc[r]) + min_factor * hsum(min_acc[r]);
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NR; ++r) out[r * MT + m] = hsum(acc[m][r]) + min_factor * hsum(min_acc[m][r]);
 }
 
-template <int Bits, bool Group16>
+// Rows begin..end of the product with MT activation rows, into out[n * MT + m].
+template <int MT, int Bits, bool Group16>
 void gemv(const Weights& w, const QuantizedRows& xq, int64_t begin, int64_t end, float* out) {
-  constexpr int NR = 4;
+  constexpr int NR = MT <= 2 ? 4 : 2;  // MT * NR accumulators (and as many min sums) stay in registers
   int64_t n = begin;
   for (; n + NR <= end; n += NR) {
     prefetch_scales(w, n + NR, NR);
-    gemv_rows<NR, Bits, Group16>(w, xq, n, out + n);
+    gemv_rows<MT, NR, Bits, Group16>(w, xq, n, out + n * MT);
   }
-  for (; n < end; ++n) gemv_rows<1, Bits, Group16>(w, xq, n, out + n);
+  for (; n < end; ++n) gemv_rows<MT, 1, Bits, Group16>(w, xq, n, out + n * MT);
 }
 
 constexpr int64_t kSmallM = 4;  // up to this many rows, the register path; beyond, AMX tiles or the row buffer
@@ -479,38 +464,32 @@ void quant_matmul_impl(const T* x, const Weights& w, const T* bias, T* out, int6
   }
   const QuantizedRows xq = quantize_rows(x, M, K);
   if (M <= kSmallM) {
-    if (M == 1 && (w.group == kBlock || w.group == 16)) {
-      std::vector<float> row(N);
-      parallel_chunks(N, [&](int64_t begin, int64_t end) {
-        switch (w.bits) {  // 16-element groups: 6-bit (Q6_K) only
-          case 4: gemv<4, false>(w, xq, begin, end, row.data()); break;
-          case 5: gemv<5, false>(w, xq, begin, end, row.data()); break;
-          case 6:
-            if (w.group == 16) gemv<6, true>(w, xq, begin, end, row.data());
-            else gemv<6, false>(w, xq, begin, end, row.data());
-            break;
-          default: gemv<8, false>(w, xq, begin, end, row.data()); break;
-        }
-        for (int64_t n = begin; n < end; ++n) store_f(out + n, row[n] + (bias ? load_f(bias + n) : 0.0f));
-      });
-      return;
-    }
     // tile: per weight row n, its MT results at [n * M, n * M + M), scattered to out at the end.
     std::vector<float> tile(N * M);
-    const std::vector<float> xsums = group_sums(xq, M, K, w.group);
+    const bool stored_groups = w.group == kBlock || w.group == 16;  // gemv reads the scales as stored
+    const std::vector<float> xsums = stored_groups ? std::vector<float>() : group_sums(xq, M, K, w.group);
     parallel_chunks(N, [&](int64_t begin, int64_t end) {
-      SmallMScratch scratch(K, M, 4);
       float* t = tile.data();
       auto run = [&](auto mt) {
         constexpr int MT = decltype(mt)::value;
-        switch (w.bits) {  // 16-element groups: 6-bit (Q6_K) only
-          case 4: small_m<MT, 4, false>(w, xq, xsums, begin, end, scratch, t); break;
-          case 5: small_m<MT, 5, false>(w, xq, xsums, begin, end, scratch, t); break;
-          case 6:
-            if (w.group == 16) small_m<MT, 6, true>(w, xq, xsums, begin, end, scratch, t);
-            else small_m<MT, 6, false>(w, xq, xsums, begin, end, scratch, t);
-            break;
-          default: small_m<MT, 8, false>(w, xq, xsums, begin, end, scratch, t); break;
+        if (stored_groups) {
+          switch (w.bits) {  // 16-element groups: 6-bit (Q6_K) only
+            case 4: gemv<MT, 4, false>(w, xq, begin, end, t); break;
+            case 5: gemv<MT, 5, false>(w, xq, begin, end, t); break;
+            case 6:
+              if (w.group == 16) gemv<MT, 6, true>(w, xq, begin, end, t);
+              else gemv<MT, 6, false>(w, xq, begin, end, t);
+              break;
+            default: gemv<MT, 8, false>(w, xq, begin, end, t); break;
+          }
+          return;
+        }
+        SmallMScratch scratch(K, w.group, MT, 4);
+        switch (w.bits) {
+          case 4: small_m<MT, 4>(w, xq, xsums, begin, end, scratch, t); break;
+          case 5: small_m<MT, 5>(w, xq, xsums, begin, end, scratch, t); break;
+          case 6: small_m<MT, 6>(w, xq, xsums, begin, end, scratch, t); break;
+          default: small_m<MT, 8>(w, xq, xsums, begin, end, scratch, t); break;
         }
       };
       with_count<4>(M, run);
