@@ -311,7 +311,12 @@ class Worker:
             return StepResult({}, time.monotonic())
         rows = self._logits_rows(plan.scheduled, batch.offsets)
         t1 = time.perf_counter()
-        hidden = self.model(batch.input_ids, batch.positions, StepAttention(self.attention, batch.meta))
+        try:
+            hidden = self.model(batch.input_ids, batch.positions, StepAttention(self.attention, batch.meta))
+        except RuntimeError as e:  # an all-reduce found a peer gone: say why, if it said
+            if self.group is not None:
+                self.group.check_peers(e)
+            raise
         logits = self.model.compute_logits(hidden[rows.hidden_rows]) if rows.hidden_rows else None
         synchronize(self.device)
         forward_end = time.monotonic()

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 # loads its weights. Longer means a rank that hangs is noticed later; a rank that exits is noticed at once.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 JOIN_TIMEOUT = datetime.timedelta(minutes=2)  # for a spawned rank to import torch and join
+PEER_ERROR_WAIT = 1.0  # seconds rank 0 waits, after a collective failed, for a peer's account of why
 _HOST = "127.0.0.1"
 _STOP = b""
 _READY = b"ready"
@@ -140,7 +141,7 @@ class TensorGroup:
     def check_peers(self, error: BaseException) -> None:
         """Rank 0, after a collective failed: raise the error a peer reported, if one did, else ``error``."""
         for conn in self._conns:
-            if conn.poll(5.0):
+            if conn.poll(PEER_ERROR_WAIT):
                 try:
                     message = conn.recv_bytes()
                 except (EOFError, OSError):

@@ -14,7 +14,7 @@ from loom.config import EngineConfig
 from loom.engine import Engine, engine_config
 from loom.model.arch import load_model_config
 from loom.model.parallel.group import TensorGroup
-from loom.model.worker import run_peer
+from loom.model.worker import PeerStep, run_peer
 from tests.spec.test_speculation import Fixed
 from tests.tiny_models import make_tiny_hf_model
 
@@ -91,6 +91,16 @@ def test_a_peer_that_fails_reports_its_own_error(tiny_model, tmp_path: Path) -> 
             group.barrier()  # the peer fails loading weights from an empty directory
         except RuntimeError as e:
             group.check_peers(e)
+
+
+def test_a_peer_that_fails_mid_step_fails_the_step_with_its_error(tiny_model) -> None:
+    engine = Engine(engine_config(str(tiny_model("llama")), **OPTS, tensor_parallel_size=2))
+    engine.add_request("r", PROMPTS[1], GREEDY)
+    engine.step()
+    engine.worker.group.send(PeerStep([], [(10**6, 0)], [], None))  # a block copy the peer cannot make
+    with pytest.raises(ValueError, match=r"rank 1: IndexError"):
+        for _ in range(3):
+            engine.step()  # waits in an all-reduce until the peer's pipe says why it left
 
 
 def test_what_cannot_run_split_is_refused(tiny_model) -> None:
