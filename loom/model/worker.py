@@ -99,6 +99,8 @@ def tree_mask(parents: tuple[int, ...], device: torch.device) -> tuple[list[int]
     return tree_depths(parents), mask.to(device)
 
 
+# KV of tokens to move in the cache: (source blocks, source offsets, target blocks, target offsets).
+TokenMove = tuple[list[int], list[int], list[int], list[int]]
 SHARED_SLOT_MAX = 64 << 20  # a rank's shared all-reduce slot; larger tensors (long prefill chunks) go over gloo
 
 
@@ -108,7 +110,7 @@ class PeerStep:
     rank 0's order, and the flat batch (None: cache operations only). ``moves``: the previous
     step's accepted tree drafts, moved into place (rank 0 knows them only after sampling)."""
 
-    moves: list[tuple[list[int], list[int], list[int], list[int]]]
+    moves: list[TokenMove]
     block_copies: list[tuple[int, int]]
     slot_copies: list[tuple[int, int]]
     batch: _Batch | None
@@ -154,7 +156,7 @@ class Worker:
         self.model_config = c = shard.config(model_config) if shard else model_config
         self.eos_token_ids = eos_token_ids
         self.model = load_model(c, model_dir, self.dtype, self.device, config.quantization, gguf, shard)
-        self._pending_moves: list[tuple[list[int], list[int], list[int], list[int]]] = []  # for the peers
+        self._pending_moves: list[TokenMove] = []  # for the peers
         if group is not None:
             reduce_row_parallel(self.model, group)
             group.barrier()  # every rank's weights are in memory before the cache is sized
@@ -495,7 +497,7 @@ class Worker:
             i += n
         return moves
 
-    def _accepted_moves(self, s: ScheduledRequest, rows: list[int]) -> tuple[list[int], list[int], list[int], list[int]]:
+    def _accepted_moves(self, s: ScheduledRequest, rows: list[int]) -> TokenMove:
         """Where the KV of a tree's accepted drafts is (slots ``start + row``) and where it goes (the
         positions they take in the sequence, ``start + 1, start + 2, ...``): (source blocks, source
         offsets, target blocks, target offsets)."""
@@ -506,7 +508,7 @@ class Worker:
         return ([blocks[p // bs] for p in src], [p % bs for p in src], [blocks[p // bs] for p in dst],
                 [p % bs for p in dst])
 
-    def _move_tokens(self, move: tuple[list[int], list[int], list[int], list[int]]) -> None:
+    def _move_tokens(self, move: TokenMove) -> None:
         """Move tokens' KV in this rank's cache; a tensor-parallel rank 0 has its peers do the same
         before their next step."""
         self.kv.move_tokens(*(torch.tensor(xs, dtype=torch.int64, device=self.device) for xs in move))
