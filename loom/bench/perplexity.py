@@ -244,6 +244,8 @@ def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
         gc.collect()
     assert plan is not None
 
+    if args.tp_sizes is not None:
+        print("\n(tensor-parallel modes: weight MB and KV B/token are process 0's share)", end="")
     print(f"\n{'mode':>10} {'dtype':>9} {'weight MB':>10} {'KV B/token':>10} {'perplexity':>11} {'Δ vs ref':>9} "
           f"{'logprob MAE':>11} {'agreement':>10} {'common prefix':>14} {'s':>7}")
     for r in results:

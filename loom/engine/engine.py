@@ -120,7 +120,7 @@ class ModelInfo:
     vocab_size: int
     hidden_size: int  # the length of an embedding
     num_parameters: int
-    weight_bytes: int  # resident: packed matrices at their packed size
+    weight_bytes: int  # resident: packed matrices at their packed size (process 0's share when tensor parallel)
     weight_formats: tuple[str, ...] = ()  # the quantized formats kept packed; () when all weights are dense
 
 
@@ -172,9 +172,12 @@ class Engine:
         kv_spec = self.worker.kv.spec
         residual = (f" + {kv.num_slots} residual slots x {kv_spec.residual_tokens} tokens "
                     f"({kv.num_slots * kv_spec.bytes_per_residual_slot / 1e6:.1f} MB)" if kv.num_slots else "")
-        log.info("engine ready in %.1fs: %s on %s (%s attention), weights %.1f MB (%s), KV cache of %d blocks x %d "
+        tp = config.tensor_parallel_size
+        log.info("engine ready in %.1fs: %s on %s (%s attention)%s, weights %.1f MB (%s), KV cache of %d blocks x %d "
                  "tokens = %d tokens (%s, %.1f MB)%s", time.perf_counter() - t0, self.model_config.architecture,
-                 self.worker.device, self.worker.attention.name, self.worker.weight_bytes / 1e6,
+                 self.worker.device, self.worker.attention.name,
+                 f" split over {tp} processes (weights and KV cache: process 0's share)" if tp > 1 else "",
+                 self.worker.weight_bytes / 1e6,
                  ", ".join(self.worker.weight_formats) or self.worker.dtype, self.kv.num_blocks,
                  config.cache.block_size, self.kv.num_blocks * config.cache.block_size,
                  ("per layer: " + ",".join(kv_spec.layer_dtypes) if kv_spec.mixed else kv_spec.cache_dtype)
