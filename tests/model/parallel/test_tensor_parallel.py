@@ -58,6 +58,16 @@ def test_seeded_sampling_matches(tiny_model) -> None:
     _compare(tiny_model("llama"), SamplingParams(max_tokens=16, temperature=0.8, seed=3, ignore_eos=True, logprobs=1))
 
 
+def test_parallel_samples_copy_shared_blocks_on_every_rank(tiny_model) -> None:
+    # n = 3 samples share the prompt's partial last block: each copy-on-write copy reaches the peer.
+    path = str(tiny_model("llama"))
+    params = SamplingParams(max_tokens=12, temperature=0.9, seed=5, n=3, ignore_eos=True)
+    prompt = list(range(5, 27))  # 22 tokens: a partial block of 4
+    outs = [[list(c.token_ids) for c in LLM(path, **OPTS, tensor_parallel_size=tp).generate(
+        [prompt], params, use_tqdm=False)[0].outputs] for tp in (1, 2)]
+    assert outs[0] == outs[1]
+
+
 def test_accepted_tree_drafts_move_on_every_rank(tiny_model) -> None:
     # The right branch of a draft tree is accepted: its KV moves into place after sampling on rank 0,
     # and on the peer before its next step. A peer that missed the move would read stale keys.
