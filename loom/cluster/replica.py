@@ -85,7 +85,7 @@ class Hello:
     epoch: str  # new each time the replica (re)starts
     model_info: ModelInfo
     max_waiting: int | None
-    can_move: bool  # its requests' KV blocks can move (no KIVI residual)
+    can_move: bool  # its requests' KV blocks can move (Engine.blocks_cannot_move)
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ class Replica:
 
     def hello(self) -> Hello:
         return Hello(self.epoch, self.engine.model_info(), self.engine.max_waiting,
-                     not self.engine.engine.worker.kv.num_slots)
+                     self.engine.engine.blocks_cannot_move is None)
 
     async def submit(self, msg: Submit) -> None:
         """Start a request; its outputs (or a Refusal) come on ``outputs``."""

@@ -363,8 +363,8 @@ class Engine:
         """The request ``request_id`` with the KV of its computed full blocks from ``start_block``
         on, for another engine's ``adopt_request``. ``stop``: it leaves this engine (no final
         output; its full blocks stay in the prefix cache). ValueError for what cannot move: an
-        unknown or finished request, ``n``/``best_of`` > 1, an embedding, or a KV cache with a
-        residual (KIVI int4/int2)."""
+        unknown or finished request, ``n``/``best_of`` > 1, an embedding, or an engine whose blocks
+        cannot move (:attr:`blocks_cannot_move`)."""
         group = self.groups.get(request_id)
         if group is None or group.finished:
             raise ValueError(f"no request {request_id!r} is running here")
@@ -372,9 +372,6 @@ class Engine:
             raise ValueError("only single-sample generation requests move between engines (not n or best_of > 1, "
                              "not embeddings, not with prompt_logprobs)")
         self._check_blocks_move()
-        if self.worker.kv.num_slots:
-            raise ValueError("a KV cache with a residual (int4/int2) cannot move its blocks; use --kv-cache-dtype "
-                             "auto, bf16, fp32 or int8")
         (st,) = group.samples
         req = st.request
         tensors = self.worker.kv.block_tensors()
@@ -403,10 +400,20 @@ class Engine:
         """Stop the worker's tensor-parallel processes, if any; the engine cannot step afterwards."""
         self.worker.close()
 
-    def _check_blocks_move(self) -> None:
+    @property
+    def blocks_cannot_move(self) -> str | None:
+        """Why this engine's KV blocks cannot move to or from another engine, or None when they can."""
         if self.config.tensor_parallel_size > 1:
-            raise ValueError("KV blocks do not move between engines with --tensor-parallel-size > 1 "
-                             "(each process holds a share of every block)")
+            return ("KV blocks do not move between engines with --tensor-parallel-size > 1 (each process holds a "
+                    "share of every block)")
+        if self.worker.kv.num_slots:
+            return ("a KV cache with a residual (int4/int2) cannot move its blocks between engines; use "
+                    "--kv-cache-dtype auto, bf16, fp32 or int8")
+        return None
+
+    def _check_blocks_move(self) -> None:
+        if (reason := self.blocks_cannot_move) is not None:
+            raise ValueError(reason)
 
     def import_blocks(self, handoff: Handoff) -> int:
         """Write the handoff's blocks into this engine's prefix cache (blocks it already holds are
@@ -414,8 +421,6 @@ class Engine:
         self._check_blocks_move()
         if handoff.block_size != self.kv.block_size or handoff.layout != kv_layout(self.worker.kv.block_tensors()):
             raise ValueError("the KV blocks come from an engine with another block size or KV cache format")
-        if self.worker.kv.num_slots:
-            raise ValueError("a KV cache with a residual (int4/int2) cannot take blocks from another engine")
         rows, blocks = self.kv.adopt_blocks(handoff.token_ids, handoff.start_block, handoff.num_blocks)
         write_blocks(self.worker.kv.block_tensors(), blocks, handoff.kv, rows)
         self.kv.release_adopted(blocks)

@@ -95,6 +95,22 @@ def test_what_cannot_move_is_refused(engines) -> None:
     target.abort_request("dup")
 
 
+def test_a_cache_with_a_residual_does_not_move_its_blocks(tiny_model, engines) -> None:
+    kivi = Engine(engine_config(str(tiny_model("llama")), **{**OPTS, "block_size": 16}, kv_cache_dtype="int4",
+                                kv_residual_tokens=16))
+    assert "residual (int4/int2)" in kivi.blocks_cannot_move and engines[0].blocks_cannot_move is None
+    kivi.add_request("r", list(range(5, 30)), SamplingParams(max_tokens=8))
+    kivi.step()
+    with pytest.raises(ValueError, match="residual"):
+        kivi.export_request("r")
+    source, _ = engines
+    source.add_request("k", list(range(5, 30)), SamplingParams(max_tokens=8))
+    source.step()
+    handoff = source.export_request("k", stop=True)
+    with pytest.raises(ValueError, match="residual"):  # checked before the block size
+        kivi.import_blocks(handoff)
+
+
 def test_metrics_move_onto_the_target_machines_clock(engines) -> None:
     import dataclasses
     import time
