@@ -387,7 +387,8 @@ class EngineConfig:
     tensor_parallel_size: int = field(
         default=1,
         metadata=option("processes the model is split over: attention heads and MLP units sharded, partial outputs "
-                        "summed with torch.distributed over gloo", flag="--tensor-parallel-size", minimum=1),
+                        "summed through shared memory on one machine (torch.distributed over gloo otherwise)",
+                        flag="--tensor-parallel-size", minimum=1),
     )
     max_model_len: int | None = field(
         default=None,

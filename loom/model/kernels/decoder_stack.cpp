@@ -126,7 +126,6 @@ class DecoderStack {
   }
 
  private:
-  // The layers, with `attend(layer, q, k, v)` writing the cache and returning the attention output.
   struct TensorParallel {
     torch::Tensor region;
     int64_t rank, world, slot_bytes;
@@ -142,6 +141,7 @@ class DecoderStack {
     return y;
   }
 
+  // The layers, with `attend(layer, q, k, v)` writing the cache and returning the attention output.
   template <typename Attend>
   torch::Tensor run(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin, int64_t seq,
                     const Attend& attend) {

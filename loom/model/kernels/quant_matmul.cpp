@@ -401,7 +401,7 @@ void gemv_rows(const Weights& w, const QuantizedRows& xq, int64_t n0, float* out
             for (int e = 0; e < (Group16 ? 2 : 1); ++e) {
               const int64_t g = Group16 ? 2 * (b0 + j) + e : b0 + j;
               const float s1 = half(sc[r][g]);
-              total = std::fma(mn[r] ? half(mn[r][g]) : s1, xsm[g], total);  // as gemv_order_dot
+              total = std::fma(mn[r] ? half(mn[r][g]) : s1, xsm[g], total);  // into lane 0 below
               if constexpr (Group16) {
                 for (int l = 0; l < 4; ++l) folded[m][r][j * 8 + 4 * e + l] = s1 * dx;
               } else {

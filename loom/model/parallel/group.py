@@ -273,21 +273,19 @@ class _WireTensor:
 def _to_wire(obj: Any) -> Any:
     """``obj`` with every tensor replaced by a NumPy copy on the CPU (which pickles without
     torch's per-tensor archive, and lands on the peer's own device)."""
-    if isinstance(obj, torch.Tensor):
-        return _WireTensor(obj.detach().cpu().numpy())
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_wire(x) for x in obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return type(obj)(**{f.name: _to_wire(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
-    return obj
+    return _map_leaves(obj, torch.Tensor, lambda t: _WireTensor(t.detach().cpu().numpy()))
 
 
 def _from_wire(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, _WireTensor):
-        return torch.from_numpy(obj.array).to(device)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_from_wire(x, device) for x in obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return type(obj)(**{f.name: _from_wire(getattr(obj, f.name), device) for f in dataclasses.fields(obj)})
-    return obj
+    return _map_leaves(obj, _WireTensor, lambda w: torch.from_numpy(w.array).to(device))
 
+
+def _map_leaves(obj: Any, leaf: type, fn: Callable[[Any], Any]) -> Any:
+    """``obj`` with ``fn(x)`` for each ``x`` of type ``leaf`` in it, through lists, tuples and dataclasses."""
+    if isinstance(obj, leaf):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_leaves(x, leaf, fn) for x in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return type(obj)(**{f.name: _map_leaves(getattr(obj, f.name), leaf, fn) for f in dataclasses.fields(obj)})
+    return obj
