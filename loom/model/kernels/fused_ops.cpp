@@ -30,8 +30,39 @@ inline float round_to(float x) {
 
 // out = norm(x) * w; llama: w * T(x * inv) (the cast before the weight, as HF does);
 // gemma (offset 1): T(x * inv * (1 + w)).
+#ifdef LOOM_AVX512_BF16
+// v rounded to bf16 and back, as T(v) then float() does.
+inline __m512 round_bf16(__m512 v) { return loom_simd::load_bf16_from(_mm512_cvtneps_pbh(v)); }
+
+// rms_norm_row for bf16 rows of a multiple of 16 values, 16 lanes at a time: the sum of squares in
+// 16 partial sums, the rest with the same roundings as the scalar loop.
+void rms_norm_row_bf16(const c10::BFloat16* x, const c10::BFloat16* w, c10::BFloat16* out, int64_t n, float eps,
+                       float offset) {
+  using loom_simd::load_bf16;
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 v = load_bf16(x + i);
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(acc) / float(n) + eps));
+  if (offset != 0.f) {
+    const __m512 off = _mm512_set1_ps(offset);
+    for (int64_t i = 0; i < n; i += 16)
+      loom_simd::store_bf16(out + i, _mm512_mul_ps(_mm512_mul_ps(load_bf16(x + i), inv), _mm512_add_ps(off, load_bf16(w + i))));
+  } else {
+    for (int64_t i = 0; i < n; i += 16)
+      loom_simd::store_bf16(out + i, _mm512_mul_ps(load_bf16(w + i), round_bf16(_mm512_mul_ps(load_bf16(x + i), inv))));
+  }
+}
+#endif
+
 template <typename T>
 void rms_norm_row(const T* x, const T* w, T* out, int64_t n, float eps, float offset) {
+#ifdef LOOM_AVX512_BF16
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (n % 16 == 0) return rms_norm_row_bf16(x, w, out, n, eps, offset);
+  }
+#endif
   float ss = 0.f;
   for (int64_t i = 0; i < n; ++i) {
     const float v = float(x[i]);
@@ -42,6 +73,39 @@ void rms_norm_row(const T* x, const T* w, T* out, int64_t n, float eps, float of
     for (int64_t i = 0; i < n; ++i) out[i] = T(float(x[i]) * inv * (offset + float(w[i])));
   } else {
     for (int64_t i = 0; i < n; ++i) out[i] = T(float(w[i]) * round_to<T>(float(x[i]) * inv));
+  }
+}
+
+// res += x, each sum rounded to T (as `residual + x`).
+template <typename T>
+void add_into(T* res, const T* x, int64_t n) {
+  int64_t i = 0;
+#ifdef LOOM_AVX512_BF16
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    for (; i + 16 <= n; i += 16)
+      loom_simd::store_bf16(res + i, _mm512_add_ps(loom_simd::load_bf16(res + i), loom_simd::load_bf16(x + i)));
+#endif
+  for (; i < n; ++i) res[i] = T(float(res[i]) + float(x[i]));
+}
+
+// One head of rotary_ (below), in place.
+template <typename T>
+void rotate_head(T* r, const T* c, const T* s, int64_t half) {
+  int64_t i = 0;
+#ifdef LOOM_AVX512_BF16
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    using loom_simd::load_bf16;
+    for (; i + 16 <= half; i += 16) {
+      const __m512 x1 = load_bf16(r + i), x2 = load_bf16(r + i + half), ci = load_bf16(c + i), si = load_bf16(s + i);
+      loom_simd::store_bf16(r + i, _mm512_sub_ps(round_bf16(_mm512_mul_ps(x1, ci)), round_bf16(_mm512_mul_ps(x2, si))));
+      loom_simd::store_bf16(r + i + half, _mm512_add_ps(round_bf16(_mm512_mul_ps(x2, ci)), round_bf16(_mm512_mul_ps(x1, si))));
+    }
+  }
+#endif
+  for (; i < half; ++i) {
+    const float x1 = float(r[i]), x2 = float(r[i + half]), ci = float(c[i]), si = float(s[i]);
+    r[i] = T(round_to<T>(x1 * ci) - round_to<T>(x2 * si));
+    r[i + half] = T(round_to<T>(x2 * ci) + round_to<T>(x1 * si));
   }
 }
 
@@ -81,7 +145,7 @@ torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tenso
     at::parallel_for(0, x.size(0), grain(n), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         scalar_t* res = rp + r * n;
-        for (int64_t i = 0; i < n; ++i) res[i] = scalar_t(float(res[i]) + float(xp[r * n + i]));
+        add_into(res, xp + r * n, n);
         rms_norm_row(res, wp, op + r * n, n, (float)eps, (float)offset);
       }
     });
@@ -109,12 +173,7 @@ void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
         const T* c = cp + t * half;
         const T* s = sp + t * half;
         for (int64_t h = 0; h < heads; ++h) {
-          T* r = xp + t * xs + h * 2 * half;
-          for (int64_t i = 0; i < half; ++i) {
-            const float x1 = float(r[i]), x2 = float(r[i + half]), ci = float(c[i]), si = float(s[i]);
-            r[i] = T(round_to<T>(x1 * ci) - round_to<T>(x2 * si));
-            r[i + half] = T(round_to<T>(x2 * ci) + round_to<T>(x1 * si));
-          }
+          rotate_head(xp + t * xs + h * 2 * half, c, s, half);
         }
       }
     });
