@@ -608,6 +608,7 @@ class ClusterClient:
         dead = EngineDeadError(f"replica {index} stopped serving ({reason[:200]}); the request was lost, retry it")
         handle = self._handles[index]
         handle.orphans = self.router.replica_lost(index)
+        self._refresh()  # before the callers hear of it: one that looks at the replicas sees it down
         for request_id in handle.orphans:
             sink = self._sinks.pop(request_id, None)
             if sink is not None:
@@ -619,7 +620,6 @@ class ClusterClient:
             self._unmovable.discard(request_id)
         if handle.reader is not None and handle.reader is not asyncio.current_task():
             handle.reader.cancel()
-        self._refresh()
         if self._closed is None:
             self._spawn(self._recover(handle))
 
