@@ -440,16 +440,126 @@ void gemv_rows(const Weights& w, const QuantizedRows& xq, int64_t n0, float* out
     for (int r = 0; r < NR; ++r) out[r * MT + m] = hsum(acc[m][r]) + min_factor * hsum(min_acc[m][r]);
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define LOOM_GEMV_ZMM 1
+// gemv_rows for 4-bit codes in groups of 32 (Q4_0, Q4_1, and Q4_K as loom stores it) and 8-bit codes
+// (Q8_0) in 512-bit registers.
+// - One 64-byte load holds four blocks of 4-bit codes of a row (their low nibbles are elements 0-15
+//   of each block, the high nibbles elements 16-31) or two blocks of 8-bit codes, so one or two
+//   VPDPBUSD cover what takes four (two) in gemv_rows. The activations are shuffled to match
+//   (elements 0-15 of the four blocks, then 16-31), so that a dot lane holds four elements of one block.
+// - 8-bit codes are signed, and VPDPBUSD multiplies unsigned by signed bytes: the codes are offset by
+//   128 (code ^ 0x80), and each lane starts from -128 * (its four activations).
+// - Scales and mins are read as stored, 16 blocks at a time (masked past the row's end, so a row of
+//   18 blocks takes no scalar tail), and each dot picks its blocks' scales from a register.
+// A row's sums are made in the same order for every MT, as in gemv_rows (though not in gemv_rows'
+// order: results differ from it in the last bits).
+template <int MT, int NR, int Bits>
+void gemv_rows_zmm(const Weights& w, const QuantizedRows& xq, int64_t n0, float* out /* [NR][MT] */) {
+  static_assert(Bits == 4 || Bits == 8);
+  constexpr int kPer = Bits == 4 ? 4 : 2;  // blocks per 64-byte load of codes
+  constexpr int64_t kBlockBytes = Bits == 8 ? kBlock : 16;
+  const int64_t K = w.K, blocks = K / kBlock;
+  const int64_t ahead = NR * (Bits == 8 ? K : K / 2);  // same block, next tile (see small_m_rows)
+  const uint8_t* qs[NR];
+  const at::Half* sc[NR];
+  const at::Half* mn[NR];
+  for (int r = 0; r < NR; ++r) {
+    qs[r] = qs_row(w, n0 + r);
+    sc[r] = w.scale + (n0 + r) * blocks;
+    mn[r] = w.min ? w.min + (n0 + r) * blocks : nullptr;
+  }
+  // Lane l of a dot belongs to block l / 4 (4-bit: of the four at hand) or l / 8 (8-bit: of the two).
+  const __m512i lane_block = Bits == 4 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
+                                       : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i low4 = _mm512_set1_epi8(0x0F), offset8 = _mm512_set1_epi8(static_cast<char>(0x80));
+  // acc: the dot products times their scales; min_acc: sum_g min_g xsum_g (or sum_g scale_g xsum_g without mins)
+  __m512 acc[MT][NR], min_acc[MT][NR];
+#pragma GCC unroll 4
+  for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) acc[m][r] = min_acc[m][r] = _mm512_setzero_ps();
+  for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
+    const int64_t nb = std::min<int64_t>(16, blocks - b0);
+    const __mmask16 chunk = nb == 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << nb) - 1);
+    __m512 scales[MT][NR];  // the chunk's 16 block scales times the activation's
+#pragma GCC unroll 4
+    for (int m = 0; m < MT; ++m) {
+      const __m512 dx = _mm512_maskz_loadu_ps(chunk, xq.d.data() + m * blocks + b0);
+      const __m512 xs = _mm512_maskz_loadu_ps(chunk, xq.sums32.data() + m * blocks + b0);
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) {
+        const __m512 s16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(chunk, sc[r] + b0));
+        scales[m][r] = _mm512_mul_ps(s16, dx);
+        const __m512 m16 = mn[r] ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(chunk, mn[r] + b0)) : s16;
+        min_acc[m][r] = _mm512_fmadd_ps(m16, xs, min_acc[m][r]);
+      }
+    }
+    for (int64_t j = 0; j < nb; j += kPer) {
+      const int64_t b = b0 + j;
+      const int64_t live = std::min<int64_t>(kPer, nb - j);  // blocks past the row's end load as zeros
+      const __mmask64 code_mask = live == kPer ? ~__mmask64(0) : (__mmask64(1) << (live * kBlockBytes)) - 1;
+      const __m512i pick = _mm512_add_epi32(lane_block, _mm512_set1_epi32(static_cast<int>(j)));
+      __m512i xa[MT], xb[MT];  // 4-bit: elements 0-15 and 16-31 of the blocks; 8-bit: the blocks and -128 * sums
+#pragma GCC unroll 4
+      for (int m = 0; m < MT; ++m) {
+        const int8_t* x = xq.q.data() + m * K + b * kBlock;
+        if constexpr (Bits == 4) {
+          const int64_t bytes = live * kBlock;
+          const __m512i first = _mm512_maskz_loadu_epi8(bytes >= 64 ? ~__mmask64(0) : (__mmask64(1) << bytes) - 1, x);
+          const __m512i second =
+              bytes > 64 ? _mm512_maskz_loadu_epi8(bytes >= 128 ? ~__mmask64(0) : (__mmask64(1) << (bytes - 64)) - 1, x + 64)
+                         : _mm512_setzero_si512();
+          xa[m] = _mm512_shuffle_i64x2(first, second, 0x88);  // 128-bit lanes 0 and 2 of each: elements 0-15
+          xb[m] = _mm512_shuffle_i64x2(first, second, 0xDD);  // lanes 1 and 3: elements 16-31
+        } else {
+          xa[m] = _mm512_maskz_loadu_epi8(code_mask, x);
+          xb[m] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset8, xa[m]));
+        }
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(qs[r] + ahead + b * kBlockBytes), _MM_HINT_T0);
+        const __m512i codes = _mm512_maskz_loadu_epi8(code_mask, qs[r] + b * kBlockBytes);
+        __m512i lo, hi;
+        if constexpr (Bits == 4) {
+          lo = _mm512_and_si512(codes, low4);
+          hi = _mm512_and_si512(_mm512_srli_epi16(codes, 4), low4);
+        } else {
+          lo = _mm512_xor_si512(codes, offset8);
+        }
+#pragma GCC unroll 4
+        for (int m = 0; m < MT; ++m) {
+          const __m512i dot = Bits == 4 ? _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xa[m]), hi, xb[m])
+                                        : _mm512_dpbusd_epi32(xb[m], lo, xa[m]);
+          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(pick, scales[m][r]), acc[m][r]);
+        }
+      }
+    }
+  }
+  const __m512 min_factor = _mm512_set1_ps(w.min ? 1.0f : -w.offset);  // without mins, min_g = -offset * scale_g
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NR; ++r) out[r * MT + m] = _mm512_reduce_add_ps(_mm512_fmadd_ps(min_acc[m][r], min_factor, acc[m][r]));
+}
+#endif
+
 // Rows begin..end of the product with MT activation rows, into out[n * MT + m].
 template <int MT, int Bits, bool Group16>
 void gemv(const Weights& w, const QuantizedRows& xq, int64_t begin, int64_t end, float* out) {
   constexpr int NR = MT <= 2 ? 4 : 2;  // MT * NR accumulators (and as many min sums) stay in registers
+  auto rows = [&](auto nr, int64_t n) {
+    constexpr int R = decltype(nr)::value;
+#ifdef LOOM_GEMV_ZMM
+    if constexpr ((Bits == 4 || Bits == 8) && !Group16) return gemv_rows_zmm<MT, R, Bits>(w, xq, n, out + n * MT);
+#endif
+    gemv_rows<MT, R, Bits, Group16>(w, xq, n, out + n * MT);
+  };
   int64_t n = begin;
   for (; n + NR <= end; n += NR) {
     prefetch_scales(w, n + NR, NR);
-    gemv_rows<MT, NR, Bits, Group16>(w, xq, n, out + n * MT);
+    rows(std::integral_constant<int, NR>{}, n);
   }
-  for (; n < end; ++n) gemv_rows<MT, 1, Bits, Group16>(w, xq, n, out + n * MT);
+  for (; n < end; ++n) rows(std::integral_constant<int, 1>{}, n);
 }
 
 constexpr int64_t kSmallM = 4;  // up to this many rows, the register path; beyond, AMX tiles or the row buffer
