@@ -5,6 +5,10 @@ have finished (open loop), optionally capped at a maximum number in flight.
 Every SSE chunk that carries text is timestamped; token counts come from the
 final ``usage`` chunk when the server sends one (``stream_options.include_usage``),
 else from the number of text chunks.
+
+The streams are read with aiohttp: the client shares the CPU with the server it measures, and
+reading 64 streams of 128 tokens took about 1.0 s of CPU with httpx against 0.5 s with aiohttp
+(measured on 2 cores: the whole client process, 3.2 s against 2.8 s, start-up included).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import httpx
 
 from loom.bench.prompts import PreparedRequest
@@ -42,6 +47,10 @@ class ClientConfig:
             raise ValueError(f"max concurrency must be >= 1, got {self.max_concurrency}")
         if not self.request_timeout > 0:
             raise ValueError(f"request timeout must be > 0 s, got {self.request_timeout}")
+
+    @property
+    def url(self) -> str:
+        return self.base_url.rstrip("/") + self.endpoint
 
     @property
     def headers(self) -> dict[str, str]:
@@ -229,7 +238,7 @@ class _Stream:
 
 
 async def send_one(
-    client: httpx.AsyncClient, cfg: ClientConfig, req: PreparedRequest, clock: Callable[[], float]
+    client: aiohttp.ClientSession, cfg: ClientConfig, req: PreparedRequest, clock: Callable[[], float]
 ) -> RequestRecord:
     """Send one request, read its stream, and return its record (never raises
     for request failures: they become the record's ``error``)."""
@@ -237,17 +246,17 @@ async def send_one(
     s = _Stream()
     try:
         async with asyncio.timeout(cfg.request_timeout):
-            async with client.stream("POST", cfg.endpoint, json=request_body(cfg, req)) as resp:
-                if resp.status_code != 200:
-                    body = (await resp.aread()).decode(errors="replace")
-                    s.error = f"HTTP {resp.status_code}: {body[:300]}"
+            async with client.post(cfg.url, json=request_body(cfg, req)) as resp:
+                if resp.status != 200:
+                    body = (await resp.read()).decode(errors="replace")
+                    s.error = f"HTTP {resp.status}: {body[:300]}"
                 else:
-                    async for line in resp.aiter_lines():
-                        if line.startswith("data:") and not s.feed(line[5:].strip(), clock()):
+                    async for line in resp.content:  # one SSE line at a time
+                        if line.startswith(b"data:") and not s.feed(line[5:].strip().decode(errors="replace"), clock()):
                             break
     except TimeoutError:
         s.error = f"timed out after {cfg.request_timeout:g} s"
-    except httpx.HTTPError as e:
+    except (aiohttp.ClientError, ValueError) as e:  # ValueError: a line longer than aiohttp's buffer
         s.error = f"{type(e).__name__}: {e}"
     finished = clock()
     if s.error is None and not s.chunk_times:
@@ -275,11 +284,11 @@ async def send_one(
     )
 
 
-def http_client(cfg: ClientConfig) -> httpx.AsyncClient:
-    """A client for a whole run: no cap on connections (the replay decides what is in flight)."""
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    timeout = httpx.Timeout(cfg.request_timeout, connect=30.0)
-    return httpx.AsyncClient(base_url=cfg.base_url, headers=cfg.headers, limits=limits, timeout=timeout)
+def http_client(cfg: ClientConfig) -> aiohttp.ClientSession:
+    """A client for a whole run: no cap on connections (the replay decides what is in flight); each
+    request's own deadline is ``request_timeout`` (see ``send_one``)."""
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30.0)
+    return aiohttp.ClientSession(headers=cfg.headers, timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
 
 
 class RunClock:
