@@ -109,8 +109,19 @@ def test_native_kernel_on_rows_of_partial_tiles(name: str, m: int) -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q4_k", "q8_0"])
+@pytest.mark.parametrize("k", [544, 608])
+@pytest.mark.parametrize("m", [1, 4])
+def test_native_kernel_on_rows_of_partial_block_groups(name: str, k: int, m: int) -> None:
+    """17 and 19 blocks per row: where AVX512-VNNI takes 4-bit codes four blocks and 8-bit codes two
+    blocks at a time, the last load holds 1 or 3 blocks (an odd one for 8-bit codes)."""
+    _check_kernel(name, m, torch.bfloat16, 40, k)
+
+
+@needs_kernel
 @pytest.mark.parametrize(("name", "k"), [  # 8-block chunks with and without a remainder (q6_k: 16-groups)
     *((name, k) for name in ("q4_0", "q4_1", "q5_1", "q8_0", "q4_k", "q6_k") for k in (576, 960, 1024)),
+    *((name, k) for name in ("q4_1", "q8_0") for k in (544, 608)),  # partial 4-block (2-block) groups
     ("int4_g128", 1024),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

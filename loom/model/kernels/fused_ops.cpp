@@ -28,8 +28,6 @@ inline float round_to(float x) {
   return float(T(x));
 }
 
-// out = norm(x) * w; llama: w * T(x * inv) (the cast before the weight, as HF does);
-// gemma (offset 1): T(x * inv * (1 + w)).
 #ifdef LOOM_AVX512_BF16
 // v rounded to bf16 and back, as T(v) then float() does.
 inline __m512 round_bf16(__m512 v) { return loom_simd::load_bf16_from(_mm512_cvtneps_pbh(v)); }
@@ -56,6 +54,8 @@ void rms_norm_row_bf16(const c10::BFloat16* x, const c10::BFloat16* w, c10::BFlo
 }
 #endif
 
+// out = norm(x) * w; llama: w * T(x * inv) (the cast before the weight, as HF does);
+// gemma (offset 1): T(x * inv * (1 + w)).
 template <typename T>
 void rms_norm_row(const T* x, const T* w, T* out, int64_t n, float eps, float offset) {
 #ifdef LOOM_AVX512_BF16
