@@ -454,6 +454,9 @@ void gemv_rows(const Weights& w, const QuantizedRows& xq, int64_t n0, float* out
 //   18 blocks takes no scalar tail), and each dot picks its blocks' scales from a register.
 // A row's sums are made in the same order for every MT, as in gemv_rows (though not in gemv_rows'
 // order: results differ from it in the last bits).
+// The first n bytes of a 64-byte load (all of them for n >= 64).
+inline __mmask64 first_bytes(int64_t n) { return n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1; }
+
 template <int MT, int NR, int Bits>
 void gemv_rows_zmm(const Weights& w, const QuantizedRows& xq, int64_t n0, float* out /* [NR][MT] */) {
   static_assert(Bits == 4 || Bits == 8);
@@ -498,7 +501,7 @@ void gemv_rows_zmm(const Weights& w, const QuantizedRows& xq, int64_t n0, float*
     for (int64_t j = 0; j < nb; j += kPer) {
       const int64_t b = b0 + j;
       const int64_t live = std::min<int64_t>(kPer, nb - j);  // blocks past the row's end load as zeros
-      const __mmask64 code_mask = live == kPer ? ~__mmask64(0) : (__mmask64(1) << (live * kBlockBytes)) - 1;
+      const __mmask64 code_mask = first_bytes(live * kBlockBytes);
       const __m512i pick = _mm512_add_epi32(lane_block, _mm512_set1_epi32(static_cast<int>(j)));
       __m512i xa[MT], xb[MT];  // 4-bit: elements 0-15 and 16-31 of the blocks; 8-bit: the blocks and -128 * sums
 #pragma GCC unroll 4
@@ -506,10 +509,8 @@ void gemv_rows_zmm(const Weights& w, const QuantizedRows& xq, int64_t n0, float*
         const int8_t* x = xq.q.data() + m * K + b * kBlock;
         if constexpr (Bits == 4) {
           const int64_t bytes = live * kBlock;
-          const __m512i first = _mm512_maskz_loadu_epi8(bytes >= 64 ? ~__mmask64(0) : (__mmask64(1) << bytes) - 1, x);
-          const __m512i second =
-              bytes > 64 ? _mm512_maskz_loadu_epi8(bytes >= 128 ? ~__mmask64(0) : (__mmask64(1) << (bytes - 64)) - 1, x + 64)
-                         : _mm512_setzero_si512();
+          const __m512i first = _mm512_maskz_loadu_epi8(first_bytes(bytes), x);
+          const __m512i second = bytes > 64 ? _mm512_maskz_loadu_epi8(first_bytes(bytes - 64), x + 64) : _mm512_setzero_si512();
           xa[m] = _mm512_shuffle_i64x2(first, second, 0x88);  // 128-bit lanes 0 and 2 of each: elements 0-15
           xb[m] = _mm512_shuffle_i64x2(first, second, 0xDD);  // lanes 1 and 3: elements 16-31
         } else {
