@@ -102,10 +102,30 @@ def test_native_kernel_matches_dequantized_matmul(name: str, m: int, dtype: torc
 @needs_kernel
 @pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_1", "q8_0", "q4_k", "q6_k"])
 @pytest.mark.parametrize("m", [1, 2])
-def test_native_kernel_on_rows_of_partial_tiles(name: str, m: int) -> None:
-    """18 blocks per row (the default model's K = 576) and 50 rows: the kernels' 8-block chunks
-    and 4-row tiles both have a remainder."""
-    _check_kernel(name, m, torch.float32, 50, 576)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_kernel_on_rows_of_partial_tiles(name: str, m: int, dtype: torch.dtype) -> None:
+    """18 blocks per row (the default model's K = 576) and 50 rows: the kernels' block chunks and
+    row tiles (8 rows for one activation row in 512-bit registers, else 4) all have a remainder."""
+    _check_kernel(name, m, dtype, 50, 576)
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", ["q4_1", "q8_0", "q6_k"])
+@pytest.mark.parametrize("m", [1, 2, 4])
+def test_bf16_results_are_the_fp32_results_rounded(name: str, m: int) -> None:
+    """Up to 4 rows, a bf16 product is stored eight columns at a time: it must equal the fp32
+    product of the same rows (plus bias) rounded to bf16, bit for bit, also in the 5 columns past
+    the last eight (N = 53)."""
+    torch.manual_seed(m)
+    packed = PackedWeight.quantize(torch.randn(53, 576) * 0.05, FORMATS[name])
+    x = torch.randn(m, 576).bfloat16()
+    bias = torch.randn(53).bfloat16()
+
+    def product(rows: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return native_ops().quant_matmul(rows, packed.qs, packed.qh, packed.scale, packed.min, packed.fmt.bits,
+                                         packed.group, float(packed.fmt.offset), b)
+
+    assert torch.equal(product(x, bias), product(x.float(), bias.float()).bfloat16())
 
 
 @needs_kernel
