@@ -126,6 +126,9 @@ def test_bf16_results_are_the_fp32_results_rounded(name: str, m: int) -> None:
                                          packed.group, float(packed.fmt.offset), b)
 
     assert torch.equal(product(x, bias), product(x.float(), bias.float()).bfloat16())
+    bias[3] = float("nan")  # stays NaN (0x7FC0, as c10 rounds it), not a finite value or -0
+    got = product(x, bias)
+    assert got[:, 3].isnan().all() and not got[:, 4:].isnan().any()
 
 
 @needs_kernel
