@@ -442,6 +442,9 @@ void gemv_rows(const Weights& w, const QuantizedRows& xq, int64_t n0, float* out
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define LOOM_GEMV_ZMM 1
+// The first n bytes of a 64-byte load (all of them for n >= 64).
+inline __mmask64 first_bytes(int64_t n) { return n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1; }
+
 // gemv_rows for 4-bit codes in groups of 32 (Q4_0, Q4_1, and Q4_K as loom stores it) and 8-bit codes
 // (Q8_0) in 512-bit registers.
 // - One 64-byte load holds four blocks of 4-bit codes of a row (their low nibbles are elements 0-15
@@ -454,9 +457,6 @@ void gemv_rows(const Weights& w, const QuantizedRows& xq, int64_t n0, float* out
 //   18 blocks takes no scalar tail), and each dot picks its blocks' scales from a register.
 // A row's sums are made in the same order for every MT, as in gemv_rows (though not in gemv_rows'
 // order: results differ from it in the last bits).
-// The first n bytes of a 64-byte load (all of them for n >= 64).
-inline __mmask64 first_bytes(int64_t n) { return n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1; }
-
 template <int MT, int NR, int Bits>
 void gemv_rows_zmm(const Weights& w, const QuantizedRows& xq, int64_t n0, float* out /* [NR][MT] */) {
   static_assert(Bits == 4 || Bits == 8);
