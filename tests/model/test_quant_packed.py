@@ -86,6 +86,7 @@ def test_quantize_rejects_columns_outside_whole_blocks() -> None:
         PackedWeight.quantize(torch.randn(4, 48), FORMATS["q4_0"])
 
 
+WIDE_INT8_FORMATS = ("q4_0", "q4_1", "q4_k", "q8_0")  # up to 9 rows on the int8 path, other formats 4
 needs_kernel = pytest.mark.skipif(
     native_ops() is None or not native_ops().has_quant_matmul(), reason="native quantized kernel not built (needs AVX2)"
 )
@@ -101,11 +102,13 @@ def test_native_kernel_matches_dequantized_matmul(name: str, m: int, dtype: torc
 
 @needs_kernel
 @pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_1", "q8_0", "q4_k", "q6_k"])
-@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("m", [1, 2, 9])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_kernel_on_rows_of_partial_tiles(name: str, m: int, dtype: torch.dtype) -> None:
     """18 blocks per row (the default model's K = 576) and 50 rows: the kernels' block chunks and
-    row tiles (8 rows for one activation row in 512-bit registers, else 4) all have a remainder."""
+    row tiles (8 rows for one activation row in 512-bit registers, else 4) all have a remainder.
+    9 rows: the most that 4- and 8-bit codes in groups of 32 keep in registers (one weight row at a
+    time), AMX tiles or the row buffer for the other formats."""
     _check_kernel(name, m, dtype, 50, 576)
 
 
@@ -134,7 +137,7 @@ def test_bf16_results_are_the_fp32_results_rounded(name: str, m: int) -> None:
 @needs_kernel
 @pytest.mark.parametrize("name", ["q4_0", "q4_1", "q4_k", "q8_0"])
 @pytest.mark.parametrize("k", [544, 608])
-@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("m", [1, 4, 6])
 def test_native_kernel_on_rows_of_partial_block_groups(name: str, k: int, m: int) -> None:
     """17 and 19 blocks per row: where AVX512-VNNI takes 4-bit codes four blocks and 8-bit codes two
     blocks at a time, the last load holds 1 or 3 blocks (an odd one for 8-bit codes)."""
@@ -149,18 +152,20 @@ def test_native_kernel_on_rows_of_partial_block_groups(name: str, k: int, m: int
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_kernel_rows_equal_one_row_products(name: str, k: int, dtype: torch.dtype) -> None:
-    """Up to 4 rows, each row's result is bit for bit what the one-row path gives it: a step that
-    verifies draft tokens (or decodes a few requests) computes what one-token steps compute."""
+    """Each row's result is bit for bit what the one-row path gives it, up to 4 rows (9 for 4- and
+    8-bit codes in groups of 32): a step that verifies draft tokens (or decodes a few requests)
+    computes what one-token steps compute."""
     torch.manual_seed(k)
     packed = PackedWeight.quantize(torch.randn(40, k) * 0.05, FORMATS[name])
-    x = torch.randn(4, k).to(dtype)
+    rows = 9 if name in WIDE_INT8_FORMATS else 4
+    x = torch.randn(rows, k).to(dtype)
 
     def product(rows: torch.Tensor) -> torch.Tensor:
         return native_ops().quant_matmul(rows, packed.qs, packed.qh, packed.scale, packed.min, packed.fmt.bits,
                                          packed.group, float(packed.fmt.offset), None)
 
-    single = torch.cat([product(x[i : i + 1]) for i in range(4)])
-    for m in (2, 3, 4):
+    single = torch.cat([product(x[i : i + 1]) for i in range(rows)])
+    for m in range(2, rows + 1):
         assert torch.equal(product(x[:m]), single[:m]), m
 
 
@@ -185,12 +190,15 @@ needs_amx = pytest.mark.skipif(
 
 
 @needs_amx
-@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k", "int8"])
-@pytest.mark.parametrize("m", [5, 17, 64, 130])
+@pytest.mark.parametrize(("name", "m"), [
+    (name, m) for name in ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k", "int8")
+    for m in (5, 10, 17, 64, 130) if m > 9 or name not in WIDE_INT8_FORMATS
+])
 def test_amx_kernel_equals_the_bf16_product_of_the_dequantized_weight(name: str, m: int) -> None:
     """bf16 rows on AMX: the weight is dequantized to bf16 in tiles, so the result is the dense bf16
     product's (fp32 sums) up to the bf16 rounding of the output, for 50 rows (a partial 16-row tile),
-    K = 576 (18 blocks) and 1 to 9 activation tiles (a partial last pass of 4). Fewer rows take the int8 path."""
+    K = 576 (18 blocks) and 1 to 9 activation tiles (a partial last pass of 4). Fewer rows take the
+    int8 path (checked in _check_kernel): up to 4, or 9 for WIDE_INT8_FORMATS."""
     torch.manual_seed(m)
     packed = PackedWeight.quantize(torch.randn(50, 576) * 0.05, FORMATS[name])
     x = torch.randn(m, 576).bfloat16()

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <memory>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -442,8 +443,35 @@ void gemv_rows(const Weights& w, const QuantizedRows& xq, int64_t n0, float* out
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define LOOM_GEMV_ZMM 1
+constexpr int64_t kWideM = 9;  // 4-bit and 8-bit codes in groups of 32: up to this many rows in registers
+#endif
+constexpr int64_t kSmallM = 4;  // other formats: up to this many rows in registers; beyond, AMX tiles or the row buffer
+#ifndef LOOM_GEMV_ZMM
+constexpr int64_t kWideM = kSmallM;
+#endif
+struct ZmmActivations;  // gemv_rows_zmm_wide's activation operands
+
+#ifdef LOOM_GEMV_ZMM
 // The first n bytes of a 64-byte load (all of them for n >= 64).
 inline __mmask64 first_bytes(int64_t n) { return n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1; }
+
+// The activation operands of gemv_rows_zmm for the `live` blocks (at most four 4-bit or two 8-bit
+// ones) from x: 4-bit: elements 0-15 of each block in xa and 16-31 in xb; 8-bit: the blocks in xa,
+// -128 * their four-element sums in xb. Blocks past `live` are zeros.
+template <int Bits>
+inline void zmm_activations(const int8_t* x, int64_t live, __m512i& xa, __m512i& xb) {
+  if constexpr (Bits == 4) {
+    const int64_t bytes = live * kBlock;
+    const __m512i first = _mm512_maskz_loadu_epi8(first_bytes(bytes), x);
+    const __m512i second = bytes > 64 ? _mm512_maskz_loadu_epi8(first_bytes(bytes - 64), x + 64) : _mm512_setzero_si512();
+    xa = _mm512_shuffle_i64x2(first, second, 0x88);  // 128-bit lanes 0 and 2 of each: elements 0-15
+    xb = _mm512_shuffle_i64x2(first, second, 0xDD);  // lanes 1 and 3: elements 16-31
+  } else {
+    xa = _mm512_maskz_loadu_epi8(first_bytes(live * kBlock), x);
+    xb = _mm512_sub_epi32(_mm512_setzero_si512(),
+                          _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(static_cast<char>(0x80)), xa));
+  }
+}
 
 // gemv_rows for 4-bit codes in groups of 32 (Q4_0, Q4_1, and Q4_K as loom stores it) and 8-bit codes
 // (Q8_0) in 512-bit registers.
@@ -505,19 +533,7 @@ void gemv_rows_zmm(const Weights& w, const QuantizedRows& xq, int64_t n0, float*
       const __m512i pick = _mm512_add_epi32(lane_block, _mm512_set1_epi32(static_cast<int>(j)));
       __m512i xa[MT], xb[MT];  // 4-bit: elements 0-15 and 16-31 of the blocks; 8-bit: the blocks and -128 * sums
 #pragma GCC unroll 4
-      for (int m = 0; m < MT; ++m) {
-        const int8_t* x = xq.q.data() + m * K + b * kBlock;
-        if constexpr (Bits == 4) {
-          const int64_t bytes = live * kBlock;
-          const __m512i first = _mm512_maskz_loadu_epi8(first_bytes(bytes), x);
-          const __m512i second = bytes > 64 ? _mm512_maskz_loadu_epi8(first_bytes(bytes - 64), x + 64) : _mm512_setzero_si512();
-          xa[m] = _mm512_shuffle_i64x2(first, second, 0x88);  // 128-bit lanes 0 and 2 of each: elements 0-15
-          xb[m] = _mm512_shuffle_i64x2(first, second, 0xDD);  // lanes 1 and 3: elements 16-31
-        } else {
-          xa[m] = _mm512_maskz_loadu_epi8(code_mask, x);
-          xb[m] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset8, xa[m]));
-        }
-      }
+      for (int m = 0; m < MT; ++m) zmm_activations<Bits>(xq.q.data() + m * K + b * kBlock, live, xa[m], xb[m]);
 #pragma GCC unroll 8
       for (int r = 0; r < NR; ++r) {
         _mm_prefetch(reinterpret_cast<const char*>(qs[r] + ahead + b * kBlockBytes), _MM_HINT_T0);
@@ -542,11 +558,106 @@ void gemv_rows_zmm(const Weights& w, const QuantizedRows& xq, int64_t n0, float*
   for (int m = 0; m < MT; ++m)
     for (int r = 0; r < NR; ++r) out[r * MT + m] = _mm512_reduce_add_ps(_mm512_fmadd_ps(min_acc[m][r], min_factor, acc[m][r]));
 }
+
+// gemv_rows_zmm's activation operands for every row and every step of kPer blocks, made once per
+// product for gemv_rows_zmm_wide: [M][steps][2] (xa, xb).
+struct ZmmActivations {
+  std::vector<__m512i> v;
+  int64_t steps;
+
+  ZmmActivations(const QuantizedRows& xq, int64_t M, int64_t K, int bits) {
+    const int64_t blocks = K / kBlock, per = bits == 4 ? 4 : 2;
+    steps = (blocks + per - 1) / per;
+    v.resize(M * steps * 2);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t s = 0; s < steps; ++s) {
+        const int8_t* x = xq.q.data() + m * K + s * per * kBlock;
+        __m512i* dst = v.data() + (m * steps + s) * 2;
+        if (bits == 4) zmm_activations<4>(x, std::min(per, blocks - s * per), dst[0], dst[1]);
+        else zmm_activations<8>(x, std::min(per, blocks - s * per), dst[0], dst[1]);
+      }
+  }
+};
+
+// gemv_rows_zmm for more activation rows than its registers hold (5 up to kWideM): the activation
+// operands come from ZmmActivations and each chunk's scales from a buffer, so that only the MT * NR
+// accumulators live in registers. Every float operation on a row is the one gemv_rows_zmm makes, in
+// the same order, so a row's result is the same bits whatever the rows beside it: speculative
+// verification of up to kWideM - 1 drafts computes exactly what plain decode would.
+template <int MT, int NR, int Bits>
+void gemv_rows_zmm_wide(const Weights& w, const QuantizedRows& xq, const ZmmActivations& xs, int64_t n0,
+                        float* out /* [NR][MT] */) {
+  static_assert(Bits == 4 || Bits == 8);
+  constexpr int kPer = Bits == 4 ? 4 : 2;
+  constexpr int64_t kBlockBytes = Bits == 8 ? kBlock : 16;
+  const int64_t K = w.K, blocks = K / kBlock, x_stride = xs.steps * 2;
+  const int64_t ahead = 4 * (Bits == 8 ? K : K / 2);  // same block, four rows on
+  const uint8_t* qs[NR];
+  const at::Half* sc[NR];
+  const at::Half* mn[NR];
+  for (int r = 0; r < NR; ++r) {
+    qs[r] = qs_row(w, n0 + r);
+    sc[r] = w.scale + (n0 + r) * blocks;
+    mn[r] = w.min ? w.min + (n0 + r) * blocks : nullptr;
+  }
+  const __m512i lane_block = Bits == 4 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
+                                       : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i low4 = _mm512_set1_epi8(0x0F), offset8 = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[MT][NR], min_acc[MT][NR];
+  alignas(64) float scales[MT][NR][16];
+#pragma GCC unroll 16
+  for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) acc[m][r] = min_acc[m][r] = _mm512_setzero_ps();
+  for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
+    const int64_t nb = std::min<int64_t>(16, blocks - b0);
+    const __mmask16 chunk = nb == 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << nb) - 1);
+    for (int m = 0; m < MT; ++m) {
+      const __m512 dx = _mm512_maskz_loadu_ps(chunk, xq.d.data() + m * blocks + b0);
+      const __m512 xsum = _mm512_maskz_loadu_ps(chunk, xq.sums32.data() + m * blocks + b0);
+      for (int r = 0; r < NR; ++r) {
+        const __m512 s16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(chunk, sc[r] + b0));
+        _mm512_store_ps(scales[m][r], _mm512_mul_ps(s16, dx));
+        const __m512 m16 = mn[r] ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(chunk, mn[r] + b0)) : s16;
+        min_acc[m][r] = _mm512_fmadd_ps(m16, xsum, min_acc[m][r]);
+      }
+    }
+    for (int64_t j = 0; j < nb; j += kPer) {
+      const int64_t b = b0 + j;
+      const __mmask64 code_mask = first_bytes(std::min<int64_t>(kPer, nb - j) * kBlockBytes);
+      const __m512i pick = _mm512_add_epi32(lane_block, _mm512_set1_epi32(static_cast<int>(j)));
+      const __m512i* x = xs.v.data() + (b / kPer) * 2;
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(qs[r] + ahead + b * kBlockBytes), _MM_HINT_T0);
+        const __m512i codes = _mm512_maskz_loadu_epi8(code_mask, qs[r] + b * kBlockBytes);
+        __m512i lo, hi;
+        if constexpr (Bits == 4) {
+          lo = _mm512_and_si512(codes, low4);
+          hi = _mm512_and_si512(_mm512_srli_epi16(codes, 4), low4);
+        } else {
+          lo = _mm512_xor_si512(codes, offset8);
+        }
+#pragma GCC unroll 16
+        for (int m = 0; m < MT; ++m) {
+          const __m512i xa = _mm512_load_si512(x + m * x_stride), xb = _mm512_load_si512(x + m * x_stride + 1);
+          const __m512i dot = Bits == 4 ? _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xa), hi, xb)
+                                        : _mm512_dpbusd_epi32(xb, lo, xa);
+          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(pick, _mm512_load_ps(scales[m][r])), acc[m][r]);
+        }
+      }
+    }
+  }
+  const __m512 min_factor = _mm512_set1_ps(w.min ? 1.0f : -w.offset);
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NR; ++r) out[r * MT + m] = _mm512_reduce_add_ps(_mm512_fmadd_ps(min_acc[m][r], min_factor, acc[m][r]));
+}
 #endif
 
 // Rows begin..end of the product with MT activation rows, into out[n * MT + m].
 template <int MT, int Bits, bool Group16>
-void gemv(const Weights& w, const QuantizedRows& xq, int64_t begin, int64_t end, float* out) {
+void gemv(const Weights& w, const QuantizedRows& xq, [[maybe_unused]] const ZmmActivations* wide, int64_t begin,
+          int64_t end, float* out) {
 #ifdef LOOM_GEMV_ZMM
   constexpr bool kZmm = (Bits == 4 || Bits == 8) && !Group16;
 #else
@@ -556,11 +667,13 @@ void gemv(const Weights& w, const QuantizedRows& xq, int64_t begin, int64_t end,
   // rows in 512-bit registers: the default model's decode stack ran 15% faster than with 4 with its
   // weights in cache (the activation loads and shuffles run once per tile, and twice the rows' loads
   // are in flight).
-  constexpr int NR = MT == 1 && kZmm ? 8 : MT <= 2 ? 4 : 2;
+  constexpr int NR = MT > kSmallM ? 1 : MT == 1 && kZmm ? 8 : MT <= 2 ? 4 : 2;
   auto rows = [&](auto nr, int64_t n) {
     constexpr int R = decltype(nr)::value;
 #ifdef LOOM_GEMV_ZMM
-    if constexpr (kZmm) gemv_rows_zmm<MT, R, Bits>(w, xq, n, out + n * MT); else
+    if constexpr (kZmm && MT > kSmallM)
+      gemv_rows_zmm_wide<MT, R, Bits>(w, xq, *wide, n, out + n * MT);
+    else if constexpr (kZmm) gemv_rows_zmm<MT, R, Bits>(w, xq, n, out + n * MT); else
 #endif
     gemv_rows<MT, R, Bits, Group16>(w, xq, n, out + n * MT);
   };
@@ -602,47 +715,56 @@ void store_tile(const float* tile, const T* bias, T* out, int64_t M, int64_t N, 
   }
 }
 
-constexpr int64_t kSmallM = 4;  // up to this many rows, the register path; beyond, AMX tiles or the row buffer
-
 template <typename T>
 void quant_matmul_impl(const T* x, const Weights& w, const T* bias, T* out, int64_t M, int64_t N) {
   const int64_t K = w.K;
+  const int64_t register_rows = (w.bits == 4 || w.bits == 8) && w.group == kBlock ? kWideM : kSmallM;
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     // Beyond the register path's rows, unpacking the weight to bf16 for AMX tiles costs less than the
-    // int8 dot products (measured: 20 ms a step from 5 rows up on the default model, against 25-45 ms).
-    if (M > kSmallM && amx_ready()) return amx_matmul(x, w, bias, out, M, N);
+    // int8 dot products. Measured on the default model's matrices (q4_1, q8_0 head), ms per step:
+    // 5 rows 12.5-13.8 in registers against 22-24.5 on AMX, 9 rows 19.4-22.1 against 23.2-25.3
+    // (the row buffer took 25-45 ms from 5 rows up).
+    if (M > register_rows && amx_ready()) return amx_matmul(x, w, bias, out, M, N);
   }
   const QuantizedRows xq = quantize_rows(x, M, K);
-  if (M <= kSmallM) {
+  if (M <= register_rows) {
     // tile: per weight row n, its MT results at [n * M, n * M + M), scattered to out at the end.
     std::vector<float> tile(N * M);
     const bool stored_groups = w.group == kBlock || w.group == 16;  // gemv reads the scales as stored
     const std::vector<float> xsums = stored_groups ? std::vector<float>() : group_sums(xq, M, K, w.group);
+#ifdef LOOM_GEMV_ZMM
+    const std::unique_ptr<ZmmActivations> wide = M > kSmallM ? std::make_unique<ZmmActivations>(xq, M, K, w.bits) : nullptr;
+#else
+    const ZmmActivations* wide = nullptr;
+#endif
     parallel_chunks(N, [&](int64_t begin, int64_t end) {
       float* t = tile.data();
       auto run = [&](auto mt) {
         constexpr int MT = decltype(mt)::value;
-        if (stored_groups) {
+        if constexpr (MT > kSmallM) {  // 4- or 8-bit codes in groups of 32 (register_rows)
+          if (w.bits == 4) gemv<MT, 4, false>(w, xq, &*wide, begin, end, t);
+          else gemv<MT, 8, false>(w, xq, &*wide, begin, end, t);
+        } else if (stored_groups) {
           switch (w.bits) {  // 16-element groups: 6-bit (Q6_K) only
-            case 4: gemv<MT, 4, false>(w, xq, begin, end, t); break;
-            case 5: gemv<MT, 5, false>(w, xq, begin, end, t); break;
+            case 4: gemv<MT, 4, false>(w, xq, nullptr, begin, end, t); break;
+            case 5: gemv<MT, 5, false>(w, xq, nullptr, begin, end, t); break;
             case 6:
-              if (w.group == 16) gemv<MT, 6, true>(w, xq, begin, end, t);
-              else gemv<MT, 6, false>(w, xq, begin, end, t);
+              if (w.group == 16) gemv<MT, 6, true>(w, xq, nullptr, begin, end, t);
+              else gemv<MT, 6, false>(w, xq, nullptr, begin, end, t);
               break;
-            default: gemv<MT, 8, false>(w, xq, begin, end, t); break;
+            default: gemv<MT, 8, false>(w, xq, nullptr, begin, end, t); break;
           }
-          return;
-        }
-        SmallMScratch scratch(K, w.group, MT, 4);
-        switch (w.bits) {
-          case 4: small_m<MT, 4>(w, xq, xsums, begin, end, scratch, t); break;
-          case 5: small_m<MT, 5>(w, xq, xsums, begin, end, scratch, t); break;
-          case 6: small_m<MT, 6>(w, xq, xsums, begin, end, scratch, t); break;
-          default: small_m<MT, 8>(w, xq, xsums, begin, end, scratch, t); break;
+        } else {
+          SmallMScratch scratch(K, w.group, MT, 4);
+          switch (w.bits) {
+            case 4: small_m<MT, 4>(w, xq, xsums, begin, end, scratch, t); break;
+            case 5: small_m<MT, 5>(w, xq, xsums, begin, end, scratch, t); break;
+            case 6: small_m<MT, 6>(w, xq, xsums, begin, end, scratch, t); break;
+            default: small_m<MT, 8>(w, xq, xsums, begin, end, scratch, t); break;
+          }
         }
       };
-      with_count<4>(M, run);
+      with_count<kWideM>(M, run);
       store_tile(tile.data(), bias, out, M, N, begin, end);
     });
     return;
