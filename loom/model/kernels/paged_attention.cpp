@@ -120,6 +120,25 @@ std::vector<std::pair<int64_t, int64_t>> sequence_runs(const int32_t* block_tabl
   return runs;
 }
 
+// Scores of 16 keys (rows of 32 * NQ bf16 from kb, a whole 16-key group) against one query head,
+// lane j for key j: the 16 x NQ dot products are unrolled with an accumulator per key, so they
+// run side by side (a loop over keys with a run-time NQ made one product at a time, which cost a
+// verification run of 9 rows at 1,000 tokens of context as much as its matrix products). Each
+// key's sum is made in the same order as in the general loop below it.
+template <int NQ>
+__m512 full_key_dots16(const c10::BFloat16* kb, const __m512bh* qv) {
+  __m512 dots[16];
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) {
+    __m512 d = _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int c = 0; c < NQ; ++c) d = _mm512_dpbf16_ps(d, load_bh(kb + j * 32 * NQ + c * 32), qv[c]);
+    dots[j] = d;
+  }
+  return reduce16(dots);
+}
+using KeyDots16 = __m512 (*)(const c10::BFloat16*, const __m512bh*);
+
 // The bf16 fast path (head_dim a multiple of 32, up to 256). Scores: VDPBF16PS dot products of
 // up to 16 keys of a block at once, reduced together; softmax with a vectorised exp; values
 // accumulate in fp32. Keys of one head are contiguous within a block (head-major layout). The
@@ -135,6 +154,8 @@ void decode_attention_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* k
   const int64_t nq = head_dim / 32, nv = head_dim / 16;
   const auto runs = sequence_runs(block_tables, context_lens, num_seqs, max_blocks, block_size, window);
   const int64_t num_runs = static_cast<int64_t>(runs.size());
+  KeyDots16 key_dots16 = nullptr;
+  with_count<8>(nq, [&](auto n) { key_dots16 = &full_key_dots16<decltype(n)::value>; });
   at::parallel_for(0, num_runs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<__m512bh> qv;
     std::vector<__m512> acc;
@@ -174,15 +195,21 @@ void decode_attention_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* k
           if (visible <= 0) continue;
           const __mmask16 valid = (__mmask16)((1u << visible) - 1);
           for (int64_t g = r * group; g < (r + 1) * group; ++g) {
-            __m512 dots[16];
-            for (int64_t j = 0; j < 16; ++j) {
-              __m512 d = _mm512_setzero_ps();
-              if (j < visible)
-                for (int64_t c = 0; c < nq; ++c) d = _mm512_dpbf16_ps(d, load_bh(kb + j * head_dim + c * 32), qv[g * nq + c]);
-              dots[j] = d;
+            __m512 sums;
+            if (visible == 16) {
+              sums = key_dots16(kb, qv.data() + g * nq);
+            } else {
+              __m512 dots[16];
+              for (int64_t j = 0; j < 16; ++j) {
+                __m512 d = _mm512_setzero_ps();
+                if (j < visible)
+                  for (int64_t c = 0; c < nq; ++c) d = _mm512_dpbf16_ps(d, load_bh(kb + j * head_dim + c * 32), qv[g * nq + c]);
+                dots[j] = d;
+              }
+              sums = reduce16(dots);
             }
             float* dst = scores.data() + g * stride + (t - first);
-            _mm512_mask_storeu_ps(dst, valid, _mm512_mul_ps(reduce16(dots), vscale));
+            _mm512_mask_storeu_ps(dst, valid, _mm512_mul_ps(sums, vscale));
           }
         }
         t += cnt;
