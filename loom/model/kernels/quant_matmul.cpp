@@ -15,9 +15,9 @@
 
 #include <algorithm>
 #include <atomic>
-#include <memory>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -579,78 +579,67 @@ struct ZmmActivations {
   }
 };
 
-// gemv_rows_zmm for more activation rows than its registers hold (5 up to kWideM): the activation
-// operands come from ZmmActivations and each chunk's scales from a buffer, so that only the MT * NR
-// accumulators live in registers. Every float operation on a row is the one gemv_rows_zmm makes, in
-// the same order, so a row's result is the same bits whatever the rows beside it: speculative
-// verification of up to kWideM - 1 drafts computes exactly what plain decode would.
-template <int MT, int NR, int Bits>
-void gemv_rows_zmm_wide(const Weights& w, const QuantizedRows& xq, const ZmmActivations& xs, int64_t n0,
-                        float* out /* [NR][MT] */) {
+// gemv_rows_zmm for more activation rows than its registers hold (5 up to kWideM), one weight row n:
+// the activation operands come from ZmmActivations and each chunk's scales from a buffer, so that
+// only the MT accumulators live in registers (with two weight rows at a time, GCC kept the
+// activations in registers and spilled the accumulators). Every float operation on a row is the one
+// gemv_rows_zmm makes, in the same order, so a row's result is the same bits whatever the rows
+// beside it: speculative verification of up to kWideM - 1 drafts computes exactly what plain decode
+// would.
+template <int MT, int Bits>
+void gemv_rows_zmm_wide(const Weights& w, const QuantizedRows& xq, const ZmmActivations& xs, int64_t n,
+                        float* out /* [MT] */) {
   static_assert(Bits == 4 || Bits == 8);
   constexpr int kPer = Bits == 4 ? 4 : 2;
   constexpr int64_t kBlockBytes = Bits == 8 ? kBlock : 16;
   const int64_t K = w.K, blocks = K / kBlock, x_stride = xs.steps * 2;
   const int64_t ahead = 4 * (Bits == 8 ? K : K / 2);  // same block, four rows on
-  const uint8_t* qs[NR];
-  const at::Half* sc[NR];
-  const at::Half* mn[NR];
-  for (int r = 0; r < NR; ++r) {
-    qs[r] = qs_row(w, n0 + r);
-    sc[r] = w.scale + (n0 + r) * blocks;
-    mn[r] = w.min ? w.min + (n0 + r) * blocks : nullptr;
-  }
+  const uint8_t* qs = qs_row(w, n);
+  const at::Half* sc = w.scale + n * blocks;
+  const at::Half* mn = w.min ? w.min + n * blocks : nullptr;
   const __m512i lane_block = Bits == 4 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
                                        : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
   const __m512i low4 = _mm512_set1_epi8(0x0F), offset8 = _mm512_set1_epi8(static_cast<char>(0x80));
-  __m512 acc[MT][NR], min_acc[MT][NR];
-  alignas(64) float scales[MT][NR][16];
+  __m512 acc[MT], min_acc[MT];
+  alignas(64) float scales[MT][16];
 #pragma GCC unroll 16
-  for (int m = 0; m < MT; ++m)
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) acc[m][r] = min_acc[m][r] = _mm512_setzero_ps();
+  for (int m = 0; m < MT; ++m) acc[m] = min_acc[m] = _mm512_setzero_ps();
   for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
     const int64_t nb = std::min<int64_t>(16, blocks - b0);
     const __mmask16 chunk = nb == 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << nb) - 1);
+    const __m512 s16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(chunk, sc + b0));
+    const __m512 m16 = mn ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(chunk, mn + b0)) : s16;
     for (int m = 0; m < MT; ++m) {
       const __m512 dx = _mm512_maskz_loadu_ps(chunk, xq.d.data() + m * blocks + b0);
       const __m512 xsum = _mm512_maskz_loadu_ps(chunk, xq.sums32.data() + m * blocks + b0);
-      for (int r = 0; r < NR; ++r) {
-        const __m512 s16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(chunk, sc[r] + b0));
-        _mm512_store_ps(scales[m][r], _mm512_mul_ps(s16, dx));
-        const __m512 m16 = mn[r] ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(chunk, mn[r] + b0)) : s16;
-        min_acc[m][r] = _mm512_fmadd_ps(m16, xsum, min_acc[m][r]);
-      }
+      _mm512_store_ps(scales[m], _mm512_mul_ps(s16, dx));
+      min_acc[m] = _mm512_fmadd_ps(m16, xsum, min_acc[m]);
     }
     for (int64_t j = 0; j < nb; j += kPer) {
       const int64_t b = b0 + j;
       const __mmask64 code_mask = first_bytes(std::min<int64_t>(kPer, nb - j) * kBlockBytes);
       const __m512i pick = _mm512_add_epi32(lane_block, _mm512_set1_epi32(static_cast<int>(j)));
       const __m512i* x = xs.v.data() + (b / kPer) * 2;
-#pragma GCC unroll 8
-      for (int r = 0; r < NR; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(qs[r] + ahead + b * kBlockBytes), _MM_HINT_T0);
-        const __m512i codes = _mm512_maskz_loadu_epi8(code_mask, qs[r] + b * kBlockBytes);
-        __m512i lo, hi;
-        if constexpr (Bits == 4) {
-          lo = _mm512_and_si512(codes, low4);
-          hi = _mm512_and_si512(_mm512_srli_epi16(codes, 4), low4);
-        } else {
-          lo = _mm512_xor_si512(codes, offset8);
-        }
+      _mm_prefetch(reinterpret_cast<const char*>(qs + ahead + b * kBlockBytes), _MM_HINT_T0);
+      const __m512i codes = _mm512_maskz_loadu_epi8(code_mask, qs + b * kBlockBytes);
+      __m512i lo, hi;
+      if constexpr (Bits == 4) {
+        lo = _mm512_and_si512(codes, low4);
+        hi = _mm512_and_si512(_mm512_srli_epi16(codes, 4), low4);
+      } else {
+        lo = _mm512_xor_si512(codes, offset8);
+      }
 #pragma GCC unroll 16
-        for (int m = 0; m < MT; ++m) {
-          const __m512i xa = _mm512_load_si512(x + m * x_stride), xb = _mm512_load_si512(x + m * x_stride + 1);
-          const __m512i dot = Bits == 4 ? _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xa), hi, xb)
-                                        : _mm512_dpbusd_epi32(xb, lo, xa);
-          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(pick, _mm512_load_ps(scales[m][r])), acc[m][r]);
-        }
+      for (int m = 0; m < MT; ++m) {
+        const __m512i xa = _mm512_load_si512(x + m * x_stride), xb = _mm512_load_si512(x + m * x_stride + 1);
+        const __m512i dot = Bits == 4 ? _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xa), hi, xb)
+                                      : _mm512_dpbusd_epi32(xb, lo, xa);
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(pick, _mm512_load_ps(scales[m])), acc[m]);
       }
     }
   }
   const __m512 min_factor = _mm512_set1_ps(w.min ? 1.0f : -w.offset);
-  for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < NR; ++r) out[r * MT + m] = _mm512_reduce_add_ps(_mm512_fmadd_ps(min_acc[m][r], min_factor, acc[m][r]));
+  for (int m = 0; m < MT; ++m) out[m] = _mm512_reduce_add_ps(_mm512_fmadd_ps(min_acc[m], min_factor, acc[m]));
 }
 #endif
 
@@ -667,12 +656,12 @@ void gemv(const Weights& w, const QuantizedRows& xq, [[maybe_unused]] const ZmmA
   // rows in 512-bit registers: the default model's decode stack ran 15% faster than with 4 with its
   // weights in cache (the activation loads and shuffles run once per tile, and twice the rows' loads
   // are in flight).
-  constexpr int NR = MT > kSmallM ? 1 : MT == 1 && kZmm ? 8 : MT <= 2 ? 4 : 2;
+  constexpr int NR = MT > kSmallM ? 1 : MT == 1 && kZmm ? 8 : MT <= 2 ? 4 : 2;  // gemv_rows_zmm_wide: 1
   auto rows = [&](auto nr, int64_t n) {
     constexpr int R = decltype(nr)::value;
 #ifdef LOOM_GEMV_ZMM
     if constexpr (kZmm && MT > kSmallM)
-      gemv_rows_zmm_wide<MT, R, Bits>(w, xq, *wide, n, out + n * MT);
+      gemv_rows_zmm_wide<MT, Bits>(w, xq, *wide, n, out + n * MT);
     else if constexpr (kZmm) gemv_rows_zmm<MT, R, Bits>(w, xq, n, out + n * MT); else
 #endif
     gemv_rows<MT, R, Bits, Group16>(w, xq, n, out + n * MT);
@@ -722,7 +711,7 @@ void quant_matmul_impl(const T* x, const Weights& w, const T* bias, T* out, int6
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     // Beyond the register path's rows, unpacking the weight to bf16 for AMX tiles costs less than the
     // int8 dot products. Measured on the default model's matrices (q4_1, q8_0 head), ms per step:
-    // 5 rows 12.5-13.8 in registers against 22-24.5 on AMX, 9 rows 19.4-22.1 against 23.2-25.3
+    // 5 rows 12.8-13.8 in registers against 22.3-24.6 on AMX, 9 rows 19.4-22.1 against 23.2-25.3
     // (the row buffer took 25-45 ms from 5 rows up).
     if (M > register_rows && amx_ready()) return amx_matmul(x, w, bias, out, M, N);
   }
