@@ -473,6 +473,29 @@ inline void zmm_activations(const int8_t* x, int64_t live, __m512i& xa, __m512i&
   }
 }
 
+// The codes of up to four (4-bit) or two (8-bit) blocks of a weight row at p, as VPDPBUSD's unsigned
+// operands: 4-bit: low nibbles in lo, high nibbles in hi; 8-bit: code ^ 0x80 in lo (hi unused).
+template <int Bits>
+inline void zmm_codes(const uint8_t* p, __mmask64 mask, __m512i& lo, __m512i& hi) {
+  const __m512i codes = _mm512_maskz_loadu_epi8(mask, p);
+  if constexpr (Bits == 4) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    lo = _mm512_and_si512(codes, low4);
+    hi = _mm512_and_si512(_mm512_srli_epi16(codes, 4), low4);
+  } else {
+    lo = _mm512_xor_si512(codes, _mm512_set1_epi8(static_cast<char>(0x80)));
+  }
+}
+
+// acc + the dot products of zmm_codes' and zmm_activations' operands, times the blocks' scales
+// (lane l of `scales` picked by `pick`).
+template <int Bits>
+inline __m512 zmm_dot_fma(__m512i lo, __m512i hi, __m512i xa, __m512i xb, __m512i pick, __m512 scales, __m512 acc) {
+  const __m512i dot = Bits == 4 ? _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xa), hi, xb)
+                                : _mm512_dpbusd_epi32(xb, lo, xa);
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(pick, scales), acc);
+}
+
 // gemv_rows for 4-bit codes in groups of 32 (Q4_0, Q4_1, and Q4_K as loom stores it) and 8-bit codes
 // (Q8_0) in 512-bit registers.
 // - One 64-byte load holds four blocks of 4-bit codes of a row (their low nibbles are elements 0-15
@@ -503,7 +526,6 @@ void gemv_rows_zmm(const Weights& w, const QuantizedRows& xq, int64_t n0, float*
   // Lane l of a dot belongs to block l / 4 (4-bit: of the four at hand) or l / 8 (8-bit: of the two).
   const __m512i lane_block = Bits == 4 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
                                        : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-  const __m512i low4 = _mm512_set1_epi8(0x0F), offset8 = _mm512_set1_epi8(static_cast<char>(0x80));
   // acc: the dot products times their scales; min_acc: sum_g min_g xsum_g (or sum_g scale_g xsum_g without mins)
   __m512 acc[MT][NR], min_acc[MT][NR];
 #pragma GCC unroll 4
@@ -537,20 +559,10 @@ void gemv_rows_zmm(const Weights& w, const QuantizedRows& xq, int64_t n0, float*
 #pragma GCC unroll 8
       for (int r = 0; r < NR; ++r) {
         _mm_prefetch(reinterpret_cast<const char*>(qs[r] + ahead + b * kBlockBytes), _MM_HINT_T0);
-        const __m512i codes = _mm512_maskz_loadu_epi8(code_mask, qs[r] + b * kBlockBytes);
         __m512i lo, hi;
-        if constexpr (Bits == 4) {
-          lo = _mm512_and_si512(codes, low4);
-          hi = _mm512_and_si512(_mm512_srli_epi16(codes, 4), low4);
-        } else {
-          lo = _mm512_xor_si512(codes, offset8);
-        }
+        zmm_codes<Bits>(qs[r] + b * kBlockBytes, code_mask, lo, hi);
 #pragma GCC unroll 4
-        for (int m = 0; m < MT; ++m) {
-          const __m512i dot = Bits == 4 ? _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xa[m]), hi, xb[m])
-                                        : _mm512_dpbusd_epi32(xb[m], lo, xa[m]);
-          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(pick, scales[m][r]), acc[m][r]);
-        }
+        for (int m = 0; m < MT; ++m) acc[m][r] = zmm_dot_fma<Bits>(lo, hi, xa[m], xb[m], pick, scales[m][r], acc[m][r]);
       }
     }
   }
@@ -599,7 +611,6 @@ void gemv_rows_zmm_wide(const Weights& w, const QuantizedRows& xq, const ZmmActi
   const at::Half* mn = w.min ? w.min + n * blocks : nullptr;
   const __m512i lane_block = Bits == 4 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
                                        : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-  const __m512i low4 = _mm512_set1_epi8(0x0F), offset8 = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512 acc[MT], min_acc[MT];
   alignas(64) float scales[MT][16];
 #pragma GCC unroll 16
@@ -621,21 +632,12 @@ void gemv_rows_zmm_wide(const Weights& w, const QuantizedRows& xq, const ZmmActi
       const __m512i pick = _mm512_add_epi32(lane_block, _mm512_set1_epi32(static_cast<int>(j)));
       const __m512i* x = xs.v.data() + (b / kPer) * 2;
       _mm_prefetch(reinterpret_cast<const char*>(qs + ahead + b * kBlockBytes), _MM_HINT_T0);
-      const __m512i codes = _mm512_maskz_loadu_epi8(code_mask, qs + b * kBlockBytes);
       __m512i lo, hi;
-      if constexpr (Bits == 4) {
-        lo = _mm512_and_si512(codes, low4);
-        hi = _mm512_and_si512(_mm512_srli_epi16(codes, 4), low4);
-      } else {
-        lo = _mm512_xor_si512(codes, offset8);
-      }
+      zmm_codes<Bits>(qs + b * kBlockBytes, code_mask, lo, hi);
 #pragma GCC unroll 16
-      for (int m = 0; m < MT; ++m) {
-        const __m512i xa = _mm512_load_si512(x + m * x_stride), xb = _mm512_load_si512(x + m * x_stride + 1);
-        const __m512i dot = Bits == 4 ? _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xa), hi, xb)
-                                      : _mm512_dpbusd_epi32(xb, lo, xa);
-        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(pick, _mm512_load_ps(scales[m])), acc[m]);
-      }
+      for (int m = 0; m < MT; ++m)
+        acc[m] = zmm_dot_fma<Bits>(lo, hi, _mm512_load_si512(x + m * x_stride), _mm512_load_si512(x + m * x_stride + 1),
+                                   pick, _mm512_load_ps(scales[m]), acc[m]);
     }
   }
   const __m512 min_factor = _mm512_set1_ps(w.min ? 1.0f : -w.offset);
