@@ -487,6 +487,14 @@ inline void zmm_codes(const uint8_t* p, __mmask64 mask, __m512i& lo, __m512i& hi
   }
 }
 
+// The block (among the four 4-bit or two 8-bit ones at hand) that each lane of a dot belongs to:
+// l / 4, or l / 8.
+template <int Bits>
+inline __m512i zmm_lane_block() {
+  return Bits == 4 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
+                   : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+}
+
 // acc + the dot products of zmm_codes' and zmm_activations' operands, times the blocks' scales
 // (lane l of `scales` picked by `pick`).
 template <int Bits>
@@ -523,9 +531,7 @@ void gemv_rows_zmm(const Weights& w, const QuantizedRows& xq, int64_t n0, float*
     sc[r] = w.scale + (n0 + r) * blocks;
     mn[r] = w.min ? w.min + (n0 + r) * blocks : nullptr;
   }
-  // Lane l of a dot belongs to block l / 4 (4-bit: of the four at hand) or l / 8 (8-bit: of the two).
-  const __m512i lane_block = Bits == 4 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
-                                       : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i lane_block = zmm_lane_block<Bits>();
   // acc: the dot products times their scales; min_acc: sum_g min_g xsum_g (or sum_g scale_g xsum_g without mins)
   __m512 acc[MT][NR], min_acc[MT][NR];
 #pragma GCC unroll 4
@@ -609,8 +615,7 @@ void gemv_rows_zmm_wide(const Weights& w, const QuantizedRows& xq, const ZmmActi
   const uint8_t* qs = qs_row(w, n);
   const at::Half* sc = w.scale + n * blocks;
   const at::Half* mn = w.min ? w.min + n * blocks : nullptr;
-  const __m512i lane_block = Bits == 4 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
-                                       : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i lane_block = zmm_lane_block<Bits>();
   __m512 acc[MT], min_acc[MT];
   alignas(64) float scales[MT][16];
 #pragma GCC unroll 16
