@@ -449,7 +449,7 @@ constexpr int64_t kSmallM = 4;  // other formats: up to this many rows in regist
 #ifndef LOOM_GEMV_ZMM
 constexpr int64_t kWideM = kSmallM;
 #endif
-struct ZmmActivations;  // gemv_rows_zmm_wide's activation operands
+struct ZmmActivations;  // gemv_rows_zmm's activation operands
 
 #ifdef LOOM_GEMV_ZMM
 // The first n bytes of a 64-byte load (all of them for n >= 64).
@@ -504,25 +504,119 @@ inline __m512 zmm_dot_fma(__m512i lo, __m512i hi, __m512i xa, __m512i xb, __m512
   return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(pick, scales), acc);
 }
 
+// A chunk of 16 whole blocks of 4-bit codes, transposed: lane 4q + i of a dot sums all 32 products
+// of block 4i + q, so the chunk takes one float multiply-add per activation row instead of four
+// (with four lanes per block, the int32-to-float conversion, the scale pick and the multiply-add
+// per four blocks cost more than the VPDPBUSDs once several activation rows share the codes). The
+// default model's matrices took 20-25% less time for 4 and 9 rows.
+constexpr int64_t kChunk = 16;
+// The block of each lane of a chunk's dot.
+inline __m512i zmm_chunk_lanes() { return _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15); }
+
+// The 256 bytes of codes of a chunk at p as VPDPBUSD's unsigned operands: lane 4q + i of lo[j] holds
+// elements 4j..4j+3 of block 4i + q, and of hi[j] elements 16 + 4j..16 + 4j + 3. (A 4x4 transpose
+// of dwords within each 128-bit lane of the four loads, whose lane q holds blocks q, 4 + q, 8 + q
+// and 12 + q.)
+inline void zmm_chunk_codes(const uint8_t* p, __m512i lo[4], __m512i hi[4]) {
+  const __m512i s0 = _mm512_loadu_si512(p), s1 = _mm512_loadu_si512(p + 64);
+  const __m512i s2 = _mm512_loadu_si512(p + 128), s3 = _mm512_loadu_si512(p + 192);
+  const __m512i t0 = _mm512_unpacklo_epi32(s0, s1), t1 = _mm512_unpackhi_epi32(s0, s1);
+  const __m512i t2 = _mm512_unpacklo_epi32(s2, s3), t3 = _mm512_unpackhi_epi32(s2, s3);
+  const __m512i o[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2), _mm512_unpacklo_epi64(t1, t3),
+                        _mm512_unpackhi_epi64(t1, t3)};
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    lo[j] = _mm512_and_si512(o[j], low4);
+    hi[j] = _mm512_and_si512(_mm512_srli_epi16(o[j], 4), low4);
+  }
+}
+
+// The dots of a chunk's four steps (zmm_dot_fma's layout: four lanes per block) summed per block into
+// zmm_chunk_lanes' order: the same integers as zmm_chunk_codes' dots, for 7 instructions per dot
+// where transposing the codes takes 8 per weight row (so for one activation row only).
+inline __m512i zmm_chunk_dots(const __m512i d[4]) {
+  const __m512i a = _mm512_add_epi32(_mm512_unpacklo_epi32(d[0], d[1]), _mm512_unpackhi_epi32(d[0], d[1]));
+  const __m512i b = _mm512_add_epi32(_mm512_unpacklo_epi32(d[2], d[3]), _mm512_unpackhi_epi32(d[2], d[3]));
+  return _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
+}
+
+// acc + a chunk's dot products with one activation row's chunk operands x (ZmmActivations::chunk),
+// put back in block order, times the blocks' scales.
+inline __m512 zmm_chunk_fma(const __m512i lo[4], const __m512i hi[4], const __m512i* x, __m512 scales, __m512 acc) {
+  __m512i dot = _mm512_setzero_si512();
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j)
+    dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dot, lo[j], _mm512_load_si512(x + 2 * j)), hi[j], _mm512_load_si512(x + 2 * j + 1));
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_permutexvar_epi32(zmm_chunk_lanes(), dot)), scales, acc);
+}
+
+// The activation operands of gemv_rows_zmm, made once per product: per row, for 4-bit codes
+// zmm_chunk_fma's eight operands for every whole chunk, then zmm_activations' pair for every step of
+// kPer blocks.
+struct ZmmActivations {
+  static constexpr int64_t kPerChunk = 8;  // zmm_chunk_fma's operands
+  std::vector<__m512i> v;  // [M][whole * kPerChunk + steps * 2]
+  int64_t whole, per_row;
+
+  ZmmActivations(const QuantizedRows& xq, int64_t M, int64_t K, int bits) {
+    const int64_t blocks = K / kBlock, per = bits == 4 ? 4 : 2, steps = (blocks + per - 1) / per;
+    whole = bits == 4 ? blocks / kChunk : 0;
+    per_row = whole * kPerChunk + steps * 2;
+    v.resize(M * per_row);
+    const __m512i starts = _mm512_slli_epi32(zmm_chunk_lanes(), 5);  // the lanes' blocks' first bytes
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t c = 0; c < whole; ++c) {
+        __m512i* dst = v.data() + m * per_row + c * kPerChunk;
+        const int8_t* x = xq.q.data() + m * K + c * kChunk * kBlock;
+        for (int j = 0; j < 4; ++j) {
+          dst[2 * j] = _mm512_i32gather_epi32(_mm512_add_epi32(starts, _mm512_set1_epi32(4 * j)), x, 1);
+          dst[2 * j + 1] = _mm512_i32gather_epi32(_mm512_add_epi32(starts, _mm512_set1_epi32(16 + 4 * j)), x, 1);
+        }
+      }
+      for (int64_t s = 0; s < steps; ++s) {
+        const int8_t* x = xq.q.data() + m * K + s * per * kBlock;
+        __m512i* dst = v.data() + m * per_row + whole * kPerChunk + s * 2;
+        if (bits == 4) zmm_activations<4>(x, std::min(per, blocks - s * per), dst[0], dst[1]);
+        else zmm_activations<8>(x, std::min(per, blocks - s * per), dst[0], dst[1]);
+      }
+    }
+  }
+  // Row m's operands for step s (of kPer blocks).
+  const __m512i* step(int64_t m, int64_t s) const { return v.data() + m * per_row + whole * kPerChunk + s * 2; }
+  // Row m's operands for chunk c.
+  const __m512i* chunk(int64_t m, int64_t c) const { return v.data() + m * per_row + c * kPerChunk; }
+};
+
+// The first n (at most 16) lanes.
+inline __mmask16 chunk_mask(int64_t n) { return n >= kChunk ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1); }
+
 // gemv_rows for 4-bit codes in groups of 32 (Q4_0, Q4_1, and Q4_K as loom stores it) and 8-bit codes
-// (Q8_0) in 512-bit registers.
+// (Q8_0) in 512-bit registers, for up to kWideM activation rows (NR weight rows at a time).
 // - One 64-byte load holds four blocks of 4-bit codes of a row (their low nibbles are elements 0-15
 //   of each block, the high nibbles elements 16-31) or two blocks of 8-bit codes, so one or two
 //   VPDPBUSD cover what takes four (two) in gemv_rows. The activations are shuffled to match
 //   (elements 0-15 of the four blocks, then 16-31), so that a dot lane holds four elements of one block.
+// - Whole chunks of 16 blocks of 4-bit codes are transposed instead (zmm_chunk_codes), so that a lane
+//   holds a whole block; with one activation row, the dots are transposed (zmm_chunk_dots), to the
+//   same integers.
 // - 8-bit codes are signed, and VPDPBUSD multiplies unsigned by signed bytes: the codes are offset by
 //   128 (code ^ 0x80), and each lane starts from -128 * (its four activations).
 // - Scales and mins are read as stored, 16 blocks at a time (masked past the row's end, so a row of
 //   18 blocks takes no scalar tail), and each dot picks its blocks' scales from a register.
-// A row's sums are made in the same order for every MT, as in gemv_rows (though not in gemv_rows'
-// order: results differ from it in the last bits).
+// - The activation operands come from ZmmActivations, made once per product.
+// Every float operation on a row is the same, in the same order, for every MT, so a row's result is
+// the same bits whatever the rows beside it: speculative verification of up to kWideM - 1 drafts
+// computes exactly what plain decode would. (It is not gemv_rows' order: results differ from it in
+// the last bits.)
 template <int MT, int NR, int Bits>
-void gemv_rows_zmm(const Weights& w, const QuantizedRows& xq, int64_t n0, float* out /* [NR][MT] */) {
+void gemv_rows_zmm(const Weights& w, const ZmmActivations& xs, const QuantizedRows& xq, int64_t n0,
+                   float* out /* [NR][MT] */) {
   static_assert(Bits == 4 || Bits == 8);
   constexpr int kPer = Bits == 4 ? 4 : 2;  // blocks per 64-byte load of codes
   constexpr int64_t kBlockBytes = Bits == 8 ? kBlock : 16;
   const int64_t K = w.K, blocks = K / kBlock;
-  const int64_t ahead = NR * (Bits == 8 ? K : K / 2);  // same block, next tile (see small_m_rows)
+  const int64_t ahead = std::max(NR, 4) * (Bits == 8 ? K : K / 2);  // same block, NR (at least 4) rows on
   const uint8_t* qs[NR];
   const at::Half* sc[NR];
   const at::Half* mn[NR];
@@ -532,127 +626,88 @@ void gemv_rows_zmm(const Weights& w, const QuantizedRows& xq, int64_t n0, float*
     mn[r] = w.min ? w.min + (n0 + r) * blocks : nullptr;
   }
   const __m512i lane_block = zmm_lane_block<Bits>();
-  // acc: the dot products times their scales; min_acc: sum_g min_g xsum_g (or sum_g scale_g xsum_g without mins)
-  __m512 acc[MT][NR], min_acc[MT][NR];
-#pragma GCC unroll 4
-  for (int m = 0; m < MT; ++m)
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) acc[m][r] = min_acc[m][r] = _mm512_setzero_ps();
-  for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
-    const int64_t nb = std::min<int64_t>(16, blocks - b0);
-    const __mmask16 chunk = nb == 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << nb) - 1);
-    __m512 scales[MT][NR];  // the chunk's 16 block scales times the activation's
-#pragma GCC unroll 4
-    for (int m = 0; m < MT; ++m) {
-      const __m512 dx = _mm512_maskz_loadu_ps(chunk, xq.d.data() + m * blocks + b0);
-      const __m512 xs = _mm512_maskz_loadu_ps(chunk, xq.sums32.data() + m * blocks + b0);
-#pragma GCC unroll 8
-      for (int r = 0; r < NR; ++r) {
-        const __m512 s16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(chunk, sc[r] + b0));
-        scales[m][r] = _mm512_mul_ps(s16, dx);
-        const __m512 m16 = mn[r] ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(chunk, mn[r] + b0)) : s16;
-        min_acc[m][r] = _mm512_fmadd_ps(m16, xs, min_acc[m][r]);
-      }
-    }
-    for (int64_t j = 0; j < nb; j += kPer) {
-      const int64_t b = b0 + j;
-      const int64_t live = std::min<int64_t>(kPer, nb - j);  // blocks past the row's end load as zeros
-      const __mmask64 code_mask = first_bytes(live * kBlockBytes);
-      const __m512i pick = _mm512_add_epi32(lane_block, _mm512_set1_epi32(static_cast<int>(j)));
-      __m512i xa[MT], xb[MT];  // 4-bit: elements 0-15 and 16-31 of the blocks; 8-bit: the blocks and -128 * sums
-#pragma GCC unroll 4
-      for (int m = 0; m < MT; ++m) zmm_activations<Bits>(xq.q.data() + m * K + b * kBlock, live, xa[m], xb[m]);
-#pragma GCC unroll 8
-      for (int r = 0; r < NR; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(qs[r] + ahead + b * kBlockBytes), _MM_HINT_T0);
-        __m512i lo, hi;
-        zmm_codes<Bits>(qs[r] + b * kBlockBytes, code_mask, lo, hi);
-#pragma GCC unroll 4
-        for (int m = 0; m < MT; ++m) acc[m][r] = zmm_dot_fma<Bits>(lo, hi, xa[m], xb[m], pick, scales[m][r], acc[m][r]);
-      }
-    }
-  }
-  const __m512 min_factor = _mm512_set1_ps(w.min ? 1.0f : -w.offset);  // without mins, min_g = -offset * scale_g
-  for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < NR; ++r) out[r * MT + m] = _mm512_reduce_add_ps(_mm512_fmadd_ps(min_acc[m][r], min_factor, acc[m][r]));
-}
-
-// gemv_rows_zmm's activation operands for every row and every step of kPer blocks, made once per
-// product for gemv_rows_zmm_wide: [M][steps][2] (xa, xb).
-struct ZmmActivations {
-  std::vector<__m512i> v;
-  int64_t steps;
-
-  ZmmActivations(const QuantizedRows& xq, int64_t M, int64_t K, int bits) {
-    const int64_t blocks = K / kBlock, per = bits == 4 ? 4 : 2;
-    steps = (blocks + per - 1) / per;
-    v.resize(M * steps * 2);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t s = 0; s < steps; ++s) {
-        const int8_t* x = xq.q.data() + m * K + s * per * kBlock;
-        __m512i* dst = v.data() + (m * steps + s) * 2;
-        if (bits == 4) zmm_activations<4>(x, std::min(per, blocks - s * per), dst[0], dst[1]);
-        else zmm_activations<8>(x, std::min(per, blocks - s * per), dst[0], dst[1]);
-      }
-  }
-};
-
-// gemv_rows_zmm for more activation rows than its registers hold (5 up to kWideM), one weight row n:
-// the activation operands come from ZmmActivations and each chunk's scales from a buffer, so that
-// only the MT accumulators live in registers (with two weight rows at a time, GCC kept the
-// activations in registers and spilled the accumulators). Every float operation on a row is the one
-// gemv_rows_zmm makes, in the same order, so a row's result is the same bits whatever the rows
-// beside it: speculative verification of up to kWideM - 1 drafts computes exactly what plain decode
-// would.
-template <int MT, int Bits>
-void gemv_rows_zmm_wide(const Weights& w, const QuantizedRows& xq, const ZmmActivations& xs, int64_t n,
-                        float* out /* [MT] */) {
-  static_assert(Bits == 4 || Bits == 8);
-  constexpr int kPer = Bits == 4 ? 4 : 2;
-  constexpr int64_t kBlockBytes = Bits == 8 ? kBlock : 16;
-  const int64_t K = w.K, blocks = K / kBlock, x_stride = xs.steps * 2;
-  const int64_t ahead = 4 * (Bits == 8 ? K : K / 2);  // same block, four rows on
-  const uint8_t* qs = qs_row(w, n);
-  const at::Half* sc = w.scale + n * blocks;
-  const at::Half* mn = w.min ? w.min + n * blocks : nullptr;
-  const __m512i lane_block = zmm_lane_block<Bits>();
-  __m512 acc[MT], min_acc[MT];
-  alignas(64) float scales[MT][16];
+  // The dot products times their scales, plus sum_g min_g xsum_g (sum_g -offset scale_g xsum_g
+  // without mins).
+  __m512 acc[MT][NR];
 #pragma GCC unroll 16
-  for (int m = 0; m < MT; ++m) acc[m] = min_acc[m] = _mm512_setzero_ps();
-  for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
-    const int64_t nb = std::min<int64_t>(16, blocks - b0);
-    const __mmask16 chunk = nb == 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << nb) - 1);
-    const __m512 s16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(chunk, sc + b0));
-    const __m512 m16 = mn ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(chunk, mn + b0)) : s16;
-    for (int m = 0; m < MT; ++m) {
-      const __m512 dx = _mm512_maskz_loadu_ps(chunk, xq.d.data() + m * blocks + b0);
-      const __m512 xsum = _mm512_maskz_loadu_ps(chunk, xq.sums32.data() + m * blocks + b0);
-      _mm512_store_ps(scales[m], _mm512_mul_ps(s16, dx));
-      min_acc[m] = _mm512_fmadd_ps(m16, xsum, min_acc[m]);
+  for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+  const bool mins = w.min || w.offset != 0.0f;
+  const __m512 neg_offset = _mm512_set1_ps(-w.offset);
+  for (int64_t b0 = 0; b0 < blocks; b0 += kChunk) {
+    const int64_t nb = std::min<int64_t>(kChunk, blocks - b0);
+    const __mmask16 chunk = chunk_mask(nb);
+    const bool transposed = Bits == 4 && nb == kChunk;
+    __m512 scales[MT][NR];  // the chunk's 16 block scales times the activation's
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      const __m512 s16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(chunk, sc[r] + b0));
+      const __m512 m16 = mn[r] ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(chunk, mn[r] + b0)) : _mm512_mul_ps(s16, neg_offset);
+#pragma GCC unroll 16
+      for (int m = 0; m < MT; ++m) {
+        scales[m][r] = _mm512_mul_ps(s16, _mm512_maskz_loadu_ps(chunk, xq.d.data() + m * blocks + b0));
+        if (mins) acc[m][r] = _mm512_fmadd_ps(m16, _mm512_maskz_loadu_ps(chunk, xq.sums32.data() + m * blocks + b0), acc[m][r]);
+      }
+    }
+    if (transposed && MT == 1) {  // the dots transposed (zmm_chunk_dots)
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) {
+        __m512i dots[4];
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          _mm_prefetch(reinterpret_cast<const char*>(qs[r] + ahead + (b0 + 4 * j) * kBlockBytes), _MM_HINT_T0);
+          __m512i lo, hi;
+          zmm_codes<4>(qs[r] + (b0 + 4 * j) * kBlockBytes, ~__mmask64(0), lo, hi);
+          const __m512i* x = xs.step(0, b0 / 4 + j);
+          dots[j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512(x)), hi,
+                                        _mm512_load_si512(x + 1));
+        }
+        const __m512i blocks16 = _mm512_permutexvar_epi32(zmm_chunk_lanes(), zmm_chunk_dots(dots));
+        acc[0][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(blocks16), scales[0][r], acc[0][r]);
+      }
+      continue;
+    }
+    if (transposed) {
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) {
+        for (int i = 0; i < 4; ++i)
+          _mm_prefetch(reinterpret_cast<const char*>(qs[r] + ahead + b0 * kBlockBytes + 64 * i), _MM_HINT_T0);
+        __m512i lo[4], hi[4];
+        zmm_chunk_codes(qs[r] + b0 * kBlockBytes, lo, hi);
+#pragma GCC unroll 16
+        for (int m = 0; m < MT; ++m) acc[m][r] = zmm_chunk_fma(lo, hi, xs.chunk(m, b0 / kChunk), scales[m][r], acc[m][r]);
+      }
+      continue;
     }
     for (int64_t j = 0; j < nb; j += kPer) {
       const int64_t b = b0 + j;
       const __mmask64 code_mask = first_bytes(std::min<int64_t>(kPer, nb - j) * kBlockBytes);
       const __m512i pick = _mm512_add_epi32(lane_block, _mm512_set1_epi32(static_cast<int>(j)));
-      const __m512i* x = xs.v.data() + (b / kPer) * 2;
-      _mm_prefetch(reinterpret_cast<const char*>(qs + ahead + b * kBlockBytes), _MM_HINT_T0);
-      __m512i lo, hi;
-      zmm_codes<Bits>(qs + b * kBlockBytes, code_mask, lo, hi);
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(qs[r] + ahead + b * kBlockBytes), _MM_HINT_T0);
+        __m512i lo, hi;
+        zmm_codes<Bits>(qs[r] + b * kBlockBytes, code_mask, lo, hi);
 #pragma GCC unroll 16
-      for (int m = 0; m < MT; ++m)
-        acc[m] = zmm_dot_fma<Bits>(lo, hi, _mm512_load_si512(x + m * x_stride), _mm512_load_si512(x + m * x_stride + 1),
-                                   pick, _mm512_load_ps(scales[m]), acc[m]);
+        for (int m = 0; m < MT; ++m) {
+          const __m512i* x = xs.step(m, b / kPer);
+          acc[m][r] = zmm_dot_fma<Bits>(lo, hi, _mm512_load_si512(x), _mm512_load_si512(x + 1), pick, scales[m][r], acc[m][r]);
+        }
+      }
     }
   }
-  const __m512 min_factor = _mm512_set1_ps(w.min ? 1.0f : -w.offset);
-  for (int m = 0; m < MT; ++m) out[m] = _mm512_reduce_add_ps(_mm512_fmadd_ps(min_acc[m], min_factor, acc[m]));
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) {
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; ++m) out[r * MT + m] = _mm512_reduce_add_ps(acc[m][r]);
+  }
 }
 #endif
 
 // Rows begin..end of the product with MT activation rows, into out[n * MT + m].
 template <int MT, int Bits, bool Group16>
-void gemv(const Weights& w, const QuantizedRows& xq, [[maybe_unused]] const ZmmActivations* wide, int64_t begin,
+void gemv(const Weights& w, const QuantizedRows& xq, [[maybe_unused]] const ZmmActivations* zmm, int64_t begin,
           int64_t end, float* out) {
 #ifdef LOOM_GEMV_ZMM
   constexpr bool kZmm = (Bits == 4 || Bits == 8) && !Group16;
@@ -663,13 +718,11 @@ void gemv(const Weights& w, const QuantizedRows& xq, [[maybe_unused]] const ZmmA
   // rows in 512-bit registers: the default model's decode stack ran 15% faster than with 4 with its
   // weights in cache (the activation loads and shuffles run once per tile, and twice the rows' loads
   // are in flight).
-  constexpr int NR = MT > kSmallM ? 1 : MT == 1 && kZmm ? 8 : MT <= 2 ? 4 : 2;  // gemv_rows_zmm_wide: 1
+  constexpr int NR = MT > kSmallM ? 1 : MT == 1 && kZmm ? 8 : MT <= 2 ? 4 : 2;
   auto rows = [&](auto nr, int64_t n) {
     constexpr int R = decltype(nr)::value;
 #ifdef LOOM_GEMV_ZMM
-    if constexpr (kZmm && MT > kSmallM)
-      gemv_rows_zmm_wide<MT, Bits>(w, xq, *wide, n, out + n * MT);
-    else if constexpr (kZmm) gemv_rows_zmm<MT, R, Bits>(w, xq, n, out + n * MT); else
+    if constexpr (kZmm) gemv_rows_zmm<MT, R, Bits>(w, *zmm, xq, n, out + n * MT); else
 #endif
     gemv_rows<MT, R, Bits, Group16>(w, xq, n, out + n * MT);
   };
@@ -729,26 +782,28 @@ void quant_matmul_impl(const T* x, const Weights& w, const T* bias, T* out, int6
     const bool stored_groups = w.group == kBlock || w.group == 16;  // gemv reads the scales as stored
     const std::vector<float> xsums = stored_groups ? std::vector<float>() : group_sums(xq, M, K, w.group);
 #ifdef LOOM_GEMV_ZMM
-    const std::unique_ptr<ZmmActivations> wide = M > kSmallM ? std::make_unique<ZmmActivations>(xq, M, K, w.bits) : nullptr;
+    const bool zmm_codes = stored_groups && (w.bits == 4 || w.bits == 8);  // gemv's kZmm
+    const std::unique_ptr<ZmmActivations> zmm_owned = zmm_codes ? std::make_unique<ZmmActivations>(xq, M, K, w.bits) : nullptr;
+    const ZmmActivations* zmm = zmm_owned.get();
 #else
-    const ZmmActivations* wide = nullptr;
+    const ZmmActivations* zmm = nullptr;
 #endif
     parallel_chunks(N, [&](int64_t begin, int64_t end) {
       float* t = tile.data();
       auto run = [&](auto mt) {
         constexpr int MT = decltype(mt)::value;
         if constexpr (MT > kSmallM) {  // 4- or 8-bit codes in groups of 32 (register_rows)
-          if (w.bits == 4) gemv<MT, 4, false>(w, xq, &*wide, begin, end, t);
-          else gemv<MT, 8, false>(w, xq, &*wide, begin, end, t);
+          if (w.bits == 4) gemv<MT, 4, false>(w, xq, zmm, begin, end, t);
+          else gemv<MT, 8, false>(w, xq, zmm, begin, end, t);
         } else if (stored_groups) {
           switch (w.bits) {  // 16-element groups: 6-bit (Q6_K) only
-            case 4: gemv<MT, 4, false>(w, xq, nullptr, begin, end, t); break;
+            case 4: gemv<MT, 4, false>(w, xq, zmm, begin, end, t); break;
             case 5: gemv<MT, 5, false>(w, xq, nullptr, begin, end, t); break;
             case 6:
               if (w.group == 16) gemv<MT, 6, true>(w, xq, nullptr, begin, end, t);
               else gemv<MT, 6, false>(w, xq, nullptr, begin, end, t);
               break;
-            default: gemv<MT, 8, false>(w, xq, nullptr, begin, end, t); break;
+            default: gemv<MT, 8, false>(w, xq, zmm, begin, end, t); break;
           }
         } else {
           SmallMScratch scratch(K, w.group, MT, 4);
