@@ -532,15 +532,6 @@ inline void zmm_chunk_codes(const uint8_t* p, __m512i lo[4], __m512i hi[4]) {
   }
 }
 
-// The dots of a chunk's four steps (zmm_dot_fma's layout: four lanes per block) summed per block into
-// zmm_chunk_lanes' order: the same integers as zmm_chunk_codes' dots, for 7 instructions per dot
-// where transposing the codes takes 8 per weight row (so for one activation row only).
-inline __m512i zmm_chunk_dots(const __m512i d[4]) {
-  const __m512i a = _mm512_add_epi32(_mm512_unpacklo_epi32(d[0], d[1]), _mm512_unpackhi_epi32(d[0], d[1]));
-  const __m512i b = _mm512_add_epi32(_mm512_unpacklo_epi32(d[2], d[3]), _mm512_unpackhi_epi32(d[2], d[3]));
-  return _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
-}
-
 // acc + a chunk's dot products with one activation row's chunk operands x (ZmmActivations::chunk),
 // put back in block order, times the blocks' scales.
 inline __m512 zmm_chunk_fma(const __m512i lo[4], const __m512i hi[4], const __m512i* x, __m512 scales, __m512 acc) {
@@ -598,8 +589,7 @@ inline __mmask16 chunk_mask(int64_t n) { return n >= kChunk ? __mmask16(0xFFFF) 
 //   VPDPBUSD cover what takes four (two) in gemv_rows. The activations are shuffled to match
 //   (elements 0-15 of the four blocks, then 16-31), so that a dot lane holds four elements of one block.
 // - Whole chunks of 16 blocks of 4-bit codes are transposed instead (zmm_chunk_codes), so that a lane
-//   holds a whole block; with one activation row, the dots are transposed (zmm_chunk_dots), to the
-//   same integers.
+//   holds a whole block.
 // - 8-bit codes are signed, and VPDPBUSD multiplies unsigned by signed bytes: the codes are offset by
 //   128 (code ^ 0x80), and each lane starts from -128 * (its four activations).
 // - Scales and mins are read as stored, 16 blocks at a time (masked past the row's end, so a row of
@@ -649,24 +639,6 @@ void gemv_rows_zmm(const Weights& w, const ZmmActivations& xs, const QuantizedRo
         scales[m][r] = _mm512_mul_ps(s16, _mm512_maskz_loadu_ps(chunk, xq.d.data() + m * blocks + b0));
         if (mins) acc[m][r] = _mm512_fmadd_ps(m16, _mm512_maskz_loadu_ps(chunk, xq.sums32.data() + m * blocks + b0), acc[m][r]);
       }
-    }
-    if (transposed && MT == 1) {  // the dots transposed (zmm_chunk_dots)
-#pragma GCC unroll 8
-      for (int r = 0; r < NR; ++r) {
-        __m512i dots[4];
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) {
-          _mm_prefetch(reinterpret_cast<const char*>(qs[r] + ahead + (b0 + 4 * j) * kBlockBytes), _MM_HINT_T0);
-          __m512i lo, hi;
-          zmm_codes<4>(qs[r] + (b0 + 4 * j) * kBlockBytes, ~__mmask64(0), lo, hi);
-          const __m512i* x = xs.step(0, b0 / 4 + j);
-          dots[j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512(x)), hi,
-                                        _mm512_load_si512(x + 1));
-        }
-        const __m512i blocks16 = _mm512_permutexvar_epi32(zmm_chunk_lanes(), zmm_chunk_dots(dots));
-        acc[0][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(blocks16), scales[0][r], acc[0][r]);
-      }
-      continue;
     }
     if (transposed) {
 #pragma GCC unroll 8
