@@ -544,16 +544,17 @@ inline __m512 zmm_chunk_fma(const __m512i lo[4], const __m512i hi[4], const __m5
 
 // The activation operands of gemv_rows_zmm, made once per product: per row, for 4-bit codes
 // zmm_chunk_fma's eight operands for every whole chunk, then zmm_activations' pair for every step of
-// kPer blocks.
+// kPer blocks past them.
 struct ZmmActivations {
   static constexpr int64_t kPerChunk = 8;  // zmm_chunk_fma's operands
-  std::vector<__m512i> v;  // [M][whole * kPerChunk + steps * 2]
-  int64_t whole, per_row;
+  std::vector<__m512i> v;  // [M][whole * kPerChunk + (steps - first_step) * 2]
+  int64_t whole, first_step, per_row;
 
   ZmmActivations(const QuantizedRows& xq, int64_t M, int64_t K, int bits) {
     const int64_t blocks = K / kBlock, per = bits == 4 ? 4 : 2, steps = (blocks + per - 1) / per;
     whole = bits == 4 ? blocks / kChunk : 0;
-    per_row = whole * kPerChunk + steps * 2;
+    first_step = whole * kChunk / per;
+    per_row = whole * kPerChunk + (steps - first_step) * 2;
     v.resize(M * per_row);
     const __m512i starts = _mm512_slli_epi32(zmm_chunk_lanes(), 5);  // the lanes' blocks' first bytes
     for (int64_t m = 0; m < M; ++m) {
@@ -565,16 +566,18 @@ struct ZmmActivations {
           dst[2 * j + 1] = _mm512_i32gather_epi32(_mm512_add_epi32(starts, _mm512_set1_epi32(16 + 4 * j)), x, 1);
         }
       }
-      for (int64_t s = 0; s < steps; ++s) {
+      for (int64_t s = first_step; s < steps; ++s) {
         const int8_t* x = xq.q.data() + m * K + s * per * kBlock;
-        __m512i* dst = v.data() + m * per_row + whole * kPerChunk + s * 2;
+        __m512i* dst = v.data() + m * per_row + whole * kPerChunk + (s - first_step) * 2;
         if (bits == 4) zmm_activations<4>(x, std::min(per, blocks - s * per), dst[0], dst[1]);
         else zmm_activations<8>(x, std::min(per, blocks - s * per), dst[0], dst[1]);
       }
     }
   }
-  // Row m's operands for step s (of kPer blocks).
-  const __m512i* step(int64_t m, int64_t s) const { return v.data() + m * per_row + whole * kPerChunk + s * 2; }
+  // Row m's operands for step s (of kPer blocks, past the whole chunks).
+  const __m512i* step(int64_t m, int64_t s) const {
+    return v.data() + m * per_row + whole * kPerChunk + (s - first_step) * 2;
+  }
   // Row m's operands for chunk c.
   const __m512i* chunk(int64_t m, int64_t c) const { return v.data() + m * per_row + c * kPerChunk; }
 };
