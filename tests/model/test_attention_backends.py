@@ -331,28 +331,31 @@ def test_rows_of_one_sequence_read_its_keys_once_and_get_what_they_get_alone(d):
     """Verification rows (consecutive rows of one sequence, each seeing one more key) are served
     together by the native kernel; each row's output is bit for bit its output alone. Whole 16-key
     groups take an unrolled path, the last partial group the general loop: both at head_dim 64 and
-    128 (2 and 4 products of 32 per key)."""
+    128 (2 and 4 products of 32 per key). Keys are split into tasks at multiples of 512 positions;
+    the run of sequence a crosses that boundary (rows of 1 and of 2 chunks), sequence b has 3."""
     from loom.model.kernels import native_ops
 
     ops = native_ops()
     if ops is None:
         pytest.skip("native kernels not built")
     g = torch.Generator().manual_seed(3)
-    k = torch.randn(40, 2, 16, d, generator=g).bfloat16()
-    v = torch.randn(40, 2, 16, d, generator=g).bfloat16()
-    a, b = list(range(0, 20)), list(range(20, 40))
-    # sequence a: 5 rows (lengths 100..104), sequence b: 1 row, sequence a again: 2 rows elsewhere
-    tables = torch.tensor([a] * 5 + [b] + [a] * 2, dtype=torch.int32)
-    lens = torch.tensor([100, 101, 102, 103, 104, 250, 37, 38], dtype=torch.int32)
+    k = torch.randn(120, 2, 16, d, generator=g).bfloat16()
+    v = torch.randn(120, 2, 16, d, generator=g).bfloat16()
+    a, b = list(range(0, 40)), list(range(40, 120))
+    # sequence a: 5 rows (lengths 510..514), sequence b: 1 row, sequence a again: 2 rows elsewhere
+    tables = torch.tensor([a + [0] * 40] * 5 + [b] + [a + [0] * 40] * 2, dtype=torch.int32)
+    lens = torch.tensor([510, 511, 512, 513, 514, 1200, 37, 38], dtype=torch.int32)
     q = torch.randn(len(lens), 6, d, generator=g).bfloat16()
-    for window in (0, 64):
+    for window in (0, 64, 700):
         together = ops.decode_attention(q, k, v, tables, lens, 0.125, window, None, None)
         alone = torch.cat([ops.decode_attention(q[i : i + 1], k, v, tables[i : i + 1], lens[i : i + 1], 0.125, window,
                                                 None, None) for i in range(len(lens))])
         assert torch.equal(together, alone)
-    # and what the softmax of the bf16 keys says (fp32 sums), for the last row of sequence a
-    keys = k[a].transpose(0, 1).reshape(2, -1, d)[:, :104].float()  # [kv heads, tokens, d]
-    values = v[a].transpose(0, 1).reshape(2, -1, d)[:, :104].float()
-    weights = torch.softmax(q[4].float().view(2, 3, d) @ keys.transpose(1, 2) * 0.125, dim=-1)
-    got = ops.decode_attention(q, k, v, tables, lens, 0.125, 0, None, None)[4].float()
-    torch.testing.assert_close(got, (weights @ values).reshape(6, d), atol=2e-2, rtol=2e-2)
+    # and what the softmax of the bf16 keys says (fp32 sums): the last row of sequence a (two
+    # chunks), and sequence b (three chunks)
+    got = ops.decode_attention(q, k, v, tables, lens, 0.125, 0, None, None).float()
+    for row, blocks, n in ((4, a, 514), (5, b, 1200)):
+        keys = k[blocks].transpose(0, 1).reshape(2, -1, d)[:, :n].float()  # [kv heads, tokens, d]
+        values = v[blocks].transpose(0, 1).reshape(2, -1, d)[:, :n].float()
+        weights = torch.softmax(q[row].float().view(2, 3, d) @ keys.transpose(1, 2) * 0.125, dim=-1)
+        torch.testing.assert_close(got[row], (weights @ values).reshape(6, d), atol=2e-2, rtol=2e-2)

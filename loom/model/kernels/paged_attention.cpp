@@ -2,8 +2,9 @@
 //
 // One query token per sequence attends to its sequence's keys, read in place from the
 // block-table-addressed cache (no gather copy). Work is split over (sequence, kv head) pairs so
-// each K/V row is read once and shared by the query heads of its group (GQA). Scores and the
-// output accumulate in fp32 whatever the cache dtype.
+// each K/V row is read once and shared by the query heads of its group (GQA); the bf16 fast path
+// also splits a long sequence's keys into chunks (kKeyChunk). Scores and the output accumulate in
+// fp32 whatever the cache dtype.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -13,6 +14,7 @@
 #include "ops.h"
 
 #include <algorithm>
+#include <atomic>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -36,26 +38,36 @@ using loom_simd::load16;
 using loom_simd::store16;
 
 // Softmax numerators of `rows` rows of `stride` scores (a multiple of 16, padded with -inf, which
-// contributes exp(-inf) = 0), in place; inv[r] = 1 / the row's sum. Weights below e^-64 of the
-// row's largest are flushed to 0: they are far below fp32's resolution of the sum, and exp_ps would
-// return ~1e-38 for them, whose products with the values are denormals (a microcode assist each,
-// which made a peaked softmax 10x slower).
-void softmax_padded(float* scores, int64_t rows, int64_t stride, float* inv) {
+// contributes exp(-inf) = 0), in place; row_max[r] and row_sum[r] = the row's largest score and the
+// sum of its numerators (row_max may be null). Weights below e^-64 of the row's largest are flushed
+// to 0: they are far below fp32's resolution of the sum, and exp_ps would return ~1e-38 for them,
+// whose products with the values are denormals (a microcode assist each, which made a peaked
+// softmax 10x slower). A row of -inf only (a verification row that sees no key of a chunk) gets
+// weights 0 and sum 0.
+void softmax_rows(float* scores, int64_t rows, int64_t stride, float* row_max, float* row_sum) {
   const __m512 cutoff = _mm512_set1_ps(-64.f);
   for (int64_t g = 0; g < rows; ++g) {
     float* sc = scores + g * stride;
     __m512 mx = _mm512_set1_ps(-INFINITY);
     for (int64_t i = 0; i < stride; i += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sc + i));
-    const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    const float largest = _mm512_reduce_max_ps(mx);
+    if (row_max) row_max[g] = largest;
+    const __m512 vmax = _mm512_set1_ps(largest);
     __m512 sum = _mm512_setzero_ps();
     for (int64_t i = 0; i < stride; i += 16) {
-      const __m512 x = _mm512_sub_ps(_mm512_loadu_ps(sc + i), vmax);
+      const __m512 x = _mm512_sub_ps(_mm512_loadu_ps(sc + i), vmax);  // NaN for -inf - -inf: not > cutoff
       const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, cutoff, _CMP_GT_OQ), exp_ps(x));
       _mm512_storeu_ps(sc + i, e);
       sum = _mm512_add_ps(sum, e);
     }
-    inv[g] = 1.f / _mm512_reduce_add_ps(sum);
+    row_sum[g] = _mm512_reduce_add_ps(sum);
   }
+}
+
+// softmax_rows with inv[r] = 1 / the row's sum.
+void softmax_padded(float* scores, int64_t rows, int64_t stride, float* inv) {
+  softmax_rows(scores, rows, stride, nullptr, inv);
+  for (int64_t g = 0; g < rows; ++g) inv[g] = 1.f / inv[g];
 }
 
 // Pass 2 for G query heads of a group: acc[g * nv + j] = sum_t w[g * stride + t] * rows[t][16j..16j+16)
@@ -139,12 +151,65 @@ __m512 full_key_dots16(const c10::BFloat16* kb, const __m512bh* qv) {
 }
 using KeyDots16 = __m512 (*)(const c10::BFloat16*, const __m512bh*);
 
+// Keys per task of the bf16 fast path. A sequence's keys are split at multiples of this position
+// whatever else is in the batch, so a row's output depends on its own length only. At batch 1 a
+// long sequence is then several tasks, where one task per KV head left a thread idle (the default
+// model's 3 KV heads on 2 threads).
+constexpr int64_t kKeyChunk = 512;
+
+// One task of the bf16 fast path: the rows of run `run` (sequence_runs) against KV head `h`, over
+// keys [t0, t1). A run within one chunk writes its output. The chunks of a longer run leave, per
+// head, the unnormalised weighted values, the largest score and the sum of weights at float offset
+// `partial` of the partials (combine_chunks sums them).
+struct ChunkTask {
+  int64_t run, h, t0, t1, partial;  // partial: -1 for a run within one chunk
+  int64_t split;  // the run's entry in the split runs, or -1
+};
+
+// A run longer than one chunk, against one KV head: its chunks' partials start at `partial`. The
+// task that finishes its last chunk (`done` counts them) combines them, so the step needs no
+// second parallel region.
+struct SplitRun {
+  int64_t chunks = 0, partial = 0;
+  std::atomic<int64_t> done{0};
+};
+
+// The chunks of a split run, for one KV head: per head, out = (sum_c f_c acc_c) / (sum_c f_c s_c),
+// chunks in order, with f_c = exp(m_c - max m). A chunk where a row sees no key (s = 0) and one
+// below e^-64 of the largest get f = 0. With one chunk that counts this is acc * (1 / s) bit for
+// bit, as an unsplit run computes it: a verification row's output is its output alone.
+void combine_chunks(const float* partial, int64_t chunks, int64_t heads, int64_t head_dim, c10::BFloat16* const* outs) {
+  const int64_t nv = head_dim / 16, slot = heads * (head_dim + 2);
+  for (int64_t g = 0; g < heads; ++g) {
+    const auto max_of = [&](int64_t c) { return partial[c * slot + heads * head_dim + g]; };
+    const auto sum_of = [&](int64_t c) { return partial[c * slot + heads * head_dim + heads + g]; };
+    float m = -INFINITY;
+    for (int64_t c = 0; c < chunks; ++c) m = std::max(m, max_of(c));
+    float total = 0.f;
+    __m512 acc[16];  // nv <= 16 (head_dim <= 256)
+    for (int64_t j = 0; j < nv; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float d = max_of(c) - m;
+      const float f = sum_of(c) > 0.f && d > -64.f ? std::exp(d) : 0.f;
+      total = std::fma(f, sum_of(c), total);
+      const __m512 vf = _mm512_set1_ps(f);
+      const float* a = partial + c * slot + g * head_dim;
+      for (int64_t j = 0; j < nv; ++j) acc[j] = _mm512_fmadd_ps(vf, _mm512_loadu_ps(a + j * 16), acc[j]);
+    }
+    const __m512 vinv = _mm512_set1_ps(1.f / total);
+    for (int64_t j = 0; j < nv; ++j) {
+      const __m256bh packed = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[j], vinv));  // round to nearest even
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(outs[g] + j * 16), (__m256i)packed);
+    }
+  }
+}
+
 // The bf16 fast path (head_dim a multiple of 32, up to 256). Scores: VDPBF16PS dot products of
 // up to 16 keys of a block at once, reduced together; softmax with a vectorised exp; values
 // accumulate in fp32. Keys of one head are contiguous within a block (head-major layout). The
 // rows of a run (sequence_runs) are served together as if they were more query heads of the group;
 // each row's scores past its own length are -inf and its weights there 0, so it gets exactly what
-// it would get alone.
+// it would get alone. Tasks are (run, KV head, chunk of kKeyChunk keys).
 void decode_attention_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* k_cache,
                                   const c10::BFloat16* v_cache, const int32_t* block_tables,
                                   const int32_t* context_lens, c10::BFloat16* out, int64_t num_seqs,
@@ -153,25 +218,46 @@ void decode_attention_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* k
   const int64_t group = num_heads / num_kv_heads;
   const int64_t nq = head_dim / 32, nv = head_dim / 16;
   const auto runs = sequence_runs(block_tables, context_lens, num_seqs, max_blocks, block_size, window);
-  const int64_t num_runs = static_cast<int64_t>(runs.size());
   KeyDots16 key_dots16 = nullptr;
   with_count<8>(nq, [&](auto n) { key_dots16 = &full_key_dots16<decltype(n)::value>; });
-  at::parallel_for(0, num_runs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+  const auto out_row = [&](int64_t s0, int64_t h, int64_t g) {  // head g of a run's rows against KV head h
+    return out + ((s0 + g / group) * num_heads + h * group + g % group) * head_dim;
+  };
+  std::vector<ChunkTask> tasks;
+  int64_t num_splits = 0, partial_floats = 0;
+  for (int64_t run = 0; run < static_cast<int64_t>(runs.size()); ++run) {
+    const auto [s0, nr] = runs[run];
+    const int64_t len = context_lens[s0 + nr - 1];  // the run's last row sees the most keys
+    const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+    const int64_t c0 = first / kKeyChunk, c1 = std::max<int64_t>(c0 + 1, (len + kKeyChunk - 1) / kKeyChunk);
+    const int64_t slot = nr * group * (head_dim + 2);
+    for (int64_t h = 0; h < num_kv_heads; ++h) {
+      const bool split = c1 - c0 > 1;
+      for (int64_t c = c0; c < c1; ++c) {
+        tasks.push_back({run, h, std::max(first, c * kKeyChunk), std::min(len, (c + 1) * kKeyChunk),
+                         split ? partial_floats : -1, split ? num_splits : -1});
+        if (split) partial_floats += slot;
+      }
+      num_splits += split;
+    }
+  }
+  std::vector<SplitRun> splits(num_splits);
+  for (const ChunkTask& tk : tasks)
+    if (tk.split >= 0 && splits[tk.split].chunks++ == 0) splits[tk.split].partial = tk.partial;
+  std::vector<float> partials(partial_floats);
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<__m512bh> qv;
     std::vector<__m512> acc;
     std::vector<float> scores;  // [rows x group][n padded to 16]
+    std::vector<float> row_max, row_sum;
     std::vector<const c10::BFloat16*> rows;  // each visible token's value row
     for (int64_t task = begin; task < end; ++task) {
-      const auto [s0, nr] = runs[task / num_kv_heads];
-      const int64_t h = task % num_kv_heads, heads = nr * group;
-      const int64_t len = context_lens[s0 + nr - 1];  // the run's last row sees the most keys
-      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      const int64_t n = len - first, stride = (n + 15) / 16 * 16;
-      if (n <= 0) {
-        for (int64_t r = 0; r < nr; ++r) {
-          c10::BFloat16* o = out + ((s0 + r) * num_heads + h * group) * head_dim;
-          std::fill(o, o + group * head_dim, c10::BFloat16(0.f));
-        }
+      const ChunkTask& tk = tasks[task];
+      const auto [s0, nr] = runs[tk.run];
+      const int64_t h = tk.h, heads = nr * group, t0 = tk.t0, t1 = tk.t1;
+      const int64_t n = t1 - t0, stride = (n + 15) / 16 * 16;
+      if (n <= 0) {  // no key at all (an empty sequence): a run within one chunk
+        for (int64_t g = 0; g < heads; ++g) std::fill(out_row(s0, h, g), out_row(s0, h, g) + head_dim, c10::BFloat16(0.f));
         continue;
       }
       qv.resize(heads * nq);
@@ -184,9 +270,9 @@ void decode_attention_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* k
       const int32_t* table = block_tables + s0 * max_blocks;
       const __m512 vscale = _mm512_set1_ps(scale);
       // Pass 1: scores, a block (or part of one) at a time, at most 16 keys per reduction.
-      for (int64_t t = first; t < len;) {
+      for (int64_t t = t0; t < t1;) {
         const int64_t off = t % block_size;
-        const int64_t cnt = std::min<int64_t>({16, block_size - off, len - t});
+        const int64_t cnt = std::min<int64_t>({16, block_size - off, t1 - t});
         const c10::BFloat16* kb =
             k_cache + (((int64_t)table[t / block_size] * num_kv_heads + h) * block_size + off) * head_dim;
         for (int64_t r = 0; r < nr; ++r) {
@@ -208,23 +294,38 @@ void decode_attention_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* k
               }
               sums = reduce16(dots);
             }
-            float* dst = scores.data() + g * stride + (t - first);
+            float* dst = scores.data() + g * stride + (t - t0);
             _mm512_mask_storeu_ps(dst, valid, _mm512_mul_ps(sums, vscale));
           }
         }
         t += cnt;
       }
-      std::vector<float> inv(heads);
-      softmax_padded(scores.data(), heads, stride, inv.data());
+      row_max.resize(heads);
+      row_sum.resize(heads);
+      softmax_rows(scores.data(), heads, stride, row_max.data(), row_sum.data());
       // Pass 2: weighted sum of values in fp32.
       rows.resize(n);
-      for (int64_t t = first; t < len; ++t)
-        rows[t - first] =
+      for (int64_t t = t0; t < t1; ++t)
+        rows[t - t0] =
             v_cache + (((int64_t)table[t / block_size] * num_kv_heads + h) * block_size + t % block_size) * head_dim;
       weighted_values(rows.data(), scores.data(), stride, n, nv, heads, acc.data());
+      if (tk.partial >= 0) {
+        float* p = partials.data() + tk.partial;
+        for (int64_t g = 0; g < heads; ++g)
+          for (int64_t j = 0; j < nv; ++j) _mm512_storeu_ps(p + g * head_dim + j * 16, acc[g * nv + j]);
+        std::copy(row_max.begin(), row_max.end(), p + heads * head_dim);
+        std::copy(row_sum.begin(), row_sum.end(), p + heads * head_dim + heads);
+        SplitRun& sp = splits[tk.split];
+        if (sp.done.fetch_add(1, std::memory_order_acq_rel) + 1 == sp.chunks) {  // the last chunk: combine
+          std::vector<c10::BFloat16*> outs(heads);
+          for (int64_t g = 0; g < heads; ++g) outs[g] = out_row(s0, h, g);
+          combine_chunks(partials.data() + sp.partial, sp.chunks, heads, head_dim, outs.data());
+        }
+        continue;
+      }
       for (int64_t g = 0; g < heads; ++g) {
-        const __m512 vinv = _mm512_set1_ps(inv[g]);
-        c10::BFloat16* o = out + ((s0 + g / group) * num_heads + h * group + g % group) * head_dim;
+        const __m512 vinv = _mm512_set1_ps(1.f / row_sum[g]);
+        c10::BFloat16* o = out_row(s0, h, g);
         for (int64_t j = 0; j < nv; ++j) {
           // fp32 -> bf16 with round-to-nearest-even.
           const __m256bh packed = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[g * nv + j], vinv));
