@@ -20,6 +20,7 @@
 #endif
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -197,10 +198,7 @@ void combine_chunks(const float* partial, int64_t chunks, int64_t heads, int64_t
       for (int64_t j = 0; j < nv; ++j) acc[j] = _mm512_fmadd_ps(vf, _mm512_loadu_ps(a + j * 16), acc[j]);
     }
     const __m512 vinv = _mm512_set1_ps(1.f / total);
-    for (int64_t j = 0; j < nv; ++j) {
-      const __m256bh packed = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[j], vinv));  // round to nearest even
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(outs[g] + j * 16), (__m256i)packed);
-    }
+    for (int64_t j = 0; j < nv; ++j) store16(outs[g] + j * 16, _mm512_mul_ps(acc[j], vinv));
   }
 }
 
@@ -244,7 +242,7 @@ void decode_attention_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* k
   std::vector<SplitRun> splits(num_splits);
   for (const ChunkTask& tk : tasks)
     if (tk.split >= 0 && splits[tk.split].chunks++ == 0) splits[tk.split].partial = tk.partial;
-  std::vector<float> partials(partial_floats);
+  const std::unique_ptr<float[]> partials(new float[partial_floats]);  // every slot is written before it is read
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<__m512bh> qv;
     std::vector<__m512> acc;
@@ -310,7 +308,7 @@ void decode_attention_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* k
             v_cache + (((int64_t)table[t / block_size] * num_kv_heads + h) * block_size + t % block_size) * head_dim;
       weighted_values(rows.data(), scores.data(), stride, n, nv, heads, acc.data());
       if (tk.partial >= 0) {
-        float* p = partials.data() + tk.partial;
+        float* p = partials.get() + tk.partial;
         for (int64_t g = 0; g < heads; ++g)
           for (int64_t j = 0; j < nv; ++j) _mm512_storeu_ps(p + g * head_dim + j * 16, acc[g * nv + j]);
         std::copy(row_max.begin(), row_max.end(), p + heads * head_dim);
@@ -319,18 +317,14 @@ void decode_attention_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* k
         if (sp.done.fetch_add(1, std::memory_order_acq_rel) + 1 == sp.chunks) {  // the last chunk: combine
           std::vector<c10::BFloat16*> outs(heads);
           for (int64_t g = 0; g < heads; ++g) outs[g] = out_row(s0, h, g);
-          combine_chunks(partials.data() + sp.partial, sp.chunks, heads, head_dim, outs.data());
+          combine_chunks(partials.get() + sp.partial, sp.chunks, heads, head_dim, outs.data());
         }
         continue;
       }
       for (int64_t g = 0; g < heads; ++g) {
         const __m512 vinv = _mm512_set1_ps(1.f / row_sum[g]);
         c10::BFloat16* o = out_row(s0, h, g);
-        for (int64_t j = 0; j < nv; ++j) {
-          // fp32 -> bf16 with round-to-nearest-even.
-          const __m256bh packed = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[g * nv + j], vinv));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + j * 16), (__m256i)packed);
-        }
+        for (int64_t j = 0; j < nv; ++j) store16(o + j * 16, _mm512_mul_ps(acc[g * nv + j], vinv));
       }
     }
   });

@@ -757,8 +757,8 @@ void quant_matmul_impl(const T* x, const Weights& w, const T* bias, T* out, int6
     const bool stored_groups = w.group == kBlock || w.group == 16;  // gemv reads the scales as stored
     const std::vector<float> xsums = stored_groups ? std::vector<float>() : group_sums(xq, M, K, w.group);
 #ifdef LOOM_GEMV_ZMM
-    const bool zmm_codes = stored_groups && (w.bits == 4 || w.bits == 8);  // gemv's kZmm
-    const std::unique_ptr<ZmmActivations> zmm_owned = zmm_codes ? std::make_unique<ZmmActivations>(xq, M, K, w.bits) : nullptr;
+    const bool zmm_path = stored_groups && (w.bits == 4 || w.bits == 8);  // gemv's kZmm
+    const std::unique_ptr<ZmmActivations> zmm_owned = zmm_path ? std::make_unique<ZmmActivations>(xq, M, K, w.bits) : nullptr;
     const ZmmActivations* zmm = zmm_owned.get();
 #else
     const ZmmActivations* zmm = nullptr;
