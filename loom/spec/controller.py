@@ -26,6 +26,10 @@ MIN_GAIN = 0.05
 # acceptance it measures is what lets speculation start again (a rate that never gets measured
 # stays at its prior, which may be too low to ever pay).
 EXPLORE_EVERY = 32
+# A proposer measured over fewer draft positions than this is tried at once, at its full length: one
+# early rejection (say, of a short sampled first request) would otherwise hold its rate below what
+# pays until the next try, EXPLORE_EVERY steps later.
+MIN_MEASURED = 4
 
 
 class StepCostModel:

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from loom.request import Request, RequestStatus
-from loom.spec.controller import (EXPLORE_EVERY, PRIOR_WEIGHT, PROPOSER_DECAY, PROPOSER_PRIOR, REQUEST_DECAY,
+from loom.spec.controller import (EXPLORE_EVERY, MIN_MEASURED, PRIOR_WEIGHT, PROPOSER_DECAY, PROPOSER_PRIOR, REQUEST_DECAY,
                                   Acceptance, StepCostModel, choose_lengths)
 from loom.spec.proposer import Draft, Proposer
 from loom.step import StepPlan, StepResult
@@ -100,7 +100,9 @@ class Speculator:
 
     def _choose(self, reqs: list[Request], room: list[int], running: Sequence[Request]) -> list[int]:
         """Each request's number of drafts by predicted goodput; the proposer is not asked when no
-        draft could pay even if every one were accepted as often as the likeliest request's."""
+        draft could pay even if every one were accepted as often as the likeliest request's, except
+        to measure it: while it has been measured over fewer than MIN_MEASURED positions, and after
+        EXPLORE_EVERY steps without drafts."""
         cost = self.tree_cost if self.tree_cost is not None else self.step_cost
         assert cost is not None
         prior = self.proposer_acceptance.rate(PROPOSER_PRIOR, PRIOR_WEIGHT)
@@ -110,7 +112,8 @@ class Speculator:
         contexts = [r.num_tokens for r in reqs]
         base_context = sum(contexts)
         pass_cost = self.proposer.pass_cost
-        explore = self.idle_steps + 1 >= EXPLORE_EVERY
+        unmeasured = self.proposer_acceptance.tried < MIN_MEASURED
+        explore = unmeasured or self.idle_steps + 1 >= EXPLORE_EVERY
         if not explore and not any(choose_lengths([max(rates)] * len(reqs), room, base, self.budget, cost, pass_cost,
                                                   contexts, base_context)):
             self.idle_steps += 1
@@ -118,7 +121,11 @@ class Speculator:
         limits = self._limits(reqs, room)
         ks = choose_lengths(rates, limits, base, self.budget, cost, pass_cost, contexts, base_context)
         if explore and not any(ks) and any(limits):
-            ks[max((i for i in range(len(reqs)) if limits[i]), key=rates.__getitem__)] = 1
+            # A proposer barely measured gets a full-length try at once, which measures as many
+            # positions as a step can (one draft would leave its rate near the prior, which may
+            # never pay); later tries are one draft, as cheap as a try can be.
+            i = max((i for i in range(len(reqs)) if limits[i]), key=rates.__getitem__)
+            ks[i] = limits[i] if unmeasured else 1
         self.idle_steps = 0 if any(ks) else self.idle_steps + 1
         return ks
 

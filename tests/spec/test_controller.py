@@ -65,7 +65,7 @@ def test_the_speculator_tries_one_draft_after_a_run_of_idle_steps():
     from loom.request import Request, RequestStatus
     from loom.sampling import SamplingParams
     from loom.spec import Draft, Proposer, Speculator
-    from loom.spec.controller import EXPLORE_EVERY
+    from loom.spec.controller import EXPLORE_EVERY, MIN_MEASURED
 
     class Always(Proposer):
         name = "always"
@@ -77,8 +77,43 @@ def test_the_speculator_tries_one_draft_after_a_run_of_idle_steps():
     spec = Speculator(Always(), 4, None, steep, 512)
     req = Request("r", [1, 2, 3], SamplingParams(), status=RequestStatus.RUNNING, num_computed_tokens=2,
                   max_total_tokens=100)
+    spec.proposer_acceptance.observe(0, MIN_MEASURED, 1.0)  # measured (all rejected): no longer at its prior
     tried = []
     for _ in range(2 * EXPLORE_EVERY):
         spec.prepare([req])
         tried.append(len(req.draft_token_ids))
     assert tried.count(1) == 2 and sum(tried) == 2
+
+
+def test_a_proposer_barely_measured_gets_full_length_tries_at_once():
+    """Before MIN_MEASURED draft positions are verified the proposer's rate is mostly its prior, at
+    which drafts may never pay: each step tries as many drafts as the proposer has for one request,
+    and once enough are verified (here: every draft rejected) the controller goes back to its
+    prediction."""
+    from loom.request import Request, RequestStatus
+    from loom.sampling import SamplingParams
+    from loom.spec import Draft, Proposer, Speculator
+    from loom.step import RequestResult, ScheduledRequest, StepPlan, StepResult
+
+    class Always(Proposer):
+        name = "always"
+
+        def propose(self, requests, ks):
+            return [Draft((5,) * k) for k in ks]
+
+    steep = StepCostModel([(1, 0.001), (512, 0.512)])  # drafts never pay
+    spec = Speculator(Always(), 4, None, steep, 512)
+    req = Request("r", [1, 2, 3], SamplingParams(), status=RequestStatus.RUNNING, num_computed_tokens=2,
+                  max_total_tokens=100)
+    from loom.spec.controller import MIN_MEASURED
+
+    tries = 0
+    while spec.proposer_acceptance.tried < MIN_MEASURED:
+        spec.prepare([req])
+        assert list(req.draft_token_ids) == [5, 5, 5, 5]
+        plan = StepPlan([ScheduledRequest(req, 2, 1, sample=True, draft_token_ids=tuple(req.draft_token_ids))])
+        spec.observe(plan, StepResult({"r": RequestResult((7,))}, 0.0), 0.005)  # the first draft rejected
+        tries += 1
+    assert tries in (MIN_MEASURED, MIN_MEASURED + 1)  # one position per try, the older ones decayed
+    spec.prepare([req])
+    assert not req.draft_token_ids
