@@ -59,13 +59,12 @@ def test_long_contexts_make_draft_rows_dearer():
     assert 1.0 < cost.correction < 2.0
 
 
-def test_the_speculator_tries_one_draft_after_a_run_of_idle_steps():
-    """A proposer whose acceptance was never measured stays at its prior; after EXPLORE_EVERY steps
-    without drafts one request gets one, so that its acceptance gets measured."""
+def _speculator_whose_drafts_never_pay():
+    """A speculator over a proposer that always has drafts, with a step cost at which none pays, and
+    a running decode for it."""
     from loom.request import Request, RequestStatus
     from loom.sampling import SamplingParams
     from loom.spec import Draft, Proposer, Speculator
-    from loom.spec.controller import EXPLORE_EVERY, MIN_MEASURED
 
     class Always(Proposer):
         name = "always"
@@ -73,10 +72,19 @@ def test_the_speculator_tries_one_draft_after_a_run_of_idle_steps():
         def propose(self, requests, ks):
             return [Draft((5,) * k) for k in ks]
 
-    steep = StepCostModel([(1, 0.001), (512, 0.512)])  # drafts never pay
+    steep = StepCostModel([(1, 0.001), (512, 0.512)])
     spec = Speculator(Always(), 4, None, steep, 512)
     req = Request("r", [1, 2, 3], SamplingParams(), status=RequestStatus.RUNNING, num_computed_tokens=2,
                   max_total_tokens=100)
+    return spec, req
+
+
+def test_the_speculator_tries_one_draft_after_a_run_of_idle_steps():
+    """A proposer whose measured acceptance does not pay gets no drafts; after EXPLORE_EVERY steps
+    without drafts one request gets one, so that its acceptance is measured again."""
+    from loom.spec.controller import EXPLORE_EVERY, MIN_MEASURED
+
+    spec, req = _speculator_whose_drafts_never_pay()
     spec.proposer_acceptance.observe(0, MIN_MEASURED, 1.0)  # measured (all rejected): no longer at its prior
     tried = []
     for _ in range(2 * EXPLORE_EVERY):
@@ -90,23 +98,10 @@ def test_a_proposer_barely_measured_gets_full_length_tries_at_once():
     which drafts may never pay: each step tries as many drafts as the proposer has for one request,
     and once enough are verified (here: every draft rejected) the controller goes back to its
     prediction."""
-    from loom.request import Request, RequestStatus
-    from loom.sampling import SamplingParams
-    from loom.spec import Draft, Proposer, Speculator
+    from loom.spec.controller import MIN_MEASURED
     from loom.step import RequestResult, ScheduledRequest, StepPlan, StepResult
 
-    class Always(Proposer):
-        name = "always"
-
-        def propose(self, requests, ks):
-            return [Draft((5,) * k) for k in ks]
-
-    steep = StepCostModel([(1, 0.001), (512, 0.512)])  # drafts never pay
-    spec = Speculator(Always(), 4, None, steep, 512)
-    req = Request("r", [1, 2, 3], SamplingParams(), status=RequestStatus.RUNNING, num_computed_tokens=2,
-                  max_total_tokens=100)
-    from loom.spec.controller import MIN_MEASURED
-
+    spec, req = _speculator_whose_drafts_never_pay()
     tries = 0
     while spec.proposer_acceptance.tried < MIN_MEASURED:
         spec.prepare([req])
