@@ -8,8 +8,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from loom.request import Request, RequestStatus
-from loom.spec.controller import (EXPLORE_EVERY, MIN_MEASURED, PRIOR_WEIGHT, PROPOSER_DECAY, PROPOSER_PRIOR, REQUEST_DECAY,
-                                  Acceptance, StepCostModel, choose_lengths)
+from loom.spec.controller import (EXPLORE_EVERY, MIN_MEASURED, PRIOR_WEIGHT, PROPOSER_DECAY, PROPOSER_PRIOR,
+                                  REQUEST_DECAY, Acceptance, StepCostModel, choose_lengths)
 from loom.spec.proposer import Draft, Proposer
 from loom.step import StepPlan, StepResult
 
@@ -112,8 +112,8 @@ class Speculator:
         contexts = [r.num_tokens for r in reqs]
         base_context = sum(contexts)
         pass_cost = self.proposer.pass_cost
-        unmeasured = self.proposer_acceptance.tried < MIN_MEASURED
-        explore = unmeasured or self.idle_steps + 1 >= EXPLORE_EVERY
+        barely_measured = self.proposer_acceptance.tried < MIN_MEASURED
+        explore = barely_measured or self.idle_steps + 1 >= EXPLORE_EVERY
         if not explore and not any(choose_lengths([max(rates)] * len(reqs), room, base, self.budget, cost, pass_cost,
                                                   contexts, base_context)):
             self.idle_steps += 1
@@ -125,7 +125,7 @@ class Speculator:
             # positions as a step can (one draft would leave its rate near the prior, which may
             # never pay); later tries are one draft, as cheap as a try can be.
             i = max((i for i in range(len(reqs)) if limits[i]), key=rates.__getitem__)
-            ks[i] = limits[i] if unmeasured else 1
+            ks[i] = limits[i] if barely_measured else 1
         self.idle_steps = 0 if any(ks) else self.idle_steps + 1
         return ks
 
