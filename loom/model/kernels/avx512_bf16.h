@@ -5,6 +5,8 @@
 
 #include <c10/util/BFloat16.h>
 
+#include "avx512_reduce.h"  // reduce16
+
 namespace loom_simd {
 
 // 16 bf16 values -> 16 fp32 (bf16 is the top half of an fp32).
@@ -16,26 +18,6 @@ inline __m512 load_bf16(const c10::BFloat16* p) {
 // 32 bf16 values as VDPBF16PS operands.
 inline __m512bh load_bh(const c10::BFloat16* p) {
   return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(p));
-}
-
-// Horizontal sums of 16 vectors at once: lane i of the result is the sum of v[i]'s lanes.
-// A transpose-and-add tree costs ~3 instructions a vector instead of ~8 for 16 separate reductions.
-inline __m512 reduce16(const __m512 v[16]) {
-  __m512 w[8], x[4];
-  for (int i = 0; i < 8; ++i)  // halves: w[i] = [v[2i] partial (8 lanes) | v[2i+1] partial]
-    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
-                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
-  for (int i = 0; i < 4; ++i)  // quarters: x[i] = [v[4i] | v[4i+1] | v[4i+2] | v[4i+3]], 4 lanes each
-    x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
-  const __m512 y01 = _mm512_add_ps(_mm512_unpacklo_ps(x[0], x[1]), _mm512_unpackhi_ps(x[0], x[1]));
-  const __m512 y23 = _mm512_add_ps(_mm512_unpacklo_ps(x[2], x[3]), _mm512_unpackhi_ps(x[2], x[3]));
-  const __m512 z = _mm512_add_ps(
-      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(y01), _mm512_castps_pd(y23))),
-      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(y01), _mm512_castps_pd(y23))));
-  // lane 4k+i now holds sum(v[4i+k]); put it back at lane 4i+k.
-  const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
-  return _mm512_permutexvar_ps(order, z);
 }
 
 // exp(x) as 2^n * p(r), |relative error| < 2e-7; inputs clamped to [-87, 88] (no denormals, no NaN from inf).

@@ -24,6 +24,9 @@
 #include "cpu_check.h"
 #include "quant_codes.h"
 #include "static_count.h"
+#if defined(__AVX512F__)
+#include "avx512_reduce.h"
+#endif
 
 #ifdef LOOM_QUANT_KERNELS
 
@@ -582,44 +585,6 @@ struct ZmmActivations {
   const __m512i* chunk(int64_t m, int64_t c) const { return v.data() + m * per_row + c * kPerChunk; }
 };
 
-// out[i] = _mm512_reduce_add_ps(v[i]) for i < N (at most 16), with the same additions in the same
-// order (lane j + lane j + 8, then j + 4, then j + 2, then j + 1), but two to four vectors per
-// instruction: 35 instructions for 9 sums instead of 81 (the reductions were a quarter of a 9-row
-// product's time at K = 576, whose rows are only 18 blocks long).
-template <int N>
-inline void reduce_add_store(const __m512 (&v)[N], float* out) {
-  static_assert(N >= 1 && N <= 16);
-  constexpr int kHalves = (N + 1) / 2, kQuarters = (kHalves + 1) / 2, kEighths = (kQuarters + 1) / 2;
-  const __m512 zero = _mm512_setzero_ps();
-  // Vectors 2i and 2i + 1: their lanes j + (j + 8), in 256-bit halves.
-  __m512 halves[kHalves];
-#pragma GCC unroll 8
-  for (int i = 0; i < kHalves; ++i) {
-    const __m512 a = v[2 * i], b = 2 * i + 1 < N ? v[2 * i + 1] : zero;
-    halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
-  }
-  // Vectors 4i..4i + 3: + (j + 4), one per 128-bit lane.
-  __m512 quarters[kQuarters];
-#pragma GCC unroll 4
-  for (int i = 0; i < kQuarters; ++i) {
-    const __m512 a = halves[2 * i], b = 2 * i + 1 < kHalves ? halves[2 * i + 1] : zero;
-    quarters[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
-  }
-  // Vectors 8i + l and 8i + 4 + l in lane l: + (j + 2), as pairs of floats.
-  __m512 eighths[kEighths];
-#pragma GCC unroll 2
-  for (int i = 0; i < kEighths; ++i) {
-    const __m512d a = _mm512_castps_pd(quarters[2 * i]);
-    const __m512d b = _mm512_castps_pd(2 * i + 1 < kQuarters ? quarters[2 * i + 1] : zero);
-    eighths[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-  }
-  // + (j + 1): vector 4t + l lands in lane 4l + t.
-  const __m512 a = eighths[0], b = kEighths > 1 ? eighths[kEighths - 1] : zero;
-  const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x88), _mm512_shuffle_ps(a, b, 0xDD));
-  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << N) - 1), _mm512_permutexvar_ps(order, sums));
-}
-
 // The first n (at most 16) lanes.
 inline __mmask16 chunk_mask(int64_t n) { return n >= kChunk ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1); }
 
@@ -715,7 +680,9 @@ void gemv_rows_zmm(const Weights& w, const ZmmActivations& xs, const QuantizedRo
   for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 16
     for (int m = 0; m < MT; ++m) sums[r * MT + m] = acc[m][r];
-  reduce_add_store<NR * MT>(sums, out);
+  // The sums two to four per instruction: they were a quarter of a 9-row product's time at K = 576,
+  // whose rows are only 18 blocks long.
+  _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << (NR * MT)) - 1), loom_simd::reduce_n<NR * MT>(sums));
 }
 #endif
 
