@@ -18,6 +18,7 @@ from loom.config import CacheConfig, EngineConfig, SchedulerConfig
 from loom.kvcache import KVCacheManager
 from loom.model.arch import load_model_config
 from loom.model.files import gguf_file, resolve_model
+from loom.model.quant.formats import QUANTIZATION_CHOICES
 from loom.model.worker import Worker
 from loom.request import Request
 from loom.sampling import SamplingParams
@@ -35,11 +36,18 @@ GREEDY = SamplingParams(temperature=0.0)  # drafts are the draft model's most li
 @dataclass(frozen=True)
 class DraftOptions:
     kv_cache_tokens: int = 0  # tokens the draft's KV cache holds (0: as many as the target's)
+    # The draft's weight format, as --quantization names them ("": the target's --quantization). A
+    # pass of the draft reads all its weights, so on a CPU a smaller format makes every draft token
+    # cheaper; drafts are only proposals, verified by the target in its own format.
+    quantization: str = ""
 
     def __post_init__(self) -> None:
         if not 0 <= self.kv_cache_tokens <= MAX_KV_CACHE_TOKENS:
             raise ValueError(f"draft proposer: kv_cache_tokens must be from 0 to {MAX_KV_CACHE_TOKENS}, "
                              f"got {self.kv_cache_tokens}")
+        if self.quantization and self.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(f"draft proposer: quantization must be one of {', '.join(QUANTIZATION_CHOICES)}, "
+                             f"got {self.quantization!r}")
 
 
 class DraftModelProposer(Proposer):
@@ -59,6 +67,7 @@ class DraftModelProposer(Proposer):
         tokens = options.kv_cache_tokens or target_tokens
         draft_config = dataclasses.replace(
             config, model=model, tensor_parallel_size=1,  # the draft is small: whole, in the engine's process
+            quantization=options.quantization or config.quantization,
             cache=CacheConfig(block_size=bs, num_blocks=max(1, -(-tokens // bs)),
                               enable_prefix_caching=config.cache.enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
@@ -70,8 +79,8 @@ class DraftModelProposer(Proposer):
         self.kv = KVCacheManager(self.worker.kv.num_blocks, bs, config.cache.enable_prefix_caching)
         self.shadows: dict[str, Request] = {}
         self.pass_cost = StepCostModel(self.worker.measure_step_seconds(config.scheduler.max_num_seqs))
-        log.info("draft model %s: %s, KV cache of %d tokens", model, model_config.architecture,
-                 self.kv.num_blocks * bs)
+        log.info("draft model %s: %s, weights %s, KV cache of %d tokens", model, model_config.architecture,
+                 ", ".join(self.worker.weight_formats) or "dense", self.kv.num_blocks * bs)
 
     def _sync(self, req: Request, k: int) -> Request | None:
         """The request's shadow holding the target's tokens (computed up to where they agree), with

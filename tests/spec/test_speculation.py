@@ -69,6 +69,20 @@ def test_draft_model_keeps_greedy_output(model_dir, tiny_model):
         assert not proposer.shadows and proposer.kv.num_free_blocks == proposer.kv.num_blocks
 
 
+def test_draft_model_in_its_own_weight_format(model_dir):
+    """The draft's ``quantization`` option packs its weights (the target stays dense); greedy output
+    is still the target's own."""
+    ps = prompts(3, seed=4)
+    plain, _ = generate(model_dir, ps)
+    spec, llm = generate(model_dir, ps, speculative="draft", speculative_model=model_dir, speculative_k="3",
+                         speculative_config='{"quantization": "q8_0"}')
+    assert spec == plain
+    assert llm.engine.speculator.proposer.worker.weight_formats == ("q8_0",)
+    assert llm.engine.worker.weight_formats == ()
+    s = llm.engine.stats().spec
+    assert 0 < s.accepted_tokens <= s.draft_tokens
+
+
 def test_draft_model_with_another_vocabulary_is_refused(model_dir, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(model_dir, other)
@@ -85,6 +99,8 @@ def test_draft_model_with_another_vocabulary_is_refused(model_dir, tmp_path):
     (dict(speculative="ngram", speculative_config='{"max_n": 0}'), "min_n <= max_n"),
     (dict(speculative="ngram", speculative_config='{"depth": 3}'), "unknown option 'depth' for the ngram proposer"),
     (dict(speculative="draft"), "needs a draft model"),
+    (dict(speculative="draft", speculative_model="x", speculative_config='{"quantization": "q3"}'),
+     "quantization must be one of auto, none, q4_0"),
     (dict(speculative="magic"), "must be one of none, ngram, draft, lookahead"),
 ])
 def test_bad_options_are_refused(model_dir, opts, message):
