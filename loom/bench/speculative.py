@@ -34,6 +34,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--methods", default="none,ngram,lookahead",
                    help="comma-separated --speculative methods (draft needs --draft-model); default none,ngram,lookahead")
     g.add_argument("--draft-model", help="the draft method's --speculative-model")
+    g.add_argument("--draft-config", metavar="FILE|JSON",
+                   help="the draft method's --speculative-config, so that draft-only options (its quantization) "
+                        "leave the other methods alone (default: --speculative-config)")
     g.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of {', '.join(WORKLOADS)}")
     g.add_argument("--concurrency", default="1,4,16,64", help="comma-separated numbers of requests run at once")
     g.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (default 128)")
@@ -119,6 +122,8 @@ def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
             opts["speculative"] = method
         if method == "draft":
             opts["speculative_model"] = args.draft_model
+            if args.draft_config:
+                opts["speculative_config"] = args.draft_config
         llm = LLM(args.model, **opts)
         llm.generate(["Hello"], SamplingParams(max_tokens=4), use_tqdm=False)  # kernels built, weights touched
         for workload in workloads:

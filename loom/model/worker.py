@@ -250,27 +250,31 @@ class Worker:
                  "swap space %d blocks", swap_seconds * 1e3, bs, costs.recompute_seconds_per_token * 1e3, capacity_blocks)
         return costs
 
-    def _probe_seconds(self, start: int, rows: int) -> float:
-        """Seconds of a verification-shaped forward pass: one sequence's decode rows at positions
-        ``start .. start + rows - 1``, logits and greedy sampling for each, on blocks no request
-        holds yet (at start-up; the cache holds zeros there, which cost what real keys cost)."""
+    def _probe_seconds(self, start: int, rows: int, verify: bool = True) -> float:
+        """Seconds of a forward pass over one sequence's rows at positions ``start .. start + rows -
+        1`` on blocks no request holds yet (at start-up; the cache holds zeros there, which cost
+        what real keys cost): verification-shaped (logits and greedy sampling for every row) or
+        prefill-shaped (for the last row only)."""
         bs = self.kv.block_size
-        probe = Request("__probe__", [0] * (start + 1), SamplingParams(max_tokens=1, temperature=0.0),
+        tokens = start + (1 if verify else rows)
+        probe = Request("__probe__", [0] * tokens, SamplingParams(max_tokens=1, temperature=0.0),
                         block_ids=list(range(-(-(start + rows) // bs))), residual_slot=0 if self.kv.num_slots else -1)
-        plan = StepPlan([ScheduledRequest(probe, start, 1, sample=True, draft_token_ids=(0,) * (rows - 1))])
+        scheduled = (ScheduledRequest(probe, start, 1, sample=True, draft_token_ids=(0,) * (rows - 1)) if verify
+                     else ScheduledRequest(probe, start, rows, sample=True))
         seconds = float("inf")
         for _ in range(2):  # the first pass may pay one-time costs
             t0 = time.perf_counter()
-            self.execute(plan)
+            self.execute(StepPlan([scheduled]))
             seconds = min(seconds, time.perf_counter() - t0)
         return seconds
 
-    def measure_step_seconds(self, max_tokens: int) -> list[tuple[int, float]]:
-        """Seconds of a verification-shaped pass over a short context at 1, 2, 4, ... query tokens
-        up to ``max_tokens``: the speculation controller's cost curve."""
+    def measure_step_seconds(self, max_tokens: int, verify: bool = True) -> list[tuple[int, float]]:
+        """Seconds of a pass over a short context at 1, 2, 4, ... query tokens up to ``max_tokens``,
+        verification-shaped (the speculation controller's cost curve) or prefill-shaped (a draft
+        model catching up)."""
         max_tokens = max(1, min(max_tokens, self.kv.num_blocks * self.kv.block_size))
         sizes = [n for n in (1 << i for i in range(16)) if n < max_tokens] + [max_tokens]
-        points = [(n, self._probe_seconds(0, n)) for n in sizes]
+        points = [(n, self._probe_seconds(0, n, verify)) for n in sizes]
         self.phase_seconds.clear()
         return points
 

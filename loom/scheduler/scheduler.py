@@ -13,6 +13,7 @@ token-level stop checks, forks the samples of ``n > 1`` requests, and frees fini
 
 from __future__ import annotations
 
+import itertools
 import time
 
 from loom.config import SchedulerConfig
@@ -136,6 +137,16 @@ class Scheduler:
         if not short_of_blocks:
             self._admit(plan, budget, now)
         return plan
+
+    def prefill_backlog(self) -> int:
+        """Prompt tokens the next step could take beside its decodes: what running requests have
+        left of their prefill, and the uncached prompts of waiting requests for the free seats (an
+        estimate, for speculation's controller: the policy picks which wait)."""
+        running = sum(r.num_tokens - r.num_computed_tokens for r in self.running
+                      if r.num_tokens - r.num_computed_tokens > 1)
+        seats = max(self.config.max_num_seqs - len(self.running), 0)
+        waiting = itertools.islice((r for r in self.waiting if not r.num_swapped_tokens), seats)
+        return running + sum(r.num_tokens - self.kv.cached_prefix_tokens(r) for r in waiting)
 
     def _queue_state(self, now: float) -> QueueState:
         bs = self.kv.block_size

@@ -3,14 +3,17 @@ request (0 included) that maximises predicted goodput, the tokens the step is ex
 per second of step time.
 
 A request whose drafts are each accepted with probability ``a`` (independently, until the first
-rejection) and that gets ``k`` of them yields ``1 + a + ... + a^k`` tokens. The step costs what the
-target's forward pass over every query token costs (``StepCostModel``, measured) plus what
-proposing costs (a draft model's passes). Acceptance rates are moving averages per request,
-starting from the proposer's own average."""
+rejection) and that gets ``k`` of them yields ``1 + a + ... + a^k`` tokens. The decodes' share of
+the step costs what their rows add to the target's forward pass (``StepCostModel``, measured; beside
+a prefill chunk, only the rows' own cost: the chunk reads the weights anyway) plus what proposing
+costs (a draft model's passes, and the catching up a draft model must do before its first draft for
+a request, spread over that request's remaining tokens). Acceptance rates are moving averages per
+request, starting from the proposer's own average."""
 
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -45,7 +48,8 @@ class StepCostModel:
             raise ValueError("a step cost model needs at least one measured point")
         pts = sorted(points)
         self.tokens = [n for n, _ in pts]
-        self.seconds = [max(s, 1e-9) for _, s in pts]
+        # Non-decreasing (a noisy probe may measure a bigger pass as cheaper): a row never costs less than nothing.
+        self.seconds = list(itertools.accumulate((max(s, 1e-9) for _, s in pts), max))
         self.per_context_token = max(per_context_token, 0.0)
         self.correction = 1.0
 
@@ -86,36 +90,54 @@ class Acceptance:
 
 def choose_lengths(rates: Sequence[float], limits: Sequence[int], base_tokens: int, budget: int,
                    step_cost: StepCostModel, pass_cost: StepCostModel | None = None,
-                   contexts: Sequence[int] = (), base_context: int = 0, min_gain: float = MIN_GAIN) -> list[int]:
-    """Draft tokens per request maximising ``sum(expected tokens) / (step_cost(query tokens, context
-    read) + proposing)``. ``base_tokens``, ``base_context``: the step's query tokens and the context
-    their rows read without drafts (a decode's row reads its sequence); ``contexts[i]``: what each
-    draft row of request ``i`` reads (its sequence's length); ``budget``: the step's token budget;
+                   contexts: Sequence[int] = (), base_context: int = 0, min_gain: float = MIN_GAIN,
+                   prefill_tokens: int = 0, setup_per_token: Sequence[float] = ()) -> list[int]:
+    """Draft tokens per request maximising the decodes' goodput, ``sum(expected tokens) / (what
+    their rows add to the step + proposing)``. ``base_tokens``, ``base_context``: the decodes' query
+    tokens and the context their rows read without drafts (a decode's row reads its sequence);
+    ``contexts[i]``: what each draft row of request ``i`` reads (its sequence's length);
+    ``prefill_tokens``: the prefill chunks beside them in the step (their cost is not the decodes'
+    to pay, and they take their share of the budget first); ``budget``: the step's token budget;
     ``pass_cost``: a draft model's forward pass over a number of requests (its ``j``-th pass serves
-    the requests given ``j`` or more drafts), None when proposing is free; ``min_gain``: drafts must be
-    predicted to beat no drafts by this share.
+    the requests given ``j`` or more drafts), None when proposing is free; ``setup_per_token[i]``:
+    seconds charged per expected token of request ``i`` once it gets a draft (a draft model's
+    catching up, spread over the request's remaining tokens); ``min_gain``: drafts must be predicted
+    to beat no drafts by this share.
 
     Adding a draft to a request raises its expected tokens by ``rate^(k+1)``, less for each further
     one, so the best lengths for a given total are the largest such gains: the increments are
-    taken in that order and the best prefix wins (the cost curve is not convex: speculation may
-    pay only past a point)."""
-    gains = sorted(((rates[i] ** j, j, i) for i in range(len(rates)) for j in range(1, limits[i] + 1)), reverse=True)
-    gains = gains[: max(budget - base_tokens, 0)]
+    taken in that order (requests with a set-up charge last) and the best prefix wins (the cost
+    curve is not convex: speculation may pay only past a point)."""
+    def decode_cost(tokens: int, context: int) -> float:
+        if not prefill_tokens:
+            return step_cost(tokens, context)
+        return max(step_cost(prefill_tokens + tokens, context) - step_cost(prefill_tokens), 1e-9)
+
+    # A request's set-up charge moves all its increments back (by its share of what its first
+    # draft costs: near 1 where the charge dwarfs a row's own cost), so that requests the proposer
+    # has caught up on come first; a request's own increments keep their order.
+    row = decode_cost(base_tokens + 1, base_context) - decode_cost(base_tokens, base_context)
+    penalty = [s / (s + row) if s > 0 else 0.0 for s in setup_per_token] or [0.0] * len(rates)
+    ranked = sorted(((rates[i] ** j - penalty[i], -j, i) for i in range(len(rates)) for j in range(1, limits[i] + 1)),
+                    reverse=True)  # on a tie (a rate of 1) a request's earlier drafts first
+    gains = [(rates[i] ** -neg_j, -neg_j, i) for _, neg_j, i in ranked[: max(budget - base_tokens - prefill_tokens, 0)]]
     tokens, context = base_tokens, base_context
     produced = float(len(rates))
     proposing = 0.0
     passes: list[int] = []  # requests served by each draft pass
-    best, best_n = produced / step_cost(tokens, context) * (1 + min_gain), 0
+    best, best_n = produced / decode_cost(tokens, context) * (1 + min_gain), 0
     for n, (gain, j, i) in enumerate(gains, start=1):
         tokens += 1
         context += contexts[i] if contexts else 0
         produced += gain
+        if setup_per_token:
+            proposing += setup_per_token[i] * (gain + (j == 1))  # its own token too, once it drafts
         if pass_cost is not None:
             if len(passes) < j:
                 passes.append(0)
             proposing += pass_cost(passes[j - 1] + 1) - (pass_cost(passes[j - 1]) if passes[j - 1] else 0.0)
             passes[j - 1] += 1
-        goodput = produced / (step_cost(tokens, context) + proposing)
+        goodput = produced / (decode_cost(tokens, context) + proposing)
         if goodput > best:
             best, best_n = goodput, n
     out = [0] * len(rates)

@@ -78,25 +78,47 @@ class DraftModelProposer(Proposer):
                              tuple(model_config.eos_token_ids), gguf_file(model))
         self.kv = KVCacheManager(self.worker.kv.num_blocks, bs, config.cache.enable_prefix_caching)
         self.shadows: dict[str, Request] = {}
+        self.probes: dict[str, Request] = {}  # shadow-less requests' prompts, to ask the prefix cache what it holds
         self.pass_cost = StepCostModel(self.worker.measure_step_seconds(config.scheduler.max_num_seqs))
+        # Catching a shadow up is a prefill: logits for its last row only.
+        self.catch_up_cost = StepCostModel(self.worker.measure_step_seconds(config.scheduler.max_num_batched_tokens,
+                                                                            verify=False))
         log.info("draft model %s: %s, weights %s, KV cache of %d tokens", model, model_config.architecture,
                  ", ".join(self.worker.weight_formats) or "dense", self.kv.num_blocks * bs)
+
+    def _computed(self, req: Request) -> int:
+        """How many of ``req``'s tokens the draft's cache holds: its shadow's, up to where the two
+        agree, or else what the prefix cache holds of its prompt."""
+        shadow = self.shadows.get(req.request_id)
+        if shadow is not None:
+            return min(shadow.num_computed_tokens, req.num_prompt_tokens + _agreeing(shadow, req))
+        if req.num_tokens <= 1:
+            return 0
+        probe = self.probes.get(req.request_id)
+        if probe is None:
+            probe = self.probes[req.request_id] = Request(req.request_id, req.prompt_token_ids, GREEDY)
+        return self.kv.cached_prefix_tokens(probe)
+
+    def setup_seconds(self, requests: Sequence[Request]) -> list[float]:
+        """A pass over the tokens each shadow lacks before the last one (all of a new request's
+        prompt, less what the prefix cache holds), beyond the one-token pass that drafts."""
+        one = self.catch_up_cost(1)
+        return [max(self.catch_up_cost(r.num_tokens - self._computed(r)) - one, 0.0) for r in requests]
 
     def _sync(self, req: Request, k: int) -> Request | None:
         """The request's shadow holding the target's tokens (computed up to where they agree), with
         blocks for ``k`` more; None when the draft's cache has no room (no draft this step)."""
         shadow = self.shadows.get(req.request_id)
         if shadow is None:
+            self._drop_probe(req.request_id)
             shadow = self.shadows[req.request_id] = Request(req.request_id, req.prompt_token_ids, GREEDY)
             hits = self.kv.match_prefix(shadow) if req.num_tokens > 1 else []
             shadow.num_computed_tokens = len(hits) * self.kv.block_size
             if not self.kv.allocate(shadow, shadow.num_computed_tokens, hits):
                 del self.shadows[req.request_id]
                 return None
-        old, new = shadow.output_token_ids, req.output_token_ids
-        same = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
-        shadow.num_computed_tokens = min(shadow.num_computed_tokens, req.num_prompt_tokens + same)
-        shadow.output_token_ids = list(new)
+        shadow.num_computed_tokens = min(shadow.num_computed_tokens, req.num_prompt_tokens + _agreeing(shadow, req))
+        shadow.output_token_ids = list(req.output_token_ids)
         self.kv.truncate(shadow, shadow.num_computed_tokens)
         if req.num_tokens + k - 1 > self.max_model_len or not self.kv.allocate(shadow, req.num_tokens + k - 1):
             self._drop(req.request_id)
@@ -125,6 +147,18 @@ class DraftModelProposer(Proposer):
         if shadow is not None:
             self.kv.free(shadow)
 
+    def _drop_probe(self, request_id: str) -> None:
+        probe = self.probes.pop(request_id, None)
+        if probe is not None:
+            self.kv.free(probe)  # its memo of block keys
+
     def forget(self, request_ids: Iterable[str]) -> None:
         for rid in request_ids:
             self._drop(rid)
+            self._drop_probe(rid)
+
+
+def _agreeing(shadow: Request, req: Request) -> int:
+    """Output tokens at the start of ``shadow``'s that ``req``'s output also has."""
+    old, new = shadow.output_token_ids, req.output_token_ids
+    return next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))

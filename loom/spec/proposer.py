@@ -61,10 +61,15 @@ class Proposer(ABC):
         finds its guesses here and hands them out in ``propose``)."""
         return [max_k] * len(requests)
 
+    def setup_seconds(self, requests: Sequence[Request]) -> list[float]:
+        """Seconds of the work the proposer must do for each request before its first draft (a
+        draft model catching up on the tokens it has not run); a proposer that reads the request's
+        tokens as they are has none."""
+        return [0.0] * len(requests)
+
     @abstractmethod
     def propose(self, requests: Sequence[Request], ks: Sequence[int]) -> list[Draft]:
         """At most ``ks[i]`` tokens for ``requests[i]`` (``ks[i]`` may be 0: no draft)."""
-
 
     def forget(self, request_ids: Iterable[str]) -> None:
         """Drop what it keeps for requests that are gone (finished, aborted or preempted)."""

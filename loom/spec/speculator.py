@@ -69,8 +69,10 @@ class Speculator:
         return [r for r in running if r.status is RequestStatus.RUNNING and r.num_computed_tokens == r.num_tokens - 1
                 and not r.swap_in_pending and not r.forks and not r.embed and r.max_total_tokens - r.num_tokens > 1]
 
-    def prepare(self, running: Sequence[Request]) -> None:
-        """Set ``draft_token_ids`` (and ``draft_parents`` for a tree) on the running decodes."""
+    def prepare(self, running: Sequence[Request], prefill_tokens: int = 0) -> None:
+        """Set ``draft_token_ids`` (and ``draft_parents`` for a tree) on the running decodes;
+        ``prefill_tokens``: the prompt tokens the step may take beside them (the scheduler's
+        estimate)."""
         for r in running:
             r.draft_token_ids.clear()  # unscheduled last step: stale now
             r.draft_parents.clear()
@@ -81,7 +83,7 @@ class Speculator:
         if self.fixed_k is not None:
             ks = self._limits(reqs, room)
         else:
-            ks = self._choose(reqs, room, running)
+            ks = self._choose(reqs, room, prefill_tokens)
         self.steps_without_drafts += ks.count(0)
         chosen = [(r, k) for r, k in zip(reqs, ks) if k > 0]
         if not chosen:
@@ -98,34 +100,48 @@ class Speculator:
         """What the proposer could propose for each request, within its room."""
         return [min(k, n) for k, n in zip(self.proposer.limits(reqs, max(room)), room)]
 
-    def _choose(self, reqs: list[Request], room: list[int], running: Sequence[Request]) -> list[int]:
+    def _choose(self, reqs: list[Request], room: list[int], prefill_tokens: int) -> list[int]:
         """Each request's number of drafts by predicted goodput; the proposer is not asked when no
         draft could pay even if every one were accepted as often as the likeliest request's, except
         to measure it: while it has been measured over fewer than MIN_MEASURED positions, and after
-        EXPLORE_EVERY steps without drafts."""
+        EXPLORE_EVERY steps without drafts, when drafts accepted every time would pay."""
         cost = self.tree_cost if self.tree_cost is not None else self.step_cost
         assert cost is not None
         prior = self.proposer_acceptance.rate(PROPOSER_PRIOR, PRIOR_WEIGHT)
         rates = [self.acceptance.get(r.request_id, Acceptance()).rate(prior, PRIOR_WEIGHT) for r in reqs]
-        prefill = sum(r.num_tokens - r.num_computed_tokens for r in running if r.num_tokens - r.num_computed_tokens > 1)
-        base = min(len(reqs) + prefill, self.budget)
+        base = len(reqs)
+        prefill = min(prefill_tokens, max(self.budget - base, 0))
         contexts = [r.num_tokens for r in reqs]
-        base_context = sum(contexts)
-        pass_cost = self.proposer.pass_cost
+        # A proposer's set-up for a request (a draft model catching up) serves the drafts of all the
+        # request's remaining tokens: each expected token carries its share.
+        setup_seconds = self.proposer.setup_seconds(reqs)
+        setup = [s / max(r.max_total_tokens - r.num_tokens, 1) for s, r in zip(setup_seconds, reqs)]
+
+        def lengths(rates: list[float], limits: list[int], setup: list[float]) -> list[int]:
+            return choose_lengths(rates, limits, base, self.budget, cost, self.proposer.pass_cost, contexts,
+                                  sum(contexts), prefill_tokens=prefill, setup_per_token=setup)
+
         barely_measured = self.proposer_acceptance.tried < MIN_MEASURED
         explore = barely_measured or self.idle_steps + 1 >= EXPLORE_EVERY
-        if not explore and not any(choose_lengths([max(rates)] * len(reqs), room, base, self.budget, cost, pass_cost,
-                                                  contexts, base_context)):
+        cheapest = [min(setup)] * len(reqs)
+        # Without a try, the likeliest rate must pay; a try is pointless where even a rate of 1
+        # would not (the cost holds drafts back then, not the rate a try would measure).
+        bound = [1.0] * len(reqs) if explore else [max(rates)] * len(reqs)
+        if not barely_measured and not any(lengths(bound, room, cheapest)):
             self.idle_steps += 1
             return [0] * len(reqs)
         limits = self._limits(reqs, room)
-        ks = choose_lengths(rates, limits, base, self.budget, cost, pass_cost, contexts, base_context)
+        ks = lengths(rates, limits, setup)
         if explore and not any(ks) and any(limits):
             # A proposer barely measured gets a full-length try at once, which measures as many
             # positions as a step can (one draft would leave its rate near the prior, which may
-            # never pay); later tries are one draft, as cheap as a try can be.
-            i = max((i for i in range(len(reqs)) if limits[i]), key=rates.__getitem__)
-            ks[i] = limits[i] if barely_measured else 1
+            # never pay); later tries are one draft, as cheap as a try can be, for the request whose
+            # set-up costs least, and none where that set-up alone costs more than the step.
+            i = min((i for i in range(len(reqs)) if limits[i]), key=lambda i: (setup[i], -rates[i]))
+            if barely_measured:
+                ks[i] = limits[i]
+            elif setup_seconds[i] <= cost(base, sum(contexts)):
+                ks[i] = 1
         self.idle_steps = 0 if any(ks) else self.idle_steps + 1
         return ks
 

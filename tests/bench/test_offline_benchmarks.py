@@ -62,3 +62,17 @@ def test_spec_bench_reports_every_method_workload_and_concurrency(tiny_model, tm
         if r["method"] == "ngram":
             assert r["speedup"] > 0 and r["draft_tokens"] >= 0
     assert main(["bench", "spec", "--methods", "none,draft", "--model", str(tiny_model("llama"))]) == 2  # no --draft-model
+
+
+def test_spec_bench_gives_draft_only_options_to_the_draft_method_alone(tiny_model, tmp_path):
+    """``--draft-config`` reaches the draft method only: with its quantization in
+    ``--speculative-config`` instead, ngram would refuse the option and not start."""
+    model = str(tiny_model("llama"))
+    out = tmp_path / "spec.json"
+    rc = main(["bench", "spec", "--model", model, "--dtype", "float32", "--methods", "ngram,draft", "--draft-model",
+               model, "--draft-config", '{"quantization": "q8_0"}', "--workloads", "code", "--concurrency", "1",
+               "--max-tokens", "4", "--code-chars", "600", "--output-json", str(out)])
+    assert rc == 0
+    assert [r["method"] for r in json.loads(out.read_text())["rows"]] == ["ngram", "draft"]
+    assert main(["bench", "spec", "--model", model, "--dtype", "float32", "--methods", "ngram", "--workloads", "code",
+                 "--concurrency", "1", "--max-tokens", "4", "--speculative-config", '{"quantization": "q8_0"}']) == 2

@@ -44,6 +44,20 @@ def test_chunked_prefill_respects_budget_and_decodes_go_first():
     assert [(s.request, s.start, s.num_new_tokens) for s in plan.scheduled] == [(a, 5, 1), (b, 15, 15)]
 
 
+def test_prefill_backlog_counts_unfinished_prefills_and_waiting_prompts_for_free_seats():
+    sched, _ = make(budget=16, max_seqs=3)
+    a = req("a", 4, 0.0)
+    sched.add(a)
+    run(sched, sched.schedule())  # a decodes now
+    b, c, d = req("bb", 40, 1.0), req("c", 10, 2.0), req("d", 30, 3.0)  # c starts with a's prompt
+    for r in (b, c, d):
+        sched.add(r)
+    assert sched.prefill_backlog() == 40 + 6  # two free seats, d waits for one; a's first block is cached
+    run(sched, sched.schedule())  # a's token and 15 of b's
+    assert sched.prefill_backlog() == 25 + 6
+    assert sched.prefill_backlog() == 31  # asking changes nothing
+
+
 def test_scheduled_request_records_its_start():
     sched, _ = make(budget=8)
     a = req("a", 20, 0.0)

@@ -7,6 +7,16 @@ import pytest
 from loom.spec.controller import Acceptance, StepCostModel, choose_lengths
 
 
+def steep() -> StepCostModel:
+    """Cost proportional to tokens: no draft ever pays."""
+    return StepCostModel([(1, 0.001), (512, 0.512)])
+
+
+def dear_row() -> StepCostModel:
+    """A draft row costs 15% of a step: drafts pay if accepted often, not at a rate measured near 0."""
+    return StepCostModel([(1, 0.010), (2, 0.0115), (512, 0.600)])
+
+
 def test_step_cost_model_interpolates_and_corrects():
     cost = StepCostModel([(1, 0.010), (8, 0.011), (64, 0.040)])
     assert cost(1) == pytest.approx(0.010) and cost(4.5) == pytest.approx(0.0105)
@@ -31,8 +41,7 @@ def test_memory_bound_steps_speculate_and_compute_bound_ones_do_not():
     assert choose_lengths([0.8], [8], 1, 512, flat) == [8]
     assert choose_lengths([0.05], [8], 1, 512, flat, min_gain=0)[0] >= 1  # a poor guess costs next to nothing
     assert choose_lengths([0.05], [8], 1, 512, flat) == [0]  # but gains under MIN_GAIN are not worth it
-    steep = StepCostModel([(1, 0.001), (512, 0.512)])  # cost proportional to tokens
-    assert choose_lengths([0.8] * 64, [8] * 64, 64, 512, steep) == [0] * 64
+    assert choose_lengths([0.8] * 64, [8] * 64, 64, 512, steep()) == [0] * 64
     # In between: the likelier requests get drafts first, and never past the token budget.
     mid = StepCostModel([(1, 0.010), (16, 0.012), (64, 0.030), (512, 0.250)])
     ks = choose_lengths([0.9] * 8 + [0.1] * 8, [8] * 16, 16, 40, mid)
@@ -47,6 +56,26 @@ def test_a_draft_models_passes_cost_speculation():
     assert choose_lengths([0.6], [8], 1, 512, flat, StepCostModel([(1, 0.050)])) == [0]
 
 
+def test_beside_a_prefill_chunk_the_decodes_pay_only_their_rows():
+    """A step that prefills reads the weights anyway, so the decodes' own cost is what their rows
+    add; beside it a draft model's passes are dear, where alone they would pay."""
+    cost = StepCostModel([(1, 0.010), (64, 0.011), (512, 0.500)])
+    passes = StepCostModel([(1, 0.004), (64, 0.005)])
+    assert choose_lengths([0.8] * 4, [8] * 4, 4, 512, cost, passes) == [2] * 4
+    assert choose_lengths([0.8] * 4, [8] * 4, 4, 512, cost, passes, prefill_tokens=400) == [0] * 4
+    # The chunk takes its share of the budget first.
+    assert sum(choose_lengths([0.9] * 4, [8] * 4, 4, 512, cost, prefill_tokens=500)) <= 8
+
+
+def test_a_proposers_set_up_is_charged_to_the_tokens_it_serves():
+    flat = StepCostModel([(1, 0.010), (64, 0.011)])
+    passes = StepCostModel([(1, 0.002), (64, 0.003)])
+    assert choose_lengths([0.9], [8], 1, 512, flat, passes, setup_per_token=[0.002]) == [7]
+    assert choose_lengths([0.9], [8], 1, 512, flat, passes, setup_per_token=[0.006]) == [0]
+    # Of two requests alike, the one the proposer has caught up on gets the drafts.
+    assert choose_lengths([0.9] * 2, [8] * 2, 2, 512, flat, passes, setup_per_token=[0.004, 0.0]) == [0, 5]
+
+
 def test_long_contexts_make_draft_rows_dearer():
     """A draft row reads its whole sequence: over a long context a row costs more than the curve
     measured over a short one, and fewer drafts pay."""
@@ -59,9 +88,9 @@ def test_long_contexts_make_draft_rows_dearer():
     assert 1.0 < cost.correction < 2.0
 
 
-def _speculator_whose_drafts_never_pay():
-    """A speculator over a proposer that always has drafts, with a step cost at which none pays, and
-    a running decode for it."""
+def _speculator(cost: StepCostModel, setup_seconds: float = 0.0):
+    """A speculator over a proposer that always has drafts (after ``setup_seconds`` of set-up for
+    each request), with the given step cost, and a running decode for it."""
     from loom.request import Request, RequestStatus
     from loom.sampling import SamplingParams
     from loom.spec import Draft, Proposer, Speculator
@@ -69,11 +98,13 @@ def _speculator_whose_drafts_never_pay():
     class Always(Proposer):
         name = "always"
 
+        def setup_seconds(self, requests):
+            return [setup_seconds] * len(requests)
+
         def propose(self, requests, ks):
             return [Draft((5,) * k) for k in ks]
 
-    steep = StepCostModel([(1, 0.001), (512, 0.512)])
-    spec = Speculator(Always(), 4, None, steep, 512)
+    spec = Speculator(Always(), 4, None, cost, 512)
     req = Request("r", [1, 2, 3], SamplingParams(), status=RequestStatus.RUNNING, num_computed_tokens=2,
                   max_total_tokens=100)
     return spec, req
@@ -84,13 +115,40 @@ def test_the_speculator_tries_one_draft_after_a_run_of_idle_steps():
     without drafts one request gets one, so that its acceptance is measured again."""
     from loom.spec.controller import EXPLORE_EVERY, MIN_MEASURED
 
-    spec, req = _speculator_whose_drafts_never_pay()
+    spec, req = _speculator(dear_row())
     spec.proposer_acceptance.observe(0, MIN_MEASURED, 1.0)  # measured (all rejected): no longer at its prior
     tried = []
     for _ in range(2 * EXPLORE_EVERY):
         spec.prepare([req])
         tried.append(len(req.draft_token_ids))
     assert tried.count(1) == 2 and sum(tried) == 2
+
+
+def test_no_tries_where_a_request_s_set_up_costs_more_than_the_step():
+    """A try costs what the proposer must do before its first draft: where that is a draft model's
+    prefill of the whole prompt, dearer than the step, a try's measurement is not worth it."""
+    from loom.spec.controller import EXPLORE_EVERY, MIN_MEASURED
+
+    for setup, tries in ((0.005, 2), (0.050, 0)):  # the step costs 10 ms
+        spec, req = _speculator(dear_row(), setup)
+        spec.proposer_acceptance.observe(0, MIN_MEASURED, 1.0)
+        tried = []
+        for _ in range(2 * EXPLORE_EVERY):
+            spec.prepare([req])
+            tried.append(len(req.draft_token_ids))
+        assert sum(tried) == tries
+
+
+def test_no_tries_where_drafts_accepted_every_time_would_not_pay():
+    """Where the cost holds drafts back (a step compute-bound, or a draft model's catching up
+    dearer than what it serves), a try would only measure acceptance again: none is made."""
+    from loom.spec.controller import EXPLORE_EVERY, MIN_MEASURED
+
+    spec, req = _speculator(steep())
+    spec.proposer_acceptance.observe(0, MIN_MEASURED, 1.0)
+    for _ in range(2 * EXPLORE_EVERY):
+        spec.prepare([req])
+        assert not req.draft_token_ids
 
 
 def test_a_proposer_barely_measured_gets_full_length_tries_at_once():
@@ -101,7 +159,7 @@ def test_a_proposer_barely_measured_gets_full_length_tries_at_once():
     from loom.spec.controller import MIN_MEASURED
     from loom.step import RequestResult, ScheduledRequest, StepPlan, StepResult
 
-    spec, req = _speculator_whose_drafts_never_pay()
+    spec, req = _speculator(steep())
     tries = 0
     while spec.proposer_acceptance.tried < MIN_MEASURED:
         spec.prepare([req])
@@ -112,3 +170,11 @@ def test_a_proposer_barely_measured_gets_full_length_tries_at_once():
     assert tries in (MIN_MEASURED, MIN_MEASURED + 1)  # one position per try, the older ones decayed
     spec.prepare([req])
     assert not req.draft_token_ids
+
+
+def test_drafts_accepted_every_time_are_taken_in_order():
+    """With a rate of 1 every increment gains as much: a request's first draft still comes first."""
+    flat = StepCostModel([(1, 0.010), (64, 0.011)])
+    assert choose_lengths([1.0] * 3, [4, 2, 3], 3, 512, flat, StepCostModel([(1, 0.0001)])) == [4, 2, 3]
+    # A draft model's pass for one request's fourth draft costs more than the token it brings.
+    assert choose_lengths([1.0] * 3, [4, 2, 3], 3, 512, flat, StepCostModel([(1, 0.002), (64, 0.003)])) == [3, 2, 3]

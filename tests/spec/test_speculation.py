@@ -15,6 +15,7 @@ from loom.engine import LLM, Engine, engine_config
 from loom.request import Request
 from loom.sampling import SamplingParams
 from loom.spec import Draft, Proposer
+from loom.spec.controller import StepCostModel
 from loom.step import ScheduledRequest, StepPlan
 from tests.engine.test_engine import prompts
 
@@ -66,7 +67,8 @@ def test_draft_model_keeps_greedy_output(model_dir, tiny_model):
         if draft == model_dir:
             assert s.accepted_tokens == s.draft_tokens
         proposer = llm.engine.speculator.proposer
-        assert not proposer.shadows and proposer.kv.num_free_blocks == proposer.kv.num_blocks
+        assert not proposer.shadows and not proposer.probes
+        assert proposer.kv.num_free_blocks == proposer.kv.num_blocks
 
 
 def test_draft_model_in_its_own_weight_format(model_dir):
@@ -81,6 +83,25 @@ def test_draft_model_in_its_own_weight_format(model_dir):
     assert llm.engine.worker.weight_formats == ()
     s = llm.engine.stats().spec
     assert 0 < s.accepted_tokens <= s.draft_tokens
+
+
+def test_a_draft_models_catching_up_is_priced(model_dir):
+    """Before its first draft for a request the draft model must run the request's prompt (less
+    what its prefix cache holds): that is its set-up cost, dearer for a longer prompt; once the
+    request's shadow is in step there is none."""
+    llm = LLM(model_dir, dtype="float32", block_size=4, speculative="draft", speculative_model=model_dir)
+    proposer = llm.engine.speculator.proposer
+    proposer.catch_up_cost = StepCostModel([(1, 0.001), (512, 0.512)])  # 1 ms a token, for exact figures
+    short, long = (Request(f"r{n}", prompts(1, seed=n)[0][:8] * (n // 8), SamplingParams()) for n in (8, 200))
+    assert proposer.setup_seconds([short, long]) == pytest.approx([0.007, 0.199])  # all but the one drafting
+    (draft,) = proposer.propose([long], [2])
+    long.output_token_ids += [draft.token_ids[0], draft.token_ids[1] + 1]  # the second draft rejected
+    assert proposer.setup_seconds([long]) == [0.0]
+    proposer.forget(["r200"])  # its full blocks stay in the draft's prefix cache
+    again = Request("again", list(long.prompt_token_ids), SamplingParams())
+    assert proposer.setup_seconds([again]) == pytest.approx([0.003])  # 196 of its 200 tokens cached (4 a block)
+    proposer.forget(["r8", "again"])
+    assert not proposer.shadows and not proposer.probes
 
 
 def test_draft_model_with_another_vocabulary_is_refused(model_dir, tmp_path):
