@@ -441,7 +441,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         if self.speculator is not None:
-            self.speculator.prepare(self.scheduler.running, self.scheduler.prefill_backlog())
+            self.speculator.prepare(self.scheduler.running, self.scheduler.prefill_backlog)
         plan = self.scheduler.schedule()
         if not plan:
             return self._collect_finished()

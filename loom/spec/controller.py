@@ -108,10 +108,12 @@ def choose_lengths(rates: Sequence[float], limits: Sequence[int], base_tokens: i
     one, so the best lengths for a given total are the largest such gains: the increments are
     taken in that order (requests with a set-up charge last) and the best prefix wins (the cost
     curve is not convex: speculation may pay only past a point)."""
+    prefill_cost = step_cost(prefill_tokens) if prefill_tokens else 0.0
+
     def decode_cost(tokens: int, context: int) -> float:
         if not prefill_tokens:
             return step_cost(tokens, context)
-        return max(step_cost(prefill_tokens + tokens, context) - step_cost(prefill_tokens), 1e-9)
+        return max(step_cost(prefill_tokens + tokens, context) - prefill_cost, 1e-9)
 
     # A request's set-up charge moves all its increments back (by its share of what its first
     # draft costs: near 1 where the charge dwarfs a row's own cost), so that requests the proposer

@@ -117,7 +117,7 @@ class DraftModelProposer(Proposer):
             if not self.kv.allocate(shadow, shadow.num_computed_tokens, hits):
                 del self.shadows[req.request_id]
                 return None
-        shadow.num_computed_tokens = min(shadow.num_computed_tokens, req.num_prompt_tokens + _agreeing(shadow, req))
+        shadow.num_computed_tokens = self._computed(req)
         shadow.output_token_ids = list(req.output_token_ids)
         self.kv.truncate(shadow, shadow.num_computed_tokens)
         if req.num_tokens + k - 1 > self.max_model_len or not self.kv.allocate(shadow, req.num_tokens + k - 1):

@@ -4,7 +4,7 @@ from what the step cost."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from loom.request import Request, RequestStatus
@@ -69,10 +69,10 @@ class Speculator:
         return [r for r in running if r.status is RequestStatus.RUNNING and r.num_computed_tokens == r.num_tokens - 1
                 and not r.swap_in_pending and not r.forks and not r.embed and r.max_total_tokens - r.num_tokens > 1]
 
-    def prepare(self, running: Sequence[Request], prefill_tokens: int = 0) -> None:
+    def prepare(self, running: Sequence[Request], prefill_backlog: Callable[[], int] | None = None) -> None:
         """Set ``draft_token_ids`` (and ``draft_parents`` for a tree) on the running decodes;
-        ``prefill_tokens``: the prompt tokens the step may take beside them (the scheduler's
-        estimate)."""
+        ``prefill_backlog``: the prompt tokens the step may take beside them (the scheduler's
+        estimate, asked only when the lengths are chosen)."""
         for r in running:
             r.draft_token_ids.clear()  # unscheduled last step: stale now
             r.draft_parents.clear()
@@ -83,7 +83,7 @@ class Speculator:
         if self.fixed_k is not None:
             ks = self._limits(reqs, room)
         else:
-            ks = self._choose(reqs, room, prefill_tokens)
+            ks = self._choose(reqs, room, prefill_backlog() if prefill_backlog is not None else 0)
         self.steps_without_drafts += ks.count(0)
         chosen = [(r, k) for r, k in zip(reqs, ks) if k > 0]
         if not chosen:
@@ -112,6 +112,7 @@ class Speculator:
         base = len(reqs)
         prefill = min(prefill_tokens, max(self.budget - base, 0))
         contexts = [r.num_tokens for r in reqs]
+        base_context = sum(contexts)
         # A proposer's set-up for a request (a draft model catching up) serves the drafts of all the
         # request's remaining tokens: each expected token carries its share.
         setup_seconds = self.proposer.setup_seconds(reqs)
@@ -119,7 +120,7 @@ class Speculator:
 
         def lengths(rates: list[float], limits: list[int], setup: list[float]) -> list[int]:
             return choose_lengths(rates, limits, base, self.budget, cost, self.proposer.pass_cost, contexts,
-                                  sum(contexts), prefill_tokens=prefill, setup_per_token=setup)
+                                  base_context, prefill_tokens=prefill, setup_per_token=setup)
 
         barely_measured = self.proposer_acceptance.tried < MIN_MEASURED
         explore = barely_measured or self.idle_steps + 1 >= EXPLORE_EVERY
@@ -140,7 +141,7 @@ class Speculator:
             i = min((i for i in range(len(reqs)) if limits[i]), key=lambda i: (setup[i], -rates[i]))
             if barely_measured:
                 ks[i] = limits[i]
-            elif setup_seconds[i] <= cost(base, sum(contexts)):
+            elif setup_seconds[i] <= cost(base, base_context):
                 ks[i] = 1
         self.idle_steps = 0 if any(ks) else self.idle_steps + 1
         return ks
