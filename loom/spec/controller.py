@@ -16,6 +16,10 @@ import bisect
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import overload
+
+import numpy as np
+from numpy.typing import ArrayLike
 
 PROPOSER_PRIOR = 0.5  # a proposer's acceptance rate before anything was measured
 PRIOR_WEIGHT = 2.0  # how many observed positions the proposer's average is worth for a new request
@@ -50,26 +54,34 @@ class StepCostModel:
         self.tokens = [n for n, _ in pts]
         # Non-decreasing (a noisy probe may measure a bigger pass as cheaper): a row never costs less than nothing.
         self.seconds = list(itertools.accumulate((max(s, 1e-9) for _, s in pts), max))
+        self._xs, self._ys = np.asarray(self.tokens, float), np.asarray(self.seconds, float)
         self.per_context_token = max(per_context_token, 0.0)
         self.correction = 1.0
 
-    def _curve(self, n: float) -> float:
-        xs, ys = self.tokens, self.seconds
+    def _curve(self, n: np.ndarray) -> np.ndarray:
+        xs, ys = self._xs, self._ys
         if len(xs) == 1:
-            return ys[0] * max(n, 1) / xs[0] if n > xs[0] else ys[0]
-        i = min(max(bisect.bisect_left(xs, n), 1), len(xs) - 1)
+            return np.where(n > xs[0], ys[0] * np.maximum(n, 1) / xs[0], ys[0])
+        i = np.clip(np.searchsorted(xs, n, side="left"), 1, len(xs) - 1)
         x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-        return max(y0 + (y1 - y0) * (n - x0) / (x1 - x0), ys[0])
+        return np.maximum(y0 + (y1 - y0) * (n - x0) / (x1 - x0), ys[0])
 
-    def _model(self, n: float, context: float) -> float:
-        return self._curve(n) + self.per_context_token * context
+    def _model(self, n: ArrayLike, context: ArrayLike) -> np.ndarray:
+        return self._curve(np.asarray(n, float)) + self.per_context_token * np.asarray(context, float)
 
-    def __call__(self, n: float, context: float = 0.0) -> float:
-        """Seconds for ``n`` query tokens whose rows read ``context`` tokens of context in all."""
-        return self.correction * self._model(n, context)
+    @overload
+    def __call__(self, n: float, context: float = 0.0) -> float: ...
+    @overload
+    def __call__(self, n: np.ndarray, context: ArrayLike = 0.0) -> np.ndarray: ...
+
+    def __call__(self, n: ArrayLike, context: ArrayLike = 0.0) -> float | np.ndarray:
+        """Seconds for ``n`` query tokens whose rows read ``context`` tokens of context in all
+        (elementwise for arrays: one pass each)."""
+        seconds = self.correction * self._model(n, context)
+        return seconds if seconds.ndim else float(seconds)
 
     def observe(self, n: int, seconds: float, context: float = 0.0) -> None:
-        ratio = seconds / self._model(n, context)
+        ratio = seconds / float(self._model(n, context))
         self.correction = CORRECTION_DECAY * self.correction + (1 - CORRECTION_DECAY) * min(max(ratio, 0.1), 10.0)
 
 
@@ -108,41 +120,45 @@ def choose_lengths(rates: Sequence[float], limits: Sequence[int], base_tokens: i
     one, so the best lengths for a given total are the largest such gains: the increments are
     taken in that order (requests with a set-up charge last) and the best prefix wins (the cost
     curve is not convex: speculation may pay only past a point)."""
+    n_req = len(rates)
     prefill_cost = step_cost(prefill_tokens) if prefill_tokens else 0.0
 
-    def decode_cost(tokens: int, context: int) -> float:
+    def decode_cost(tokens: ArrayLike, context: ArrayLike) -> np.ndarray:
         if not prefill_tokens:
-            return step_cost(tokens, context)
-        return max(step_cost(prefill_tokens + tokens, context) - prefill_cost, 1e-9)
+            return np.asarray(step_cost(np.asarray(tokens, float), context))
+        return np.maximum(step_cost(prefill_tokens + np.asarray(tokens, float), context) - prefill_cost, 1e-9)
 
     # A request's set-up charge moves all its increments back (by its share of what its first
     # draft costs: near 1 where the charge dwarfs a row's own cost), so that requests the proposer
     # has caught up on come first; a request's own increments keep their order.
-    row = decode_cost(base_tokens + 1, base_context) - decode_cost(base_tokens, base_context)
-    penalty = [s / (s + row) if s > 0 else 0.0 for s in setup_per_token] or [0.0] * len(rates)
-    ranked = sorted(((rates[i] ** j - penalty[i], -j, i) for i in range(len(rates)) for j in range(1, limits[i] + 1)),
-                    reverse=True)  # on a tie (a rate of 1) a request's earlier drafts first
-    gains = [(rates[i] ** -neg_j, -neg_j, i) for _, neg_j, i in ranked[: max(budget - base_tokens - prefill_tokens, 0)]]
-    tokens, context = base_tokens, base_context
-    produced = float(len(rates))
-    proposing = 0.0
-    passes: list[int] = []  # requests served by each draft pass
-    best, best_n = produced / decode_cost(tokens, context) * (1 + min_gain), 0
-    for n, (gain, j, i) in enumerate(gains, start=1):
-        tokens += 1
-        context += contexts[i] if contexts else 0
-        produced += gain
-        if setup_per_token:
-            proposing += setup_per_token[i] * (gain + (j == 1))  # its own token too, once it drafts
-        if pass_cost is not None:
-            if len(passes) < j:
-                passes.append(0)
-            proposing += pass_cost(passes[j - 1] + 1) - (pass_cost(passes[j - 1]) if passes[j - 1] else 0.0)
-            passes[j - 1] += 1
-        goodput = produced / (decode_cost(tokens, context) + proposing)
-        if goodput > best:
-            best, best_n = goodput, n
-    out = [0] * len(rates)
-    for _, _, i in gains[:best_n]:
-        out[i] += 1
+    row = float(decode_cost(base_tokens + 1, base_context) - decode_cost(base_tokens, base_context))
+    setup = np.asarray(setup_per_token, float) if len(setup_per_token) else np.zeros(n_req)
+    penalty = np.divide(setup, setup + row, out=np.zeros(n_req), where=setup > 0)
+    limits_ = np.asarray(limits, dtype=np.int64)
+    req = np.repeat(np.arange(n_req), limits_)  # each increment's request, and which of its drafts it is
+    depth = np.arange(len(req)) - np.repeat(np.cumsum(limits_) - limits_, limits_) + 1
+    gain = np.asarray(rates, float)[req] ** depth
+    # the largest first; on a tie (a rate of 1) a request's earlier drafts first
+    order = np.lexsort((-req, depth, -(gain - penalty[req])))[: max(budget - base_tokens - prefill_tokens, 0)]
+    req, depth, gain = req[order], depth[order], gain[order]
+    tokens = base_tokens + np.arange(1, len(order) + 1)
+    context = base_context + np.cumsum(np.asarray(contexts, float)[req]) if len(contexts) else base_context
+    produced = n_req + np.cumsum(gain)
+    proposing = np.cumsum(setup[req] * (gain + (depth == 1)))  # its own token too, once it drafts
+    if pass_cost is not None:
+        # the j-th draft pass serves the requests given j or more drafts: an increment adds one to its pass
+        served = _earlier_equal(depth)
+        proposing += np.cumsum(pass_cost(served + 1.0) - np.where(served > 0, pass_cost(served.astype(float)), 0.0))
+    goodput = produced / (decode_cost(tokens, context) + proposing)
+    baseline = n_req / float(decode_cost(base_tokens, base_context)) * (1 + min_gain)
+    best_n = int(np.argmax(goodput)) + 1 if len(goodput) and goodput.max() > baseline else 0
+    return np.bincount(req[:best_n], minlength=n_req).tolist()
+
+
+def _earlier_equal(values: np.ndarray) -> np.ndarray:
+    """For each element, how many before it hold the same value."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    out = np.empty_like(values)
+    out[order] = np.arange(len(values)) - np.searchsorted(ordered, ordered, side="left")
     return out
