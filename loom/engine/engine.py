@@ -27,7 +27,8 @@ from loom.request import Request, RequestTags
 from loom.sampling import SamplingParams, sample_seed
 from loom.scheduler import Scheduler, policy_from_config
 from loom.scheduler.sessions import SessionTTL
-from loom.spec import Proposer, SpecStats, Target, check_speculation, make_proposer, make_speculator
+from loom.spec import (Proposer, SpecStats, Target, check_speculation, make_proposer, make_speculator,
+                       proposer_kv_bytes_per_token)
 from loom.structured import GrammarCompiler
 from loom.tokenizer import Tokenizer
 
@@ -138,8 +139,10 @@ class Engine:
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.max_model_len = min(config.max_model_len or self.model_config.max_position, self.model_config.max_position)
         self.eos_token_ids = tuple(self.model_config.eos_token_ids) or tuple(self.tokenizer.eos_token_ids)
+        # A draft model's cache holds as many tokens as this one: it takes its share of the budget.
+        shared_kv = proposer_kv_bytes_per_token(config) if proposer is None else 0
         self.worker = Worker(config, self.model_config, self.model_dir, self.max_model_len, self.eos_token_ids,
-                             gguf_file(config.model))
+                             gguf_file(config.model), shared_kv_bytes_per_token=shared_kv)
         kv = self.worker.kv
         self.kv = KVCacheManager(kv.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
                                  kv.spec.residual_tokens, kv.num_slots)

@@ -125,9 +125,11 @@ def run_peer(group: TensorGroup, *worker_args: Any) -> None:
 
 class Worker:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, model_dir: Path, max_model_len: int,
-                 eos_token_ids: tuple[int, ...], gguf: Path | None = None, group: TensorGroup | None = None) -> None:
+                 eos_token_ids: tuple[int, ...], gguf: Path | None = None, group: TensorGroup | None = None,
+                 shared_kv_bytes_per_token: int = 0) -> None:
         """``group``: a peer rank's tensor-parallel group; rank 0 (``config.tensor_parallel_size`` > 1
-        and no group) starts the peers."""
+        and no group) starts the peers. ``shared_kv_bytes_per_token``: what another cache that holds
+        as many tokens as this one (a draft model's) takes per token, out of the same budget."""
         tp = config.tensor_parallel_size
         if group is None and tp > 1:
             Shard.of(model_config, 0, tp)  # a model that cannot split fails before any process starts
@@ -138,14 +140,14 @@ class Worker:
                                       shared)
         self.group = group
         try:
-            self._build(config, model_config, model_dir, max_model_len, eos_token_ids, gguf)
+            self._build(config, model_config, model_dir, max_model_len, eos_token_ids, gguf, shared_kv_bytes_per_token)
         except RuntimeError as e:  # a collective broke (gloo's errors are RuntimeErrors)
             if group is not None and group.rank == 0:
                 group.check_peers(e)  # the peer's own error says more
             raise
 
     def _build(self, config: EngineConfig, model_config: ModelConfig, model_dir: Path, max_model_len: int,
-               eos_token_ids: tuple[int, ...], gguf: Path | None) -> None:
+               eos_token_ids: tuple[int, ...], gguf: Path | None, shared_kv_bytes_per_token: int) -> None:
         group = self.group
         self.device = resolve_device(config.device, group.rank if group else 0)
         if self.device.type == "cpu":
@@ -169,7 +171,8 @@ class Worker:
                            cc.kv_residual_tokens if kivi else 0, cc.kv_quant_group, layers)
         # A KIVI cache's residual: a slot for each sequence that may run.
         num_slots = config.scheduler.max_num_seqs if spec.kivi else 0
-        num_blocks = self._num_blocks(config, spec, max_model_len, num_slots, model_config.num_kv_heads)
+        num_blocks = self._num_blocks(config, spec, max_model_len, num_slots, model_config.num_kv_heads,
+                                      shared_kv_bytes_per_token)
         if group is not None:
             num_blocks = group.min_int(num_blocks)  # block ids mean the same on every rank
         self.kv = make_kv_cache(spec, num_blocks, self.device, num_slots)
@@ -212,21 +215,23 @@ class Worker:
         return found
 
     def _num_blocks(self, config: EngineConfig, spec: KVCacheSpec, max_model_len: int, num_slots: int,
-                    all_kv_heads: int) -> int:
+                    all_kv_heads: int, shared_bytes_per_token: int) -> int:
         """The blocks the budget buys after the residual slots. Tensor-parallel ranks that share the
         memory (the CPU's) size a block by every rank's heads (``all_kv_heads``), and so does
-        ``kv_cache_bytes``: the budget is the whole cache's."""
+        ``kv_cache_bytes``: the budget is the whole cache's, and the share of it that a cache
+        holding as many tokens takes (``shared_bytes_per_token``) is left to that one."""
         if config.cache.num_blocks is not None:
             return config.cache.num_blocks
         whole = replace(spec, num_kv_heads=all_kv_heads)
+        share = whole.bytes_per_block / (whole.bytes_per_block + shared_bytes_per_token * spec.block_size)
         if config.cache.kv_cache_bytes is not None:
-            return whole.num_blocks_for(config.cache.kv_cache_bytes, num_slots)
+            return whole.num_blocks_for(int(config.cache.kv_cache_bytes * share), num_slots)
         # Measured: free memory less the headroom, and never more than max_num_seqs sequences
         # of max_model_len tokens can use at once.
         if self.device.type == "cpu":
             spec = whole
         useful = config.scheduler.max_num_seqs * -(-max_model_len // spec.block_size)
-        budget = max(kv_cache_budget(self.device), spec.bytes_per_block)
+        budget = max(int(kv_cache_budget(self.device) * share), spec.bytes_per_block)
         return max(1, min(spec.num_blocks_for(budget, num_slots), useful))
 
     def _measure_switch_costs(self, capacity_blocks: int, mode: str, max_model_len: int,

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from loom.config import CacheConfig, EngineConfig, SchedulerConfig
 from loom.kvcache import KVCacheManager
 from loom.model.arch import load_model_config
+from loom.model.device import resolve_device, resolve_dtype
 from loom.model.files import gguf_file, resolve_model
+from loom.model.kv_cache import KVCacheSpec
 from loom.model.quant.formats import QUANTIZATION_CHOICES
 from loom.model.worker import Worker
 from loom.request import Request
@@ -48,6 +50,14 @@ class DraftOptions:
         if self.quantization and self.quantization not in QUANTIZATION_CHOICES:
             raise ValueError(f"draft proposer: quantization must be one of {', '.join(QUANTIZATION_CHOICES)}, "
                              f"got {self.quantization!r}")
+
+
+def kv_bytes_per_token(config: EngineConfig) -> int:
+    """What a token of the draft model's KV cache takes (in the compute dtype, as its worker keeps it)."""
+    c = load_model_config(resolve_model(config.speculation.speculative_model))
+    dtype = resolve_dtype(config.dtype, resolve_device(config.device))
+    bs = config.cache.block_size
+    return KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, bs, dtype).bytes_per_block // bs
 
 
 class DraftModelProposer(Proposer):

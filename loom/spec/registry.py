@@ -11,7 +11,7 @@ from loom.config import EngineConfig
 from loom.json_source import json_object, parse_options
 from loom.model.worker import Worker
 from loom.spec.controller import StepCostModel
-from loom.spec.draft import DraftModelProposer, DraftOptions
+from loom.spec.draft import DraftModelProposer, DraftOptions, kv_bytes_per_token
 from loom.spec.lookahead import LookaheadOptions, LookaheadProposer
 from loom.spec.ngram import NgramOptions, NgramProposer
 from loom.spec.proposer import Proposer
@@ -50,6 +50,16 @@ def check_speculation(config: EngineConfig) -> None:
     method = config.speculation.speculative
     if method in PROPOSERS:
         parse_options(PROPOSERS[method][0], proposer_options(config), f"the {method} proposer")
+
+
+def proposer_kv_bytes_per_token(config: EngineConfig) -> int:
+    """What the proposer's own KV cache takes per token of the target's, when it holds as many
+    tokens as the target's (a draft model's, unless its ``kv_cache_tokens`` says otherwise): the
+    target's cache leaves that share of the memory budget to it."""
+    if config.speculation.speculative != "draft":
+        return 0
+    options = parse_options(DraftOptions, proposer_options(config), "the draft proposer")
+    return 0 if options.kv_cache_tokens else kv_bytes_per_token(config)
 
 
 def make_proposer(target: Target) -> Proposer:

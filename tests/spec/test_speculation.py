@@ -104,6 +104,29 @@ def test_a_draft_models_catching_up_is_priced(model_dir):
     assert not proposer.shadows and not proposer.probes
 
 
+def test_a_draft_models_cache_shares_the_kv_budget(model_dir, tiny_model):
+    """The draft's cache holds as many tokens as the target's, out of the same budget: both fit in
+    it together (here the draft is the target itself, so each takes half); a draft cache of its own
+    size (``kv_cache_tokens``) leaves the target the whole budget."""
+    budget = 1 << 20
+    alone = LLM(model_dir, dtype="float32", block_size=4, kv_cache_bytes=budget).engine
+    bytes_per_block = alone.worker.kv.spec.bytes_per_block
+    assert alone.kv.num_blocks == budget // bytes_per_block
+    for draft, share in ((model_dir, 0.5), (str(tiny_model("qwen2")), None)):
+        engine = LLM(model_dir, dtype="float32", block_size=4, kv_cache_bytes=budget, speculative="draft",
+                     speculative_model=draft).engine
+        proposer = engine.speculator.proposer
+        assert proposer.kv.num_blocks == engine.kv.num_blocks
+        both = bytes_per_block + proposer.worker.kv.spec.bytes_per_block
+        assert engine.kv.num_blocks == budget * bytes_per_block // both // bytes_per_block
+        assert engine.kv.num_blocks * both <= budget
+        if share is not None:
+            assert engine.kv.num_blocks == alone.kv.num_blocks * share
+    own = LLM(model_dir, dtype="float32", block_size=4, kv_cache_bytes=budget, speculative="draft",
+              speculative_model=model_dir, speculative_config='{"kv_cache_tokens": 64}').engine
+    assert own.kv.num_blocks == alone.kv.num_blocks and own.speculator.proposer.kv.num_blocks == 16
+
+
 def test_draft_model_with_another_vocabulary_is_refused(model_dir, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(model_dir, other)
