@@ -12,7 +12,6 @@ request, starting from the proposer's own average."""
 
 from __future__ import annotations
 
-import bisect
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,24 +49,22 @@ class StepCostModel:
     def __init__(self, points: Sequence[tuple[int, float]], per_context_token: float = 0.0) -> None:
         if not points:
             raise ValueError("a step cost model needs at least one measured point")
-        pts = sorted(points)
+        pts = sorted(dict(sorted(points)).items())  # one point per size: the dearest measured
         self.tokens = [n for n, _ in pts]
         # Non-decreasing (a noisy probe may measure a bigger pass as cheaper): a row never costs less than nothing.
         self.seconds = list(itertools.accumulate((max(s, 1e-9) for _, s in pts), max))
-        self._xs, self._ys = np.asarray(self.tokens, float), np.asarray(self.seconds, float)
+        self._xs, self._ys = xs, ys = np.asarray(self.tokens, float), np.asarray(self.seconds, float)
+        # the slope past the last point (through the origin for a single point)
+        self._tail = float((ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else ys[0] / xs[0])
         self.per_context_token = max(per_context_token, 0.0)
         self.correction = 1.0
 
-    def _curve(self, n: np.ndarray) -> np.ndarray:
-        xs, ys = self._xs, self._ys
-        if len(xs) == 1:
-            return np.where(n > xs[0], ys[0] * np.maximum(n, 1) / xs[0], ys[0])
-        i = np.clip(np.searchsorted(xs, n, side="left"), 1, len(xs) - 1)
-        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-        return np.maximum(y0 + (y1 - y0) * (n - x0) / (x1 - x0), ys[0])
+    def _curve(self, n: ArrayLike) -> np.ndarray:
+        # np.interp holds the end values outside the points: past the last, go on along the last segment.
+        return np.interp(n, self._xs, self._ys) + self._tail * np.maximum(np.subtract(n, self._xs[-1]), 0.0)
 
     def _model(self, n: ArrayLike, context: ArrayLike) -> np.ndarray:
-        return self._curve(np.asarray(n, float)) + self.per_context_token * np.asarray(context, float)
+        return self._curve(n) + self.per_context_token * np.asarray(context, float)
 
     @overload
     def __call__(self, n: float, context: float = 0.0) -> float: ...
@@ -121,6 +118,9 @@ def choose_lengths(rates: Sequence[float], limits: Sequence[int], base_tokens: i
     taken in that order (requests with a set-up charge last) and the best prefix wins (the cost
     curve is not convex: speculation may pay only past a point)."""
     n_req = len(rates)
+    room = max(budget - base_tokens - prefill_tokens, 0)
+    if not room or not any(limits):
+        return [0] * n_req
     prefill_cost = step_cost(prefill_tokens) if prefill_tokens else 0.0
 
     def decode_cost(tokens: ArrayLike, context: ArrayLike) -> np.ndarray:
@@ -131,15 +131,15 @@ def choose_lengths(rates: Sequence[float], limits: Sequence[int], base_tokens: i
     # A request's set-up charge moves all its increments back (by its share of what its first
     # draft costs: near 1 where the charge dwarfs a row's own cost), so that requests the proposer
     # has caught up on come first; a request's own increments keep their order.
-    row = float(decode_cost(base_tokens + 1, base_context) - decode_cost(base_tokens, base_context))
+    base_cost, one_more = decode_cost(np.array([base_tokens, base_tokens + 1]), base_context)
     setup = np.asarray(setup_per_token, float) if len(setup_per_token) else np.zeros(n_req)
-    penalty = np.divide(setup, setup + row, out=np.zeros(n_req), where=setup > 0)
+    penalty = np.divide(setup, setup + (one_more - base_cost), out=np.zeros(n_req), where=setup > 0)
     limits_ = np.asarray(limits, dtype=np.int64)
     req = np.repeat(np.arange(n_req), limits_)  # each increment's request, and which of its drafts it is
     depth = np.arange(len(req)) - np.repeat(np.cumsum(limits_) - limits_, limits_) + 1
     gain = np.asarray(rates, float)[req] ** depth
     # the largest first; on a tie (a rate of 1) a request's earlier drafts first
-    order = np.lexsort((-req, depth, -(gain - penalty[req])))[: max(budget - base_tokens - prefill_tokens, 0)]
+    order = np.lexsort((-req, depth, -(gain - penalty[req])))[:room]
     req, depth, gain = req[order], depth[order], gain[order]
     tokens = base_tokens + np.arange(1, len(order) + 1)
     context = base_context + np.cumsum(np.asarray(contexts, float)[req]) if len(contexts) else base_context
@@ -150,8 +150,8 @@ def choose_lengths(rates: Sequence[float], limits: Sequence[int], base_tokens: i
         served = _earlier_equal(depth)
         proposing += np.cumsum(pass_cost(served + 1.0) - np.where(served > 0, pass_cost(served.astype(float)), 0.0))
     goodput = produced / (decode_cost(tokens, context) + proposing)
-    baseline = n_req / float(decode_cost(base_tokens, base_context)) * (1 + min_gain)
-    best_n = int(np.argmax(goodput)) + 1 if len(goodput) and goodput.max() > baseline else 0
+    baseline = n_req / base_cost * (1 + min_gain)
+    best_n = int(np.argmax(goodput)) + 1 if goodput.max() > baseline else 0
     return np.bincount(req[:best_n], minlength=n_req).tolist()
 
 

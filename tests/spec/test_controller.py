@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from loom.spec.controller import Acceptance, StepCostModel, choose_lengths
@@ -26,6 +27,18 @@ def test_step_cost_model_interpolates_and_corrects():
     assert cost(8) == pytest.approx(0.022, rel=0.01)
     with pytest.raises(ValueError):
         StepCostModel([])
+
+
+def test_step_cost_model_takes_arrays():
+    """The controller prices every prefix of its increments at once: an array gives what each
+    size alone would, below the first point, between points and past the last."""
+    cost = StepCostModel([(2, 0.010), (8, 0.011), (64, 0.040)], per_context_token=1e-6)
+    sizes, contexts = np.array([1, 2, 5, 8, 64, 100]), np.array([0, 10, 100, 1000, 0, 5])
+    assert cost(sizes, contexts) == pytest.approx([cost(int(n), int(c)) for n, c in zip(sizes, contexts)])
+    assert cost(1) == cost(2) == pytest.approx(0.010)  # no cheaper than the smallest pass measured
+    single = StepCostModel([(4, 0.008)])  # one point: proportional past it
+    assert single(2) == pytest.approx(0.008) and single(np.array([8.0]))[0] == pytest.approx(0.016)
+    assert StepCostModel([(4, 0.010), (4, 0.012), (8, 0.020)])(4) == pytest.approx(0.012)  # the dearer of two
 
 
 def test_acceptance_starts_at_the_prior_and_learns():
