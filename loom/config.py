@@ -167,7 +167,8 @@ class CacheConfig:
     kv_cache_bytes: int | None = field(
         default=None,
         metadata=option(
-            "KV cache budget in GiB (sets the number of blocks; a draft model's cache comes out of it too)", flag="--kv-cache-memory", metavar="GIB",
+            "KV cache budget in GiB (sets the number of blocks; a draft model's cache comes out of it too)",
+            flag="--kv-cache-memory", metavar="GIB",
             minimum=1, cli_unit=GIB, default_help="measured from free memory",
         ),
     )  # fmt: skip
