@@ -2,8 +2,8 @@
 several numbers of concurrent requests, on workloads where speculation should pay (code editing,
 rewriting) and where it should not (chat), with acceptance rate and mean accepted length.
 
-Offline, through the engine's public API: a run at concurrency ``c`` sends ``3c`` requests, ``c`` in
-flight at any time (the next is added as one finishes, as ``c`` clients would), greedy unless
+Offline, through the engine's public API: a run at concurrency ``c`` sends ``--rounds`` times ``c``
+requests, ``c`` in flight at any time (the next is added as one finishes, as ``c`` clients would), greedy unless
 ``--temperature`` says otherwise."""
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ CODE_INSTRUCTION = ("Add the comment line `# Reviewed.` at the top of this Pytho
 # (an editor integration sends what it knows of the answer; small models otherwise talk about the
 # code instead of copying it).
 CODE_ANSWER_START = "```python\n# Reviewed.\n{first_line}\n"
-ROUNDS = 3  # requests per run: this many times the concurrency
 REWRITE_INSTRUCTION = "Rewrite the following text with any spelling mistakes fixed, otherwise word for word:"
 
 
@@ -40,6 +39,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of {', '.join(WORKLOADS)}")
     g.add_argument("--concurrency", default="1,4,16,64", help="comma-separated numbers of requests run at once")
     g.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (default 128)")
+    g.add_argument("--rounds", type=int, default=3,
+                   help="requests per run, as a multiple of the concurrency (default 3; more make the low "
+                        "concurrencies' runs longer and less noisy)")
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     g.add_argument("--sharegpt", default=str(SHAREGPT_FILE), help="ShareGPT JSON for the rewrite and chat workloads")
     g.add_argument("--code-chars", type=int, default=2400, help="characters of each source file in a code prompt (default 2400)")
@@ -81,11 +83,11 @@ def workload_prompts(name: str, n: int, sharegpt: str, code_chars: int = 2400) -
     return (prompts * -(-n // len(prompts)))[:n]
 
 
-def _run(llm: Any, prompts: list[str], concurrency: int, params: Any) -> tuple[list[list[int]], float]:
-    """Each request's output tokens, and the seconds, for ``ROUNDS * concurrency`` prompts kept
+def _run(llm: Any, prompts: list[str], concurrency: int, params: Any, rounds: int) -> tuple[list[list[int]], float]:
+    """Each request's output tokens, and the seconds, for ``rounds * concurrency`` prompts kept
     ``concurrency`` in flight (closed loop: the next is added as soon as one finishes)."""
     engine = llm.engine
-    queue = list(enumerate(prompts[: ROUNDS * concurrency]))
+    queue = list(enumerate(prompts[: rounds * concurrency]))
     outputs: dict[int, list[int]] = {}
     in_flight = 0
     t0 = time.perf_counter()
@@ -110,6 +112,8 @@ def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
     levels = sorted({int(c) for c in args.concurrency.split(",")})
     if "draft" in methods and not args.draft_model:
         raise ValueError("the draft method needs --draft-model")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be at least 1, got {args.rounds}")
     engine_opts.pop("speculative", None)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, ignore_eos=True)
     rows: list[dict[str, Any]] = []
@@ -127,23 +131,24 @@ def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
         llm = LLM(args.model, **opts)
         llm.generate(["Hello"], SamplingParams(max_tokens=4), use_tqdm=False)  # kernels built, weights touched
         for workload in workloads:
-            messages = workload_prompts(workload, ROUNDS * max(levels), args.sharegpt, args.code_chars)
+            messages = workload_prompts(workload, args.rounds * max(levels), args.sharegpt, args.code_chars)
             prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": m}]) + start for m, start in messages]
             room = llm.model_info().max_model_len - args.max_tokens
             prompts = [p for p in prompts if len(llm.tokenizer.encode(p)) < room]
             if not prompts:
                 raise ValueError(f"no prompt of the {workload} workload fits the context with --max-tokens "
                                  f"{args.max_tokens} (try a smaller --code-chars)")
-            prompts = (prompts * -(-ROUNDS * max(levels) // len(prompts)))[: ROUNDS * max(levels)]
+            prompts = (prompts * -(-args.rounds * max(levels) // len(prompts)))[: args.rounds * max(levels)]
             for c in levels:
                 before = llm.stats().spec
-                outputs, seconds = _run(llm, prompts, c, params)
+                outputs, seconds = _run(llm, prompts, c, params, args.rounds)
                 after = llm.stats().spec
                 rate = sum(map(len, outputs)) / seconds
                 if method == "none":
                     base[(workload, c)] = (rate, outputs)
                 plain = base.get((workload, c))
-                row = {"workload": workload, "method": method, "concurrency": c, "output_tokens_per_s": rate,
+                row = {"workload": workload, "method": method, "concurrency": c, "requests": len(outputs),
+                       "output_tokens_per_s": rate,
                        "speedup": rate / plain[0] if plain else None,
                        # greedy: the share of requests whose output equals the run without speculation's
                        "same_output": sum(a == b for a, b in zip(outputs, plain[1])) / len(outputs) if plain else None}

@@ -52,16 +52,17 @@ def test_spec_bench_reports_every_method_workload_and_concurrency(tiny_model, tm
     out = tmp_path / "spec.json"
     rc = main(["bench", "spec", "--model", str(tiny_model("llama")), "--dtype", "float32", "--methods", "none,ngram",
                "--workloads", "code,rewrite,chat", "--concurrency", "1,2", "--max-tokens", "8", "--sharegpt",
-               str(sharegpt), "--speculative-k", "3", "--code-chars", "600", "--output-json", str(out)])
+               str(sharegpt), "--speculative-k", "3", "--code-chars", "600", "--rounds", "2", "--output-json", str(out)])
     assert rc == 0
     rows = json.loads(out.read_text())["rows"]
-    assert {(r["workload"], r["method"], r["concurrency"]) for r in rows} == {
-        (w, m, c) for w in ("code", "rewrite", "chat") for m in ("none", "ngram") for c in (1, 2)}
+    assert {(r["workload"], r["method"], r["concurrency"], r["requests"]) for r in rows} == {
+        (w, m, c, 2 * c) for w in ("code", "rewrite", "chat") for m in ("none", "ngram") for c in (1, 2)}
     for r in rows:
         assert r["output_tokens_per_s"] > 0 and r["same_output"] == 1.0  # fp32: greedy output unchanged
         if r["method"] == "ngram":
             assert r["speedup"] > 0 and r["draft_tokens"] >= 0
     assert main(["bench", "spec", "--methods", "none,draft", "--model", str(tiny_model("llama"))]) == 2  # no --draft-model
+    assert main(["bench", "spec", "--methods", "none", "--model", str(tiny_model("llama")), "--rounds", "0"]) == 2
 
 
 def test_spec_bench_gives_draft_only_options_to_the_draft_method_alone(tiny_model, tmp_path):
