@@ -39,6 +39,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of {', '.join(WORKLOADS)}")
     g.add_argument("--concurrency", default="1,4,16,64", help="comma-separated numbers of requests run at once")
     g.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (default 128)")
+    g.add_argument("--max-tokens-range-ratio", type=float, default=0.0, metavar="R",
+                   help="draw each request's output tokens from [max_tokens * (1 - R), max_tokens * (1 + R)] "
+                        "(seeded, the same for every method; default 0: every request gets --max-tokens, so "
+                        "without speculation a round's requests start and finish together)")
     g.add_argument("--rounds", type=int, default=3,
                    help="requests per run, as a multiple of the concurrency (default 3; more make the low "
                         "concurrencies' runs longer and less noisy)")
@@ -83,7 +87,7 @@ def workload_prompts(name: str, n: int, sharegpt: str, code_chars: int = 2400) -
     return (prompts * -(-n // len(prompts)))[:n]
 
 
-def _run(llm: Any, prompts: list[str], concurrency: int, params: Any, rounds: int) -> tuple[list[list[int]], float]:
+def _run(llm: Any, prompts: list[str], concurrency: int, params: list[Any], rounds: int) -> tuple[list[list[int]], float]:
     """Each request's output tokens, and the seconds, for ``rounds * concurrency`` prompts kept
     ``concurrency`` in flight (closed loop: the next is added as soon as one finishes)."""
     engine = llm.engine
@@ -94,7 +98,7 @@ def _run(llm: Any, prompts: list[str], concurrency: int, params: Any, rounds: in
     while queue or in_flight:
         while queue and in_flight < concurrency:
             i, prompt = queue.pop(0)
-            engine.add_request(f"spec-bench-{i}", prompt, params)
+            engine.add_request(f"spec-bench-{i}", prompt, params[i])
             in_flight += 1
         for out in engine.step():
             if out.finished:
@@ -115,7 +119,12 @@ def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
     if args.rounds < 1:
         raise ValueError(f"--rounds must be at least 1, got {args.rounds}")
     engine_opts.pop("speculative", None)
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, ignore_eos=True)
+    if not 0 <= args.max_tokens_range_ratio < 1:
+        raise ValueError(f"--max-tokens-range-ratio must be in [0, 1), got {args.max_tokens_range_ratio}")
+    spread = random.Random(0)
+    lo, hi = (round(args.max_tokens * (1 + d * args.max_tokens_range_ratio)) for d in (-1, 1))
+    params = [SamplingParams(temperature=args.temperature, max_tokens=max(spread.randint(lo, hi), 1), ignore_eos=True)
+              for _ in range(args.rounds * max(levels))]
     rows: list[dict[str, Any]] = []
     base: dict[tuple[str, int], tuple[float, list[list[int]]]] = {}  # without speculation: tok/s, outputs
     print(f"{'workload':>8} {'method':>9} {'conc':>4} {'tok/s':>8} {'speedup':>7} {'accept':>7} {'mean acc':>8} "
@@ -133,11 +142,12 @@ def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
         for workload in workloads:
             messages = workload_prompts(workload, args.rounds * max(levels), args.sharegpt, args.code_chars)
             prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": m}]) + start for m, start in messages]
-            room = llm.model_info().max_model_len - args.max_tokens
+            longest = max(p.max_tokens for p in params)
+            room = llm.model_info().max_model_len - longest
             prompts = [p for p in prompts if len(llm.tokenizer.encode(p)) < room]
             if not prompts:
-                raise ValueError(f"no prompt of the {workload} workload fits the context with --max-tokens "
-                                 f"{args.max_tokens} (try a smaller --code-chars)")
+                raise ValueError(f"no prompt of the {workload} workload fits the context with {longest} output "
+                                 "tokens (try a smaller --code-chars or --max-tokens)")
             prompts = (prompts * -(-args.rounds * max(levels) // len(prompts)))[: args.rounds * max(levels)]
             for c in levels:
                 before = llm.stats().spec
@@ -148,7 +158,7 @@ def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
                     base[(workload, c)] = (rate, outputs)
                 plain = base.get((workload, c))
                 row = {"workload": workload, "method": method, "concurrency": c, "requests": len(outputs),
-                       "output_tokens_per_s": rate,
+                       "output_tokens": sum(map(len, outputs)), "output_tokens_per_s": rate,
                        "speedup": rate / plain[0] if plain else None,
                        # greedy: the share of requests whose output equals the run without speculation's
                        "same_output": sum(a == b for a, b in zip(outputs, plain[1])) / len(outputs) if plain else None}
@@ -168,5 +178,6 @@ def main(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
         del llm
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({"rows": rows, "engine_options": engine_opts, "model": args.model,
-                                                      "max_tokens": args.max_tokens}, indent=1))
+                                                      "max_tokens": args.max_tokens,
+                                                      "max_tokens_range_ratio": args.max_tokens_range_ratio}, indent=1))
     return 0

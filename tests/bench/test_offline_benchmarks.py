@@ -63,6 +63,21 @@ def test_spec_bench_reports_every_method_workload_and_concurrency(tiny_model, tm
             assert r["speedup"] > 0 and r["draft_tokens"] >= 0
     assert main(["bench", "spec", "--methods", "none,draft", "--model", str(tiny_model("llama"))]) == 2  # no --draft-model
     assert main(["bench", "spec", "--methods", "none", "--model", str(tiny_model("llama")), "--rounds", "0"]) == 2
+    assert all(r["output_tokens"] == 8 * r["requests"] for r in rows)
+
+
+def test_spec_bench_spreads_output_lengths(tiny_model, tmp_path):
+    """``--max-tokens-range-ratio`` draws each request's length (seeded: every method gets the same)."""
+    model = str(tiny_model("llama"))
+    out = tmp_path / "spec.json"
+    rc = main(["bench", "spec", "--model", model, "--dtype", "float32", "--methods", "none,ngram", "--workloads", "code",
+               "--concurrency", "4", "--rounds", "2", "--max-tokens", "8", "--max-tokens-range-ratio", "0.5",
+               "--code-chars", "600", "--output-json", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0]["output_tokens"] == rows[1]["output_tokens"] != 8 * 8
+    assert 4 * 8 <= rows[0]["output_tokens"] <= 12 * 8 and rows[1]["same_output"] == 1.0
+    assert main(["bench", "spec", "--model", model, "--methods", "none", "--max-tokens-range-ratio", "1"]) == 2
 
 
 def test_spec_bench_gives_draft_only_options_to_the_draft_method_alone(tiny_model, tmp_path):
