@@ -3,8 +3,8 @@ several numbers of concurrent requests, on workloads where speculation should pa
 rewriting) and where it should not (chat), with acceptance rate and mean accepted length.
 
 Offline, through the engine's public API: a run at concurrency ``c`` sends ``--rounds`` times ``c``
-requests, ``c`` in flight at any time (the next is added as one finishes, as ``c`` clients would), greedy unless
-``--temperature`` says otherwise."""
+requests, ``c`` in flight at any time (the next is added as one finishes, as ``c`` clients would),
+greedy unless ``--temperature`` says otherwise."""
 
 from __future__ import annotations
 
