@@ -114,6 +114,18 @@ def test_killed_conversion_leaves_no_cache_entry(
     assert not stale.exists() and (final / "model.safetensors").is_file()
 
 
+def test_a_file_is_hashed_once_until_it_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"one")
+    reads = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: reads.append(p) or real_open(p, *a, **k))
+    first = files.file_sha256(path)
+    assert files.file_sha256(path) == first and len(reads) == 1  # the second call reads nothing
+    path.write_bytes(b"two!")  # changed: hashed again
+    assert files.file_sha256(path) != first and len(reads) == 2
+
+
 def _bad_input(case: str, where: Path, good_gguf: Path) -> Path:
     """A path that resolve_model must refuse, of the kind ``case`` names."""
     if case == "missing":
